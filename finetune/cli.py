@@ -1,0 +1,94 @@
+"""`python -m finetune COMMAND`: the offline side of bunshin.
+
+Each command's implementation is imported only when that command runs, so
+`inspect` never loads torch or transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .importers import FORMATS, ExportError, ReadOptions, open_export
+
+
+def _add_read_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=list(FORMATS), help="export format (default: detected from the content)")
+    p.add_argument(
+        "--speakers",
+        type=lambda s: tuple(n.strip() for n in s.split(",") if n.strip()),
+        default=(),
+        metavar="A,B",
+        help='LINE PC "save chat" exports: the speakers\' names (they may contain spaces)',
+    )
+    p.add_argument(
+        "--date-order",
+        choices=["auto", "mdy", "dmy"],
+        default="auto",
+        help="LINE `Mon, 08/05/2024` dates: month/day or day/month (auto: decided by values over 12, else mdy)",
+    )
+    p.add_argument("--encoding", default="utf-8", help="text encoding of .txt/.csv exports (default: utf-8)")
+
+
+def _read_options(args: argparse.Namespace, on_progress=None) -> ReadOptions:
+    return ReadOptions(speakers=args.speakers, date_order=args.date_order, encoding=args.encoding, on_progress=on_progress)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m finetune", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("inspect", help="show who said what in chat exports")
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    p.add_argument("--json", action="store_true", help="machine-readable counts (one object per PATH)")
+    _add_read_options(p)
+
+    p = commands.add_parser("prepare", help="build train/eval JSONL for one persona from chat exports")
+    from .prepare_args import add_prepare_arguments
+
+    add_prepare_arguments(p)
+    _add_read_options(p)
+    return parser
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .summary import summarize
+
+    options = _read_options(args)
+    summaries = []
+    for path in args.paths:
+        fmt, records = open_export(path, args.format, options)
+        summaries.append((path, summarize(fmt, records)))
+    if args.json:
+        if len(summaries) == 1:
+            print(json.dumps(summaries[0][1].as_json(), ensure_ascii=False))
+        else:
+            print(json.dumps([{"path": str(p), **s.as_json()} for p, s in summaries], ensure_ascii=False))
+        return 0
+    from .summary_table import print_summaries
+
+    print_summaries(summaries)
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .prepare import run_prepare
+
+    return run_prepare(args, _read_options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"inspect": cmd_inspect, "prepare": cmd_prepare}[args.command]
+    try:
+        return handler(args)
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `inspect ... | head` is fine
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130

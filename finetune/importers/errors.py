@@ -1,0 +1,20 @@
+"""The error every importer raises for input it cannot place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class ExportError(Exception):
+    """A problem with an export file, located by file and (where known) line.
+
+    str() gives `FILE:LINE: what is wrong (what was expected)` so the CLI can print it
+    as is, the way compilers do, and editors can jump to the spot.
+    """
+
+    def __init__(self, path: str | Path, line: int | None, message: str):
+        self.path = str(path)
+        self.line = line
+        self.message = message
+        where = f"{self.path}:{line}" if line else self.path
+        super().__init__(f"{where}: {message}")

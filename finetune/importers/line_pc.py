@@ -1,0 +1,121 @@
+"""LINE talk history saved from the PC / Mac app ("save chat"): `15:16 山口 由美 来週どうする`.
+
+Columns are separated by spaces, names may contain spaces, and multi-line messages are not
+quoted: their later lines simply follow. So where a name ends cannot be known without the
+list of speakers (`--speakers`); without it we stop and show the likely names.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from ..records import SYSTEM, TEXT, ChatRecord
+from .errors import ExportError
+from .line_shapes import SAVED_ON, classify, date_line, decide_day_month_order, header_title, parse_time
+from .options import ReadOptions
+from .text_file import read_text
+
+_MESSAGE = re.compile(r"^(\d{1,2}:\d{2}) (.*)$")
+# Notices in PC exports have no name column; these are the shapes LINE writes.
+_NOTICE = re.compile(
+    r"(?:が参加しました|を招待しました|が退会しました|を退会させました|がグループを退会しました|がグループに参加しました"
+    r"|グループ名を.*に変更しました|が投票を作成しました|メッセージの送信を取り消しました|がアナウンスしました"
+    r"|joined the group|left the group|invited .+ to the group|unsent a message|changed the group name)"
+)
+_MISSING_SPEAKER_THRESHOLD = 3  # an unknown first word this often is a speaker missing from --speakers
+
+
+def read(path: Path, options: ReadOptions) -> Iterator[ChatRecord]:
+    text = read_text(path, options.encoding)
+    lines = text.replace("\r\n", "\n").split("\n")
+    speakers = sorted(options.speakers, key=len, reverse=True)  # longest first: `山口 由美` before `山口`
+    if not speakers:
+        raise ExportError(path, None, _needs_speakers_message(lines))
+    _check_no_missing_speakers(lines, speakers, path)
+    return _parse(lines, speakers, path, options)
+
+
+def _split_speaker(rest: str, speakers: list[str]) -> tuple[str, str] | None:
+    for name in speakers:
+        if rest.startswith(name) and (len(rest) == len(name) or rest[len(name)] in " \t"):
+            return name, rest[len(name) + 1 :]
+    return None
+
+
+def _first_word_counts(lines: list[str], speakers: list[str]) -> Counter:
+    counts: Counter = Counter()
+    for line in lines:
+        m = _MESSAGE.match(line)
+        if m and not _split_speaker(m.group(2), speakers) and not _NOTICE.search(m.group(2)):
+            counts[m.group(2).split(" ", 1)[0]] += 1
+    return counts
+
+
+def _needs_speakers_message(lines: list[str]) -> str:
+    seen = ", ".join(f"{w} ({n} lines)" for w, n in _first_word_counts(lines, []).most_common(6))
+    return (
+        'looks like a LINE PC "save chat" export, whose names cannot be told from the text without '
+        '--speakers "Name A,Name B" (names may contain spaces). First words after the time: ' + (seen or "none")
+    )
+
+
+def _check_no_missing_speakers(lines: list[str], speakers: list[str], path: Path) -> None:
+    missing = [(w, n) for w, n in _first_word_counts(lines, speakers).most_common() if n >= _MISSING_SPEAKER_THRESHOLD]
+    if missing:
+        listed = ", ".join(f"{w} ({n} lines)" for w, n in missing[:6])
+        raise ExportError(path, None, f"these start many lines but are not in --speakers: {listed}; add them (with their full names)")
+
+
+def _parse(lines: list[str], speakers: list[str], path: Path, options: ReadOptions) -> Iterator[ChatRecord]:
+    order = decide_day_month_order(lines, options.date_order)
+    chat = ""
+    day = None
+    pending: list | None = None  # [name, time, body, kind, lineno]
+    blank_run = 0  # blank lines inside an unquoted multi-line message belong to it
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            blank_run += 1
+            continue
+        new_day = date_line(line, order)
+        if new_day is not None:
+            if pending is not None:
+                yield ChatRecord(pending[0], pending[1], pending[2], pending[3], chat, None, None, pending[4])
+                pending = None
+            day = new_day
+            blank_run = 0
+            continue
+        m = _MESSAGE.match(line)
+        if m and day is not None:
+            minutes = parse_time(m.group(1))
+            if minutes is not None:
+                # Hours past 23 (`24:53`) occur: they run on into the next morning.
+                stamp = datetime(day.year, day.month, day.day) + timedelta(minutes=minutes)
+                split = _split_speaker(m.group(2), speakers)
+                if split is not None or _NOTICE.search(m.group(2)):
+                    if pending is not None:
+                        yield ChatRecord(pending[0], pending[1], pending[2], pending[3], chat, None, None, pending[4])
+                    if split is None:
+                        pending = ["", stamp, m.group(2), SYSTEM, i]
+                    else:
+                        pending = [split[0], stamp, split[1], classify(split[0], split[1]), i]
+                    blank_run = 0
+                    continue
+        if day is None:
+            title = header_title(line)
+            if title is not None:
+                chat = title
+                continue
+            if SAVED_ON.match(line):
+                continue
+            raise ExportError(path, i, f"expected a date line such as 2019.12.23 月曜日, found {line[:60]!r}")
+        if pending is not None and pending[3] == TEXT:
+            pending[2] += "\n" * (blank_run + 1) + line
+            blank_run = 0
+            continue
+        raise ExportError(path, i, f"expected `HH:MM name text` with a name from --speakers, found {line[:60]!r}")
+    if pending is not None:
+        yield ChatRecord(pending[0], pending[1], pending[2], pending[3], chat, None, None, pending[4])
