@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_prepare_arguments(p)
     _add_read_options(p)
+    parser.set_defaults(_subparsers={"prepare": p})
     return parser
 
 
@@ -79,8 +80,23 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return run_prepare(args, _read_options)
 
 
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None) is not None:
+        # Config values become the defaults, then the command line is parsed again so flags win.
+        from .prepare_args import ConfigError, prepare_defaults_from_config
+
+        try:
+            args._subparsers[args.command].set_defaults(**prepare_defaults_from_config(args.config))
+        except ConfigError as exc:
+            parser.exit(2, f"error: {exc}\n")
+        args = parser.parse_args(argv)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse_args(argv)
     handler = {"inspect": cmd_inspect, "prepare": cmd_prepare}[args.command]
     try:
         return handler(args)

@@ -26,6 +26,8 @@ def _fraction(text: str) -> float:
 
 
 def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, metavar="TOML",
+                   help="take defaults from the [prepare] table of this file (flags still win)")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="export files or folders, any mix of platforms")
     p.add_argument("--persona", required=True, help="the person to clone, as `inspect` names them")
     p.add_argument("--alias", action="append", default=[], metavar="NAME", help="another name of the persona (repeatable)")
@@ -54,3 +56,51 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timezone", default=None, metavar="TZ",
                    help="zone of exports without an offset (LINE), e.g. Asia/Tokyo; default: this machine's")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+class ConfigError(Exception):
+    pass
+
+
+# [prepare] key in config.toml -> (argparse dest, converter)
+_CONFIG_KEYS = {
+    "session_gap": ("session_gap", lambda v: parse_duration(str(v))),
+    "max_context_turns": ("max_context_turns", int),
+    "max_context_chars": ("max_context_chars", int),
+    "max_turn_chars": ("max_turn_chars", int),
+    "min_context_turns": ("min_context_turns", int),
+    "eval_fraction": ("eval_fraction", lambda v: _fraction(str(v))),
+    "redact": ("no_redact", lambda v: not _boolean(v)),
+    "timezone": ("timezone", lambda v: str(v) or None),
+}
+
+
+def _boolean(value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
+
+
+def prepare_defaults_from_config(path: Path) -> dict:
+    """argparse defaults from the [prepare] table of a TOML file, with errors naming the key."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f).get("prepare", {})
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    defaults = {}
+    for key, value in table.items():
+        if key not in _CONFIG_KEYS:
+            raise ConfigError(f"{path}: [prepare] {key}: unknown key; known: {', '.join(_CONFIG_KEYS)}")
+        dest, convert = _CONFIG_KEYS[key]
+        try:
+            defaults[dest] = convert(value)
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+            raise ConfigError(f"{path}: [prepare] {key} = {value!r}: {exc}") from None
+    return defaults

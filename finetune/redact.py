@@ -23,7 +23,9 @@ _PATTERN = re.compile(
         [
             # URLs first: they may contain @ and digit runs that look like phone numbers.
             r"(?P<url>(?:https?|ftp)://[^\s<>\"'「」（）()]+|www\.[^\s<>\"'「」（）()]+)",
-            r"(?P<email>[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)",
+            # The lookbehind makes only the start of a run try a match: without it a 10 MB run of
+            # letters (Japanese counts) is rescanned from every position, which is quadratic.
+            r"(?P<email>(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)",
             # International: +81 90-1234-5678, +1 (555) 123-4567, +44 20 7946 0958, ＋８１…
             rf"(?P<phone_intl>[+＋]{_D}{{1,3}}(?:{_SEP}?[(（]?{_D}{{1,4}}[)）]?){{2,5}}{_NOT_DIGIT_AFTER})",
             # Japanese: 090-1234-5678, 03-1234-5678, 0120-123-456, (03)1234-5678, 09012345678, ０９０ー…

@@ -138,7 +138,9 @@ def _parse(path: Path, options: ReadOptions) -> Iterator[ChatRecord]:
                         i += len(inner)
                         continue
                     pushed_back.extend(reversed(inner))  # not a LINE quote: the opening line is literal text
-                pending = [name, stamp, body, classify(name, body), i]
+                kind = classify(name, body)
+                # A notice such as `ⓘ …` or an unsend carries a name column, but nobody said it.
+                pending = [name if kind != SYSTEM else "", stamp, body, kind, i]
                 continue
         # No time column: a date line, the header, or (old unquoted exports) a continuation line.
         if order is None and line[:3].isalpha() and line[3:5] == ", ":

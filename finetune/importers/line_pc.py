@@ -34,7 +34,8 @@ def read(path: Path, options: ReadOptions) -> Iterator[ChatRecord]:
     lines = text.replace("\r\n", "\n").split("\n")
     speakers = sorted(options.speakers, key=len, reverse=True)  # longest first: `山口 由美` before `山口`
     if not speakers:
-        raise ExportError(path, None, _needs_speakers_message(lines))
+        first = next((n for n, line in enumerate(lines, 1) if _MESSAGE.match(line)), None)
+        raise ExportError(path, first, _needs_speakers_message(lines))
     _check_no_missing_speakers(lines, speakers, path)
     return _parse(lines, speakers, path, options)
 
@@ -101,7 +102,8 @@ def _parse(lines: list[str], speakers: list[str], path: Path, options: ReadOptio
                     if split is None:
                         pending = ["", stamp, m.group(2), SYSTEM, i]
                     else:
-                        pending = [split[0], stamp, split[1], classify(split[0], split[1]), i]
+                        kind = classify(split[0], split[1])
+                        pending = [split[0] if kind != SYSTEM else "", stamp, split[1], kind, i]
                     blank_run = 0
                     continue
         if day is None:

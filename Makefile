@@ -1,0 +1,38 @@
+# The README's two commands: `make demo` (set up + run the main job offline) and `make test`.
+# Both create .venv on first use. TORCH picks the torch build: the CPU wheel by default (CI,
+# laptops); on a GPU machine install the CUDA build you need, e.g. `make demo TORCH=torch`.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(BIN)/python -m finetune inspect examples/line_demo.txt examples/discord_demo.json
+	$(BIN)/python -m finetune prepare examples/line_demo.txt examples/discord_demo.json \
+		--persona 美咲 --alias misaki --out out/demo-dataset --force --timezone Asia/Tokyo
+	@echo "--- first training sample (out/demo-dataset/train.jsonl):"
+	@head -n 1 out/demo-dataset/train.jsonl
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check finetune bot adapters tests bench
+
+bench: setup
+	$(BIN)/python bench/inspect_1m.py
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,136 @@
+"""`finetune prepare` end to end on a mixed LINE + Discord input with an aliased persona."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import EXAMPLES, run_cli
+
+LINE = EXAMPLES / "line_demo.txt"
+DISCORD = EXAMPLES / "discord_demo.json"
+
+
+def _load(out: Path) -> tuple[list[dict], list[dict], dict]:
+    train = [json.loads(x) for x in (out / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    held_out = [json.loads(x) for x in (out / "eval.jsonl").read_text(encoding="utf-8").splitlines()]
+    stats = json.loads((out / "stats.json").read_text(encoding="utf-8"))
+    return train, held_out, stats
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> tuple[list[dict], list[dict], dict]:
+    out = tmp_path_factory.mktemp("prep") / "ds"
+    proc = run_cli("prepare", LINE, DISCORD, "--persona", "美咲", "--alias", "misaki",
+                   "--timezone", "Asia/Tokyo", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "train /" in proc.stdout
+    return _load(out)
+
+
+def _by_target(samples: list[dict]) -> dict[str, dict]:
+    return {s["target"]: s for s in samples}
+
+
+def test_alias_merges_persona_across_platforms(dataset):
+    train, held_out, stats = dataset
+    samples = train + held_out
+    sources = {s["source"].split("#")[0] for s in samples}
+    assert sources == {"line_demo.txt", "discord_demo.json"}
+    assert {s["persona"] for s in samples} == {"美咲"}
+    speakers = {c["speaker"] for s in samples for c in s["context"]}
+    # The Discord account name `misaki` is the persona's alias: it appears as 美咲, never as itself.
+    assert "misaki" not in speakers
+    assert {"美咲", "健太", "ryo_k", "sora"} <= speakers
+    assert [i["format"] for i in stats["inputs"]] == ["line", "discord-json"]
+
+
+def test_burst_is_one_target_and_context_is_the_earlier_turns(dataset):
+    train, held_out, _ = dataset
+    sample = _by_target(train + held_out)["回復役やるね\nポーション持ってく"]
+    assert sample["context"] == [
+        {"speaker": "ryo_k", "text": "今日のボス戦いける人いる？"},
+        {"speaker": "美咲", "text": "いけるよ〜21時からなら"},
+        {"speaker": "sora", "text": "おれも！"},
+        {"speaker": "ryo_k", "text": "助かる、装備そろえとく"},
+    ]
+    line_sample = _by_target(train + held_out)["あーそれ気になってた笑"]
+    # A sticker in the same burst stays out of the target but the quoted 3-line message is context.
+    assert line_sample["context"][-1] == {"speaker": "健太", "text": "これ\n<URL>\n評判いいらしい"}
+    later = _by_target(train + held_out)["りょ！たのしみ"]
+    assert {"speaker": "美咲", "text": "[スタンプ]\nあーそれ気になってた笑"} in later["context"]
+
+
+def test_placeholders_and_system_lines_never_become_targets(dataset):
+    train, held_out, stats = dataset
+    targets = [s["target"] for s in train + held_out]
+    assert not any(t.startswith("[") or "☎" in t for t in targets)
+    everything = json.dumps(train + held_out, ensure_ascii=False)
+    assert "Joined the server." not in everything
+    assert "アルバム" not in everything  # the LINE album notice is a system line
+    # 美咲's 13:11 photo follows her own 13:10 text in one burst; no sample is made of the photo alone,
+    # and her sticker-only or photo-only turns are counted as skipped.
+    assert stats["skipped"]["placeholder_only"] == 0
+    assert stats["system_lines"] == 2
+
+
+def test_personal_data_is_redacted_and_counted(dataset):
+    train, held_out, stats = dataset
+    everything = json.dumps(train + held_out, ensure_ascii=False)
+    for leaked in ("example.com", "misaki@example.com", "03-1234-5678", "150-0001"):
+        assert leaked not in everything
+    by_target = _by_target(train + held_out)
+    assert "でしょ〜笑 連絡は <EMAIL> まで" in by_target
+    assert "おはよー！えっとね\n<POSTCODE> の近くのとこ。電話は<PHONE>だって" in by_target
+    assert stats["redactions"] == {"url": 1, "email": 1, "phone": 1, "postal_code": 1}
+
+
+def test_split_is_by_time_with_whole_conversations(dataset):
+    train, held_out, stats = dataset
+    assert held_out, "the latest conversation should be held out"
+    assert max(s["time"] for s in train) < min(s["time"] for s in held_out)
+    # The latest conversation is Discord's 2024-06-05 evening: all of it is in eval, none in train.
+    assert {s["target"] for s in held_out} == {"明日はバイトだから無理かも😢\n週末ならいける！", "おっけー、おやすみ"}
+    assert stats["samples"] == {"train": len(train), "eval": len(held_out)}
+
+
+def test_exclude_speaker_removes_every_word_of_theirs(tmp_path):
+    out = tmp_path / "ds"
+    proc = run_cli("prepare", LINE, DISCORD, "--persona", "美咲", "--alias", "misaki", "--exclude-speaker", "sora",
+                   "--out", out, "--timezone", "Asia/Tokyo")
+    assert proc.returncode == 0, proc.stderr
+    train, held_out, stats = _load(out)
+    everything = json.dumps(train + held_out, ensure_ascii=False)
+    assert "sora" not in everything and "おれも！" not in everything
+    assert stats["excluded_messages"] == 2  # "おれも！" and the attachment-only message
+
+
+def test_same_export_twice_gives_the_same_samples(tmp_path, dataset):
+    out = tmp_path / "ds"
+    proc = run_cli("prepare", LINE, LINE, DISCORD, "--persona", "美咲", "--alias", "misaki", "--out", out,
+                   "--timezone", "Asia/Tokyo")
+    assert proc.returncode == 0, proc.stderr
+    train, held_out, stats = _load(out)
+    once = dataset[0] + dataset[1]
+    assert sorted(s["id"] for s in train + held_out) == sorted(s["id"] for s in once)
+    assert stats["skipped"]["duplicate"] == sum(1 for s in once if s["source"].startswith("line_demo.txt"))
+
+
+def test_a_10_mb_message_is_skipped_not_fatal(tmp_path):
+    export = tmp_path / "huge.txt"
+    huge = "あ" * (10 * 1024 * 1024 // 3)
+    export.write_text(
+        "2024/01/01(月)\n10:00\tA\tねえ\n10:01\tB\t" + huge + "\n10:02\tA\tながっ\n10:03\tB\tごめん\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "ds"
+    proc = run_cli("prepare", export, "--persona", "B", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    train, held_out, stats = _load(out)
+    assert stats["skipped"]["too_long"] == 1
+    (sample,) = train + held_out
+    assert sample["target"] == "ごめん"
+    # In context the huge turn is cut to --max-turn-chars, keeping its end.
+    assert len(sample["context"][1]["text"]) == 1000 and sample["context"][1]["text"].startswith("…")
