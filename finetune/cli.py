@@ -27,7 +27,8 @@ def _add_read_options(p: argparse.ArgumentParser) -> None:
         "--date-order",
         choices=["auto", "mdy", "dmy"],
         default="auto",
-        help="LINE `Mon, 08/05/2024` dates: month/day or day/month (auto: decided by values over 12, else mdy)",
+        help="numeric dates with the day and month both <= 12 (LINE `Mon, 08/05/2024`, old DiscordChatExporter CSV): "
+        "month first or day first (auto: decided by values over 12 and weekday names, else mdy)",
     )
     p.add_argument("--encoding", default="utf-8", help="text encoding of .txt/.csv exports (default: utf-8)")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import EXAMPLES, run_cli
+
 from finetune.atomic_output import atomic_directory
 
 LINE = EXAMPLES / "line_demo.txt"

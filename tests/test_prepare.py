@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import EXAMPLES, run_cli
 
 LINE = EXAMPLES / "line_demo.txt"

@@ -19,7 +19,8 @@ _LINE_MOBILE_MESSAGE = re.compile(r"^(?:午前|午後|AM ?|PM ?)?\d{1,2}:\d{2}(?
 _LINE_PC_MESSAGE = re.compile(r"^\d{1,2}:\d{2} \S", re.M)
 _LINE_PC_DATE = re.compile(r"^\d{4}[./]\d{1,2}[./]\d{1,2}[ (（]", re.M)
 _LINE_HEADER = re.compile(r"^\[LINE\] ")
-_DCE_CSV_HEADER = re.compile(r'^"?AuthorID"?,"?Author"?,"?Date"?,"?Content"?', re.I)
+# DiscordChatExporter CSV; its 2.x versions separated fields with `;` (and had no AuthorID at first).
+_DCE_CSV_HEADER = re.compile(r'^(?:"?AuthorID"?[,;])?"?Author"?[,;]"?Date"?[,;]"?Content"?', re.I)
 _PACKAGE_CSV_HEADER = re.compile(r'^"?ID"?,"?Timestamp"?,"?Contents"?', re.I)
 _PLAIN_LINE = re.compile(r"^[^:\t\n]{1,40}:", re.M)
 
@@ -74,5 +75,11 @@ def _is_package_folder(path: Path) -> bool:
     names = {p.name.lower() for p in path.iterdir()}
     if "messages" in names:
         return True
-    # The Messages folder itself: index.json and c<id> channel folders.
-    return "index.json" in names or any(n.startswith("c") and n[1:].isdigit() for n in names)
+    # The Messages folder itself (index.json and c<id> channel folders; the oldest packages have
+    # no `c`), or one channel's folder.
+    return (
+        "index.json" in names
+        or "messages.json" in names
+        or "messages.csv" in names
+        or any(n.isdigit() or (n.startswith("c") and n[1:].isdigit()) for n in names)
+    )
