@@ -7,6 +7,7 @@ Each command's implementation is imported only when that command runs, so
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -51,7 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_prepare_arguments(p)
     _add_read_options(p)
-    parser.set_defaults(_subparsers={"prepare": p})
+    subparsers = {"prepare": p}
+
+    # The model commands' modules import torch and transformers inside their functions, not at the top.
+    for name, module, help_text in (
+        ("train", "train", "train a LoRA adapter on a prepared dataset"),
+        ("chat", "chat", "talk to a trained adapter in the terminal"),
+        ("merge", "merge", "fold an adapter into a full model for other serving engines"),
+        ("tiny-model", "tiny_model", "build an offline tiny base model (tests, demos)"),
+    ):
+        p = commands.add_parser(name, help=help_text)
+        importlib.import_module(f"{__package__}.{module}").add_arguments(p)
+        p.set_defaults(_module=module)
+        subparsers[name] = p
+    parser.set_defaults(_subparsers=subparsers)
     return parser
 
 
@@ -98,6 +112,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    if getattr(args, "_module", None):
+        return importlib.import_module(f"{__package__}.{args._module}").run(args)
     handler = {"inspect": cmd_inspect, "prepare": cmd_prepare}[args.command]
     try:
         return handler(args)

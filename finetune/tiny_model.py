@@ -18,10 +18,8 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-import sentencepiece
-
 from .atomic_output import atomic_directory
-from .tokenization import RINNA_NEWLINE
+from .tokenization import RINNA_NEWLINE, sentencepiece_module
 
 # Everyday chat, mostly Japanese, some English: enough for common kana/kanji to get their own pieces.
 # Anything else (rare kanji, most emoji) is left to byte fallback, as rare text is in rinna's vocabulary.
@@ -135,7 +133,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:
     sentences += [*DEFAULT_CORPUS, *_CORPUS_JOINED]
     model = io.BytesIO()
     try:
-        sentencepiece.SentencePieceTrainer.train(
+        sentencepiece_module().SentencePieceTrainer.train(
             sentence_iterator=iter(sentences),
             model_writer=model,
             model_type="unigram",
@@ -178,7 +176,7 @@ def build_tiny_model(
 
     out = Path(out_dir)
     spiece = train_sentencepiece(corpus_texts, vocab_size)
-    sp = sentencepiece.SentencePieceProcessor(model_proto=spiece)
+    sp = sentencepiece_module().SentencePieceProcessor(model_proto=spiece)
 
     config = GPTNeoXConfig(
         vocab_size=sp.get_piece_size(),

@@ -16,8 +16,6 @@ import hashlib
 import re
 from pathlib import Path
 
-import sentencepiece
-
 # rinna's convention: the vocabulary has no newline piece; line breaks are written as this piece.
 RINNA_NEWLINE = "<NL>"
 
@@ -88,7 +86,7 @@ class SentencePieceChatTokenizer(ChatTokenizer):
 
     def __init__(self, model_file: Path, name_or_path: str):
         data = model_file.read_bytes()
-        self.sp = sentencepiece.SentencePieceProcessor(model_proto=data)
+        self.sp = sentencepiece_module().SentencePieceProcessor(model_proto=data)
         self.name_or_path = name_or_path
         self.fingerprint = hashlib.sha256(data).hexdigest()  # equals `sha256sum spiece.model`
         self.vocab_size = self.sp.get_piece_size()
@@ -175,7 +173,7 @@ def _is_sentencepiece_model(path: Path) -> bool:
     if not path.is_file():
         return False
     try:
-        return sentencepiece.SentencePieceProcessor(model_file=str(path)).get_piece_size() > 0
+        return sentencepiece_module().SentencePieceProcessor(model_file=str(path)).get_piece_size() > 0
     except (RuntimeError, OSError):
         return False
 
@@ -189,3 +187,10 @@ def _fingerprint_files(folder: Path, names: tuple[str, ...]) -> str:
             digest.update(f"{name}\0{len(data)}\0".encode())
             digest.update(data)
     return digest.hexdigest()
+
+
+def sentencepiece_module():
+    # Imported on first use: `python -m finetune inspect` builds every command's flags and must stay light.
+    import sentencepiece
+
+    return sentencepiece

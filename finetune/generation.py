@@ -1,0 +1,85 @@
+"""Batched reply generation: shared by `finetune chat` and the bot's worker.
+
+Prompts are rendered by prompt.py (as in training), left-padded into one batch, and generated
+together. A reply ends at EOS or where the model starts another speaker's turn; `<NL>` becomes
+a newline again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .manifest import DEFAULT_GENERATION
+from .prompt import ChatTurn, encode_prompt, turn_end
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = DEFAULT_GENERATION["max_new_tokens"]
+    temperature: float = DEFAULT_GENERATION["temperature"]
+    top_p: float = DEFAULT_GENERATION["top_p"]
+    top_k: int = DEFAULT_GENERATION["top_k"]
+    repetition_penalty: float = DEFAULT_GENERATION["repetition_penalty"]
+
+    @classmethod
+    def from_manifest(cls, generation: dict, **overrides) -> GenerationSettings:
+        known = {k: v for k, v in {**generation, **{k: v for k, v in overrides.items() if v is not None}}.items()
+                 if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def fit_context(tokenizer, turns: Sequence[ChatTurn], persona: str, template: str, budget: int) -> list[int]:
+    """Prompt ids for the latest turns that fit `budget` tokens (the oldest are dropped first)."""
+    turns = list(turns)
+    while True:
+        ids = encode_prompt(tokenizer, turns, persona, template)
+        if len(ids) <= budget or not turns:
+            return ids[-budget:] if len(ids) > budget else ids
+        turns.pop(0)
+
+
+def generate_replies(
+    model,
+    tokenizer,
+    prompts: Sequence[list[int]],
+    settings: GenerationSettings,
+    speakers: Sequence[str] = (),
+    seed: int | None = None,
+) -> list[tuple[str, int]]:
+    """(reply text, tokens generated) for each prompt, generated as one left-padded batch."""
+    import torch
+
+    device = next(p for p in model.parameters()).device
+    longest = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), longest), tokenizer.pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), longest), dtype=torch.long)
+    for i, ids in enumerate(prompts):
+        input_ids[i, longest - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention[i, longest - len(ids) :] = 1
+    if seed is not None:
+        torch.manual_seed(seed)
+    sample = settings.temperature > 0
+    kwargs = dict(
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=sample,
+        repetition_penalty=settings.repetition_penalty,
+        eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id,
+    )
+    if sample:
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+    replies = []
+    for row in out[:, longest:].tolist():
+        if tokenizer.eos_id in row:
+            row = row[: row.index(tokenizer.eos_id)]
+        while row and row[-1] == tokenizer.pad_id:
+            row.pop()
+        text = tokenizer.from_model_text(tokenizer.decode(row))
+        cut = turn_end(text, speakers)
+        if cut is not None:
+            text = text[:cut]
+        replies.append((text.strip(), len(row)))
+    return replies

@@ -1,0 +1,51 @@
+"""`finetune merge ADAPTER --out DIR`: base + LoRA folded into one full model.
+
+For engines that serve plain weights (vLLM, llama.cpp converters, TGI). The folder also gets
+the tokenizer files and a manifest marked `merged`, so `finetune chat DIR` and the bot load it
+like an adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from .atomic_output import atomic_directory
+from .model_loading import ModelLoadError, load_adapter
+from .tokenization import TOKENIZER_FILES, _tokenizer_folder
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", type=Path, metavar="ADAPTER")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--base", default=None, help="load the base model from here instead of the manifest's id (same model)")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="dtype of the merged weights (default: the device's, fp32 on CPU)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--force", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.out.exists() and not args.force:
+            raise ModelLoadError(f"{args.out} already exists (pass --force to replace it)")
+        loaded = load_adapter(args.adapter, base=args.base, device=args.device, dtype=args.dtype)
+        if loaded.manifest.merged:
+            raise ModelLoadError(f"{args.adapter} is already a merged model")
+        merged = loaded.model.merge_and_unload()
+        manifest = loaded.manifest
+        manifest.merged = True
+        tokenizer_source = _tokenizer_folder(args.base or manifest.base_model, None if args.base else manifest.base_revision)
+        with atomic_directory(args.out, replace=args.force) as staging:
+            merged.save_pretrained(str(staging), safe_serialization=True)
+            for name in TOKENIZER_FILES:
+                if name != "config.json" and (tokenizer_source / name).is_file():
+                    shutil.copyfile(tokenizer_source / name, staging / name)
+            manifest.write(staging / "bunshin.json")
+    except ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.out}: merged {args.adapter} into {manifest.base_model}")
+    return 0

@@ -1,0 +1,121 @@
+"""The one prompt renderer, imported by training and serving alike.
+
+What the model saw in training is byte for byte what it sees in chat: `finetune train`, `finetune
+chat` and the bot's worker all call `encode_prompt` on (speaker, text) turns. Two templates:
+
+- "transcript" (default): the conversation as it reads, one `name: text` turn per line, then
+  the persona's name and a colon. A base model has seen countless transcripts; it needs no
+  instruction to continue one, and the speaker names let it tell people apart.
+- "instruction": the `### 指示:` / `### 回答:` layout that most rinna LoRA tutorials use.
+
+Line breaks inside a message and between turns are written in the tokenizer's convention
+(`<NL>` for rinna). The reply ends with EOS; at serving time a reply also ends where the model
+starts another speaker's turn (`turn_end`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from .tokenization import ChatTokenizer
+
+TEMPLATES = ("transcript", "instruction")
+IGNORE_INDEX = -100  # label value the loss skips (prompt tokens)
+
+_INSTRUCTION_HEAD = "### 指示:\n{persona}として、次の会話の続きを返信してください。\n\n### 会話:\n"
+_INSTRUCTION_TAIL = "\n\n### 回答:\n"
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    speaker: str
+    text: str
+
+
+def as_turns(context: Iterable) -> list[ChatTurn]:
+    """Accept prepare's `{"speaker", "text"}` dicts, ChatTurns or (speaker, text) pairs."""
+    turns = []
+    for item in context:
+        if isinstance(item, ChatTurn):
+            turns.append(item)
+        elif isinstance(item, dict):
+            turns.append(ChatTurn(item["speaker"], item["text"]))
+        else:
+            speaker, text = item
+            turns.append(ChatTurn(speaker, text))
+    return turns
+
+
+def render_prompt(context: Sequence[ChatTurn], persona: str, template: str = "transcript") -> str:
+    """The prompt as plain text with "\\n" line breaks (the tokenizer's convention is applied later)."""
+    lines = "\n".join(f"{t.speaker}: {t.text}" for t in context)
+    if template == "transcript":
+        return f"{lines}\n{persona}: " if lines else f"{persona}: "
+    if template == "instruction":
+        return _INSTRUCTION_HEAD.format(persona=persona) + lines + _INSTRUCTION_TAIL
+    raise ValueError(f"unknown prompt template {template!r}; known: {', '.join(TEMPLATES)}")
+
+
+def prefix_ids(tokenizer: ChatTokenizer) -> list[int]:
+    """BOS where the model family expects one at the start (Llama-style HF tokenizers); rinna uses none."""
+    hf = getattr(tokenizer, "hf", None)
+    if hf is None or tokenizer.bos_id is None:
+        return []
+    probe = hf("a", add_special_tokens=True)["input_ids"]
+    return [tokenizer.bos_id] if probe and probe[0] == tokenizer.bos_id else []
+
+
+def encode_prompt(tokenizer: ChatTokenizer, context: Sequence[ChatTurn], persona: str, template: str) -> list[int]:
+    return prefix_ids(tokenizer) + tokenizer.encode(tokenizer.to_model_text(render_prompt(context, persona, template)))
+
+
+def encode_reply(tokenizer: ChatTokenizer, text: str) -> list[int]:
+    return tokenizer.encode(tokenizer.to_model_text(text)) + [tokenizer.eos_id]
+
+
+def encode_sample(
+    tokenizer: ChatTokenizer,
+    context: Sequence[ChatTurn],
+    persona: str,
+    target: str,
+    template: str,
+    max_length: int,
+) -> tuple[list[int], list[int]] | None:
+    """(input_ids, labels) for one training sample; labels are IGNORE_INDEX on the prompt.
+
+    Too long for `max_length`: the oldest context turns go first (as the bot's memory drops
+    them); None if even the reply alone does not fit.
+    """
+    reply = encode_reply(tokenizer, target)
+    if len(reply) >= max_length:
+        return None
+    turns = list(context)
+    while True:
+        prompt = encode_prompt(tokenizer, turns, persona, template)
+        if len(prompt) + len(reply) <= max_length:
+            return prompt + reply, [IGNORE_INDEX] * len(prompt) + reply
+        if not turns:
+            return None
+        # Drop as many turns as the overflow needs at least, then re-check: one encode per try.
+        overflow = len(prompt) + len(reply) - max_length
+        while turns and overflow > 0:
+            overflow -= len(turns[0].text) // 4 + 1  # rough tokens of a turn; the loop re-checks exactly
+            turns.pop(0)
+
+
+def turn_end(text: str, speakers: Iterable[str]) -> int | None:
+    """Where a generated reply stops because the model began another speaker's turn, or None.
+
+    In the transcript template a new turn is a line starting `name: `. Known names are checked
+    exactly; any short `name: ` line also ends the reply, since the model may invent a speaker.
+    """
+    for match in _TURN_START.finditer(text):
+        name = match.group(1)
+        if name in speakers or len(name) <= 20:
+            return match.start()
+    return None
+
+
+_TURN_START = re.compile(r"\n([^\n:：]{1,40}): ")

@@ -1,0 +1,393 @@
+"""`finetune train DATA --out ADAPTER`: a LoRA adapter that talks like the persona.
+
+    prepared JSONL ─► prompt renderer (the bot's own) ─► token ids, loss only on the reply + EOS
+        ─► packed rows (packing.py) ─► Hugging Face Trainer + peft LoRA ─► adapter + bunshin.json
+
+The Trainer brings the progress bar, periodic eval, checkpoints, resume and multi-GPU
+(`accelerate launch -m finetune train ...`). bunshin adds what makes chat data train well:
+packing (chat samples are ~66 tokens; padded batches of them waste the GPU), the exact
+tokenizer, the manifest, and an honest before/after loss on the held-out conversations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .atomic_output import atomic_directory
+from .manifest import DEFAULT_GENERATION, AdapterManifest
+from .model_loading import QUANTIZE_CHOICES, ModelLoadError, base_shape, load_base_model, lora_target_modules
+from .packing import USEFUL_TOKENS, PackedCollator, PackedRow, pack_samples
+from .prompt import TEMPLATES, as_turns, encode_sample
+
+DEFAULT_BASE = "rinna/japanese-gpt-neox-3.6b"
+RUN_FILE = "bunshin-run.json"  # in the checkpoint folder: what run the checkpoints belong to
+
+
+class TrainError(Exception):
+    pass
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", type=Path, metavar="DATA", help="folder written by `finetune prepare` (train.jsonl, eval.jsonl)")
+    p.add_argument("--out", type=Path, required=True, metavar="ADAPTER", help="adapter folder to write")
+    p.add_argument("--base", default=None, help=f"base model: hub id or local folder (default: config [model] base, else {DEFAULT_BASE})")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a hub base model")
+    p.add_argument("--config", type=Path, default=None, help="take [model] base from this TOML file")
+    p.add_argument("--template", choices=TEMPLATES, default="transcript", help="prompt template (default: transcript)")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none", help="load the base in 8 or 4 bits (CUDA, bitsandbytes)")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora-targets", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], default=None,
+                   metavar="A,B", help="module names to adapt (default: detected per architecture)")
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (overrides --epochs)")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (cosine schedule after warm-up)")
+    p.add_argument("--warmup", type=float, default=0.03, help="share of steps spent warming up (default 0.03)")
+    p.add_argument("--max-length", type=int, default=512, help="longest sample in tokens; older context turns are dropped to fit")
+    p.add_argument("--pack-length", type=int, default=2048, help="tokens per packed row (capped at the model's context)")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per optimizer step (rows x pack length)")
+    p.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
+                   help="trade compute for memory (auto: on when quantized)")
+    p.add_argument("--eval-every", type=int, default=100, help="evaluate on eval.jsonl every N steps (0: only at the end)")
+    p.add_argument("--save-every", type=int, default=100, help="write a checkpoint every N steps")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of an interrupted run")
+    p.add_argument("--force", action="store_true", help="replace an existing adapter folder and its checkpoints")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def checkpoint_dir(out: Path) -> Path:
+    # Next to the adapter, not inside it: the adapter folder appears only when complete.
+    return out.with_name(out.name + ".checkpoints")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise TrainError(f"{path}: no such file (run `python -m finetune prepare` first)")
+    samples = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                sample = json.loads(line)
+                sample["context"], sample["target"], sample["persona"]  # noqa: B018 - presence check
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise TrainError(f"{path}:{n}: not a prepared sample ({type(exc).__name__}: {exc})") from None
+            samples.append(sample)
+    return samples
+
+
+def encode_all(tokenizer, samples: list[dict], template: str, max_length: int) -> tuple[list, int]:
+    encoded, skipped = [], 0
+    for s in samples:
+        pair = encode_sample(tokenizer, as_turns(s["context"]), s["persona"], s["target"], template, max_length)
+        if pair is None:
+            skipped += 1
+        else:
+            encoded.append(pair)
+    return encoded, skipped
+
+
+def token_weighted_loss(model, rows: list[PackedRow], pad_id: int, rows_per_batch: int) -> float | None:
+    """Mean loss per reply token over `rows` (the Trainer's eval averages per batch instead)."""
+    import torch
+
+    if not rows:
+        return None
+    collate = PackedCollator(pad_id)
+    device = next(p for p in model.parameters()).device
+    total, tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(rows), rows_per_batch):
+            batch = {k: v.to(device) for k, v in collate(rows[i : i + rows_per_batch]).items() if k != USEFUL_TOKENS}
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits.float()
+            labels = batch["labels"][:, 1:]
+            mask = labels != -100
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1][mask], labels[mask], reduction="sum"
+            )
+            total += loss.item()
+            tokens += int(mask.sum())
+    model.train(was_training)
+    return total / tokens if tokens else None
+
+
+def _base_from_config(args) -> str:
+    if args.base:
+        return args.base
+    if args.config:
+        import tomllib
+
+        try:
+            with open(args.config, "rb") as f:
+                base = tomllib.load(f).get("model", {}).get("base")
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise TrainError(f"{args.config}: {exc}") from None
+        if base:
+            return base
+    return DEFAULT_BASE
+
+
+def _run_identity(args, base: str, dataset_fingerprint: str) -> dict:
+    keys = ("template", "quantize", "lora_r", "lora_alpha", "lora_targets", "max_length", "pack_length", "batch_tokens", "seed")
+    return {"base": base, "dataset": dataset_fingerprint, **{k: getattr(args, k) for k in keys}}
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _train(args)
+    except (TrainError, ModelLoadError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _train(args: argparse.Namespace) -> int:
+    started = time.time()
+    base = _base_from_config(args)
+    out: Path = args.out
+    ckpt = checkpoint_dir(out)
+    if out.exists() and not args.force:
+        raise TrainError(f"{out} already exists (pass --force to replace it)")
+    stats_path = args.data / "stats.json"
+    dataset_stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.is_file() else {}
+    train_samples = read_jsonl(args.data / "train.jsonl")
+    eval_samples = read_jsonl(args.data / "eval.jsonl") if (args.data / "eval.jsonl").exists() else []
+    if not train_samples:
+        raise TrainError(f"{args.data}/train.jsonl holds no samples")
+    personas = {s["persona"] for s in train_samples}
+    if len(personas) != 1:
+        raise TrainError(f"{args.data}/train.jsonl mixes personas {sorted(personas)}: one adapter is one person")
+    persona = personas.pop()
+    fingerprint = dataset_stats.get("fingerprint", "")
+
+    identity = _run_identity(args, base, fingerprint)
+    if args.resume:
+        if not (ckpt / RUN_FILE).is_file() or not any(ckpt.glob("checkpoint-*")):
+            raise TrainError(f"--resume: no checkpoint in {ckpt} to continue from")
+        earlier = json.loads((ckpt / RUN_FILE).read_text(encoding="utf-8"))
+        if earlier != json.loads(json.dumps(identity)):
+            changed = sorted(k for k in identity if earlier.get(k) != json.loads(json.dumps(identity)).get(k))
+            raise TrainError(f"--resume: the checkpoints in {ckpt} are from a run with other settings ({', '.join(changed)})")
+    elif ckpt.exists():
+        if not args.force:
+            raise TrainError(f"{ckpt} holds checkpoints of an earlier run: pass --resume to continue it or --force to start over")
+        shutil.rmtree(ckpt)
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "-1"))
+    device = args.device or (f"cuda:{local_rank}" if local_rank >= 0 else None)
+    loaded = load_base_model(base, revision=args.revision, quantize=args.quantize, device=device, dtype=args.dtype)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    context_limit = getattr(model.config, "max_position_embeddings", None) or args.pack_length
+    pack_length = min(args.pack_length, context_limit)
+    max_length = min(args.max_length, pack_length)
+    rows_per_batch = max(1, args.batch_tokens // pack_length)
+
+    encoded_train, skipped_train = encode_all(tokenizer, train_samples, args.template, max_length)
+    encoded_eval, skipped_eval = encode_all(tokenizer, eval_samples, args.template, max_length)
+    if not encoded_train:
+        raise TrainError(f"every training sample is longer than --max-length {max_length} tokens")
+    train_rows = pack_samples(encoded_train, pack_length)
+    eval_rows = pack_samples(encoded_eval, pack_length)
+    useful_tokens = sum(len(r.input_ids) for r in train_rows)
+
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+
+    set_seed(args.seed)
+    gradient_checkpointing = args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and args.quantize != "none")
+    model.config.use_cache = False  # no KV cache in training; a cache would also hide packed rows from the mask
+    if args.quantize != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    targets = lora_target_modules(model, args.lora_targets)
+    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM", bias="none")
+    model = get_peft_model(model, lora)
+
+    # LoRA's B matrix starts at zero: before the first step the model *is* the base model.
+    base_eval_loss = token_weighted_loss(model, eval_rows, tokenizer.pad_id, rows_per_batch)
+
+    steps_per_epoch = math.ceil(len(train_rows) / rows_per_batch)
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.epochs)
+    bf16 = loaded.dtype == torch.bfloat16 and loaded.device.startswith("cuda")
+    fp16 = loaded.dtype == torch.float16 and loaded.device.startswith("cuda")
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (ckpt / RUN_FILE).write_text(json.dumps(identity, indent=2), encoding="utf-8")
+    training_args = TrainingArguments(
+        output_dir=str(ckpt),
+        per_device_train_batch_size=rows_per_batch,
+        per_device_eval_batch_size=rows_per_batch,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=int(args.warmup * total_steps),
+        weight_decay=0.0,
+        logging_steps=max(1, min(10, total_steps // 20 or 1)),
+        eval_strategy="steps" if args.eval_every > 0 and eval_rows else "no",
+        eval_steps=args.eval_every or None,
+        save_strategy="steps",
+        save_steps=args.save_every,
+        save_total_limit=2,
+        seed=args.seed,
+        data_seed=args.seed,
+        bf16=bf16,
+        fp16=fp16,
+        use_cpu=loaded.device == "cpu",
+        report_to=[],
+        disable_tqdm=args.no_progress or not sys.stderr.isatty(),
+        remove_unused_columns=False,
+        label_names=["labels"],
+        dataloader_pin_memory=loaded.device.startswith("cuda"),
+        gradient_checkpointing=False,  # set up above (peft needs it done before wrapping)
+        average_tokens_across_devices=True,
+    )
+    trainer = _packed_trainer_class(Trainer, TrainerCallback)(
+        model=model,
+        args=training_args,
+        train_dataset=_RowDataset(train_rows),
+        eval_dataset=_RowDataset(eval_rows) if eval_rows else None,
+        data_collator=PackedCollator(tokenizer.pad_id),
+    )
+    if loaded.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    result = trainer.train(resume_from_checkpoint=True if args.resume else None)
+    tuned_eval_loss = token_weighted_loss(model, eval_rows, tokenizer.pad_id, rows_per_batch)
+    peak_gb = torch.cuda.max_memory_allocated() / 1e9 if loaded.device.startswith("cuda") else None
+
+    if not trainer.is_world_process_zero():
+        return 0
+    speakers = sorted({c["speaker"] for s in train_samples for c in s["context"]} | {persona})
+    manifest = AdapterManifest(
+        base_model=base,
+        base_revision=loaded.revision,
+        base_shape=base_shape(model.get_base_model()),
+        tokenizer_fingerprint=tokenizer.fingerprint,
+        tokenizer_backend=tokenizer.backend,
+        newline=tokenizer.newline,
+        template=args.template,
+        persona=persona,
+        max_length=max_length,
+        generation=dict(DEFAULT_GENERATION),
+        dataset_fingerprint=fingerprint,
+        dataset={
+            "path": str(args.data),
+            "train_samples": len(encoded_train),
+            "eval_samples": len(encoded_eval),
+            "skipped_too_long": skipped_train + skipped_eval,
+            "train_rows": len(train_rows),
+            "useful_tokens_per_epoch": useful_tokens,
+        },
+        eval_loss={"base": base_eval_loss, "tuned": tuned_eval_loss},
+        lora={"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout, "targets": targets},
+        training={
+            "steps": result.global_step,
+            "epochs": args.epochs if args.max_steps <= 0 else None,
+            "learning_rate": args.lr,
+            "pack_length": pack_length,
+            "rows_per_step": rows_per_batch,
+            "quantize": args.quantize,
+            "dtype": str(loaded.dtype).removeprefix("torch."),
+            "device": loaded.device,
+            "gradient_checkpointing": gradient_checkpointing,
+            "seed": args.seed,
+            "train_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
+            "useful_tokens_per_second": round(trainer.tokens_per_second(), 1),
+            "peak_gpu_memory_gb": round(peak_gb, 2) if peak_gb is not None else None,
+            "wall_seconds": round(time.time() - started, 1),
+        },
+        speakers=speakers,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        bunshin_version=_version(),
+    )
+    with atomic_directory(out, replace=args.force) as staging:
+        model.save_pretrained(str(staging))
+        manifest.write(staging / "bunshin.json")
+        if stats_path.is_file():
+            shutil.copyfile(stats_path, staging / "dataset_stats.json")
+    base_txt = f"{base_eval_loss:.4f}" if base_eval_loss is not None else "n/a"
+    tuned_txt = f"{tuned_eval_loss:.4f}" if tuned_eval_loss is not None else "n/a"
+    print(
+        f"{out}: {result.global_step} steps, eval loss {base_txt} (base) -> {tuned_txt} (tuned), "
+        f"{trainer.tokens_per_second():,.0f} useful tokens/s"
+    )
+    return 0
+
+
+class _RowDataset:
+    """A list of packed rows as the Trainer's map-style dataset (no need for `datasets` here)."""
+
+    def __init__(self, rows: list[PackedRow]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> PackedRow:
+        return self.rows[i]
+
+
+def _packed_trainer_class(trainer_base, callback_base):
+    """The Trainer with one addition: it counts the useful tokens it trains on, per second."""
+
+    class PackedTrainer(trainer_base):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.useful_tokens = 0
+            self.train_started: float | None = None
+            self.train_seconds = 0.0
+            # First in line, so the progress bar and log printers see the throughput it adds.
+            self.callback_handler.callbacks.insert(0, _Clock(self))
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            useful = inputs.pop(USEFUL_TOKENS, None)
+            if model.training and useful is not None:
+                self.useful_tokens += int(useful)
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+        def tokens_per_second(self) -> float:
+            return self.useful_tokens / self.train_seconds if self.train_seconds else 0.0
+
+    class _Clock(callback_base):
+        def __init__(self, trainer):
+            self.trainer = trainer
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.trainer.train_started = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.trainer.train_started is not None and logs is not None and "loss" in logs:
+                self.trainer.train_seconds = time.perf_counter() - self.trainer.train_started
+                logs["useful_tokens_per_s"] = round(self.trainer.tokens_per_second(), 1)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.trainer.train_started is not None:
+                self.trainer.train_seconds = time.perf_counter() - self.trainer.train_started
+
+    return PackedTrainer
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("bunshin")
+    except Exception:
+        return "unknown"
