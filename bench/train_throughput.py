@@ -59,7 +59,7 @@ def run_one(key: str, model: Path, data: Path, work: Path, steps: int) -> dict:
         if proc.returncode != 0:
             return {"key": key, "name": spec["name"], "error": proc.stderr[-2000:]}
         training = json.loads((out / "bunshin.json").read_text(encoding="utf-8"))["training"]
-        result = {k: training[k] for k in ("useful_tokens_per_second", "peak_gpu_memory_gb", "steps", "rows_per_step",
+        result = {k: training[k] for k in ("useful_tokens_per_second", "useful_tokens_per_second_overall", "peak_gpu_memory_gb", "steps", "rows_per_step",
                                            "pack_length", "gradient_checkpointing", "dtype", "quantize", "train_seconds")}
     else:
         cmd = [sys.executable, str(REPO / "bench" / "community_recipe.py"), "--model", str(model), "--data", str(data),

@@ -114,7 +114,9 @@ def token_weighted_loss(model, rows: list[PackedRow], pad_id: int, rows_per_batc
     with torch.no_grad():
         for i in range(0, len(rows), rows_per_batch):
             batch = {k: v.to(device) for k, v in collate(rows[i : i + rows_per_batch]).items() if k != USEFUL_TOKENS}
-            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits.float()
+            # use_cache=False: with a KV cache transformers ignores the restarting position ids and
+            # lets packed samples attend to each other (the config's default is use_cache=True).
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits.float()
             labels = batch["labels"][:, 1:]
             mask = labels != -100
             loss = torch.nn.functional.cross_entropy(
@@ -310,6 +312,7 @@ def _train(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "train_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
             "useful_tokens_per_second": round(trainer.tokens_per_second(), 1),
+            "useful_tokens_per_second_overall": round(trainer.tokens_per_second(steady=False), 1),
             "peak_gpu_memory_gb": round(peak_gb, 2) if peak_gb is not None else None,
             "wall_seconds": round(time.time() - started, 1),
         },
@@ -344,6 +347,9 @@ class _RowDataset:
         return self.rows[i]
 
 
+WARMUP_STEPS_UNTIMED = 5  # first steps pay for CUDA/cuBLAS set-up; throughput is measured after them
+
+
 def _packed_trainer_class(trainer_base, callback_base):
     """The Trainer with one addition: it counts the useful tokens it trains on, per second."""
 
@@ -351,8 +357,7 @@ def _packed_trainer_class(trainer_base, callback_base):
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
             self.useful_tokens = 0
-            self.train_started: float | None = None
-            self.train_seconds = 0.0
+            self.marks: list[tuple[float, int]] = []  # (time, useful tokens so far) at the end of each step
             # First in line, so the progress bar and log printers see the throughput it adds.
             self.callback_handler.callbacks.insert(0, _Clock(self))
 
@@ -362,24 +367,35 @@ def _packed_trainer_class(trainer_base, callback_base):
                 self.useful_tokens += int(useful)
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
-        def tokens_per_second(self) -> float:
-            return self.useful_tokens / self.train_seconds if self.train_seconds else 0.0
+        def tokens_per_second(self, steady: bool = True) -> float:
+            """Useful tokens per second; `steady` leaves out the first steps' one-time set-up."""
+            if len(self.marks) < 2:
+                return 0.0
+            skip = min(WARMUP_STEPS_UNTIMED, (len(self.marks) - 1) // 2) if steady else 0
+            (t0, n0), (t1, n1) = self.marks[skip], self.marks[-1]
+            return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
 
     class _Clock(callback_base):
         def __init__(self, trainer):
             self.trainer = trainer
 
+        def _mark(self):
+            import torch
+
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()  # GPU work is asynchronous: time what has finished
+            self.trainer.marks.append((time.perf_counter(), self.trainer.useful_tokens))
+
         def on_train_begin(self, args, state, control, **kwargs):
-            self.trainer.train_started = time.perf_counter()
+            self.trainer.marks.clear()
+            self._mark()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self._mark()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if self.trainer.train_started is not None and logs is not None and "loss" in logs:
-                self.trainer.train_seconds = time.perf_counter() - self.trainer.train_started
+            if logs is not None and "loss" in logs:
                 logs["useful_tokens_per_s"] = round(self.trainer.tokens_per_second(), 1)
-
-        def on_train_end(self, args, state, control, **kwargs):
-            if self.trainer.train_started is not None:
-                self.trainer.train_seconds = time.perf_counter() - self.trainer.train_started
 
     return PackedTrainer
 
