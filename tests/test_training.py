@@ -1,0 +1,475 @@
+"""Training and serving on a real tiny model: prepare -> train -> chat / merge, from the command line.
+
+The base is a random GPT-NeoX with a rinna-shaped SentencePiece tokenizer (finetune/tiny_model.py),
+built once per module; training runs the real `python -m finetune train` on the CPU.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import EXAMPLES, REPO, run_cli
+from safetensors.torch import load_file
+
+from finetune.generation import fit_context
+from finetune.manifest import DEFAULT_GENERATION
+from finetune.model_loading import ModelLoadError, load_adapter, load_base_model
+from finetune.packing import PackedCollator, pack_samples
+from finetune.prompt import (
+    IGNORE_INDEX,
+    ChatTurn,
+    as_turns,
+    encode_prompt,
+    encode_reply,
+    encode_sample,
+    render_prompt,
+)
+from finetune.tiny_model import build_tiny_model
+from finetune.tokenization import load_tokenizer
+from finetune.train import token_weighted_loss
+
+PERSONA = "美咲"
+# Small rows and a high learning rate: a random 2-layer model learns something in ~90 CPU steps.
+TRAIN_ARGS = ("--pack-length", "256", "--batch-tokens", "512", "--lr", "3e-3", "--eval-every", "0", "--no-progress")
+
+
+def run_cli_input(*args: str, stdin: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """run_cli with text piped to stdin (`finetune chat` reads one message per line)."""
+    return subprocess.run(
+        [sys.executable, "-m", "finetune", *map(str, args)],
+        cwd=REPO,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+        timeout=timeout,
+    )
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def step_logs(stdout: str) -> list[dict]:
+    """The Trainer's per-step log lines (`{'loss': ..., 'epoch': ...}`), without the throughput that varies."""
+    logs = [ast.literal_eval(line) for line in stdout.splitlines() if line.startswith("{'loss'")]
+    return [{k: v for k, v in log.items() if k != "useful_tokens_per_s"} for log in logs]
+
+
+def chat_replies(stdout: str) -> list[str]:
+    """Each `美咲: ...` reply in chat's output (a reply may span lines); `/reset` notices are dropped."""
+    replies: list[list[str]] = []
+    for line in stdout.splitlines():
+        if line.startswith(f"{PERSONA}: "):
+            replies.append([line.removeprefix(f"{PERSONA}: ")])
+        elif line == "(forgot the conversation)":
+            replies.append([])  # a marker, removed below, so a reply never swallows the notice
+        elif replies:
+            replies[-1].append(line)
+    return ["\n".join(r) for r in replies if r]
+
+
+# --------------------------------------------------------------------------- fixtures (built once)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    # = `python -m finetune tiny-model DIR --corpus examples/line_demo.txt`, in-process (faster).
+    corpus = (EXAMPLES / "line_demo.txt").read_text(encoding="utf-8").splitlines()
+    return build_tiny_model(tmp_path_factory.mktemp("base") / "tiny", corpus)
+
+
+@pytest.fixture(scope="module")
+def other_tiny(tmp_path_factory) -> Path:
+    # Another corpus, another tokenizer: a different base model as far as an adapter is concerned.
+    corpus = ["Completely different English corpus.", "Nothing like the chat logs at all, really."] * 3
+    return build_tiny_model(tmp_path_factory.mktemp("other") / "other", corpus, seed=1)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "ds"
+    proc = run_cli("prepare", EXAMPLES / "line_demo.txt", EXAMPLES / "discord_demo.json", "--persona", PERSONA,
+                   "--alias", "misaki", "--timezone", "Asia/Tokyo", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny, dataset) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("adapter") / "misaki"
+    proc = run_cli("train", dataset, "--base", tiny, "--out", out, *TRAIN_ARGS, "--epochs", "30", "--save-every", "50")
+    return out, proc
+
+
+@pytest.fixture(scope="module")
+def adapter(trained) -> Path:
+    out, proc = trained
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny):
+    return load_tokenizer(str(tiny))
+
+
+@pytest.fixture(scope="module")
+def samples(dataset, tokenizer) -> list[tuple[list[int], list[int]]]:
+    encoded = [encode_sample(tokenizer, as_turns(s["context"]), s["persona"], s["target"], "transcript", 256)
+               for s in read_jsonl(dataset / "train.jsonl")]
+    assert all(e is not None for e in encoded)
+    return encoded
+
+
+# --------------------------------------------------------------------------- 1. prepare -> train -> chat
+
+
+def test_train_writes_an_adapter_that_beats_the_base_and_a_complete_manifest(trained, tiny, dataset):
+    out, proc = trained
+    assert proc.returncode == 0, proc.stderr
+    assert {"adapter_config.json", "adapter_model.safetensors", "bunshin.json"} <= {p.name for p in out.iterdir()}
+    assert not list(out.parent.glob(".*partial"))  # the atomic staging folder is gone
+    manifest = json.loads((out / "bunshin.json").read_text(encoding="utf-8"))
+    stats = json.loads((dataset / "stats.json").read_text(encoding="utf-8"))
+
+    base_loss, tuned_loss = manifest["eval_loss"]["base"], manifest["eval_loss"]["tuned"]
+    assert math.isfinite(base_loss) and math.isfinite(tuned_loss)
+    assert tuned_loss < base_loss
+    assert f"eval loss {base_loss:.4f} (base) -> {tuned_loss:.4f} (tuned)" in proc.stdout
+
+    assert manifest["base_model"] == str(tiny)
+    assert manifest["tokenizer_fingerprint"] == load_tokenizer(str(tiny)).fingerprint
+    assert manifest["tokenizer_backend"] == "sentencepiece"
+    assert manifest["template"] == "transcript"
+    assert manifest["persona"] == PERSONA
+    assert manifest["newline"] == "<NL>"
+    assert manifest["dataset_fingerprint"] == stats["fingerprint"] and stats["fingerprint"]
+    assert manifest["generation"] == DEFAULT_GENERATION
+    assert manifest["merged"] is False
+    assert manifest["dataset"]["train_samples"] == stats["samples"]["train"] == len(read_jsonl(dataset / "train.jsonl"))
+    assert manifest["dataset"]["eval_samples"] == stats["samples"]["eval"] > 0
+    # 30 epochs of ceil(rows / rows per step) optimizer steps; 512 batch tokens / 256 per row = 2 rows.
+    assert manifest["training"]["rows_per_step"] == 2
+    assert manifest["training"]["steps"] == 30 * math.ceil(manifest["dataset"]["train_rows"] / 2)
+    assert PERSONA in manifest["speakers"] and "健太" in manifest["speakers"]
+
+
+def test_chat_answers_each_piped_message_and_reset_forgets(adapter):
+    # Same seed per reply: after /reset the same first message gets the same reply; with history it differs.
+    proc = run_cli_input("chat", adapter, "--seed", "0", "--max-new-tokens", "24",
+                         stdin="おはよう\n/reset\nおはよう\nおはよう\n/quit\nnever read\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sum(line.startswith(f"{PERSONA}: ") for line in proc.stdout.splitlines()) == 3
+    assert proc.stdout.count("(forgot the conversation)") == 1
+    first, after_reset, with_history = chat_replies(proc.stdout)
+    assert first == after_reset
+    assert with_history != after_reset
+
+
+# --------------------------------------------------------------------------- 2. packing is exact
+
+
+def _reply_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-position loss of predicting labels[i + 1] from position i (0 where unlabelled)."""
+    targets = labels[1:]
+    losses = torch.nn.functional.cross_entropy(logits[:-1].float(), targets.clamp(min=0), reduction="none")
+    return torch.where(targets != IGNORE_INDEX, losses, torch.zeros_like(losses))
+
+
+def test_packed_rows_give_each_sample_the_loss_it_has_alone(tiny, tokenizer, samples):
+    model = load_base_model(str(tiny), device="cpu", dtype="fp32").model.eval()
+    rows = pack_samples(samples, 256)
+    assert len(rows) < len(samples) and max(r.samples for r in rows) >= 3  # real packing, several per row
+    batch = PackedCollator(tokenizer.pad_id)(rows)
+    assert (batch["input_ids"] == tokenizer.pad_id).any()  # the shorter row is padded, too
+
+    with torch.no_grad():
+        alone = {}
+        for ids, labels in samples:
+            logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+            alone.setdefault(tuple(ids), []).append(_reply_losses(logits, torch.tensor(labels)).sum().item())
+        packed_logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        # The control: one long sequence per row, so later samples see the earlier ones.
+        leaky_positions = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
+        leaky_logits = model(input_ids=batch["input_ids"], position_ids=leaky_positions, use_cache=False).logits
+
+    packed_total, leaky_total, worst_leak = 0.0, 0.0, 0.0
+    found = []
+    for r, row in enumerate(rows):
+        packed = _reply_losses(packed_logits[r], batch["labels"][r])
+        leaky = _reply_losses(leaky_logits[r], batch["labels"][r])
+        starts = [i for i, p in enumerate(row.position_ids) if p == 0] + [len(row.input_ids)]
+        for a, b in zip(starts, starts[1:], strict=False):
+            ids = tuple(row.input_ids[a:b])
+            # Loss of this sample's tokens: predicted from positions a .. b-2 (b-1 predicts the next sample).
+            own, leaked = packed[a : b - 1].sum().item(), leaky[a : b - 1].sum().item()
+            assert own == pytest.approx(alone[ids][0], rel=1e-4), f"sample at {r}:{a} is not independent"
+            if b - 1 < len(packed):  # the next sample's first token (or padding) is unlabelled: no loss across
+                assert packed[b - 1].item() == 0.0
+            worst_leak = max(worst_leak, abs(leaked - own) / own)
+            packed_total += own
+            leaky_total += leaked
+            found.append(ids)
+    assert sorted(found) == sorted(tuple(ids) for ids, _ in samples)  # every sample packed exactly once
+    solo_total = sum(sum(v) for v in alone.values())
+    assert packed_total == pytest.approx(solo_total, rel=1e-4)
+    assert worst_leak > 1e-3 and leaky_total != pytest.approx(solo_total, rel=1e-4)  # the check can fail
+
+    # What the Trainer computes (model loss on the collated batch) and what train reports as eval loss.
+    reply_tokens = sum(sum(label != IGNORE_INDEX for label in labels[1:]) for _, labels in samples)
+    with torch.no_grad():
+        hf = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
+                   use_cache=False).loss.item()
+    assert hf * reply_tokens == pytest.approx(solo_total, rel=1e-4)
+    assert model.config.use_cache  # as loaded: token_weighted_loss must not depend on the caller turning it off
+    assert token_weighted_loss(model, rows, tokenizer.pad_id, 2) * reply_tokens == pytest.approx(solo_total, rel=1e-4)
+
+
+# --------------------------------------------------------------------------- 3. loss on reply + EOS only
+
+
+def test_labels_cover_exactly_the_reply_and_eos_and_the_prompt_is_what_chat_sends(dataset, tokenizer):
+    train = read_jsonl(dataset / "train.jsonl")
+    multiline = [s for s in train if any("\n" in c["text"] for c in s["context"]) or "\n" in s["target"]]
+    assert multiline  # the demo data has line breaks inside messages: they must become <NL>
+    nl_id = tokenizer.encode("<NL>")
+    assert len(nl_id) == 1
+    for s in train:
+        turns = as_turns(s["context"])
+        ids, labels = encode_sample(tokenizer, turns, s["persona"], s["target"], "transcript", 512)
+        served = fit_context(tokenizer, turns, s["persona"], "transcript", budget=512)  # what chat / the bot send
+        n = len(served)
+        assert ids[:n] == served == encode_prompt(tokenizer, turns, s["persona"], "transcript")
+        assert labels[:n] == [IGNORE_INDEX] * n
+        assert IGNORE_INDEX not in labels[n:] and labels[n:] == ids[n:]
+        assert labels[-1] == tokenizer.eos_id and tokenizer.eos_id not in labels[n:-1]
+        assert tokenizer.decode(served) == render_prompt(turns, s["persona"]).replace("\n", "<NL>")
+        assert tokenizer.decode(labels[n:]) == s["target"].replace("\n", "<NL>")
+        assert tokenizer.decode(served).endswith(f"{PERSONA}: ")
+        if s in multiline:
+            assert nl_id[0] in ids
+
+    # Too long: the oldest turns go first, one at a time, exactly as generation.fit_context drops them
+    # from the bot's memory: no more context is lost in training than chat would keep.
+    truncated, no_context = 0, encode_prompt(tokenizer, [], PERSONA, "transcript")
+    for s in train:
+        turns, reply = as_turns(s["context"]), encode_reply(tokenizer, s["target"])
+        full = len(encode_sample(tokenizer, turns, PERSONA, s["target"], "transcript", 512)[0])
+        for max_length in range(len(reply) + 1, full):
+            pair = encode_sample(tokenizer, turns, PERSONA, s["target"], "transcript", max_length)
+            if len(no_context) + len(reply) > max_length:
+                assert pair is None  # not even the reply with no context fits
+                continue
+            ids, labels = pair
+            n = labels.count(IGNORE_INDEX)
+            assert len(ids) <= max_length and ids[n:] == reply
+            assert ids[:n] == fit_context(tokenizer, turns, PERSONA, "transcript", max_length - len(reply))
+            truncated += 1
+    assert truncated > 100
+
+
+# --------------------------------------------------------------------------- 4. --resume
+
+
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, tiny, dataset):
+    # One row per step (256 / 256): step 3 is mid-epoch, so the resumed run must also skip the right rows.
+    args = ("train", dataset, "--base", tiny, "--out", tmp_path / "a", *TRAIN_ARGS, "--batch-tokens", "256",
+            "--max-steps", "6", "--save-every", "3", "--seed", "7")
+    whole = run_cli(*args)
+    assert whole.returncode == 0, whole.stderr
+    adapter, checkpoints = tmp_path / "a", tmp_path / "a.checkpoints"
+    assert {p.name for p in checkpoints.glob("checkpoint-*")} == {"checkpoint-3", "checkpoint-6"}
+    weights_a = load_file(adapter / "adapter_model.safetensors")
+    logs_a = step_logs(whole.stdout)
+    assert len(logs_a) == 6
+
+    # The crash: killed after the step-3 checkpoint, before step 6 and the adapter were written.
+    shutil.rmtree(adapter)
+    shutil.rmtree(checkpoints / "checkpoint-6")
+
+    fresh = run_cli(*args)  # neither --resume nor --force: the checkpoints must not be silently thrown away
+    assert fresh.returncode != 0
+    assert str(checkpoints) in fresh.stderr and "--resume" in fresh.stderr and "--force" in fresh.stderr
+    changed = run_cli(*args, "--resume", "--lora-r", "8")
+    assert changed.returncode != 0 and "other settings" in changed.stderr and "lora_r" in changed.stderr
+    for proc in (fresh, changed):
+        assert "Traceback" not in proc.stderr
+    assert (checkpoints / "checkpoint-3").is_dir() and not adapter.exists()  # the refusals touched nothing
+
+    resumed = run_cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert step_logs(resumed.stdout) == logs_a[3:]  # it ran steps 4-6 only, exactly as the first run did
+    weights_b = load_file(adapter / "adapter_model.safetensors")
+    assert weights_a.keys() == weights_b.keys() and weights_a
+    for name, tensor in weights_a.items():
+        assert torch.allclose(tensor, weights_b[name]), name
+    assert any(t.abs().sum() > 0 for name, t in weights_b.items() if "lora_B" in name)  # it did train
+    manifest = json.loads((adapter / "bunshin.json").read_text(encoding="utf-8"))
+    assert manifest["training"]["steps"] == 6
+
+
+def test_resume_without_checkpoints_is_a_clear_error(tmp_path, tiny, dataset):
+    proc = run_cli("train", dataset, "--base", tiny, "--out", tmp_path / "never", *TRAIN_ARGS, "--max-steps", "2",
+                   "--resume")
+    assert proc.returncode != 0
+    assert "--resume: no checkpoint" in proc.stderr and str(tmp_path / "never.checkpoints") in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "never").exists()
+
+
+# --------------------------------------------------------------------------- 5. another base model is refused
+
+
+def test_an_adapter_is_refused_on_another_base_model(adapter, tiny, other_tiny):
+    assert load_tokenizer(str(other_tiny)).fingerprint != load_tokenizer(str(tiny)).fingerprint
+    proc = run_cli_input("chat", adapter, "--base", other_tiny, stdin="おはよう\n")
+    assert proc.returncode != 0
+    (message,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert "refusing to mix them" in message and str(adapter) in message
+    assert str(tiny) in message and str(other_tiny) in message
+    assert "Traceback" not in proc.stderr and f"{PERSONA}:" not in proc.stdout
+
+    with pytest.raises(ModelLoadError, match="refusing to mix them"):
+        load_adapter(adapter, base=str(other_tiny), device="cpu")
+
+
+# --------------------------------------------------------------------------- 6. broken adapter folders
+
+
+def _drop_manifest(folder: Path) -> None:
+    (folder / "bunshin.json").unlink()
+
+
+def _garble_manifest(folder: Path) -> None:
+    (folder / "bunshin.json").write_text('{"base_model": "x", ', encoding="utf-8")
+
+
+def _strip_manifest(folder: Path) -> None:
+    manifest = json.loads((folder / "bunshin.json").read_text(encoding="utf-8"))
+    del manifest["persona"], manifest["tokenizer_fingerprint"]
+    (folder / "bunshin.json").write_text(json.dumps(manifest), encoding="utf-8")
+
+
+def _drop_weights(folder: Path) -> None:
+    (folder / "adapter_model.safetensors").unlink()
+
+
+def _truncate_weights(folder: Path) -> None:
+    path = folder / "adapter_model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (_drop_manifest, ["bunshin.json is missing"]),
+        (_garble_manifest, ["bunshin.json is corrupt"]),
+        (_strip_manifest, ["bunshin.json is corrupt", "missing", "persona", "tokenizer_fingerprint"]),
+        (_drop_weights, ["adapter_model.safetensors is missing"]),
+        (_truncate_weights, ["cannot be loaded", "Safetensor"]),
+    ],
+    ids=["no-manifest", "manifest-not-json", "manifest-missing-keys", "no-weights", "truncated-weights"],
+)
+def test_a_broken_adapter_folder_is_a_clear_error(tmp_path, adapter, damage, expected):
+    broken = shutil.copytree(adapter, tmp_path / "broken")
+    damage(broken)
+    proc = run_cli_input("chat", broken, stdin="おはよう\n")
+    assert proc.returncode != 0
+    (message,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert str(broken) in message
+    for phrase in expected:
+        assert phrase in message
+    assert "Traceback" not in proc.stderr and f"{PERSONA}:" not in proc.stdout
+
+
+# --------------------------------------------------------------------------- 7. merge
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory, adapter) -> Path:
+    out = tmp_path_factory.mktemp("merged") / "m"
+    proc = run_cli("merge", adapter, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_merged_model_chats_and_computes_what_base_plus_adapter_does(merged, adapter, tiny):
+    manifest = json.loads((merged / "bunshin.json").read_text(encoding="utf-8"))
+    assert manifest["merged"] is True and manifest["persona"] == PERSONA
+    assert {"model.safetensors", "config.json", "spiece.model"} <= {p.name for p in merged.iterdir()}
+    assert not list(merged.glob("adapter_*"))
+
+    proc = run_cli_input("chat", merged, "--seed", "0", "--max-new-tokens", "8", stdin="おはよう\n")
+    assert proc.returncode == 0, proc.stderr
+    assert [line for line in proc.stdout.splitlines() if line.startswith(f"{PERSONA}: ")]
+
+    with_adapter = load_adapter(adapter, device="cpu")
+    folded = load_adapter(merged, device="cpu")
+    plain = load_base_model(str(tiny), device="cpu")
+    assert folded.tokenizer.fingerprint == with_adapter.tokenizer.fingerprint
+    prompt = torch.tensor([encode_prompt(with_adapter.tokenizer, [ChatTurn("健太", "映画いかない？\n土曜とか")], PERSONA,
+                                         "transcript")])
+    with torch.no_grad():
+        expected = with_adapter.model(input_ids=prompt).logits
+        got = folded.model(input_ids=prompt).logits
+        untuned = plain.model(input_ids=prompt).logits
+    assert torch.allclose(got, expected, atol=1e-4)
+    assert (untuned - expected).abs().max() > 1e-3  # the adapter changed the model: the comparison means something
+
+
+def test_merge_never_overwrites_an_existing_folder_without_force(tmp_path, merged, adapter):
+    before = snapshot(merged)
+    proc = run_cli("merge", adapter, "--out", merged)
+    assert proc.returncode != 0 and "already exists" in proc.stderr and "--force" in proc.stderr
+    assert snapshot(merged) == before
+
+    unrelated = tmp_path / "notes"
+    unrelated.mkdir()
+    (unrelated / "keep.txt").write_text("mine", encoding="utf-8")
+    proc = run_cli("merge", adapter, "--out", unrelated)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert snapshot(unrelated) == {"keep.txt": hashlib.sha256(b"mine").hexdigest()}
+
+
+# --------------------------------------------------------------------------- 8. the instruction template
+
+
+def test_instruction_template_renders_its_headers_and_trains(tmp_path, tiny, dataset, tokenizer):
+    sample = next(s for s in read_jsonl(dataset / "train.jsonl") if len(s["context"]) >= 2)
+    turns = as_turns(sample["context"])
+    text = render_prompt(turns, PERSONA, "instruction")
+    assert text.startswith(f"### 指示:\n{PERSONA}として")
+    assert text.endswith("### 回答:\n")
+    assert all(f"{t.speaker}: {t.text}" in text for t in turns)
+    ids, labels = encode_sample(tokenizer, turns, PERSONA, sample["target"], "instruction", 512)
+    n = labels.count(IGNORE_INDEX)
+    assert ids[:n] == fit_context(tokenizer, turns, PERSONA, "instruction", 512)
+    assert tokenizer.decode(ids[:n]) == text.replace("\n", "<NL>")
+    assert labels[n:] == ids[n:] and labels[-1] == tokenizer.eos_id
+
+    out = tmp_path / "instructed"
+    proc = run_cli("train", dataset, "--base", tiny, "--out", out, "--template", "instruction", *TRAIN_ARGS,
+                   "--max-steps", "3", "--save-every", "100")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "bunshin.json").read_text(encoding="utf-8"))
+    assert manifest["template"] == "instruction" and manifest["training"]["steps"] == 3
+    assert all(math.isfinite(manifest["eval_loss"][k]) for k in ("base", "tuned"))
+    assert load_adapter(out, device="cpu").manifest.template == "instruction"  # chat would render with it
