@@ -58,43 +58,71 @@ def main() -> None:
     ap.add_argument("--variants", default="all")
     a = ap.parse_args()
 
+    import sys
+
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from finetune import packed_attention
+    from finetune.packing import FlatCollator, PackedRow
+
     rng = random.Random(0)
     results = []
-    for attn in ("sdpa", "flex_attention"):
+    flat_losses = {}
+    for attn in ("sdpa", packed_attention.register(), "flex_attention"):
         model = AutoModelForCausalLM.from_pretrained(str(a.model), dtype=torch.bfloat16, attn_implementation=attn).cuda()
         model.config.use_cache = False
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["query_key_value"], task_type="CAUSAL_LM"))
         vocab = model.config.vocab_size
-        layouts = [
-            ("packed", 1, 2048), ("packed", 2, 2048), ("packed", 4, 1024), ("packed", 8, 512),
-            ("single-sequence", 1, 2048), ("dense-random", 8, 256),
-        ] if attn == "sdpa" else [("packed", 1, 2048), ("packed", 2, 2048)]
+        layouts = {
+            "sdpa": [("packed", 1, 2048), ("packed", 2, 2048), ("flat", 1, 2048), ("single-sequence", 1, 2048),
+                     ("dense-random", 8, 256)],
+            packed_attention.NAME: [("flat", 1, 2048), ("flat", 1, 4096), ("flat", 1, 8192)],
+            "flex_attention": [("packed", 2, 2048)],
+        }[attn]
         for layout, rows, length in layouts:
-            if layout == "packed":
-                ids, pos = packed_batch(rows, length, rng, vocab)
+            if layout in ("packed", "flat"):
+                ids, pos = packed_batch(rows, length, rng if layout == "packed" else random.Random(length), vocab)
 
-                def make(ids=ids, pos=pos):
-                    return {"input_ids": ids.cuda(), "position_ids": pos.cuda(), "labels": ids.cuda()}
+                if layout == "flat":
+                    row = PackedRow(ids[0].tolist(), ids[0].tolist(), pos[0].tolist(), 0)
+                    batch = FlatCollator(0, length)([row])
+                    batch.pop("useful_tokens")
+
+                    def make(batch=batch):
+                        return {k: (v.cuda() if hasattr(v, "cuda") else v) for k, v in batch.items()}
+                else:
+                    def make(ids=ids, pos=pos):
+                        return {"input_ids": ids.cuda(), "position_ids": pos.cuda(), "labels": ids.cuda()}
             else:
                 ids = torch.randint(4, vocab, (rows, length))
 
                 def make(ids=ids):
                     return {"input_ids": ids.cuda(), "labels": ids.cuda()}
             try:
+                if layout == "flat":
+                    with torch.no_grad():
+                        flat_losses[(attn, length)] = model(**make()).loss.item()
                 seconds, peak = time_steps(model, make)
                 r = {"attn": attn, "layout": layout, "rows": rows, "length": length,
                      "tokens_per_second": round(rows * length / seconds), "step_ms": round(seconds * 1000, 1),
                      "peak_gb": round(peak, 2)}
+                if layout == "flat":
+                    r["loss"] = round(flat_losses[(attn, length)], 5)
             except Exception as exc:  # a variant that cannot run is a finding, not a crash
                 r = {"attn": attn, "layout": layout, "rows": rows, "length": length, "error": f"{type(exc).__name__}: {exc}"[:300]}
             print(json.dumps(r), flush=True)
             results.append(r)
         del model
         torch.cuda.empty_cache()
+    # The same flat 2048-token batch through masked SDPA and through varlen must give the same loss.
+    if ("sdpa", 2048) in flat_losses and (packed_attention.NAME, 2048) in flat_losses:
+        a_, b_ = flat_losses[("sdpa", 2048)], flat_losses[(packed_attention.NAME, 2048)]
+        check = {"check": "flat batch loss, sdpa vs varlen", "sdpa": a_, "varlen": b_, "relative_difference": abs(a_ - b_) / abs(a_)}
+        print(json.dumps(check), flush=True)
+        results.append(check)
     if a.out:
         a.out.write_text(json.dumps(results, indent=2) + "\n")
 

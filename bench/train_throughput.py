@@ -37,12 +37,13 @@ def ours(name: str, extra: list[str]) -> dict:
 
 
 RUNS = {
-    "ours-bf16": ours("finetune train, bf16, packed 2048, 4096 tokens/step", []),
-    "ours-bf16-2k": ours("finetune train, bf16, packed 2048, 2048 tokens/step", ["--batch-tokens", "2048"]),
-    "ours-bf16-8k-gc": ours("finetune train, bf16, packed 2048, 8192 tokens/step, grad checkpointing",
+    "ours-bf16": ours("finetune train, bf16, defaults", []),
+    "ours-bf16-4k": ours("finetune train, bf16, 4096 tokens/step", ["--batch-tokens", "4096"]),
+    "ours-bf16-sdpa": ours("finetune train, bf16, masked SDPA over packed rows", ["--attention", "sdpa"]),
+    "ours-bf16-8k-gc": ours("finetune train, bf16, 8192 tokens/step, grad checkpointing",
                             ["--batch-tokens", "8192", "--gradient-checkpointing", "on"]),
-    "ours-8bit": ours("finetune train, 8-bit, packed 2048, 4096 tokens/step", ["--quantize", "8bit"]),
-    "ours-4bit": ours("finetune train, 4-bit, packed 2048, 4096 tokens/step", ["--quantize", "4bit"]),
+    "ours-8bit": ours("finetune train, 8-bit", ["--quantize", "8bit"]),
+    "ours-4bit": ours("finetune train, 4-bit", ["--quantize", "4bit"]),
     "community-8bit": {"name": "community recipe: 8-bit, r=8, batch 8 random order padded", "kind": "community"},
 }
 

@@ -52,19 +52,21 @@ def pack_samples(encoded: list[tuple[list[int], list[int]]], pack_length: int) -
 
 
 class PackedCollator:
-    """Pads a batch of rows to its longest; padding is its own 'sample' (positions from 0), unlabelled.
+    """Stacks rows into a batch, each padded to `length` (static shapes keep the GPU's kernels
+    and their autotuning stable); padding is its own 'sample' (positions from 0), unlabelled.
 
     `useful_tokens` (non-padding tokens in the batch) rides along so the trainer can report
     useful tokens per second; the trainer removes it before the model sees the batch.
     """
 
-    def __init__(self, pad_id: int):
+    def __init__(self, pad_id: int, length: int | None = None):
         self.pad_id = pad_id
+        self.length = length
 
     def __call__(self, rows: list[PackedRow]):
         import torch
 
-        longest = max(len(r.input_ids) for r in rows)
+        longest = max(self.length or 0, *(len(r.input_ids) for r in rows))
         input_ids, labels, positions = [], [], []
         for r in rows:
             pad = longest - len(r.input_ids)
@@ -76,4 +78,38 @@ class PackedCollator:
             "labels": torch.tensor(labels, dtype=torch.long),
             "position_ids": torch.tensor(positions, dtype=torch.long),
             USEFUL_TOKENS: torch.tensor(sum(len(r.input_ids) for r in rows)),
+        }
+
+
+class FlatCollator:
+    """The rows of a batch as ONE flat sequence plus the samples' boundaries (`cu_seq_lens_*`),
+    for variable-length attention (packed_attention.py): no padding between samples, no mask.
+    Padded at the end to `length` tokens so every step has the same shape."""
+
+    def __init__(self, pad_id: int, length: int):
+        self.pad_id = pad_id
+        self.length = length
+
+    def __call__(self, rows: list[PackedRow]):
+        import torch
+
+        ids = [t for r in rows for t in r.input_ids]
+        labels = [t for r in rows for t in r.labels]
+        positions = [p for r in rows for p in r.position_ids]
+        useful = len(ids)
+        pad = max(0, self.length - useful)
+        ids += [self.pad_id] * pad
+        labels += [IGNORE_INDEX] * pad
+        positions += range(pad)
+        starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+        longest = max(b - a for a, b in zip(starts, starts[1:], strict=False))
+        return {
+            "input_ids": torch.tensor([ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "cu_seq_lens_q": torch.tensor(starts, dtype=torch.int32),
+            "cu_seq_lens_k": torch.tensor(starts, dtype=torch.int32),
+            "max_length_q": longest,
+            "max_length_k": longest,
+            USEFUL_TOKENS: torch.tensor(useful),
         }

@@ -21,10 +21,18 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from . import packed_attention
 from .atomic_output import atomic_directory
 from .manifest import DEFAULT_GENERATION, AdapterManifest
-from .model_loading import QUANTIZE_CHOICES, ModelLoadError, base_shape, load_base_model, lora_target_modules
-from .packing import USEFUL_TOKENS, PackedCollator, PackedRow, pack_samples
+from .model_loading import (
+    QUANTIZE_CHOICES,
+    ModelLoadError,
+    base_shape,
+    load_base_model,
+    lora_target_modules,
+    pick_device,
+)
+from .packing import USEFUL_TOKENS, FlatCollator, PackedCollator, PackedRow, pack_samples
 from .prompt import TEMPLATES, as_turns, encode_sample
 
 DEFAULT_BASE = "rinna/japanese-gpt-neox-3.6b"
@@ -56,7 +64,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=float, default=0.03, help="share of steps spent warming up (default 0.03)")
     p.add_argument("--max-length", type=int, default=512, help="longest sample in tokens; older context turns are dropped to fit")
     p.add_argument("--pack-length", type=int, default=2048, help="tokens per packed row (capped at the model's context)")
-    p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per optimizer step (rows x pack length)")
+    p.add_argument("--batch-tokens", type=int, default=2048,
+                   help="tokens per optimizer step (rows x pack length); 2048 keeps rinna-3.6b bf16 under 16 GB")
+    p.add_argument("--attention", choices=["auto", "varlen", "sdpa"], default="auto",
+                   help="varlen: PyTorch's flash kernel over each sample (CUDA); sdpa: masked SDPA over packed rows "
+                   "(auto: varlen where available)")
     p.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
                    help="trade compute for memory (auto: on when quantized)")
     p.add_argument("--eval-every", type=int, default=100, help="evaluate on eval.jsonl every N steps (0: only at the end)")
@@ -190,8 +202,13 @@ def _train(args: argparse.Namespace) -> int:
         shutil.rmtree(ckpt)
 
     local_rank = int(os.environ.get("LOCAL_RANK", "-1"))
-    device = args.device or (f"cuda:{local_rank}" if local_rank >= 0 else None)
-    loaded = load_base_model(base, revision=args.revision, quantize=args.quantize, device=device, dtype=args.dtype)
+    device = pick_device(args.device or (f"cuda:{local_rank}" if local_rank >= 0 else None))
+    if args.attention == "varlen" and not packed_attention.available(device):
+        raise TrainError(f"--attention varlen needs a CUDA GPU and PyTorch >= 2.9 (have {device})")
+    varlen = args.attention == "varlen" or (args.attention == "auto" and packed_attention.available(device))
+    attn = packed_attention.register() if varlen else "sdpa"
+    loaded = load_base_model(base, revision=args.revision, quantize=args.quantize, device=device, dtype=args.dtype,
+                             attn_implementation=attn)
     model, tokenizer = loaded.model, loaded.tokenizer
     context_limit = getattr(model.config, "max_position_embeddings", None) or args.pack_length
     pack_length = min(args.pack_length, context_limit)
@@ -266,7 +283,8 @@ def _train(args: argparse.Namespace) -> int:
         args=training_args,
         train_dataset=_RowDataset(train_rows),
         eval_dataset=_RowDataset(eval_rows) if eval_rows else None,
-        data_collator=PackedCollator(tokenizer.pad_id),
+        data_collator=FlatCollator(tokenizer.pad_id, rows_per_batch * pack_length) if varlen
+        else PackedCollator(tokenizer.pad_id, pack_length),
     )
     if loaded.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -309,6 +327,7 @@ def _train(args: argparse.Namespace) -> int:
             "dtype": str(loaded.dtype).removeprefix("torch."),
             "device": loaded.device,
             "gradient_checkpointing": gradient_checkpointing,
+            "attention": attn,
             "seed": args.seed,
             "train_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
             "useful_tokens_per_second": round(trainer.tokens_per_second(), 1),

@@ -1,0 +1,62 @@
+"""Variable-length attention for packed chat samples, on PyTorch's own flash kernel.
+
+Packed rows with restarting position ids already keep samples apart under SDPA (transformers
+builds a block-diagonal mask), but a masked SDPA call cannot use the flash kernel: it computes
+every (query, key) pair of a 2048-token row and throws most away. PyTorch's `varlen_attn`
+takes the samples' boundaries (`cu_seqlens`) instead, and each sample attends only over its
+own ~66 tokens. This module registers it with transformers as the attention implementation
+"bunshin_varlen"; the collator then hands the model one flat sequence plus the boundaries.
+
+CUDA only (it is a flash kernel). `finetune train --attention auto` uses it when available
+and falls back to masked SDPA otherwise (CPU, older PyTorch); bench/attention_probe.py checks
+that both give the same loss.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+NAME = "bunshin_varlen"
+_registered = False
+
+
+def available(device: str) -> bool:
+    if not device.startswith("cuda"):
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401  (PyTorch >= 2.9)
+    except ImportError:
+        return False
+    return True
+
+
+def register() -> str:
+    """Make `attn_implementation="bunshin_varlen"` known to transformers; returns the name."""
+    global _registered
+    if _registered:
+        return NAME
+    from torch.nn.attention.varlen import varlen_attn
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    params = inspect.signature(varlen_attn).parameters
+    # PyTorch 2.9-2.11 take is_causal=; later versions express causality as a window.
+    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        cu_seqlens = kwargs.get("cu_seq_lens_q")
+        if cu_seqlens is None or query.shape[0] != 1:
+            # Generation, evaluation of ordinary batches, anything not flattened: plain SDPA.
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        # transformers hands (batch=1, heads, tokens, dim); varlen_attn wants (tokens, heads, dim).
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+        max_len = int(kwargs["max_length_q"])
+        out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, scale=scaling, **causal)
+        return out.unsqueeze(0), None  # (1, tokens, heads, dim), as the model reshapes it
+
+    AttentionInterface.register(NAME, attention)
+    # transformers still builds a mask for this implementation (generation, evaluation batches use it).
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    _registered = True
+    return NAME
