@@ -37,11 +37,9 @@ def ours(name: str, extra: list[str]) -> dict:
 
 
 RUNS = {
-    "ours-bf16": ours("finetune train, bf16, defaults", []),
-    "ours-bf16-4k": ours("finetune train, bf16, 4096 tokens/step", ["--batch-tokens", "4096"]),
-    "ours-bf16-sdpa": ours("finetune train, bf16, masked SDPA over packed rows", ["--attention", "sdpa"]),
-    "ours-bf16-8k-gc": ours("finetune train, bf16, 8192 tokens/step, grad checkpointing",
-                            ["--batch-tokens", "8192", "--gradient-checkpointing", "on"]),
+    "ours-bf16": ours("finetune train, bf16, defaults (4096 tokens/step on this GPU)", []),
+    "ours-bf16-2k": ours("finetune train, bf16, 2048 tokens/step (what it picks on a 24 GB card)", ["--batch-tokens", "2048"]),
+    "ours-bf16-sdpa": ours("finetune train, bf16, masked SDPA over packed rows instead of varlen", ["--attention", "sdpa"]),
     "ours-8bit": ours("finetune train, 8-bit", ["--quantize", "8bit"]),
     "ours-4bit": ours("finetune train, 4-bit", ["--quantize", "4bit"]),
     "community-8bit": {"name": "community recipe: 8-bit, r=8, batch 8 random order padded", "kind": "community"},
@@ -61,7 +59,8 @@ def run_one(key: str, model: Path, data: Path, work: Path, steps: int) -> dict:
             return {"key": key, "name": spec["name"], "error": proc.stderr[-2000:]}
         training = json.loads((out / "bunshin.json").read_text(encoding="utf-8"))["training"]
         result = {k: training[k] for k in ("useful_tokens_per_second", "useful_tokens_per_second_overall", "peak_gpu_memory_gb", "steps", "rows_per_step",
-                                           "pack_length", "gradient_checkpointing", "dtype", "quantize", "train_seconds")}
+                                           "tokens_per_step", "pack_length", "gradient_checkpointing", "attention", "dtype",
+                                           "quantize", "train_seconds")}
     else:
         cmd = [sys.executable, str(REPO / "bench" / "community_recipe.py"), "--model", str(model), "--data", str(data),
                "--steps", str(steps)]
@@ -128,8 +127,9 @@ def main() -> None:
         verdict["meets_speed_goal"] = best["useful_tokens_per_second"] >= GOALS["useful_tokens_per_second"]
         if community:
             verdict["speedup_over_community"] = round(best["useful_tokens_per_second"] / community, 1)
-    if by_key.get("ours-bf16", {}).get("peak_gpu_memory_gb") is not None:
-        verdict["bf16_peak_gb"] = by_key["ours-bf16"]["peak_gpu_memory_gb"]
+    if by_key.get("ours-bf16-2k", {}).get("peak_gpu_memory_gb") is not None:
+        # The memory goal is about 24 GB cards, where the default step is 2048 tokens.
+        verdict["bf16_peak_gb_24gb_card_setting"] = verdict["bf16_peak_gb"] = by_key["ours-bf16-2k"]["peak_gpu_memory_gb"]
         verdict["meets_bf16_memory_goal"] = verdict["bf16_peak_gb"] < GOALS["bf16_peak_gb"]
     if by_key.get("ours-4bit", {}).get("peak_gpu_memory_gb") is not None:
         verdict["4bit_peak_gb"] = by_key["ours-4bit"]["peak_gpu_memory_gb"]

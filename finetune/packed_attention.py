@@ -35,6 +35,7 @@ def register() -> str:
     global _registered
     if _registered:
         return NAME
+    import torch
     from torch.nn.attention.varlen import varlen_attn
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -51,9 +52,15 @@ def register() -> str:
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         # transformers hands (batch=1, heads, tokens, dim); varlen_attn wants (tokens, heads, dim).
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+        dtype = q.dtype
+        if dtype not in (torch.float16, torch.bfloat16):
+            # k-bit preparation keeps layer norms in fp32, so activations arrive in fp32; the flash
+            # kernel takes half precision only (transformers' flash integration does the same).
+            half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            q, k, v = q.to(half), k.to(half), v.to(half)
         max_len = int(kwargs["max_length_q"])
         out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, scale=scaling, **causal)
-        return out.unsqueeze(0), None  # (1, tokens, heads, dim), as the model reshapes it
+        return out.to(dtype).unsqueeze(0), None  # (1, tokens, heads, dim), as the model reshapes it
 
     AttentionInterface.register(NAME, attention)
     # transformers still builds a mask for this implementation (generation, evaluation batches use it).

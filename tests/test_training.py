@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from finetune.generation import fit_context
 from finetune.manifest import DEFAULT_GENERATION
 from finetune.model_loading import ModelLoadError, load_adapter, load_base_model
-from finetune.packing import PackedCollator, pack_samples
+from finetune.packing import FlatCollator, PackedCollator, pack_samples
 from finetune.prompt import (
     IGNORE_INDEX,
     ChatTurn,
@@ -240,6 +240,30 @@ def test_packed_rows_give_each_sample_the_loss_it_has_alone(tiny, tokenizer, sam
     assert hf * reply_tokens == pytest.approx(solo_total, rel=1e-4)
     assert model.config.use_cache  # as loaded: token_weighted_loss must not depend on the caller turning it off
     assert token_weighted_loss(model, rows, tokenizer.pad_id, 2) * reply_tokens == pytest.approx(solo_total, rel=1e-4)
+
+
+def test_flat_batches_carry_exact_sample_boundaries_and_the_same_loss(tiny, tokenizer, samples):
+    """The varlen layout (one flat sequence + cu_seq_lens): boundaries are the samples', padding is
+    its own unlabelled span, and the loss equals the samples' losses alone (checked here through
+    masked SDPA; on a GPU, bench/attention_probe.py checks varlen against it)."""
+    model = load_base_model(str(tiny), device="cpu", dtype="fp32").model.eval()
+    rows = pack_samples(samples, 256)
+    length = sum(len(r.input_ids) for r in rows) + 7
+    batch = FlatCollator(tokenizer.pad_id, length)(rows)
+    assert batch["input_ids"].shape == (1, length)
+    assert int(batch["useful_tokens"]) == length - 7
+    cu = batch["cu_seq_lens_q"].tolist()
+    sizes = sorted(b - a for a, b in zip(cu, cu[1:], strict=False))
+    assert sizes == sorted([len(ids) for ids, _ in samples] + [7])  # every sample, plus the padding span
+    assert batch["max_length_q"] == max(sizes) and cu[0] == 0 and cu[-1] == length
+    assert (batch["labels"][0, -7:] == IGNORE_INDEX).all()
+    with torch.no_grad():
+        flat = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
+                     use_cache=False).loss.item()
+        solo = sum(_reply_losses(model(input_ids=torch.tensor([ids]), use_cache=False).logits[0],
+                                 torch.tensor(labels)).sum().item() for ids, labels in samples)
+    reply_tokens = sum(sum(label != IGNORE_INDEX for label in labels[1:]) for _, labels in samples)
+    assert flat * reply_tokens == pytest.approx(solo, rel=1e-4)
 
 
 # --------------------------------------------------------------------------- 3. loss on reply + EOS only
