@@ -77,7 +77,9 @@ class PackedCollator:
             "input_ids": torch.tensor(input_ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
             "position_ids": torch.tensor(positions, dtype=torch.long),
-            USEFUL_TOKENS: torch.tensor(sum(len(r.input_ids) for r in rows)),
+            # A plain int, not a tensor: the Trainer moves tensors to the GPU, and reading one back
+            # would make the CPU wait for the GPU every step.
+            USEFUL_TOKENS: sum(len(r.input_ids) for r in rows),
         }
 
 
@@ -111,5 +113,5 @@ class FlatCollator:
             "cu_seq_lens_k": torch.tensor(starts, dtype=torch.int32),
             "max_length_q": longest,
             "max_length_k": longest,
-            USEFUL_TOKENS: torch.tensor(useful),
+            USEFUL_TOKENS: useful,
         }

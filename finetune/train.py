@@ -307,6 +307,7 @@ def _train(args: argparse.Namespace) -> int:
         dataloader_pin_memory=loaded.device.startswith("cuda"),
         gradient_checkpointing=False,  # set up above (peft needs it done before wrapping)
         average_tokens_across_devices=True,
+        logging_nan_inf_filter=False,  # its NaN check reads the loss back every step, stalling the GPU queue
     )
     trainer = _packed_trainer_class(Trainer, TrainerCallback)(
         model=model,
@@ -418,34 +419,43 @@ def _packed_trainer_class(trainer_base, callback_base):
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
         def tokens_per_second(self, steady: bool = True) -> float:
-            """Useful tokens per second; `steady` leaves out the first steps' one-time set-up."""
+            """Useful tokens per second; `steady` starts after the first steps' one-time set-up
+            (only once there are as many steps again to time)."""
             if len(self.marks) < 2:
                 return 0.0
-            skip = min(WARMUP_STEPS_UNTIMED, (len(self.marks) - 1) // 2) if steady else 0
+            skip = WARMUP_STEPS_UNTIMED if steady and len(self.marks) > 2 * WARMUP_STEPS_UNTIMED else 0
             (t0, n0), (t1, n1) = self.marks[skip], self.marks[-1]
             return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
 
     class _Clock(callback_base):
+        """Marks (time, useful tokens) at each step end. Only the marks the figures are taken from
+        wait for the GPU: a wait every step would stop the CPU from queueing the next step's
+        kernels while the GPU works, and cost more than anything measured."""
+
         def __init__(self, trainer):
             self.trainer = trainer
 
-        def _mark(self):
-            import torch
+        def _mark(self, wait: bool):
+            if wait:
+                import torch
 
-            if torch.cuda.is_available() and torch.cuda.is_initialized():
-                torch.cuda.synchronize()  # GPU work is asynchronous: time what has finished
+                if torch.cuda.is_available() and torch.cuda.is_initialized():
+                    torch.cuda.synchronize()
             self.trainer.marks.append((time.perf_counter(), self.trainer.useful_tokens))
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.trainer.marks.clear()
-            self._mark()
+            self._mark(wait=True)
 
         def on_step_end(self, args, state, control, **kwargs):
-            self._mark()
+            self._mark(wait=len(self.trainer.marks) == WARMUP_STEPS_UNTIMED)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs is not None and "loss" in logs:
                 logs["useful_tokens_per_s"] = round(self.trainer.tokens_per_second(), 1)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self._mark(wait=True)
 
     return PackedTrainer
 
