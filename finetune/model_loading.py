@@ -55,6 +55,24 @@ class LoadedModel:
     manifest: AdapterManifest | None = None
 
 
+def quiet_libraries() -> None:
+    """Keep the terminal for bunshin's own output: library notices that need no action go.
+
+    bitsandbytes warns on every CPU import that an optional kernel download is unavailable (we never
+    download); transformers' weight-loading bars only make sense on a terminal.
+    """
+    import logging
+    import sys
+    import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def pick_device(requested: str | None = None) -> str:
     import torch
 
@@ -114,6 +132,7 @@ def load_base_model(
     attn_implementation: str | None = "sdpa",
 ) -> LoadedModel:
     """The base model and its tokenizer, on the device, in the dtype the device suits."""
+    quiet_libraries()
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -133,3 +133,36 @@ def test_a_10_mb_message_is_skipped_not_fatal(tmp_path):
     assert sample["target"] == "ごめん"
     # In context the huge turn is cut to --max-turn-chars, keeping its end.
     assert len(sample["context"][1]["text"]) == 1000 and sample["context"][1]["text"].startswith("…")
+
+
+def test_data_package_adds_persona_only_samples_and_skips_what_the_export_has(tmp_path):
+    package = tmp_path / "package"
+    (package / "Account").mkdir(parents=True)
+    (package / "Account" / "user.json").write_text(json.dumps({"id": "300000000000000001", "username": "misaki"}))
+    same_channel = package / "Messages" / "c1100000000000000001"
+    other_channel = package / "Messages" / "c1200000000000000009"
+    for folder in (same_channel, other_channel):
+        folder.mkdir(parents=True)
+    (package / "Messages" / "index.json").write_text(json.dumps({"1100000000000000001": "ボス戦", "1200000000000000009": "DM"}))
+    (same_channel / "channel.json").write_text(json.dumps({"id": "1100000000000000001", "type": "GUILD_TEXT"}))
+    (other_channel / "channel.json").write_text(json.dumps({"id": "1200000000000000009", "type": "DM"}))
+    # Two messages the DiscordChatExporter export already has (same ids), newest first as packages are.
+    (same_channel / "messages.json").write_text(json.dumps([
+        {"ID": 1245000000000000005, "Timestamp": "2024-06-03 11:05:00", "Contents": "回復役やるね", "Attachments": ""},
+        {"ID": 1245000000000000002, "Timestamp": "2024-06-03 11:02:40", "Contents": "いけるよ〜21時からなら", "Attachments": ""},
+    ], ensure_ascii=False), encoding="utf-8")
+    (other_channel / "messages.json").write_text(json.dumps([
+        {"ID": 1250000000000000001, "Timestamp": "2024-05-01 03:00:00", "Contents": "ひとりごと、今日は早起きした", "Attachments": ""},
+    ], ensure_ascii=False), encoding="utf-8")
+
+    out = tmp_path / "ds"
+    proc = run_cli("prepare", DISCORD, package, "--persona", "misaki", "--out", out, "--eval-fraction", "0")
+    assert proc.returncode == 0, proc.stderr
+    train, held_out, stats = _load(out)
+    assert stats["package_messages_also_in_exports"] == 2
+    by_target = _by_target(train + held_out)
+    # The package's own message is style without context: no one else's words came with it.
+    assert by_target["ひとりごと、今日は早起きした"]["context"] == []
+    # The duplicated ones appear once, from the export, with their real context.
+    assert sum(1 for s in train + held_out if s["target"] == "いけるよ〜21時からなら") == 1
+    assert by_target["いけるよ〜21時からなら"]["context"] == [{"speaker": "ryo_k", "text": "今日のボス戦いける人いる？"}]
