@@ -8,15 +8,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 FIXTURES = Path(__file__).parent / "fixtures"
-REPO = Path(__file__).resolve().parent.parent
 CASES = sorted(FIXTURES.rglob("*.expected.json"))
 
 
@@ -29,15 +26,7 @@ def test_inspect_json_matches_hand_counts(expected_file: Path) -> None:
     spec = json.loads(expected_file.read_text(encoding="utf-8"))
     fixture = _fixture_for(expected_file)
     assert fixture.exists(), f"{expected_file} has no fixture {fixture.name} beside it"
-    proc = subprocess.run(
-        [sys.executable, "-m", "finetune", "inspect", "--json", str(fixture), *spec.get("args", [])],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
-        timeout=120,
-    )
+    proc = run_cli("inspect", "--json", fixture, *spec.get("args", []), timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == spec["inspect"]
 

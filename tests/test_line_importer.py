@@ -8,7 +8,6 @@ All expected values below were worked out by hand from the fixture bytes and FOR
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -20,6 +19,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # plain `pytest` puts tests/ on sys.path, not the repo root
     sys.path.insert(0, str(REPO))
+
+from conftest import run_cli  # noqa: E402
 
 from finetune.importers import ReadOptions, open_export  # noqa: E402
 from finetune.records import PLACEHOLDER, SYSTEM, TEXT  # noqa: E402
@@ -314,15 +315,7 @@ def test_pc_system_lines_have_no_speaker():
 
 
 def run_inspect(path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "finetune", "inspect", "--json", str(path), *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
-        timeout=120,
-    )
+    return run_cli("inspect", "--json", path, *args, timeout=120)
 
 
 def names_line(stderr: str, path: Path, line: int) -> bool:

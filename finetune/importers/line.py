@@ -20,8 +20,8 @@ from pathlib import Path
 from ..records import SYSTEM, TEXT, ChatRecord
 from .errors import ExportError
 from .line_shapes import NOTICE_ENDINGS as _NOTICE_ENDINGS
-from .line_shapes import SAVED_ON, classify, date_line, decide_day_month_order, header_title, parse_time
 from .line_shapes import SPECIAL_FIRST_CHARS as _SPECIAL_FIRST
+from .line_shapes import classify, date_line, decide_day_month_order, header_line, parse_time
 from .options import ReadOptions
 from .text_file import read_text
 
@@ -156,11 +156,9 @@ def _parse(path: Path, options: ReadOptions) -> Iterator[ChatRecord]:
                 stamp_cache.clear()
                 continue
             if day is None:
-                title = header_title(line)
-                if title is not None:
-                    chat = title
-                    continue
-                if SAVED_ON.match(line):
+                header = header_line(line)
+                if header is not None:
+                    chat = header or chat
                     continue
                 raise ExportError(
                     path, i, f"expected the `[LINE] ...` header or a date line such as 2024/01/15(月), found {line[:60]!r}"

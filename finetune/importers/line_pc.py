@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..records import SYSTEM, TEXT, ChatRecord
 from .errors import ExportError
-from .line_shapes import SAVED_ON, classify, date_line, decide_day_month_order, header_title, parse_time
+from .line_shapes import classify, date_line, decide_day_month_order, header_line, parse_time
 from .options import ReadOptions
 from .text_file import read_text
 
@@ -107,11 +107,9 @@ def _parse(lines: list[str], speakers: list[str], path: Path, options: ReadOptio
                     blank_run = 0
                     continue
         if day is None:
-            title = header_title(line)
-            if title is not None:
-                chat = title
-                continue
-            if SAVED_ON.match(line):
+            header = header_line(line)
+            if header is not None:
+                chat = header or chat
                 continue
             raise ExportError(path, i, f"expected a date line such as 2019.12.23 月曜日, found {line[:60]!r}")
         if pending is not None and pending[3] == TEXT:

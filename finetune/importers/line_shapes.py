@@ -44,11 +44,13 @@ _NAMED_NOTICE = re.compile(
 )
 
 
-def header_title(line: str) -> str | None:
+def header_line(line: str) -> str | None:
+    """For a line before the first date: the chat's title for a `[LINE] …` header, "" for the
+    `保存日時：` / `Saved on:` line, None for anything else."""
     m = HEADER_TITLE.match(line)
-    if not m:
-        return None
-    return m.group("en") or m.group("ja1") or m.group("ja2")
+    if m:
+        return m.group("en") or m.group("ja1") or m.group("ja2")
+    return "" if SAVED_ON.match(line) else None
 
 
 def parse_time(text: str) -> int | None:
