@@ -497,3 +497,14 @@ def test_instruction_template_renders_its_headers_and_trains(tmp_path, tiny, dat
     assert manifest["template"] == "instruction" and manifest["training"]["steps"] == 3
     assert all(math.isfinite(manifest["eval_loss"][k]) for k in ("base", "tuned"))
     assert load_adapter(out, device="cpu").manifest.template == "instruction"  # chat would render with it
+
+
+def test_a_reply_ends_where_the_model_starts_another_turn():
+    from finetune.prompt import turn_end
+
+    text = "いいね！\n明日は10時に集合\n健太: 了解\n美咲: ok"
+    assert text[: turn_end(text, ["健太", "美咲"])] == "いいね！\n明日は10時に集合"
+    # A short unknown name also ends the reply (models invent speakers); a long line with a colon does not.
+    assert turn_end("うん\nたろう: やあ", ["健太"]) == len("うん")
+    assert turn_end("うん\nこの前に話してた駅前のカフェの新しいメニューだけど: 抹茶", ["健太"]) is None
+    assert turn_end("ひとことだけ", ["健太"]) is None

@@ -1,0 +1,57 @@
+"""Chat with the bot in the terminal: each line you type is a message addressed to the bot.
+
+Works with piped input too (`printf 'おはよう\\n' | python -m bot --demo`): at the end of input the
+adapter finishes, and the daemon shuts down once the last reply is out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+
+from bot.messages import IncomingMessage
+
+Handler = Callable[[IncomingMessage], Awaitable[str | None]]
+
+
+class ConsoleAdapter:
+    name = "console"
+
+    def __init__(self, user_name: str, persona: str, stdin=None, stdout=None):
+        self.user_name = user_name
+        self.persona = persona
+        self.stdin = stdin or sys.stdin
+        self.stdout = stdout or sys.stdout
+
+    async def _lines(self):
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        try:
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), self.stdin)
+        except (ValueError, OSError):
+            # Not a pipe or terminal the loop can watch (a regular file, some IDE consoles): read in a thread.
+            while line := await asyncio.to_thread(self.stdin.readline):
+                yield line
+            return
+        while line := await reader.readline():
+            yield line.decode("utf-8", errors="replace")
+
+    def _print(self, text: str) -> None:
+        self.stdout.write(text + "\n")
+        self.stdout.flush()
+
+    async def run(self, handle: Handler, stopping: asyncio.Event) -> None:
+        interactive = self.stdin.isatty()
+        if interactive:
+            self._print(f"{self.persona} is listening. /reset forgets the conversation; Ctrl-D ends.")
+        async for line in self._lines():
+            if stopping.is_set():
+                break
+            text = line.rstrip("\r\n").replace("\\n", "\n")
+            if not text.strip():
+                continue
+            message = IncomingMessage("console", "local", "local", self.user_name, text, addressed=True)
+            reply = await handle(message)
+            if reply is not None:
+                self._print(f"{self.persona}: {reply}")

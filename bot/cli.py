@@ -1,0 +1,69 @@
+"""`python -m bot [--config config.toml] [--demo]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEMO_PERSONA = "美咲"
+
+
+def demo_config(base: Path):
+    """The offline demo: the tiny model, the console, memory in the user's cache folder."""
+    from .config import BotConfig
+
+    cache = base.parent
+    return BotConfig.from_dict({
+        "model": {"base": str(base), "adapter": "", "device": "cpu"},
+        "persona": {"name": DEMO_PERSONA},
+        "generation": {"max_new_tokens": 40},
+        "memory": {"path": str(cache / "demo-memory.sqlite3")},
+        "console": {"enabled": True},
+        "server": {"port": 0},
+    }, source="--demo")
+
+
+def demo_model_dir() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bunshin"
+    model = cache / "demo-tiny-model"
+    if not (model / "config.json").is_file():
+        from finetune.tiny_model import build_tiny_model
+
+        print(f"building the offline demo model in {model} (one time, a few seconds)", file=sys.stderr)
+        build_tiny_model(model, replace=True)
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bot", description="bunshin's bot daemon")
+    parser.add_argument("--config", type=Path, default=Path("config.toml"), help="configuration file (default: config.toml)")
+    parser.add_argument("--demo", action="store_true",
+                        help="chat in the terminal with an offline tiny model (no GPU, no download, no tokens)")
+    args = parser.parse_args(argv)
+
+    from .config import ConfigError, load_config
+
+    try:
+        config = demo_config(demo_model_dir()) if args.demo else load_config(args.config)
+        config.check_ready()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=getattr(logging, config.logging.level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from finetune.model_loading import quiet_libraries
+
+    quiet_libraries()
+    from .daemon import run_daemon
+
+    try:
+        return asyncio.run(run_daemon(config))
+    except KeyboardInterrupt:
+        return 0

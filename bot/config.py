@@ -1,0 +1,339 @@
+"""The daemon's configuration: one TOML file, validated once at start.
+
+Every table forbids unknown keys and every value is checked strictly (no "8080" for 8080), so
+a typo fails at start with a line per problem: `FILE: [section] key: why`. Defaults make an
+empty file valid; `config.toml` at the repository root documents every key.
+
+Secrets never live in the file or in this object: `*_env` keys name environment variables,
+read by `BotConfig.secret()` when a platform starts. Error messages name the section, the key
+and the variable, never a value, so neither logs nor tracebacks can leak a token. An `*_env`
+value must look like a variable name (capitals, digits, `_`), which catches the common mistake
+of pasting the token itself there before anything echoes it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError
+
+PLATFORMS = ("console", "discord", "line")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `str()` has one line per problem, `problems` the same as a list."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+# --- value checks shared by several keys ---------------------------------------------------
+
+_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+_DEVICE = re.compile(r"^(|cpu|mps|cuda|cuda:\d+)$")
+
+
+def _env_name(value: str) -> str:
+    if not _ENV_NAME.match(value):
+        # The value is never repeated: a secret pasted here by mistake must not reach a log.
+        raise ValueError("must name an environment variable (capitals, digits, _), not hold the secret itself")
+    return value
+
+
+def _device(value: str) -> str:
+    if not _DEVICE.match(value):
+        raise ValueError('must be "" (auto), "cpu", "cuda", "cuda:N" or "mps"')
+    return value
+
+
+def _platform_key(value: str) -> str:
+    platform, sep, ident = value.partition(":")
+    if not sep or platform not in PLATFORMS or not ident:
+        raise ValueError(f'must be "platform:id" with platform one of {", ".join(PLATFORMS)}, e.g. "discord:1234"')
+    return value
+
+
+def _not_empty(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+def _upper(value: Any) -> Any:
+    return value.upper() if isinstance(value, str) else value
+
+
+EnvName = Annotated[str, AfterValidator(_env_name)]
+PlatformKey = Annotated[str, AfterValidator(_platform_key)]
+NonEmpty = Annotated[str, AfterValidator(_not_empty)]
+
+
+class _Section(BaseModel):
+    # strict: TOML already has types, so "8080" for a port is a mistake worth reporting.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+# --- the tables ------------------------------------------------------------------------------
+
+
+class ModelConfig(_Section):
+    base: str = "rinna/japanese-gpt-neox-3.6b"
+    revision: Annotated[str | None, AfterValidator(lambda v: v or None)] = None  # TOML has no null: "" = latest
+    adapter: str = ""  # `finetune train` adapter folder or merged model; "" = the base model alone
+    quantize: Literal["none", "8bit", "4bit"] = "none"
+    device: Annotated[str, AfterValidator(_device)] = ""
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+
+    @property
+    def adapter_path(self) -> Path | None:
+        return Path(self.adapter) if self.adapter else None
+
+
+class PersonaConfig(_Section):
+    name: str = ""  # "" = the adapter's persona
+    template: Literal["", "transcript", "instruction"] = ""  # "" = the adapter's
+
+
+class GenerationConfig(_Section):
+    """Overrides of the adapter manifest's generation settings; None = the manifest's value."""
+
+    max_new_tokens: int | None = Field(None, ge=1, le=2048)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0)
+
+    def overrides(self) -> dict[str, int | float]:
+        """The keys the file sets, to lay over the manifest's `generation` dict."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class MemoryConfig(_Section):
+    path: NonEmpty = "bunshin-memory.sqlite3"  # relative to the working directory; ":memory:" keeps nothing
+    max_turns: int = Field(20, gt=0)
+    reset_commands: list[NonEmpty] = Field(default_factory=lambda: ["/reset", "リセット"])
+
+
+class QueueConfig(_Section):
+    max_size: int = Field(64, gt=0)
+    max_batch: int = Field(8, gt=0)
+    batch_wait_ms: float = Field(5.0, ge=0)
+    deadline_s: float = Field(60.0, gt=0)
+    drain_timeout_s: float = Field(30.0, ge=0)
+
+
+class LimitsConfig(_Section):
+    messages_per_minute: float = Field(10.0, gt=0)
+    burst: int = Field(5, gt=0)
+    allow_users: list[PlatformKey] = Field(default_factory=list)
+    allow_chats: list[PlatformKey] = Field(default_factory=list)
+    max_message_chars: int = Field(2000, gt=0)
+
+
+class ServerConfig(_Section):
+    enabled: bool = True
+    host: NonEmpty = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)  # 0 = any free port (tests, --demo)
+
+
+class ConsoleConfig(_Section):
+    enabled: bool = False
+    user_name: NonEmpty = "あなた"
+
+
+class DiscordConfig(_Section):
+    enabled: bool = False
+    token_env: EnvName = "DISCORD_BOT_TOKEN"
+
+
+def _webhook_path(value: str) -> str:
+    if not value.startswith("/") or value in ("/healthz", "/metrics"):
+        raise ValueError('must start with "/" and not be /healthz or /metrics')
+    return value
+
+
+class LineConfig(_Section):
+    enabled: bool = False
+    channel_secret_env: EnvName = "LINE_CHANNEL_SECRET"
+    access_token_env: EnvName = "LINE_CHANNEL_ACCESS_TOKEN"
+    webhook_path: Annotated[str, AfterValidator(_webhook_path)] = "/callback"
+
+
+class LoggingConfig(_Section):
+    level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(_upper)] = "INFO"
+    log_message_text: bool = False
+
+
+# Platform -> the *_env keys it needs when enabled.
+_SECRET_KEYS = {"discord": ("token_env",), "line": ("channel_secret_env", "access_token_env")}
+
+
+class BotConfig(_Section):
+    model: ModelConfig = ModelConfig()
+    persona: PersonaConfig = PersonaConfig()
+    generation: GenerationConfig = GenerationConfig()
+    memory: MemoryConfig = MemoryConfig()
+    queue: QueueConfig = QueueConfig()
+    limits: LimitsConfig = LimitsConfig()
+    server: ServerConfig = ServerConfig()
+    console: ConsoleConfig = ConsoleConfig()
+    discord: DiscordConfig = DiscordConfig()
+    line: LineConfig = LineConfig()
+    logging: LoggingConfig = LoggingConfig()
+    prepare: dict[str, Any] = Field(default_factory=dict)  # `finetune prepare`'s table, not checked here
+    _source: str = PrivateAttr("<defaults>")  # the file it came from, for messages
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    @classmethod
+    def default(cls) -> BotConfig:
+        return cls()
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<config>") -> BotConfig:
+        """Validate a dict shaped like the TOML file (tests, --demo); problems raise ConfigError."""
+        try:
+            config = cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError([f"{source}: {_describe(err)}" for err in exc.errors()]) from None
+        config._source = source
+        return config
+
+    def enabled_platforms(self) -> list[str]:
+        return [p for p in PLATFORMS if getattr(self, p).enabled]
+
+    def secret(self, env_name: str, environ: Mapping[str, str] | None = None) -> str:
+        """The value of the environment variable `env_name` (as an `*_env` key names it)."""
+        environ = os.environ if environ is None else environ
+        value = environ.get(env_name, "")
+        if not value.strip():
+            raise ConfigError([f"{self.source}: {self._names(env_name)}: environment variable {env_name} is not set"])
+        return value
+
+    def check_secrets(self, environ: Mapping[str, str] | None = None) -> None:
+        """Every enabled platform's secrets are set (disabled ones are not asked for)."""
+        problems = []
+        for platform in self.enabled_platforms():
+            for key in _SECRET_KEYS.get(platform, ()):
+                try:
+                    self.secret(getattr(getattr(self, platform), key), environ)
+                except ConfigError as exc:
+                    problems += exc.problems
+        if problems:
+            raise ConfigError(problems)
+
+    def check_ready(self, environ: Mapping[str, str] | None = None) -> None:
+        """What the daemon needs before it serves: a persona to speak as, and the enabled platforms' secrets."""
+        problems = []
+        if not self.model.adapter and not self.persona.name:
+            problems.append(f"{self.source}: [persona] name: required when [model] adapter is empty "
+                            "(an adapter's manifest names its persona; the base model alone has none)")
+        try:
+            self.check_secrets(environ)
+        except ConfigError as exc:
+            problems += exc.problems
+        if problems:
+            raise ConfigError(problems)
+
+    def _names(self, env_name: str) -> str:
+        """`[section] key` of every *_env key naming this variable (for error messages)."""
+        where = [f"[{platform}] {key}" for platform, keys in _SECRET_KEYS.items() for key in keys
+                 if getattr(getattr(self, platform), key) == env_name]
+        return ", ".join(where) or "secret"
+
+
+def load_config(path: Path) -> BotConfig:
+    """Read and validate a bot config file; ConfigError names the file, `[section] key` and why."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{path}: is a folder, not a TOML file"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not valid UTF-8: {exc}"]) from None
+    return BotConfig.from_dict(data, source=str(path))
+
+
+# --- pydantic's errors in plain words ----------------------------------------------------
+
+_TYPE_WORDS = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a table",
+    "model_type": "a table",
+}
+_TOML_TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a table"}
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def _sections() -> list[str]:
+    return list(BotConfig.model_fields)
+
+
+def _where(loc: tuple) -> tuple[str, str]:
+    """('limits', 'allow_users', 0) -> ('[limits]', 'allow_users[0]'); ('a', 'b', 'c') -> ('[a.b]', 'c')."""
+    names = [str(part) for part in loc if isinstance(part, str)]
+    index = "".join(f"[{part}]" for part in loc if isinstance(part, int))
+    if len(names) <= 1:
+        return f"[{'.'.join(names)}]", ""
+    return f"[{'.'.join(names[:-1])}]", names[-1] + index
+
+
+def _number(value: Any) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _describe(err: dict) -> str:
+    """One pydantic error as `[section] key: why`, never repeating the value (it might be a secret)."""
+    loc, kind, ctx = tuple(err["loc"]), err["type"], err.get("ctx") or {}
+    section, key = _where(loc)
+    where = f"{section} {key}" if key else section
+    if kind == "extra_forbidden":
+        if not key:
+            return f"{where}: unknown section; known: {', '.join(_sections())}"
+        known = list(_section_model(loc[:-1]).model_fields)
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"{where}: unknown key{hint}; known: {', '.join(known)}"
+    if kind in _TYPE_WORDS:
+        got = _TOML_TYPES.get(type(err["input"]))
+        return f"{where}: expected {_TYPE_WORDS[kind]}" + (f", got {got}" if got else "")
+    if kind in _BOUNDS:
+        (bound,) = ctx.values()
+        return f"{where}: must be {_BOUNDS[kind]} {_number(bound)}"
+    if kind == "literal_error":
+        return f"{where}: must be {ctx['expected']}"
+    if kind == "value_error":
+        return f"{where}: {ctx.get('error', err['msg'])}"
+    return f"{where}: {err['msg'][:1].lower()}{err['msg'][1:]}"
+
+
+def _section_model(loc: tuple) -> type[BaseModel]:
+    model: type[BaseModel] = BotConfig
+    for part in loc:
+        if isinstance(part, str):
+            model = model.model_fields[part].annotation
+    return model

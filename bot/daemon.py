@@ -1,0 +1,139 @@
+"""`python -m bot`: one asyncio process, one model.
+
+    config ─► memory (SQLite) ─► model (base + adapter) ─► worker ─► router ◄─ adapters
+                                                                        └─► /healthz, /metrics
+
+Shutdown (SIGINT, SIGTERM, or the console's end of input): adapters stop taking messages, the
+worker finishes what is queued and in flight (up to [queue] drain_timeout_s), memory is closed,
+and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from pathlib import Path
+
+from finetune.model_loading import ModelLoadError, load_adapter, load_base_model, read_adapter_manifest
+
+from .memory import ConversationMemory, MemoryStoreError
+from .metrics import BotMetrics
+from .router import Router
+from .server import build_app, start_server
+from .worker import ModelBackend, Worker
+
+log = logging.getLogger("bunshin.daemon")
+
+DEMO_HINT = "To try the bot without downloading a model, run: python -m bot --demo"
+
+
+def load_model(config):
+    """The configured model, or ModelLoadError saying why (never a silent fallback to a demo model)."""
+    m = config.model
+    quantize, device, dtype = m.quantize, (m.device or None), m.dtype
+    if m.adapter:
+        manifest = read_adapter_manifest(Path(m.adapter))
+        # [model] base, when it differs from the manifest's, is where to load that same base from (a local copy).
+        base = m.base if m.base and m.base != manifest.base_model else None
+        return load_adapter(Path(m.adapter), base=base, quantize=quantize, device=device, dtype=dtype)
+    return load_base_model(m.base, revision=m.revision, quantize=quantize, device=device, dtype=dtype)
+
+
+def build_adapters(config, persona: str) -> list:
+    adapters = []
+    if config.console.enabled:
+        from adapters.console import ConsoleAdapter
+
+        adapters.append(ConsoleAdapter(config.console.user_name, persona))
+    return adapters
+
+
+async def run_daemon(config) -> int:
+    started = time.monotonic()
+    metrics = BotMetrics()
+    state = {"phase": "loading"}
+    # Keep a few times what the prompt uses, so a long /reset-less chat stays small on disk.
+    try:
+        memory = ConversationMemory(config.memory.path, keep=4 * config.memory.max_turns)
+    except MemoryStoreError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    worker: Worker | None = None
+
+    def health():
+        ok = state["phase"] == "serving"
+        details = {"phase": state["phase"], "uptime_s": round(time.monotonic() - started, 1)}
+        if worker is not None:
+            details["queue_depth"] = worker.queue_depth
+        return ok, details
+
+    runner = None
+    if config.server.enabled:
+        runner, port = await start_server(build_app(metrics, health), config.server.host, config.server.port)
+        log.info("health and metrics on http://%s:%d/healthz and /metrics", config.server.host, port)
+    try:
+        try:
+            loaded = await asyncio.to_thread(load_model, config)
+        except ModelLoadError as exc:
+            raise SystemExit(f"error: {exc}\n{DEMO_HINT}") from None
+        try:
+            backend = ModelBackend.from_loaded(
+                loaded,
+                persona=config.persona.name or None,
+                template=config.persona.template or None,
+                generation_overrides=config.generation.overrides(),
+            )
+        except ValueError as exc:  # e.g. a [persona] that contradicts the adapter's manifest
+            raise SystemExit(f"error: {config.source}: {exc}") from None
+        worker = Worker(backend, metrics, max_queue=config.queue.max_size, max_batch=config.queue.max_batch,
+                        batch_wait_s=config.queue.batch_wait_ms / 1000)
+        await worker.start()
+        router = Router(config, memory, worker, metrics, backend.persona)
+        adapters = build_adapters(config, backend.persona)
+        if not adapters:
+            log.warning("no platform adapter is enabled: only /healthz and /metrics are served")
+        state["phase"] = "serving"
+        log.info("serving as %s with %s (load took %.1fs)", backend.persona, ", ".join(a.name for a in adapters) or "no adapters",
+                 time.monotonic() - started)
+        await _serve_until_stopped(adapters, router, worker, config.queue.drain_timeout_s, state)
+    finally:
+        memory.close()
+        if runner is not None:
+            await runner.cleanup()
+    log.info("stopped")
+    return 0
+
+
+async def _serve_until_stopped(adapters, router, worker, drain_timeout: float, state) -> None:
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stopping.set)
+        except (NotImplementedError, RuntimeError):  # Windows, or not the main thread
+            pass
+    tasks = [asyncio.create_task(a.run(router.handle, stopping), name=a.name) for a in adapters]
+    stop_wait = asyncio.create_task(stopping.wait())
+    # Run until a signal, or until every adapter has finished (the console at end of input).
+    pending = set(tasks) | {stop_wait}
+    while pending and not stopping.is_set():
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not stop_wait and task.exception() is not None:
+                log.error("adapter %s failed: %r", task.get_name(), task.exception())
+        if tasks and all(t.done() for t in tasks):
+            break
+    state["phase"] = "draining"
+    stopping.set()
+    log.info("shutting down: finishing in-flight replies (up to %.0fs)", drain_timeout)
+    # Replies being generated reach their adapters before the adapters are stopped.
+    await worker.stop(drain_timeout)
+    for task in tasks:
+        if not task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(task), timeout=1.0)
+            except (asyncio.TimeoutError, Exception):
+                task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    stop_wait.cancel()

@@ -1,0 +1,47 @@
+"""Prometheus metrics for the bot: queue, batches, latency, tokens, outcomes and errors.
+
+Each BotMetrics holds its own registry rather than prometheus_client's global one, so tests and
+several workers in one process never collide on metric names.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# What became of an incoming message: the router records these (it sees every message; the worker
+# only those that reach it). The worker records errors by kind, batches, tokens and latency.
+OUTCOMES = ("replied", "busy", "error", "expired", "ignored", "rate_limited")
+# Error kinds known up front (so their series show 0 before the first error); others may be added.
+ERROR_KINDS = ("oom", "generation", "deadline")
+
+# A 3.6B model answers in seconds on a GPU and in tens of seconds on a CPU; a queued reply waits longer.
+_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
+
+
+class BotMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queue_depth = Gauge("bunshin_queue_depth", "Requests waiting for the model worker", registry=r)
+        self.batch_size = Histogram(
+            "bunshin_batch_size", "Requests generated together in one batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
+        )
+        self.reply_latency_seconds = Histogram(
+            "bunshin_reply_latency_seconds", "From message received to reply ready", buckets=_SECONDS_BUCKETS, registry=r
+        )
+        self.generation_seconds = Histogram(
+            "bunshin_generation_seconds", "Time of one batched generation", buckets=_SECONDS_BUCKETS, registry=r
+        )
+        self.generated_tokens = Counter("bunshin_generated_tokens", "Tokens generated in replies", registry=r)
+        self.messages = Counter("bunshin_messages", "Incoming messages by outcome", ["outcome"], registry=r)
+        self.errors = Counter("bunshin_errors", "Errors by kind", ["kind"], registry=r)
+        for outcome in OUTCOMES:
+            self.messages.labels(outcome)
+        for kind in ERROR_KINDS:
+            self.errors.labels(kind)
+
+    def render(self) -> bytes:
+        """The registry in Prometheus' text format, for a /metrics endpoint."""
+        return generate_latest(self.registry)

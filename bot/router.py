@@ -1,0 +1,120 @@
+"""Every platform's messages come through here: should the bot answer, and what.
+
+    adapter ─► handle(message) ─► allowlists ─► reset? ─► rate limit ─► memory ─► worker ─► reply
+
+The adapter has already decided whether the bot was addressed (a mention, a DM, a reply, a LINE
+1:1). Messages that were not addressed are still remembered: in a group the next question is
+often about what was just said.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from finetune.prompt import ChatTurn
+
+from .messages import IncomingMessage
+from .worker import DeadlineExceeded, GenerationFailed, QueueFull, WorkerStopped
+
+log = logging.getLogger("bunshin.router")
+
+# What the bot says when it cannot answer normally. Short, in the persona's language, and never
+# silent: a user who gets nothing resends, which makes a busy bot busier.
+BUSY_REPLY = "いま混み合っているので、少ししてからもう一度送ってね。"
+ERROR_REPLY = "ごめん、うまく返事が作れなかった。もう一度送ってみて。"
+TIMEOUT_REPLY = "ごめん、返事に時間がかかりすぎたみたい。もう一度送ってみて。"
+RATE_LIMIT_REPLY = "ちょっと速すぎるかも。少し待ってから送ってね。"
+RESET_REPLY = "会話の記憶をリセットしました。"
+STOPPING_REPLY = "いまは停止中です。あとでまた話しかけてね。"
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class RateLimiter:
+    """A token bucket per user: `per_minute` sustained, `burst` at once."""
+
+    def __init__(self, per_minute: float, burst: int, clock=time.monotonic):
+        self.rate = per_minute / 60.0
+        self.burst = burst
+        self.clock = clock
+        self.buckets: dict[str, _Bucket] = {}
+
+    def allow(self, key: str) -> bool:
+        now = self.clock()
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            bucket = self.buckets[key] = _Bucket(self.burst, now)
+        bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate)
+        bucket.updated = now
+        if bucket.tokens >= 1:
+            bucket.tokens -= 1
+            return True
+        return False
+
+
+class Router:
+    def __init__(self, config, memory, worker, metrics, persona: str):
+        self.config = config
+        self.memory = memory
+        self.worker = worker
+        self.metrics = metrics
+        self.persona = persona
+        self.limiter = RateLimiter(config.limits.messages_per_minute, config.limits.burst)
+        self.allow_users = set(config.limits.allow_users)
+        self.allow_chats = set(config.limits.allow_chats)
+        self.reset_commands = {c.strip() for c in config.memory.reset_commands}
+
+    def _allowed(self, message: IncomingMessage) -> bool:
+        if self.allow_users and message.user_key not in self.allow_users:
+            return False
+        return not self.allow_chats or message.chat_key in self.allow_chats
+
+    async def handle(self, message: IncomingMessage) -> str | None:
+        """The reply to send, or None to stay quiet."""
+        if not self._allowed(message):
+            self.metrics.messages.labels(outcome="ignored").inc()
+            return None
+        text = message.text.strip()[: self.config.limits.max_message_chars]
+        if not text:
+            return None
+        if message.addressed and text in self.reset_commands:
+            self.memory.reset(message.chat_key)
+            log.info("memory reset for %s", message.chat_key)
+            return RESET_REPLY
+        self.memory.append(message.chat_key, message.user_name, text)
+        if not message.addressed:
+            self.metrics.messages.labels(outcome="ignored").inc()
+            return None
+        if not self.limiter.allow(message.user_key):
+            self.metrics.messages.labels(outcome="rate_limited").inc()
+            return RATE_LIMIT_REPLY
+
+        turns = [ChatTurn(r.speaker, r.text) for r in self.memory.recent(message.chat_key, self.config.memory.max_turns)]
+        deadline = message.received + self.config.queue.deadline_s
+        try:
+            reply = await self.worker.submit(turns, deadline=deadline, received=message.received)
+        except QueueFull:
+            self.metrics.messages.labels(outcome="busy").inc()
+            log.warning("queue full: answered busy to %s", message.chat_key)
+            return BUSY_REPLY
+        except DeadlineExceeded:
+            self.metrics.messages.labels(outcome="expired").inc()
+            return TIMEOUT_REPLY
+        except GenerationFailed as exc:
+            self.metrics.messages.labels(outcome="error").inc()
+            log.error("generation failed for %s: %s", message.chat_key, exc.kind)
+            return ERROR_REPLY
+        except WorkerStopped:
+            return STOPPING_REPLY
+        text_out = reply.text or "…"
+        self.memory.append(message.chat_key, self.persona, text_out)
+        self.metrics.messages.labels(outcome="replied").inc()
+        if self.config.logging.log_message_text:
+            log.debug("%s <- %r", message.chat_key, text_out)
+        return text_out

@@ -1,0 +1,216 @@
+"""The bot's config: the root config.toml is valid, and every mistake names the file, `[section] key` and why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from bot.config import BotConfig, ConfigError, load_config
+from finetune.prepare_args import prepare_defaults_from_config
+
+SECRET = "MTIzNDU2Nzg5.secret-token-value-xyz"
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "bot.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _problems(tmp_path: Path, text: str) -> list[str]:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    lines = str(info.value).splitlines()
+    assert lines == info.value.problems
+    assert all(line.startswith(f"{path}: ") for line in lines), lines
+    return [line.removeprefix(f"{path}: ") for line in lines]
+
+
+def test_root_config_loads_and_matches_the_defaults():
+    config = load_config(REPO / "config.toml")
+    # The documented file states the defaults: loading it changes nothing but [prepare].
+    assert config.model_dump(exclude={"prepare"}) == BotConfig.default().model_dump(exclude={"prepare"})
+    assert config.model.base == "rinna/japanese-gpt-neox-3.6b"
+    assert config.prepare["session_gap"] == "3h"
+    # ... and `finetune prepare --config` still reads its own table from the same file.
+    assert prepare_defaults_from_config(REPO / "config.toml")["max_context_turns"] == 10
+
+
+def test_empty_file_gives_the_defaults(tmp_path):
+    config = load_config(_write(tmp_path, ""))
+    assert config.model_dump() == BotConfig.default().model_dump()
+    assert config.model.adapter == "" and config.model.adapter_path is None
+    assert config.model.quantize == "none" and config.model.dtype == "auto" and config.model.revision is None
+    assert config.memory.path == "bunshin-memory.sqlite3" and config.memory.max_turns == 20
+    assert config.memory.reset_commands == ["/reset", "リセット"]
+    assert (config.queue.max_size, config.queue.max_batch, config.queue.batch_wait_ms) == (64, 8, 5)
+    assert (config.queue.deadline_s, config.queue.drain_timeout_s) == (60, 30)
+    assert (config.limits.messages_per_minute, config.limits.burst, config.limits.max_message_chars) == (10, 5, 2000)
+    assert config.limits.allow_users == [] and config.limits.allow_chats == []
+    assert (config.server.enabled, config.server.host, config.server.port) == (True, "127.0.0.1", 8080)
+    assert config.enabled_platforms() == []
+    assert config.generation.overrides() == {}
+    assert config.logging.level == "INFO" and config.logging.log_message_text is False
+    assert config.source == str(tmp_path / "bot.toml")
+
+
+def test_values_are_read(tmp_path):
+    config = load_config(_write(tmp_path, """
+[model]
+adapter = "runs/misaki"
+quantize = "4bit"
+device = "cuda:1"
+[persona]
+template = "instruction"
+[generation]
+temperature = 0
+top_p = 0.8
+max_new_tokens = 64
+[limits]
+allow_users = ["discord:1234", "line:Uabc"]
+messages_per_minute = 0.5
+[logging]
+level = "debug"
+"""))
+    assert config.model.adapter_path == Path("runs/misaki") and config.model.device == "cuda:1"
+    assert config.generation.overrides() == {"temperature": 0, "top_p": 0.8, "max_new_tokens": 64}
+    assert config.limits.messages_per_minute == 0.5
+    assert config.logging.level == "DEBUG"
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        ("[memory]\nmax_turn = 5\n", "[memory] max_turn: unknown key (did you mean max_turns?); known: path, max_turns, reset_commands"),
+        ("[memroy]\npath = 'x'\n", "[memroy]: unknown section; known: model, persona, generation, memory"),
+        ("[server]\nport = '8080'\n", "[server] port: expected an integer, got a string"),
+        ("[server]\nport = 70000\n", "[server] port: must be <= 65535"),
+        ("[server]\nport = -1\n", "[server] port: must be >= 0"),
+        ("[server]\nenabled = 'yes'\n", "[server] enabled: expected true or false, got a string"),
+        ("[queue]\nmax_size = 0\n", "[queue] max_size: must be > 0"),
+        ("[queue]\nbatch_wait_ms = -1\n", "[queue] batch_wait_ms: must be >= 0"),
+        ("[queue]\ndeadline_s = 'soon'\n", "[queue] deadline_s: expected a number, got a string"),
+        ("[generation]\ntop_p = 0\n", "[generation] top_p: must be > 0"),
+        ("[generation]\nmax_new_tokens = 4096\n", "[generation] max_new_tokens: must be <= 2048"),
+        ("[generation]\ntop_k = 1.5\n", "[generation] top_k: expected an integer, got a number"),
+        ("[model]\nquantize = '2bit'\n", "[model] quantize: must be 'none', '8bit' or '4bit'"),
+        ("[model]\ndtype = 'float16'\n", "[model] dtype: must be 'auto', 'bf16', 'fp16' or 'fp32'"),
+        ("[model]\ndevice = 'gpu'\n", '[model] device: must be "" (auto), "cpu", "cuda", "cuda:N" or "mps"'),
+        ("[persona]\ntemplate = 'chat'\n", "[persona] template: must be '', 'transcript' or 'instruction'"),
+        ("[logging]\nlevel = 'LOUD'\n", "[logging] level: must be 'DEBUG', 'INFO', 'WARNING', 'ERROR' or 'CRITICAL'"),
+        ("[limits]\nallow_users = ['1234']\n", '[limits] allow_users[0]: must be "platform:id"'),
+        ("[limits]\nallow_chats = 'discord:1'\n", "[limits] allow_chats: expected a list, got a string"),
+        ("[memory]\nreset_commands = ['/reset', 3]\n", "[memory] reset_commands[1]: expected a string, got an integer"),
+        ("memory = 3\n", "[memory]: expected a table, got an integer"),
+        ("[line]\nwebhook_path = 'callback'\n", '[line] webhook_path: must start with "/"'),
+        ("[discord]\ntoken_env = ''\n", "[discord] token_env: must name an environment variable"),
+    ],
+)
+def test_bad_value_names_section_key_and_why(tmp_path, toml, expected):
+    (problem,) = _problems(tmp_path, toml)
+    assert problem.startswith(expected), problem
+
+
+def test_nested_table_is_named_with_a_dot(tmp_path):
+    (problem,) = _problems(tmp_path, "[discord.intents]\nmembers = true\n")
+    assert problem.startswith("[discord] intents: unknown key")
+    (problem,) = _problems(tmp_path, "[model]\nbase = 'x'\n[memory.sqlite]\nx = 1\n")
+    assert problem.startswith("[memory] sqlite: unknown key")
+
+
+def test_every_problem_is_reported_one_per_line(tmp_path):
+    problems = _problems(tmp_path, """
+[model]
+quantize = "2bit"
+[queue]
+max_size = -1
+max_batch = "8"
+[typo]
+x = 1
+""")
+    assert len(problems) == 4
+    assert [p.split(":")[0] for p in problems] == ["[model] quantize", "[queue] max_size", "[queue] max_batch", "[typo]"]
+
+
+def test_file_level_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match=r"bot\.toml: not valid TOML"):
+        load_config(_write(tmp_path, "[model\n"))
+
+
+def test_from_dict_validates_like_a_file():
+    config = BotConfig.from_dict({"persona": {"name": "美咲"}, "console": {"enabled": True}}, source="--demo")
+    assert config.persona.name == "美咲" and config.enabled_platforms() == ["console"]
+    with pytest.raises(ConfigError) as info:
+        BotConfig.from_dict({"queue": {"max_size": 0}}, source="--demo")
+    assert str(info.value) == "--demo: [queue] max_size: must be > 0"
+
+
+def test_prepare_table_is_accepted_as_is(tmp_path):
+    config = load_config(_write(tmp_path, "[prepare]\nsession_gap = '2h'\nsomething_new = 1\n"))
+    assert config.prepare == {"session_gap": "2h", "something_new": 1}
+
+
+def test_config_is_immutable():
+    config = BotConfig.default()
+    with pytest.raises(ValueError):
+        config.server.port = 1
+
+
+# --- secrets ---------------------------------------------------------------------------------
+
+
+def test_secret_from_environment(monkeypatch):
+    monkeypatch.setenv("DISCORD_BOT_TOKEN", SECRET)
+    config = BotConfig.from_dict({"discord": {"enabled": True}})
+    assert config.secret(config.discord.token_env) == SECRET
+    config.check_secrets()
+
+
+def test_missing_secret_names_section_key_and_variable(tmp_path, monkeypatch):
+    monkeypatch.delenv("MY_LINE_SECRET", raising=False)
+    monkeypatch.setenv("LINE_CHANNEL_ACCESS_TOKEN", "")  # empty counts as unset
+    path = _write(tmp_path, "[line]\nenabled = true\nchannel_secret_env = 'MY_LINE_SECRET'\n")
+    config = load_config(path)
+    with pytest.raises(ConfigError) as info:
+        config.secret("MY_LINE_SECRET")
+    assert str(info.value) == f"{path}: [line] channel_secret_env: environment variable MY_LINE_SECRET is not set"
+    with pytest.raises(ConfigError) as info:
+        config.check_secrets()
+    assert info.value.problems == [
+        f"{path}: [line] channel_secret_env: environment variable MY_LINE_SECRET is not set",
+        f"{path}: [line] access_token_env: environment variable LINE_CHANNEL_ACCESS_TOKEN is not set",
+    ]
+
+
+def test_only_enabled_platforms_need_secrets(monkeypatch):
+    for name in ("DISCORD_BOT_TOKEN", "LINE_CHANNEL_SECRET", "LINE_CHANNEL_ACCESS_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    BotConfig.from_dict({"console": {"enabled": True}}).check_secrets()
+    with pytest.raises(ConfigError, match=r"\[discord\] token_env: environment variable DISCORD_BOT_TOKEN"):
+        BotConfig.from_dict({"discord": {"enabled": True}}).check_secrets()
+
+
+def test_check_ready_wants_a_persona_without_an_adapter():
+    environ = {"DISCORD_BOT_TOKEN": SECRET}
+    with pytest.raises(ConfigError, match=r"\[persona\] name: required when \[model\] adapter is empty"):
+        BotConfig.default().check_ready(environ)
+    BotConfig.from_dict({"persona": {"name": "美咲"}}).check_ready(environ)
+    BotConfig.from_dict({"model": {"adapter": "runs/misaki"}, "discord": {"enabled": True}}).check_ready(environ)
+
+
+def test_no_secret_in_repr_or_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISCORD_BOT_TOKEN", SECRET)
+    config = load_config(_write(tmp_path, "[discord]\nenabled = true\n"))
+    config.check_secrets()
+    assert config.secret("DISCORD_BOT_TOKEN") == SECRET
+    for text in (repr(config), str(config), config.model_dump_json(), repr(config.discord)):
+        assert SECRET not in text
+    # A token pasted where the variable's name belongs is refused without being repeated.
+    problems = _problems(tmp_path, f"[discord]\ntoken_env = '{SECRET}'\n[secrets]\ntoken = '{SECRET}'\n")
+    assert len(problems) == 2 and not any(SECRET in p for p in problems)
+    assert problems[0].startswith("[discord] token_env: must name an environment variable")

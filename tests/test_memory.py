@@ -1,0 +1,159 @@
+"""Conversation memory on a real SQLite file: order, limits, restarts, resets, pruning, bad files."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from bot.memory import SCHEMA_VERSION, ConversationMemory, MemoryStoreError
+from finetune.records import PLACEHOLDER, ChatRecord
+
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone(timedelta(hours=9)))
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return tmp_path / "state" / "memory.sqlite3"  # the folder does not exist yet
+
+
+def test_append_and_recent_order_and_limit(db_path):
+    with ConversationMemory(db_path) as memory:
+        for i in range(5):
+            memory.append("discord:1", "健太" if i % 2 else "美咲", f"msg {i}", T0 + timedelta(minutes=i))
+        last3 = memory.recent("discord:1", 3)
+        assert [r.text for r in last3] == ["msg 2", "msg 3", "msg 4"]
+        assert all(isinstance(r, ChatRecord) for r in last3)
+        assert last3[0] == ChatRecord("美咲", T0 + timedelta(minutes=2), "msg 2", "text", chat="discord:1")
+        assert [r.text for r in memory.recent("discord:1", 100)] == [f"msg {i}" for i in range(5)]
+        assert memory.recent("discord:1", 0) == []
+        assert memory.recent("discord:unknown", 5) == []
+    assert db_path.is_file()
+
+
+def test_kind_and_default_time(db_path):
+    with ConversationMemory(db_path) as memory:
+        before = datetime.now().astimezone()
+        memory.append("line:C1", "美咲", "[スタンプ]", kind=PLACEHOLDER)
+        (record,) = memory.recent("line:C1", 1)
+        assert record.kind == PLACEHOLDER
+        assert record.time.tzinfo is not None and before - timedelta(seconds=1) <= record.time <= datetime.now().astimezone()
+        with pytest.raises(ValueError, match="unknown kind"):
+            memory.append("line:C1", "美咲", "hi", kind="sticker")
+
+
+def test_survives_restart(db_path):
+    memory = ConversationMemory(db_path)
+    memory.append("discord:1", "健太", "覚えてる？", T0)
+    memory.append("discord:1", "美咲", "うん", T0 + timedelta(seconds=5))
+    memory.close()
+    with ConversationMemory(db_path) as memory:  # a new process would do exactly this
+        assert [(r.speaker, r.text, r.time) for r in memory.recent("discord:1", 10)] == [
+            ("健太", "覚えてる？", T0),
+            ("美咲", "うん", T0 + timedelta(seconds=5)),
+        ]
+        assert memory.chats() == 1
+
+
+def test_committed_without_close(db_path):
+    """A crash never closes the connection: a second connection must already see the turn."""
+    memory = ConversationMemory(db_path)
+    memory.append("discord:1", "健太", "saved?", T0)
+    with ConversationMemory(db_path) as other:
+        assert [r.text for r in other.recent("discord:1", 1)] == ["saved?"]
+    memory.close()
+
+
+def test_chats_are_separate_and_reset_clears_one(db_path):
+    with ConversationMemory(db_path) as memory:
+        memory.append("discord:1", "a", "one", T0)
+        memory.append("line:C2", "b", "two", T0)
+        memory.append("discord:1", "a", "three", T0)
+        assert [r.text for r in memory.recent("discord:1", 10)] == ["one", "three"]
+        assert [r.text for r in memory.recent("line:C2", 10)] == ["two"]
+        assert memory.recent("line:C2", 10)[0].chat == "line:C2"
+        assert memory.chats() == 2
+        assert memory.reset("discord:1") == 2
+        assert memory.recent("discord:1", 10) == []
+        assert [r.text for r in memory.recent("line:C2", 10)] == ["two"]
+        assert memory.chats() == 1
+    with ConversationMemory(db_path) as memory:
+        assert memory.recent("discord:1", 10) == [] and memory.chats() == 1
+
+
+def test_prune_keeps_the_newest(db_path):
+    with ConversationMemory(db_path, keep=None) as memory:
+        for i in range(10):
+            memory.append("c", "a", str(i), T0)
+            memory.append("other", "a", str(i), T0)
+        assert memory.prune("c", 3) == 7
+        assert [r.text for r in memory.recent("c", 100)] == ["7", "8", "9"]
+        assert len(memory.recent("other", 100)) == 10
+        assert memory.prune("c", 3) == 0
+        assert memory.prune("c", 0) == 3 and memory.chats() == 1
+
+
+def test_append_prunes_automatically(db_path):
+    with ConversationMemory(db_path, keep=5) as memory:
+        for i in range(100):
+            memory.append("c", "a", str(i), T0)
+            assert len(memory.recent("c", 1000)) < 2 * 5
+        assert memory.recent("c", 5)[-1].text == "99"
+    with ConversationMemory(db_path, keep=5) as memory:  # after a restart the first append prunes
+        memory.append("c", "a", "100", T0)
+        assert [r.text for r in memory.recent("c", 1000)] == ["96", "97", "98", "99", "100"]
+
+
+def test_garbage_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "memory.sqlite3"
+    path.write_bytes(b"this is not a database at all, just some bytes " * 100)
+    with pytest.raises(MemoryStoreError, match=rf"{path}: not a bunshin memory database: "):
+        ConversationMemory(path)
+    assert path.read_bytes().startswith(b"this is not a database")  # untouched
+
+
+def test_someone_elses_database_is_a_clear_error(tmp_path):
+    path = tmp_path / "other.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE invoices (id INTEGER)")
+    db.close()
+    with pytest.raises(MemoryStoreError, match="not a bunshin memory database: it holds other tables"):
+        ConversationMemory(path)
+
+
+def test_newer_schema_is_a_clear_error(db_path):
+    ConversationMemory(db_path).close()
+    db = sqlite3.connect(db_path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(MemoryStoreError, match=f"schema version {SCHEMA_VERSION + 1} is newer than this bunshin reads"):
+        ConversationMemory(db_path)
+
+
+def test_wal_mode(db_path):
+    with ConversationMemory(db_path):
+        db = sqlite3.connect(db_path)
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        db.close()
+
+
+def test_in_memory_database():
+    with ConversationMemory(":memory:") as memory:
+        memory.append("c", "a", "hi")
+        assert memory.chats() == 1
+
+
+def test_thousand_appends(db_path):
+    """Speed sanity, no timing assert: 1000 committed appends, each followed by a context read."""
+    with ConversationMemory(db_path, keep=80) as memory:
+        start = time.perf_counter()
+        for i in range(1000):
+            memory.append(f"discord:{i % 7}", "健太", f"message {i}", T0)
+            context = memory.recent(f"discord:{i % 7}", 20)
+        elapsed = time.perf_counter() - start
+        assert context[-1].text == "message 999" and len(context) == 20
+        assert memory.chats() == 7
+    print(f"1000 append+recent: {elapsed * 1000:.1f} ms in all, {elapsed * 1000:.0f} µs each")
