@@ -1,4 +1,4 @@
-# The README's two commands: `make demo` (set up + run the main job offline) and `make test`.
+# The README's two commands: `make demo` (set up + run the bot offline in the terminal) and `make test`.
 # Both create .venv on first use. TORCH picks the torch build: the CPU wheel by default (CI,
 # laptops); on a GPU machine install the CUDA build you need, e.g. `make demo TORCH=torch`.
 
@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo demo-data test lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 demo: setup
+	$(BIN)/python -m bot --demo
+
+demo-data: setup
 	$(BIN)/python -m finetune inspect examples/line_demo.txt examples/discord_demo.json
 	$(BIN)/python -m finetune prepare examples/line_demo.txt examples/discord_demo.json \
 		--persona 美咲 --alias misaki --out out/demo-dataset --force --timezone Asia/Tokyo
@@ -33,6 +36,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/inspect_1m.py
+	$(BIN)/python bench/bot_overhead.py
 
 clean:
 	rm -rf out .pytest_cache
