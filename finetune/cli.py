@@ -98,12 +98,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "config", None) is not None:
+    if args.command == "prepare" and args.config is not None:
         # Config values become the defaults, then the command line is parsed again so flags win.
         from .prepare_args import ConfigError, prepare_defaults_from_config
 
         try:
-            args._subparsers[args.command].set_defaults(**prepare_defaults_from_config(args.config))
+            args._subparsers["prepare"].set_defaults(**prepare_defaults_from_config(args.config))
         except ConfigError as exc:
             parser.exit(2, f"error: {exc}\n")
         args = parser.parse_args(argv)
