@@ -37,6 +37,9 @@ class ConsoleAdapter:
         while line := await reader.readline():
             yield line.decode("utf-8", errors="replace")
 
+    def web_routes(self) -> list:
+        return []  # the terminal needs no HTTP
+
     def _print(self, text: str) -> None:
         self.stdout.write(text + "\n")
         self.stdout.flush()

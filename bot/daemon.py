@@ -41,21 +41,44 @@ def load_model(config):
     return load_base_model(m.base, revision=m.revision, quantize=quantize, device=device, dtype=dtype)
 
 
-def build_adapters(config, persona: str) -> list:
+def configured_persona(config) -> str:
+    """Who the bot speaks as, known before the model loads: [persona] name, else the adapter's manifest."""
+    if config.persona.name:
+        return config.persona.name
+    if config.model.adapter:
+        try:
+            return read_adapter_manifest(Path(config.model.adapter)).persona
+        except ModelLoadError as exc:
+            raise SystemExit(f"error: {exc}\n{DEMO_HINT}") from None
+    return ""
+
+
+def build_adapters(config, persona: str, metrics) -> list:
+    """The enabled platform adapters. Each has `name`, `web_routes()` (aiohttp routes to serve, such as
+    LINE's webhook) and `async run(handle, stopping)`, which returns once `stopping` is set."""
     adapters = []
     if config.console.enabled:
         from adapters.console import ConsoleAdapter
 
         adapters.append(ConsoleAdapter(config.console.user_name, persona))
+    if config.line.enabled:
+        from adapters.line import LineAdapter
+
+        adapters.append(LineAdapter(config, metrics, persona))
+    if config.discord.enabled:
+        from adapters.discord import DiscordAdapter
+
+        adapters.append(DiscordAdapter(config, metrics, persona))
     return adapters
 
 
-async def run_daemon(config) -> int:
+async def run_daemon(config, stop: asyncio.Event | None = None) -> int:
+    """Serve until SIGINT/SIGTERM, `stop` (for embedding and tests), or the console's end of input."""
     started = time.monotonic()
     metrics = BotMetrics()
     state = {"phase": "loading"}
-    # Keep a few times what the prompt uses, so a long /reset-less chat stays small on disk.
     try:
+        # Keep a few times what the prompt uses, so a long /reset-less chat stays small on disk.
         memory = ConversationMemory(config.memory.path, keep=4 * config.memory.max_turns)
     except MemoryStoreError as exc:
         raise SystemExit(f"error: {exc}") from None
@@ -68,10 +91,17 @@ async def run_daemon(config) -> int:
             details["queue_depth"] = worker.queue_depth
         return ok, details
 
+    # Adapters exist before the server starts, so their routes (LINE's webhook) are served from the
+    # start; until the model is loaded they answer 503 and the platform redelivers later.
+    adapters = build_adapters(config, configured_persona(config), metrics)
     runner = None
     if config.server.enabled:
-        runner, port = await start_server(build_app(metrics, health), config.server.host, config.server.port)
+        app = build_app(metrics, health)
+        for adapter in adapters:
+            app.router.add_routes(adapter.web_routes())
+        runner, port = await start_server(app, config.server.host, config.server.port)
         log.info("health and metrics on http://%s:%d/healthz and /metrics", config.server.host, port)
+        state["port"] = port
     try:
         try:
             loaded = await asyncio.to_thread(load_model, config)
@@ -90,13 +120,12 @@ async def run_daemon(config) -> int:
                         batch_wait_s=config.queue.batch_wait_ms / 1000)
         await worker.start()
         router = Router(config, memory, worker, metrics, backend.persona)
-        adapters = build_adapters(config, backend.persona)
         if not adapters:
             log.warning("no platform adapter is enabled: only /healthz and /metrics are served")
         state["phase"] = "serving"
         log.info("serving as %s with %s (load took %.1fs)", backend.persona, ", ".join(a.name for a in adapters) or "no adapters",
                  time.monotonic() - started)
-        await _serve_until_stopped(adapters, router, worker, config.queue.drain_timeout_s, state)
+        await _serve_until_stopped(adapters, router, worker, config.queue.drain_timeout_s, state, stop)
     finally:
         memory.close()
         if runner is not None:
@@ -105,9 +134,9 @@ async def run_daemon(config) -> int:
     return 0
 
 
-async def _serve_until_stopped(adapters, router, worker, drain_timeout: float, state) -> None:
+async def _serve_until_stopped(adapters, router, worker, drain_timeout: float, state, stop=None) -> None:
     loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
+    stopping = stop or asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             loop.add_signal_handler(sig, stopping.set)
