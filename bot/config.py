@@ -147,9 +147,24 @@ class ConsoleConfig(_Section):
     user_name: NonEmpty = "あなた"
 
 
+def _snowflake(value: str) -> str:
+    if not value.isdigit():
+        raise ValueError('must be a Discord id written as a string of digits, e.g. "123456789012345678"')
+    return value
+
+
+Snowflake = Annotated[str, AfterValidator(_snowflake)]
+
+
 class DiscordConfig(_Section):
     enabled: bool = False
     token_env: EnvName = "DISCORD_BOT_TOKEN"
+    # Empty = every server / channel / user. A thread counts as its parent channel; a DM is let in by allow_users alone.
+    allow_guilds: list[Snowflake] = Field(default_factory=list)
+    allow_channels: list[Snowflake] = Field(default_factory=list)
+    allow_users: list[Snowflake] = Field(default_factory=list)
+    answer_everyone: bool = False  # treat @everyone / @here as addressed to the bot
+    answer_bots: bool = False  # answer other bots (never its own messages)
 
 
 def _webhook_path(value: str) -> str:
@@ -158,11 +173,22 @@ def _webhook_path(value: str) -> str:
     return value
 
 
+def _api_host(value: str) -> str:
+    if not re.match(r"^https?://[^/\s]+$", value):
+        raise ValueError('must be a scheme and host without a path, e.g. "https://api.line.me"')
+    return value
+
+
 class LineConfig(_Section):
     enabled: bool = False
     channel_secret_env: EnvName = "LINE_CHANNEL_SECRET"
     access_token_env: EnvName = "LINE_CHANNEL_ACCESS_TOKEN"
     webhook_path: Annotated[str, AfterValidator(_webhook_path)] = "/callback"
+    api_host: Annotated[str, AfterValidator(_api_host)] = "https://api.line.me"  # a fake LINE in tests
+    call_by_name: bool = False  # in groups, also answer when the persona's name is in the text (not only @mentions)
+    push_fallback: bool = False  # a reply token gone stale -> push instead (pushes count against the plan's quota)
+    reply_token_margin_s: float = Field(50.0, ge=0, le=60)  # use the reply token only this long after the event
+    api_timeout_s: float = Field(10.0, gt=0, le=120)  # per call to LINE's API (the SDK's own default is 300 s)
 
 
 class LoggingConfig(_Section):

@@ -1,0 +1,422 @@
+"""The Discord adapter, driven by discord.py's own objects parsed from gateway payloads as Discord sends
+them, talking to a fake Discord (REST and gateway) on 127.0.0.1 that records what the bot sent.
+
+The router is a stub here: it records the messages it is handed and returns a scripted reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+
+import discord
+import pytest
+import yarl
+from aiohttp import WSMsgType, web
+
+from adapters.discord import DiscordAdapter, DiscordStartError, split_message
+from bot.config import BotConfig, ConfigError
+from bot.metrics import BotMetrics
+
+TOKEN_ENV = "DISCORD_BOT_TOKEN"
+BOT_ID, ALICE_ID, BOB_ID, OTHER_BOT_ID = 1100000000000000001, 1200000000000000001, 1200000000000000002, 1100000000000000009
+GUILD_ID, OTHER_GUILD_ID = 1300000000000000001, 1300000000000000002
+CHANNEL_ID, OTHER_CHANNEL_ID, DM_ID = 1400000000000000001, 1400000000000000002, 1400000000000000009
+TIMESTAMP = "2024-05-01T12:00:00.000000+00:00"
+MESSAGE_CONTENT_INTENT = 1 << 15
+
+BOT_USER = {"id": str(BOT_ID), "username": "misaki-bot", "global_name": None, "discriminator": "0", "avatar": None,
+            "bot": True, "verified": True, "mfa_enabled": False, "flags": 0, "public_flags": 0}
+ALICE = {"id": str(ALICE_ID), "username": "alice", "global_name": "Alice", "discriminator": "0", "avatar": None,
+         "public_flags": 0}
+BOB = {"id": str(BOB_ID), "username": "bob", "global_name": "Bob", "discriminator": "0", "avatar": None, "public_flags": 0}
+OTHER_BOT = {"id": str(OTHER_BOT_ID), "username": "helper", "global_name": None, "discriminator": "0", "avatar": None,
+             "bot": True, "public_flags": 0}
+APPLICATION = {"id": str(BOT_ID), "name": "misaki", "description": "", "icon": None, "bot_public": True,
+               "bot_require_code_grant": False, "owner": ALICE, "verify_key": "0" * 64, "flags": 0, "summary": ""}
+
+
+def guild_payload(guild_id: int = GUILD_ID, channels=((CHANNEL_ID, "general"), (OTHER_CHANNEL_ID, "random"))) -> dict:
+    return {
+        "id": str(guild_id), "name": "friends", "owner_id": str(ALICE_ID), "icon": None, "features": [],
+        "roles": [{"id": str(guild_id), "name": "@everyone", "permissions": "1071698660929", "position": 0, "color": 0,
+                   "hoist": False, "managed": False, "mentionable": False, "flags": 0}],
+        "channels": [{"id": str(cid), "type": 0, "name": name, "guild_id": str(guild_id), "position": i,
+                      "permission_overwrites": [], "nsfw": False, "parent_id": None, "topic": None}
+                     for i, (cid, name) in enumerate(channels)],
+        "emojis": [], "stickers": [], "member_count": 3,
+    }
+
+
+_ids = itertools.count(1500000000000000001)
+
+
+def member() -> dict:
+    return {"roles": [], "joined_at": TIMESTAMP, "deaf": False, "mute": False, "flags": 0, "nick": None}
+
+
+def message_payload(content: str, *, author: dict = ALICE, channel_id: int = CHANNEL_ID, guild_id: int | None = GUILD_ID,
+                    mentions=(), mention_everyone: bool = False, replying_to: dict | None = None) -> dict:
+    """A MESSAGE_CREATE event's `d`, shaped as Discord sends it."""
+    data = {
+        "id": str(next(_ids)), "channel_id": str(channel_id), "author": author, "content": content,
+        "timestamp": TIMESTAMP, "edited_timestamp": None, "tts": False, "mention_everyone": mention_everyone,
+        "mentions": [{**user, "member": member()} if guild_id else user for user in mentions],
+        "mention_roles": [], "attachments": [], "embeds": [], "components": [], "pinned": False,
+        "type": 0, "flags": 0, "nonce": str(next(_ids)),
+    }
+    if guild_id:
+        data["guild_id"] = str(guild_id)
+        data["member"] = member()
+    if replying_to is not None:
+        data["type"] = 19
+        data["message_reference"] = {"type": 0, "message_id": replying_to["id"], "channel_id": replying_to["channel_id"],
+                                     **({"guild_id": str(guild_id)} if guild_id else {})}
+        data["referenced_message"] = replying_to
+    return data
+
+
+def json_response(data: dict, status: int = 200) -> web.Response:
+    # Exactly "application/json", as Discord sends it (discord.py does not parse "...; charset=utf-8").
+    return web.Response(body=json.dumps(data).encode(), status=status, headers={"Content-Type": "application/json"})
+
+
+class FakeDiscord:
+    """Discord's REST API and gateway, on loopback, recording what the client sends."""
+
+    def __init__(self):
+        self.requests: list[tuple[str, str, dict | None]] = []
+        self.fail_messages: int | None = None  # an HTTP status for POST .../messages
+        self.gateway_mode = "refuse_intents"  # or "serve": READY, then `events`
+        self.events: list[dict] = []
+        self.identify: dict | None = None
+        self.app = web.Application()
+        self.app.router.add_route("*", "/api/v10/{path:.*}", self.rest)
+        self.app.router.add_get("/gateway", self.gateway)
+
+    def posts(self, kind: str) -> list[dict]:
+        return [body for method, path, body in self.requests if method == "POST" and path.endswith("/" + kind)]
+
+    async def rest(self, request: web.Request) -> web.Response:
+        path = "/" + request.match_info["path"]
+        body = await request.json() if request.can_read_body else None
+        self.requests.append((request.method, path, body))
+        if path == "/users/@me":
+            return json_response(BOT_USER)
+        if path == "/oauth2/applications/@me":
+            return json_response(APPLICATION)
+        if path.endswith("/typing"):
+            return web.Response(status=204)
+        if path.endswith("/messages") and request.method == "POST":
+            if self.fail_messages:
+                return json_response({"message": "Missing Permissions", "code": 50013}, status=self.fail_messages)
+            channel_id = path.split("/")[2]
+            sent = {"id": str(next(_ids)), "channel_id": channel_id, "author": BOT_USER, "content": body["content"],
+                    "timestamp": TIMESTAMP, "edited_timestamp": None, "tts": False, "mention_everyone": False,
+                    "mentions": [], "mention_roles": [], "attachments": [], "embeds": [], "components": [],
+                    "pinned": False, "type": 19 if body.get("message_reference") else 0, "flags": 0}
+            return json_response(sent)
+        return json_response({"message": "404: Not Found", "code": 0}, status=404)
+
+    async def gateway(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(timeout=1.0)
+        await ws.prepare(request)
+        await ws.send_json({"op": 10, "d": {"heartbeat_interval": 45000}, "s": None, "t": None})
+        async for msg in ws:
+            if msg.type != WSMsgType.TEXT:
+                break
+            payload = msg.json()
+            if payload["op"] == 1:
+                await ws.send_json({"op": 11, "d": None, "s": None, "t": None})
+            elif payload["op"] == 2:
+                self.identify = payload["d"]
+                if self.gateway_mode == "refuse_intents":
+                    await ws.close(code=4014, message=b"Disallowed intent(s).")
+                    break
+                ready = {"v": 10, "user": BOT_USER, "guilds": [], "session_id": "s1", "private_channels": [],
+                         "relationships": [], "resume_gateway_url": str(request.url.with_path("/gateway")),
+                         "application": {"id": str(BOT_ID), "flags": 0}}
+                await ws.send_json({"op": 0, "t": "READY", "s": 1, "d": ready})
+                for seq, event in enumerate(self.events, start=2):
+                    await ws.send_json({"op": 0, "t": "MESSAGE_CREATE", "s": seq, "d": event})
+        return ws
+
+
+class StubRouter:
+    """Stands in for Router.handle: records what it is handed, answers addressed messages with `reply`."""
+
+    def __init__(self, reply: str = "こんにちは"):
+        self.reply = reply
+        self.seen = []
+        self.answered = asyncio.Event()
+
+    async def __call__(self, message):
+        self.seen.append(message)
+        if message.addressed:
+            self.answered.set()
+            return self.reply
+        return None
+
+
+@pytest.fixture
+async def fake_discord(monkeypatch):
+    fake = FakeDiscord()
+    runner = web.AppRunner(fake.app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    # The real client, pointed at the fake (monkeypatch puts Discord's addresses back afterwards).
+    monkeypatch.setattr(discord.http.Route, "BASE", f"http://127.0.0.1:{port}/api/v10")
+    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(f"ws://127.0.0.1:{port}/gateway"))
+    monkeypatch.setenv(TOKEN_ENV, "test-token")
+    yield fake
+    await runner.cleanup()
+
+
+def make_config(**discord_keys) -> BotConfig:
+    return BotConfig.from_dict({"persona": {"name": "美咲"}, "discord": {"enabled": True, **discord_keys}}, source="test.toml")
+
+
+@pytest.fixture
+async def connect(fake_discord):
+    """An adapter logged in to the fake over REST, with the test guild in its cache (as after GUILD_CREATE)."""
+    adapters = []
+
+    async def make(**discord_keys) -> DiscordAdapter:
+        adapter = DiscordAdapter(make_config(**discord_keys), BotMetrics(), "美咲")
+        await adapter.client.login("test-token")
+        adapter.client._connection._add_guild_from_data(guild_payload())
+        adapters.append(adapter)
+        return adapter
+
+    yield make
+    for adapter in adapters:
+        await adapter.client.close()
+
+
+def parse(adapter: DiscordAdapter, payload: dict) -> discord.Message:
+    """What discord.py's ConnectionState.parse_message_create builds from the event."""
+    state = adapter.client._connection
+    channel, _ = state._get_guild_channel(payload)
+    return discord.Message(state=state, channel=channel, data=payload)
+
+
+async def deliver(adapter: DiscordAdapter, router: StubRouter, payload: dict) -> None:
+    await adapter.on_message(parse(adapter, payload), router)
+
+
+# --- when to answer ---------------------------------------------------------------------------
+
+
+async def test_mention_is_answered_as_a_reply_with_the_mention_stripped(connect, fake_discord):
+    adapter, router = await connect(), StubRouter("やっほー")
+    payload = message_payload(f"<@{BOT_ID}> hello <@{BOB_ID}>, see <#{OTHER_CHANNEL_ID}>", mentions=[BOT_USER, BOB])
+    await deliver(adapter, router, payload)
+
+    (incoming,) = router.seen
+    assert incoming.addressed and incoming.platform == "discord"
+    assert incoming.text == "hello @Bob, see #random"
+    assert (incoming.chat_id, incoming.user_id, incoming.user_name) == (str(CHANNEL_ID), str(ALICE_ID), "Alice")
+    assert fake_discord.requests[-2][:2] == ("POST", f"/channels/{CHANNEL_ID}/typing")
+    (sent,) = fake_discord.posts("messages")
+    assert sent["content"] == "やっほー"
+    assert sent["message_reference"]["message_id"] == int(payload["id"])
+    assert sent["allowed_mentions"]["parse"] == []
+
+
+async def test_plain_guild_message_is_remembered_not_answered(connect, fake_discord):
+    adapter, router = await connect(), StubRouter()
+    await deliver(adapter, router, message_payload("just chatting"))
+
+    (incoming,) = router.seen
+    assert not incoming.addressed and incoming.text == "just chatting"
+    assert fake_discord.posts("messages") == [] and fake_discord.posts("typing") == []
+
+
+async def test_dm_is_answered(connect, fake_discord):
+    adapter, router = await connect(), StubRouter()
+    await deliver(adapter, router, message_payload("おはよう", channel_id=DM_ID, guild_id=None))
+
+    (incoming,) = router.seen
+    assert incoming.addressed and incoming.chat_id == str(DM_ID) and incoming.text == "おはよう"
+    assert [path for method, path, _ in fake_discord.requests if method == "POST"] == [
+        f"/channels/{DM_ID}/typing", f"/channels/{DM_ID}/messages"]
+
+
+async def test_reply_to_the_bot_is_answered_with_the_replied_message_as_context(connect, fake_discord):
+    adapter, router = await connect(), StubRouter()
+    earlier = message_payload("昨日のカレー美味しかった", author=BOT_USER)  # not sent by this process: not in memory
+    await deliver(adapter, router, message_payload("どこの店？", replying_to=earlier, mentions=[BOT_USER]))
+
+    context, question = router.seen
+    assert (context.text, context.user_name, context.addressed) == ("昨日のカレー美味しかった", "美咲", False)
+    assert (question.text, question.addressed) == ("どこの店？", True)
+    assert len(fake_discord.posts("messages")) == 1
+
+
+async def test_replied_message_already_remembered_is_not_handed_over_twice(connect, fake_discord):
+    adapter, router = await connect(), StubRouter()
+    first = message_payload("明日ひま？", author=BOB)
+    await deliver(adapter, router, first)
+    await deliver(adapter, router, message_payload(f"<@{BOT_ID}> どう思う？", replying_to=first, mentions=[BOT_USER]))
+    assert [(m.text, m.addressed) for m in router.seen] == [("明日ひま？", False), ("どう思う？", True)]
+
+    # A reply to a human's message the bot never saw brings that message in first.
+    unseen = message_payload("映画いこう", author=BOB)
+    await deliver(adapter, router, message_payload(f"<@{BOT_ID}> 行く？", replying_to=unseen, mentions=[BOT_USER]))
+    assert [(m.user_name, m.text, m.addressed) for m in router.seen[2:]] == [("Bob", "映画いこう", False), ("Alice", "行く？", True)]
+
+
+async def test_bots_are_not_answered_and_its_own_messages_not_handed_over(connect, fake_discord):
+    adapter, router = await connect(), StubRouter()
+    await deliver(adapter, router, message_payload(f"<@{BOT_ID}> ping", author=OTHER_BOT, mentions=[BOT_USER]))
+    await deliver(adapter, router, message_payload("my own reply", author=BOT_USER))
+    assert [(m.user_name, m.addressed) for m in router.seen] == [("helper", False)]
+    assert fake_discord.posts("messages") == []
+
+    chatty = await connect(answer_bots=True)
+    await deliver(chatty, router, message_payload(f"<@{BOT_ID}> ping", author=OTHER_BOT, mentions=[BOT_USER]))
+    await deliver(chatty, router, message_payload(f"<@{BOT_ID}> me", author=BOT_USER, mentions=[BOT_USER]))
+    assert router.seen[-1].addressed and router.seen[-1].user_name == "helper"
+    assert len(fake_discord.posts("messages")) == 1
+
+
+async def test_everyone_is_not_a_mention_unless_configured(connect, fake_discord):
+    adapter, router = await connect(), StubRouter()
+    await deliver(adapter, router, message_payload("@everyone lunch?", mention_everyone=True))
+    assert not router.seen[-1].addressed and fake_discord.posts("messages") == []
+
+    adapter = await connect(answer_everyone=True)
+    await deliver(adapter, router, message_payload("@here lunch?", mention_everyone=True))
+    assert router.seen[-1].addressed and len(fake_discord.posts("messages")) == 1
+
+
+async def test_allowlists(connect, fake_discord):
+    router = StubRouter()
+    adapter = await connect(allow_channels=[str(CHANNEL_ID)], allow_users=[str(ALICE_ID)])
+    await deliver(adapter, router, message_payload(f"<@{BOT_ID}> hi", channel_id=OTHER_CHANNEL_ID, mentions=[BOT_USER]))
+    await deliver(adapter, router, message_payload(f"<@{BOT_ID}> hi", author=BOB, mentions=[BOT_USER]))
+    assert router.seen == []  # outside the lists: not answered, not remembered
+    await deliver(adapter, router, message_payload(f"<@{BOT_ID}> hi", mentions=[BOT_USER]))
+    await deliver(adapter, router, message_payload("dm", channel_id=DM_ID, guild_id=None))  # a DM: allow_users decides
+    assert [m.chat_id for m in router.seen] == [str(CHANNEL_ID), str(DM_ID)]
+
+    adapter = await connect(allow_guilds=[str(OTHER_GUILD_ID)])
+    await deliver(adapter, router, message_payload(f"<@{BOT_ID}> hi", mentions=[BOT_USER]))
+    assert len(router.seen) == 2
+    assert len(fake_discord.posts("messages")) == 2
+
+
+def test_allowlist_ids_must_be_digit_strings():
+    with pytest.raises(ConfigError, match=r"\[discord\] allow_users\[0\]: must be a Discord id"):
+        make_config(allow_users=["alice"])
+    with pytest.raises(ConfigError, match=r"\[discord\] allow_guilds\[0\]: expected a string"):
+        make_config(allow_guilds=[GUILD_ID])
+
+
+# --- delivery ------------------------------------------------------------------------------------
+
+
+async def test_long_answer_is_split_into_messages_of_at_most_2000(connect, fake_discord):
+    paragraph = "これは長い返事の一部です。" * 25  # 325 characters
+    adapter, router = await connect(), StubRouter("\n\n".join([paragraph] * 13)[:4500])
+    payload = message_payload(f"<@{BOT_ID}> 長く話して", mentions=[BOT_USER])
+    await deliver(adapter, router, payload)
+
+    sent = fake_discord.posts("messages")
+    assert len(sent) == 3
+    assert all(len(body["content"]) <= 2000 for body in sent)
+    assert sent[0]["message_reference"]["message_id"] == int(payload["id"])
+    assert "message_reference" not in sent[1] and "message_reference" not in sent[2]
+    assert all(body["content"].endswith("。") for body in sent[:2])  # cut between sentences
+
+
+async def test_mentions_in_the_answer_never_ping(connect, fake_discord):
+    adapter, router = await connect(), StubRouter(f"@everyone @here <@{BOB_ID}> 集合！")
+    await deliver(adapter, router, message_payload(f"<@{BOT_ID}> みんな呼んで", mentions=[BOT_USER]))
+    (sent,) = fake_discord.posts("messages")
+    assert sent["content"].startswith("@everyone")
+    # parse: [] pings nobody; without replied_user: true the author of the question is not pinged either.
+    assert sent["allowed_mentions"] == {"parse": []}
+
+
+async def test_failed_send_is_logged_and_the_next_message_answered(connect, fake_discord, caplog):
+    adapter, router = await connect(), StubRouter()
+    fake_discord.fail_messages = 403
+    with caplog.at_level(logging.ERROR, logger="bunshin.discord"):
+        await deliver(adapter, router, message_payload(f"<@{BOT_ID}> one", mentions=[BOT_USER]))
+    assert f"could not send a reply in channel {CHANNEL_ID}" in caplog.text and "Missing Permissions" in caplog.text
+
+    fake_discord.fail_messages = None
+    await deliver(adapter, router, message_payload(f"<@{BOT_ID}> two", mentions=[BOT_USER]))
+    assert [body["content"] for body in fake_discord.posts("messages")] == ["こんにちは", "こんにちは"]
+    assert [path for method, path, _ in fake_discord.requests if method == "POST"] == [
+        f"/channels/{CHANNEL_ID}/typing", f"/channels/{CHANNEL_ID}/messages"] * 2
+
+
+# --- starting ------------------------------------------------------------------------------------
+
+
+def test_missing_token_is_a_clear_config_error(monkeypatch):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    config = make_config()
+    with pytest.raises(ConfigError) as exc:
+        config.check_ready()
+    assert str(exc.value) == f"test.toml: [discord] token_env: environment variable {TOKEN_ENV} is not set"
+    with pytest.raises(ConfigError, match=TOKEN_ENV):
+        DiscordAdapter(config, BotMetrics(), "美咲")
+
+
+async def test_message_content_intent_refused_is_a_clear_error(fake_discord, caplog):
+    adapter = DiscordAdapter(make_config(), BotMetrics(), "美咲")
+    with caplog.at_level(logging.ERROR, logger="bunshin.discord"), pytest.raises(DiscordStartError) as exc:
+        await asyncio.wait_for(adapter.run(StubRouter(), asyncio.Event()), timeout=20)
+    assert fake_discord.identify["intents"] & MESSAGE_CONTENT_INTENT  # the intent was asked for
+    assert fake_discord.identify["token"] == "test-token"
+    for text in (str(exc.value), caplog.text):
+        assert "4014" in text and "MESSAGE CONTENT INTENT" in text and "discord.com/developers" in text
+    assert adapter.client.is_closed()
+
+
+async def test_run_answers_gateway_messages_and_returns_when_stopping(fake_discord):
+    fake_discord.gateway_mode = "serve"
+    fake_discord.events = [message_payload("元気？", channel_id=DM_ID, guild_id=None)]
+    adapter, router, stopping = DiscordAdapter(make_config(), BotMetrics(), "美咲"), StubRouter("元気だよ"), asyncio.Event()
+    task = asyncio.create_task(adapter.run(router, stopping))
+    await asyncio.wait_for(router.answered.wait(), timeout=20)
+    for _ in range(100):  # the reply is sent just after the router answers
+        if fake_discord.posts("messages"):
+            break
+        await asyncio.sleep(0.05)
+    stopping.set()
+    await asyncio.wait_for(task, timeout=10)
+    assert [body["content"] for body in fake_discord.posts("messages")] == ["元気だよ"]
+    assert router.seen[0].chat_id == str(DM_ID) and adapter.client.is_closed()
+
+
+# --- splitting -----------------------------------------------------------------------------------
+
+
+def test_split_keeps_a_code_block_whole_when_it_fits():
+    code = "```python\n" + "\n".join(f"print({i})" for i in range(100)) + "\n```"  # about 1,100 characters
+    text = "x " * 700 + "\n" + code + "\nおわり"
+    pieces = split_message(text)
+    assert all(len(p) <= 2000 for p in pieces)
+    assert any(code in p for p in pieces)
+
+
+def test_split_closes_and_reopens_a_code_block_too_long_for_one_message():
+    code = "```python\n" + "\n".join(f"value_{i} = {i} * 2" for i in range(300)) + "\n```"
+    pieces = split_message("ほら\n" + code)
+    assert len(pieces) > 1 and all(len(p) <= 2000 for p in pieces)
+    assert all(p.count("```") % 2 == 0 for p in pieces)  # every piece renders as closed code
+    assert all(p.startswith("```python\n") for p in pieces[1:])
+    assert "".join(pieces).count("value_299 = 299 * 2") == 1
+
+
+def test_split_short_and_unbroken_text():
+    assert split_message("short") == ["short"]
+    assert [len(p) for p in split_message("あ" * 4500)] == [2000, 2000, 500]
