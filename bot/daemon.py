@@ -130,6 +130,9 @@ async def run_daemon(config, stop: asyncio.Event | None = None) -> int:
         memory.close()
         if runner is not None:
             await runner.cleanup()
+    if state.get("failed"):
+        log.error("stopped after an adapter failed")
+        return 1
     log.info("stopped")
     return 0
 
@@ -150,6 +153,7 @@ async def _serve_until_stopped(adapters, router, worker, drain_timeout: float, s
         done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
             if task is not stop_wait and task.exception() is not None:
+                state["failed"] = True
                 log.error("adapter %s failed: %r", task.get_name(), task.exception())
         if tasks and all(t.done() for t in tasks):
             break

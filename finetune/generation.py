@@ -7,11 +7,14 @@ a newline again.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .manifest import DEFAULT_GENERATION
 from .prompt import ChatTurn, encode_prompt, turn_end
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ufffd]")
 
 
 @dataclass
@@ -77,7 +80,8 @@ def generate_replies(
             row = row[: row.index(tokenizer.eos_id)]
         while row and row[-1] == tokenizer.pad_id:
             row.pop()
-        text = tokenizer.from_model_text(tokenizer.decode(row))
+        # Control characters (byte-fallback debris of a half-trained model) are never worth sending.
+        text = _CONTROL.sub("", tokenizer.from_model_text(tokenizer.decode(row)))
         cut = turn_end(text, speakers)
         if cut is not None:
             text = text[:cut]
