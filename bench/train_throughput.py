@@ -40,6 +40,9 @@ RUNS = {
     "ours-bf16": ours("finetune train, bf16, defaults (4096 tokens/step on this GPU)", []),
     "ours-bf16-2k": ours("finetune train, bf16, 2048 tokens/step (what it picks on a 24 GB card)", ["--batch-tokens", "2048"]),
     "ours-bf16-sdpa": ours("finetune train, bf16, masked SDPA over packed rows instead of varlen", ["--attention", "sdpa"]),
+    "ours-bf16-2k-compiled": ours("finetune train, bf16, 2048 tokens/step, torch.compile",
+                                  ["--batch-tokens", "2048", "--compile"]),
+    "ours-bf16-compiled": ours("finetune train, bf16, defaults, torch.compile", ["--compile"]),
     "ours-8bit": ours("finetune train, 8-bit", ["--quantize", "8bit"]),
     "ours-4bit": ours("finetune train, 4-bit", ["--quantize", "4bit"]),
     "community-8bit": {"name": "community recipe: 8-bit, r=8, batch 8 random order padded", "kind": "community"},
@@ -59,7 +62,7 @@ def run_one(key: str, model: Path, data: Path, work: Path, steps: int) -> dict:
             return {"key": key, "name": spec["name"], "error": proc.stderr[-2000:]}
         training = json.loads((out / "bunshin.json").read_text(encoding="utf-8"))["training"]
         result = {k: training[k] for k in ("useful_tokens_per_second", "useful_tokens_per_second_overall", "peak_gpu_memory_gb", "steps", "rows_per_step",
-                                           "tokens_per_step", "pack_length", "gradient_checkpointing", "attention", "dtype",
+                                           "tokens_per_step", "pack_length", "gradient_checkpointing", "attention", "compiled", "dtype",
                                            "quantize", "train_seconds")}
     else:
         cmd = [sys.executable, str(REPO / "bench" / "community_recipe.py"), "--model", str(model), "--data", str(data),

@@ -71,6 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(auto: varlen where available)")
     p.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
                    help="trade compute for memory (auto: on when quantized)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model: fewer kernel launches per step, after minutes of compiling (GPU)")
     p.add_argument("--eval-every", type=int, default=100, help="evaluate on eval.jsonl every N steps (0: only at the end)")
     p.add_argument("--save-every", type=int, default=100, help="write a checkpoint every N steps")
     p.add_argument("--seed", type=int, default=42)
@@ -308,6 +310,7 @@ def _train(args: argparse.Namespace) -> int:
         gradient_checkpointing=False,  # set up above (peft needs it done before wrapping)
         average_tokens_across_devices=True,
         logging_nan_inf_filter=False,  # its NaN check reads the loss back every step, stalling the GPU queue
+        torch_compile=args.compile,
     )
     trainer = _packed_trainer_class(Trainer, TrainerCallback)(
         model=model,
@@ -360,6 +363,7 @@ def _train(args: argparse.Namespace) -> int:
             "device": loaded.device,
             "gradient_checkpointing": gradient_checkpointing,
             "attention": attn,
+            "compiled": args.compile,
             "seed": args.seed,
             "train_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
             "useful_tokens_per_second": round(trainer.tokens_per_second(), 1),
