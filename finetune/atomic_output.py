@@ -14,12 +14,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def check_writable(out: Path, *, replace: bool = False) -> None:
+    """FileExistsError unless `out` is absent, an empty folder, or allowed to be replaced.
+
+    Callers check before slow work too, so a long run does not end in this error."""
+    out = Path(out)
+    if out.exists() and not replace and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists and is not empty (pass --force to replace it)")
+
+
 @contextmanager
 def atomic_directory(out: Path, *, replace: bool = False):
     """Yields a staging folder; on success it becomes `out`. `replace` allows an existing `out` to go."""
     out = Path(out)
-    if out.exists() and not replace and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} already exists and is not empty (pass --force to replace it)")
+    check_writable(out, replace=replace)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:

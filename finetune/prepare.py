@@ -18,8 +18,8 @@ from dataclasses import asdict
 from datetime import datetime, tzinfo
 from pathlib import Path
 
-from .atomic_output import atomic_directory
-from .importers import ExportError, ReadOptions, open_export
+from .atomic_output import atomic_directory, check_writable
+from .importers import ReadOptions, open_export
 from .records import ChatRecord
 from .redact import Redactor
 from .samples import (
@@ -141,8 +141,7 @@ def run_prepare(args: argparse.Namespace, read_options: Callable) -> int:
 
 
 def _run(args: argparse.Namespace, read_options: Callable) -> int:
-    if args.out.exists() and not args.force and (not args.out.is_dir() or any(args.out.iterdir())):
-        raise PrepareError(f"{args.out} already exists and is not empty (pass --force to replace it)")
+    check_writable(args.out, replace=args.force)  # before reading gigabytes of exports, not after
     local = _local_timezone(args.timezone)
     options = SampleOptions(
         session_gap_s=args.session_gap,
@@ -235,5 +234,3 @@ def _run(args: argparse.Namespace, read_options: Callable) -> int:
         print("note: eval.jsonl is empty (too few conversations to hold any out)", file=sys.stderr)
     return 0
 
-
-__all__ = ["ExportError", "PrepareError", "run_prepare"]
