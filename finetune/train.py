@@ -217,13 +217,14 @@ def _train(args: argparse.Namespace) -> int:
     persona = personas.pop()
     fingerprint = dataset_stats.get("fingerprint", "")
 
-    identity = _run_identity(args, base, fingerprint)
+    # As it reads back from RUN_FILE (lists, not tuples), so the two compare equal.
+    identity = json.loads(json.dumps(_run_identity(args, base, fingerprint)))
     if args.resume:
         if not (ckpt / RUN_FILE).is_file() or not any(ckpt.glob("checkpoint-*")):
             raise TrainError(f"--resume: no checkpoint in {ckpt} to continue from")
         earlier = json.loads((ckpt / RUN_FILE).read_text(encoding="utf-8"))
-        if earlier != json.loads(json.dumps(identity)):
-            changed = sorted(k for k in identity if earlier.get(k) != json.loads(json.dumps(identity)).get(k))
+        if earlier != identity:
+            changed = sorted(k for k in identity if earlier.get(k) != identity.get(k))
             raise TrainError(f"--resume: the checkpoints in {ckpt} are from a run with other settings ({', '.join(changed)})")
     elif ckpt.exists():
         if not args.force:
@@ -239,13 +240,12 @@ def _train(args: argparse.Namespace) -> int:
     loaded = load_base_model(base, revision=args.revision, quantize=args.quantize, device=device, dtype=args.dtype,
                              attn_implementation=attn)
     model, tokenizer = loaded.model, loaded.tokenizer
-    context_limit = getattr(model.config, "max_position_embeddings", None) or args.pack_length
-    pack_length = min(args.pack_length, context_limit)
-    max_length = min(args.max_length, pack_length)
     gradient_checkpointing = args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and args.quantize != "none")
     batch_tokens = args.batch_tokens or auto_batch_tokens(model, loaded.device, gradient_checkpointing)
-    pack_length = min(pack_length, batch_tokens)
-    max_length = min(max_length, pack_length)
+    context_limit = getattr(model.config, "max_position_embeddings", None) or args.pack_length
+    # A row holds at most the model's context and one step's tokens; a sample at most one row.
+    pack_length = min(args.pack_length, context_limit, batch_tokens)
+    max_length = min(args.max_length, pack_length)
     rows_per_batch = max(1, batch_tokens // pack_length)
 
     encoded_train, skipped_train = encode_all(tokenizer, train_samples, args.template, max_length)
