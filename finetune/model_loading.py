@@ -161,11 +161,13 @@ def load_base_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     except ValueError as exc:
-        if attn_implementation and "attn_implementation" in str(exc) or "sdpa" in str(exc).lower():
-            kwargs.pop("attn_implementation", None)  # an architecture without SDPA support: its default
-            model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-        else:
+        if not (attn_implementation and ("attn_implementation" in str(exc) or "sdpa" in str(exc).lower())):
             raise ModelLoadError(_cannot_load(base, exc)) from exc
+        kwargs.pop("attn_implementation")  # an architecture without SDPA support: its default attention
+        try:
+            model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+        except Exception as retry_exc:
+            raise ModelLoadError(_cannot_load(base, retry_exc)) from retry_exc
     except Exception as exc:
         raise ModelLoadError(_cannot_load(base, exc)) from exc
     if q is None:
