@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .atomic_output import atomic_directory
 from .model_loading import ModelLoadError, load_adapter
-from .tokenization import TOKENIZER_FILES, _tokenizer_folder
+from .tokenization import TOKENIZER_FILES, tokenizer_folder
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         merged = loaded.model.merge_and_unload()
         manifest = loaded.manifest
         manifest.merged = True
-        tokenizer_source = _tokenizer_folder(args.base or manifest.base_model, None if args.base else manifest.base_revision)
+        tokenizer_source = tokenizer_folder(args.base or manifest.base_model, None if args.base else manifest.base_revision)
         with atomic_directory(args.out, replace=args.force) as staging:
             merged.save_pretrained(str(staging), safe_serialization=True)
             for name in TOKENIZER_FILES:

@@ -146,7 +146,7 @@ def load_tokenizer(model_dir_or_id: str, revision: str | None = None) -> ChatTok
     A SentencePiece file, when there is one, wins over `tokenizer.json`: the `.model` file is what
     the model was trained with, `tokenizer.json` only a conversion of it.
     """
-    folder = _tokenizer_folder(model_dir_or_id, revision)
+    folder = tokenizer_folder(model_dir_or_id, revision)
     for name in SENTENCEPIECE_FILES:
         if _is_sentencepiece_model(folder / name):
             return SentencePieceChatTokenizer(folder / name, model_dir_or_id)
@@ -157,7 +157,7 @@ def load_tokenizer(model_dir_or_id: str, revision: str | None = None) -> ChatTok
     return TransformersChatTokenizer(folder, model_dir_or_id)
 
 
-def _tokenizer_folder(model_dir_or_id: str, revision: str | None) -> Path:
+def tokenizer_folder(model_dir_or_id: str, revision: str | None) -> Path:
     local = Path(model_dir_or_id).expanduser()
     if local.is_dir():
         return local
