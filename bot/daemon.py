@@ -72,8 +72,11 @@ def build_adapters(config, persona: str, metrics) -> list:
     return adapters
 
 
-async def run_daemon(config, stop: asyncio.Event | None = None) -> int:
-    """Serve until SIGINT/SIGTERM, `stop` (for embedding and tests), or the console's end of input."""
+async def run_daemon(config, stop: asyncio.Event | None = None, backend=None) -> int:
+    """Serve until SIGINT/SIGTERM, `stop` (for embedding and tests), or the console's end of input.
+
+    `backend` (tests, benchmarks) replaces the configured model: any object with `persona` and
+    `generate(conversations) -> [(text, tokens)]`."""
     started = time.monotonic()
     metrics = BotMetrics()
     state = {"phase": "loading"}
@@ -103,19 +106,20 @@ async def run_daemon(config, stop: asyncio.Event | None = None) -> int:
         log.info("health and metrics on http://%s:%d/healthz and /metrics", config.server.host, port)
         state["port"] = port
     try:
-        try:
-            loaded = await asyncio.to_thread(load_model, config)
-        except ModelLoadError as exc:
-            raise SystemExit(f"error: {exc}\n{DEMO_HINT}") from None
-        try:
-            backend = ModelBackend.from_loaded(
-                loaded,
-                persona=config.persona.name or None,
-                template=config.persona.template or None,
-                generation_overrides=config.generation.overrides(),
-            )
-        except ValueError as exc:  # e.g. a [persona] that contradicts the adapter's manifest
-            raise SystemExit(f"error: {config.source}: {exc}") from None
+        if backend is None:
+            try:
+                loaded = await asyncio.to_thread(load_model, config)
+            except ModelLoadError as exc:
+                raise SystemExit(f"error: {exc}\n{DEMO_HINT}") from None
+            try:
+                backend = ModelBackend.from_loaded(
+                    loaded,
+                    persona=config.persona.name or None,
+                    template=config.persona.template or None,
+                    generation_overrides=config.generation.overrides(),
+                )
+            except ValueError as exc:  # e.g. a [persona] that contradicts the adapter's manifest
+                raise SystemExit(f"error: {config.source}: {exc}") from None
         worker = Worker(backend, metrics, max_queue=config.queue.max_size, max_batch=config.queue.max_batch,
                         batch_wait_s=config.queue.batch_wait_ms / 1000)
         await worker.start()
