@@ -61,6 +61,7 @@ class DiscordAdapter:
         self.allow_channels = {int(i) for i in self.config.allow_channels}
         self.allow_users = {int(i) for i in self.config.allow_users}
         self.reset_commands = {c.strip() for c in config.memory.reset_commands}
+        self.is_admin = config.is_admin
         # Per channel, the ids of messages already in the router's memory (handed over or sent by us).
         self._recent: defaultdict[int, deque[int]] = defaultdict(lambda: deque(maxlen=config.memory.max_turns))
         self._in_flight: set[asyncio.Task] = set()
@@ -133,8 +134,8 @@ class DiscordAdapter:
         channel_id = message.channel.id
         recent = self._recent[channel_id]
         text = self._readable(message)
-        if addressed and text.strip() in self.reset_commands:
-            recent.clear()  # the router forgets the chat, so do we
+        if addressed and text.strip() in self.reset_commands and self.is_admin(f"discord:{author.id}"):
+            recent.clear()  # the router forgets the chat, so do we (a non-admin's reset is refused there)
 
         replied_to = message.reference.resolved if message.reference else None
         if isinstance(replied_to, discord.Message) and replied_to.id not in recent:

@@ -133,6 +133,9 @@ class LimitsConfig(_Section):
     burst: int = Field(5, gt=0)
     allow_users: list[PlatformKey] = Field(default_factory=list)
     allow_chats: list[PlatformKey] = Field(default_factory=list)
+    # Who may run admin commands ([memory] reset_commands): a reset wipes a whole chat's memory,
+    # a group's included, so it is not for everyone in the group. Empty = nobody but the console.
+    admins: list[PlatformKey] = Field(default_factory=list)
     max_message_chars: int = Field(2000, gt=0)
 
 
@@ -232,6 +235,10 @@ class BotConfig(_Section):
             raise ConfigError([f"{source}: {_describe(err)}" for err in exc.errors()]) from None
         config._source = source
         return config
+
+    def is_admin(self, user_key: str) -> bool:
+        """May this "platform:id" run admin commands? The console's user is the operator at the terminal."""
+        return user_key.startswith("console:") or user_key in self.limits.admins
 
     def enabled_platforms(self) -> list[str]:
         return [p for p in PLATFORMS if getattr(self, p).enabled]

@@ -1,6 +1,6 @@
 """Every platform's messages come through here: should the bot answer, and what.
 
-    adapter ─► handle(message) ─► allowlists ─► reset? ─► rate limit ─► memory ─► worker ─► reply
+    adapter ─► handle(message) ─► allowlists ─► reset (admins only)? ─► rate limit ─► memory ─► worker ─► reply
 
 The adapter has already decided whether the bot was addressed (a mention, a DM, a reply, a LINE
 1:1). Messages that were not addressed are still remembered: in a group the next question is
@@ -27,6 +27,7 @@ ERROR_REPLY = "ごめん、うまく返事が作れなかった。もう一度�
 TIMEOUT_REPLY = "ごめん、返事に時間がかかりすぎたみたい。もう一度送ってみて。"
 RATE_LIMIT_REPLY = "ちょっと速すぎるかも。少し待ってから送ってね。"
 RESET_REPLY = "会話の記憶をリセットしました。"
+NOT_ADMIN_REPLY = "記憶のリセットは管理者だけができます。"
 STOPPING_REPLY = "いまは停止中です。あとでまた話しかけてね。"
 
 
@@ -84,8 +85,13 @@ class Router:
         if not text:
             return None
         if message.addressed and text in self.reset_commands:
+            if not self.config.is_admin(message.user_key):
+                # Said plainly, so the user knows why nothing happened; not remembered, not answered by the model.
+                self.metrics.messages.labels(outcome="refused").inc()
+                log.warning("reset refused for %s in %s: not in [limits] admins", message.user_key, message.chat_key)
+                return NOT_ADMIN_REPLY
             self.memory.reset(message.chat_key)
-            log.info("memory reset for %s", message.chat_key)
+            log.info("memory reset for %s by %s", message.chat_key, message.user_key)
             return RESET_REPLY
         self.memory.append(message.chat_key, message.user_name, text)
         if not message.addressed:

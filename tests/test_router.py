@@ -85,7 +85,8 @@ async def test_a_failed_generation_apologises_and_the_next_message_is_answered(t
 
 async def test_memory_limits_reset_and_allowlists(tmp_path, backend):
     router, worker, memory, _ = make_router(
-        tmp_path, backend, limits={"burst": 2, "messages_per_minute": 1, "allow_chats": ["discord:c1", "discord:c9"]}
+        tmp_path, backend, limits={"burst": 2, "messages_per_minute": 1, "allow_chats": ["discord:c1", "discord:c9"],
+                                   "admins": ["discord:u3"]}
     )
     await worker.start()
     # Not addressed: remembered as context, no reply.
