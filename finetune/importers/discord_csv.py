@@ -81,6 +81,8 @@ def read(path: Path, options: ReadOptions) -> Iterator[ChatRecord]:
         rows = source.rows(delimiter)
         _, header = next(rows, (1, []))
         columns = _columns(header, path, first_line.rstrip("\r\n"))
+    except UnicodeDecodeError:  # a header record that runs on past bad bytes (a quote left open)
+        source.raise_decode_error()
     except BaseException:
         source.close()
         raise

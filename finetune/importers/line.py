@@ -21,7 +21,7 @@ from ..records import SYSTEM, TEXT, ChatRecord
 from .errors import ExportError
 from .line_shapes import NOTICE_ENDINGS as _NOTICE_ENDINGS
 from .line_shapes import SPECIAL_FIRST_CHARS as _SPECIAL_FIRST
-from .line_shapes import classify, date_line, decide_day_month_order, header_line, parse_time
+from .line_shapes import classify, date_line, decide_day_month_order, header_line, message_time, parse_time
 from .options import ReadOptions
 from .text_file import read_text
 
@@ -117,7 +117,10 @@ def _parse(path: Path, options: ReadOptions) -> Iterator[ChatRecord]:
                         raise ExportError(path, i, f"message before any date line (expected a date such as 2024/01/15(月) first): {line[:60]!r}")
                     stamp = stamp_cache.get(minutes)
                     if stamp is None:
-                        stamp = stamp_cache[minutes] = datetime(day.year, day.month, day.day, minutes // 60, minutes % 60)
+                        stamp = message_time(day, minutes)
+                        if stamp is None:
+                            raise ExportError(path, i, f"time {time_text!r} on {day} is past the year 9999")
+                        stamp_cache[minutes] = stamp
                     if pending is not None:
                         yield pending
                         pending = None

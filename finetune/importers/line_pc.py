@@ -10,12 +10,11 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterator
-from datetime import datetime, timedelta
 from pathlib import Path
 
 from ..records import SYSTEM, TEXT, ChatRecord
 from .errors import ExportError
-from .line_shapes import classify, date_line, decide_day_month_order, header_line, parse_time
+from .line_shapes import classify, date_line, decide_day_month_order, header_line, message_time, parse_time
 from .options import ReadOptions
 from .text_file import read_text
 
@@ -94,9 +93,11 @@ def _parse(lines: list[str], speakers: list[str], path: Path, options: ReadOptio
             minutes = parse_time(m.group(1))
             if minutes is not None:
                 # Hours past 23 (`24:53`) occur: they run on into the next morning.
-                stamp = datetime(day.year, day.month, day.day) + timedelta(minutes=minutes)
+                stamp = message_time(day, minutes)
                 split = _split_speaker(m.group(2), speakers)
                 if split is not None or _NOTICE.search(m.group(2)):
+                    if stamp is None:
+                        raise ExportError(path, i, f"time {m.group(1)!r} on {day} is past the year 9999")
                     if pending is not None:
                         yield ChatRecord(pending[0], pending[1], pending[2], pending[3], chat, None, None, pending[4])
                     if split is None:

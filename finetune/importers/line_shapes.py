@@ -8,7 +8,7 @@ that carry a name column but were said by nobody.
 from __future__ import annotations
 
 import re
-from datetime import date
+from datetime import date, datetime, timedelta
 
 from ..records import PLACEHOLDER, SYSTEM, TEXT
 
@@ -70,6 +70,17 @@ def parse_time(text: str) -> int | None:
         else:
             hour = hour % 12
     return hour * 60 + minute
+
+
+def message_time(day: date, minutes: int) -> datetime | None:
+    """The moment `minutes` after midnight of `day`; hours past 23 (`24:53`, as PC exports write)
+    run on into the next day. None when that is past year 9999 (a corrupt date line)."""
+    try:
+        if minutes < 24 * 60:
+            return datetime(day.year, day.month, day.day, minutes // 60, minutes % 60)
+        return datetime(day.year, day.month, day.day) + timedelta(minutes=minutes)
+    except OverflowError:
+        return None
 
 
 def classify(name: str, body: str) -> str:
