@@ -149,6 +149,11 @@ def csv_rows(lines: Iterable[str], path: Path | str, delimiter: str = ",") -> It
                 yield start, row
             start = reader.line_num + 1
     except csv.Error as exc:
+        if "field larger than field limit" in str(exc):
+            # Discord caps a message at 4,000 characters: a field this long is a quote left open that
+            # swallowed the rest of the file, and reading on would hold all of it in memory.
+            raise ExportError(path, start, f"a field longer than {csv.field_size_limit():,} characters: a quote not "
+                                           "closed, so the rest of the file reads as one field?") from None
         raise ExportError(path, start, f"malformed CSV record: {exc} (a quote not closed or not doubled?)") from None
 
 

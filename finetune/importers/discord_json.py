@@ -36,6 +36,9 @@ REPLY_TYPES = frozenset({"Reply", "19"})
 
 _UTF8_BOM = b"\xef\xbb\xbf"
 _PROGRESS_STEP = 1 << 20  # report progress at most once per MiB read
+# yajl re-scans a token that spans reads from its start on every read, so one long message costs
+# (length / read size)^2: with ijson's 64 KiB default a 32 MB message took 55 s, with 4 MiB 1.5 s.
+_READ_BYTES = 4 << 20
 _NOT_DCE = 'expected a DiscordChatExporter JSON export ({"guild": ..., "channel": ..., "messages": [...]})'
 
 
@@ -150,7 +153,7 @@ def _stream_messages(path: Path, channel_id: str, on_progress: Callable[[int], N
     with _open(path) as f:
         reader = _CountingReader(f, on_progress)
         try:
-            for message in ijson.items(reader, "messages.item", use_float=True):
+            for message in ijson.items(reader, "messages.item", use_float=True, buf_size=_READ_BYTES):
                 index += 1
                 yield _record(message, index, channel_id, path)
         except ijson.JSONError as exc:
@@ -190,6 +193,8 @@ def _record(message: object, index: int, channel_id: str, path: Path) -> ChatRec
     except (ValueError, TypeError):
         raise ExportError(path, index, f"message {index}: timestamp {stamp!r} is not an ISO 8601 date") from None
     content = message.get("content") or ""
+    if not isinstance(content, str):
+        raise ExportError(path, index, f'message {index}: "content" is a JSON {_json_type(content)}, expected a string')
 
     if message_type not in USER_MESSAGE_TYPES:
         # Nobody said a notice; DCE's English fallback text (or the type) says what happened.
@@ -203,19 +208,32 @@ def _record(message: object, index: int, channel_id: str, path: Path) -> ChatRec
     # `name` is the account name; `nickname` is a per-server display name that changes over time.
     if content.strip():
         return ChatRecord(name, time, content, TEXT, channel_id, message_id, reply_to, index)
-    return ChatRecord(name, time, _placeholder_text(message), PLACEHOLDER, channel_id, message_id, reply_to, index)
+    text = _placeholder_text(message, index, path)
+    return ChatRecord(name, time, text, PLACEHOLDER, channel_id, message_id, reply_to, index)
 
 
-def _placeholder_text(message: dict) -> str:
+def _json_type(value: object) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(
+        type(value), "null")
+
+
+def _array(message: dict, key: str, index: int, path: Path) -> list:
+    value = message.get(key) or []
+    if not isinstance(value, list):
+        raise ExportError(path, index, f'message {index}: "{key}" is a JSON {_json_type(value)}, expected an array')
+    return value
+
+
+def _placeholder_text(message: dict, index: int, path: Path) -> str:
     """What a message with no typed text carried, in the bracketed style LINE exports use."""
-    attachments = message.get("attachments") or []
+    attachments = _array(message, "attachments", index, path)
     if attachments:
         names = [
-            (a.get("fileName") or str(a.get("url", "")).rsplit("/", 1)[-1]) if isinstance(a, dict) else "?"
+            str(a.get("fileName") or str(a.get("url", "")).rsplit("/", 1)[-1]) if isinstance(a, dict) else "?"
             for a in attachments
         ]
         return f"[attachment: {', '.join(names)}]"
-    stickers = message.get("stickers") or []
+    stickers = _array(message, "stickers", index, path)
     if stickers:
         return f"[sticker: {', '.join(str(s.get('name', '?')) if isinstance(s, dict) else '?' for s in stickers)}]"
     if message.get("embeds"):
