@@ -36,9 +36,11 @@ REPLY_TYPES = frozenset({"Reply", "19"})
 
 _UTF8_BOM = b"\xef\xbb\xbf"
 _PROGRESS_STEP = 1 << 20  # report progress at most once per MiB read
-# yajl re-scans a token that spans reads from its start on every read, so one long message costs
-# (length / read size)^2: with ijson's 64 KiB default a 32 MB message took 55 s, with 4 MiB 1.5 s.
-_READ_BYTES = 4 << 20
+# ijson reads 64 KiB at a time, and builds every message in a read at once: small reads keep memory
+# small. But yajl re-scans a token that spans reads from its start on every read, so one long message
+# costs (length / read size)^2: 3.4 s for an 8 MB message, 55 s for 32 MB. So while no message
+# completes, each read is twice the last, up to 16 MiB, and a long message is read in few large reads.
+_MAX_READ_GROWTH = 256
 _NOT_DCE = 'expected a DiscordChatExporter JSON export ({"guild": ..., "channel": ..., "messages": [...]})'
 
 
@@ -131,16 +133,22 @@ def _read_header(path: Path) -> str:
 
 
 class _CountingReader:
-    """A binary file wrapper that tells on_progress how many bytes ijson has consumed."""
+    """A binary file wrapper that tells on_progress how many bytes ijson has consumed, and reads more
+    at a time while a long message is being read (see _MAX_READ_GROWTH)."""
 
     def __init__(self, f: BinaryIO, on_progress: Callable[[int], None] | None):
         self._f = f
         self._on_progress = on_progress
         self._reported = 0
+        self._growth = 1
         self.bytes_read = f.tell()  # past a skipped BOM
 
+    def message_done(self) -> None:
+        self._growth = 1
+
     def read(self, size: int = -1) -> bytes:
-        data = self._f.read(size)
+        data = self._f.read(size * self._growth if size > 0 else size)
+        self._growth = min(self._growth * 2, _MAX_READ_GROWTH)
         self.bytes_read += len(data)
         if self._on_progress is not None and (not data or self.bytes_read - self._reported >= _PROGRESS_STEP):
             self._reported = self.bytes_read
@@ -153,7 +161,8 @@ def _stream_messages(path: Path, channel_id: str, on_progress: Callable[[int], N
     with _open(path) as f:
         reader = _CountingReader(f, on_progress)
         try:
-            for message in ijson.items(reader, "messages.item", use_float=True, buf_size=_READ_BYTES):
+            for message in ijson.items(reader, "messages.item", use_float=True):
+                reader.message_done()
                 index += 1
                 yield _record(message, index, channel_id, path)
         except ijson.JSONError as exc:
