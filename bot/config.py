@@ -89,6 +89,9 @@ class ModelConfig(_Section):
     quantize: Literal["none", "8bit", "4bit"] = "none"
     device: Annotated[str, AfterValidator(_device)] = ""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    engine: Literal["slots", "plain"] = "slots"  # continuous batching, or plain batched generate()
+    merge_adapter: bool = True  # fold the LoRA weights into the base at load (not with quantize)
+    cuda_graphs: bool = True
 
     @property
     def adapter_path(self) -> Path | None:

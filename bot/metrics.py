@@ -26,13 +26,13 @@ class BotMetrics:
         r = self.registry
         self.queue_depth = Gauge("bunshin_queue_depth", "Requests waiting for the model worker", registry=r)
         self.batch_size = Histogram(
-            "bunshin_batch_size", "Requests generated together in one batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
+            "bunshin_batch_size", "Requests being generated together, per step", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
         )
         self.reply_latency_seconds = Histogram(
             "bunshin_reply_latency_seconds", "From message received to reply ready", buckets=_SECONDS_BUCKETS, registry=r
         )
         self.generation_seconds = Histogram(
-            "bunshin_generation_seconds", "Time of one batched generation", buckets=_SECONDS_BUCKETS, registry=r
+            "bunshin_generation_seconds", "Time of one generation step: one token for every chat (slot engine), or a whole batch (plain generate)", buckets=_SECONDS_BUCKETS, registry=r
         )
         self.generated_tokens = Counter("bunshin_generated_tokens", "Tokens generated in replies", registry=r)
         self.messages = Counter("bunshin_messages", "Incoming messages by outcome", ["outcome"], registry=r)

@@ -1,19 +1,26 @@
 """The worker: the only owner of the model, fed by a bounded asyncio queue.
 
-Messages from every platform wait in one queue. The worker takes whatever is waiting (up to
-`max_batch`), generates the replies as one left-padded batch in a thread (so the event loop keeps
-serving adapters and /healthz meanwhile), and answers each request's future. One generation runs
-at a time: the model is not thread-safe, and a GPU is busy enough with one batch.
+Messages from every platform wait in one queue. The worker admits them, up to `max_batch` at a
+time, to a *stepper* that runs in the worker's own thread (so the event loop keeps serving
+adapters and /healthz meanwhile), and answers each request's future as its reply is done.
+
+Two steppers: with a real model, the slot engine (slot_engine.py) decodes every admitted chat
+together one token per step, and a message that arrives mid-reply joins at the next step
+(continuous batching). Any other backend (one with a `generate(conversations)` method, such as a
+model the slot engine cannot serve) is stepped a whole batch at a time: what is waiting is
+generated together and all of it finishes at once.
 
 A full queue is refused at once (`QueueFull`: the router answers "busy") rather than letting
-replies pile up minutes late. A failed generation (CUDA out-of-memory included) fails only the
-requests of that batch; the worker goes on with the next.
+replies pile up minutes late. A failed step (CUDA out-of-memory included) fails only the
+requests in it; the worker goes on with the next.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue as thread_queue
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -69,6 +76,8 @@ class ModelBackend:
     settings: GenerationSettings
     speakers: tuple[str, ...]  # names seen in training: a line starting with one ends the reply
     max_prompt_tokens: int  # the oldest turns are dropped to fit; room is left for the reply
+    engine: str = "slots"  # "slots": continuous batching (slot_engine.py); "plain": batched generate()
+    cuda_graphs: bool = True
 
     @classmethod
     def from_loaded(
@@ -77,6 +86,8 @@ class ModelBackend:
         persona: str | None = None,
         template: str | None = None,
         generation_overrides: dict | None = None,
+        engine: str = "slots",
+        cuda_graphs: bool = True,
     ) -> ModelBackend:
         """An adapter (or merged model) brings persona, template and generation defaults in its manifest;
         a bare base model needs them given (persona at least)."""
@@ -111,7 +122,36 @@ class ModelBackend:
             raise ValueError(
                 f"max_new_tokens {settings.max_new_tokens} leaves {budget} of {max_length} tokens for the prompt"
             )
-        return cls(loaded, persona, template, settings, speakers, budget)
+        if engine not in ("slots", "plain"):
+            raise ValueError(f"unknown engine {engine!r}; choose slots or plain")
+        return cls(loaded, persona, template, settings, speakers, budget, engine, cuda_graphs)
+
+    def make_stepper(self, capacity: int):
+        """The slot engine with `capacity` slots, warmed up (CUDA graphs captured) and checked against
+        plain generation; plain batched generate() when the engine is off or cannot serve this model."""
+        from .steppers import BatchStepper, EngineStepper
+
+        if self.engine == "plain":
+            return BatchStepper(self, capacity)
+        from .slot_attention import UnsupportedModel
+        from .slot_engine import SlotEngine
+
+        model, tokenizer = self.loaded.model, self.loaded.tokenizer
+        started = time.monotonic()
+        try:
+            engine = SlotEngine(model, tokenizer, self.settings, slots=capacity,
+                                length=self.max_prompt_tokens + self.settings.max_new_tokens, cuda_graphs=self.cuda_graphs)
+            probe = tokenizer.encode(tokenizer.to_model_text("おはよう。今日は何する?\n"))[:32] or [tokenizer.eos_id]
+            difference = engine.self_check(probe)
+            tolerance = 1e-3 if engine.cache.keys[0].dtype.is_floating_point and engine.cache.keys[0].element_size() >= 4 else 5e-2
+            if difference > tolerance:
+                raise UnsupportedModel(f"its logits differ from plain generation by {difference:.2g} (allowed {tolerance:g})")
+        except UnsupportedModel as exc:
+            log.warning("worker: the slot engine cannot serve this model (%s); using plain batched generate()", exc)
+            return BatchStepper(self, capacity)
+        log.info("worker: slot engine ready in %.1fs: %d slots x %d tokens, %.2f GB of cache, %d CUDA graphs",
+                 time.monotonic() - started, engine.slots, engine.length, engine.cache.nbytes / 1e9, len(engine._graphs))
+        return EngineStepper(self, engine)
 
     def generate(self, conversations: list[list[ChatTurn]]) -> list[tuple[str, int]]:
         """(reply text, tokens generated) for each conversation, generated as one batch."""
@@ -125,12 +165,15 @@ class ModelBackend:
         return generate_replies(self.loaded.model, tokenizer, prompts, self.settings, speakers)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Request:
     turns: list[ChatTurn]
     deadline: float  # time.monotonic() after which no reply is wanted
     received: float  # time.monotonic() when the message arrived, for the latency metric
     future: asyncio.Future = field(repr=False)
+
+
+_CLOSE = object()  # tells the stepping thread to end
 
 
 class Worker:
@@ -149,18 +192,37 @@ class Worker:
         self.metrics = metrics
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_s
+        self.stepper = None  # built by start(): the slot engine's warm-up can take a while
         self._queue: asyncio.Queue[_Request] = asyncio.Queue(maxsize=max_queue)
-        self._taken: list[_Request] = []  # the latest batch taken off the queue: stop() fails the unanswered
+        self._in_flight: set[_Request] = set()  # admitted to the stepper, not yet answered
+        self._inbox: thread_queue.SimpleQueue = thread_queue.SimpleQueue()  # loop -> stepping thread
+        self._slots: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
+        self._thread: threading.Thread | None = None
         self._stopping = False
+        self._closing = threading.Event()
 
     @property
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
     async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="bunshin-worker")
+        """Build the stepper (warm-up: the first user must not pay for it), then start serving."""
+        if self._task is not None:
+            return
+        make = getattr(self.backend, "make_stepper", None)
+        if make is not None:
+            self.stepper = await asyncio.to_thread(make, self.max_batch)
+        else:
+            from .steppers import BatchStepper
+
+            self.stepper = BatchStepper(self.backend, self.max_batch)
+        self._loop = asyncio.get_running_loop()
+        self._slots = asyncio.Semaphore(self.stepper.capacity)
+        self._thread = threading.Thread(target=self._step_forever, name="bunshin-worker", daemon=True)
+        self._thread.start()
+        self._task = asyncio.create_task(self._admit_forever(), name="bunshin-worker")
 
     def submit(self, turns: Sequence[ChatTurn], *, deadline: float, received: float) -> asyncio.Future:
         """Queue a conversation; the future gets a GeneratedReply, or DeadlineExceeded / GenerationFailed /
@@ -179,7 +241,7 @@ class Worker:
 
     async def stop(self, timeout: float) -> None:
         """Refuse new requests, answer what is queued or in flight within `timeout` seconds, then fail
-        the rest with WorkerStopped. A generation still running in its thread is left to finish there."""
+        the rest with WorkerStopped. A step still running in the thread is left to finish there."""
         self._stopping = True
         if self._task is None:
             return
@@ -187,78 +249,116 @@ class Worker:
             await asyncio.wait_for(self._queue.join(), timeout)
         except asyncio.TimeoutError:
             log.warning("worker: %d requests unanswered after %.1f s; giving up on them",
-                        len(self._taken) + self._queue.qsize(), timeout)
+                        len(self._in_flight) + self._queue.qsize(), timeout)
         self._task.cancel()
         await asyncio.wait({self._task})  # not `await task`: that would re-raise the cancellation
-        leftovers = self._taken + [self._queue.get_nowait() for _ in range(self._queue.qsize())]
+        self._closing.set()
+        self._inbox.put(_CLOSE)
+        leftovers = list(self._in_flight) + [self._queue.get_nowait() for _ in range(self._queue.qsize())]
+        self._in_flight.clear()
         for request in leftovers:
             if not request.future.done():
                 request.future.set_exception(WorkerStopped("the bot shut down before answering"))
         self.metrics.queue_depth.set(0)
 
-    async def _run(self) -> None:
+    # -- the event loop's side: admit queued requests while the stepper has room ---------------
+
+    async def _admit_forever(self) -> None:
         while True:
-            batch = await self._next_batch()
-            try:
-                await self._answer(batch)
-            finally:  # `_taken` stays as it is: if this is stop() cancelling us, it fails those requests
-                for _ in batch:
-                    self._queue.task_done()
-
-    async def _next_batch(self) -> list[_Request]:
-        self._taken = [await self._queue.get()]
-        # Messages sent together (a busy group chat, several platforms at once) arrive a few ms apart:
-        # a short wait lets them share one generation, which costs about as much as a single reply.
-        if self.batch_wait_s > 0 and self._queue.qsize() < self.max_batch - 1:
-            await asyncio.sleep(self.batch_wait_s)
-        while len(self._taken) < self.max_batch and not self._queue.empty():
-            self._taken.append(self._queue.get_nowait())
-        self.metrics.queue_depth.set(self._queue.qsize())
-        return list(self._taken)
-
-    async def _answer(self, batch: list[_Request]) -> None:
-        now = time.monotonic()
-        live = []
-        for request in batch:
+            await self._slots.acquire()
+            request = await self._queue.get()
+            self.metrics.queue_depth.set(self._queue.qsize())
             if request.future.done():  # the caller gave up (cancelled): nothing to answer
+                self._release(request)
                 continue
-            if request.deadline <= now:
+            if request.deadline <= time.monotonic():
                 request.future.set_exception(DeadlineExceeded("the reply was not started before its deadline"))
                 self.metrics.errors.labels("deadline").inc()
+                self._release(request)
                 continue
-            live.append(request)
-        if not live:
-            return
+            self._in_flight.add(request)
+            self._inbox.put(request)
 
-        self.metrics.batch_size.observe(len(live))
-        started = time.monotonic()
-        failure = None
+    def _release(self, request: _Request) -> None:
+        self._in_flight.discard(request)
+        self._slots.release()
+        self._queue.task_done()
+
+    def _deliver(self, request: _Request, text: str, tokens: int, done: float) -> None:
+        self.metrics.generated_tokens.inc(tokens)
+        if request in self._in_flight:
+            if not request.future.done():  # else cancelled while generating
+                request.future.set_result(GeneratedReply(text, tokens))
+                self.metrics.reply_latency_seconds.observe(done - request.received)
+            self._release(request)
+
+    def _fail(self, request: _Request, failure: GenerationFailed) -> None:
+        if request in self._in_flight:
+            if not request.future.done():  # one exception object each: awaiting it sets its traceback
+                request.future.set_exception(GenerationFailed(failure.kind, failure.message))
+            self.metrics.errors.labels(failure.kind).inc()
+            self._release(request)
+
+    def _post(self, callback, *args) -> None:
         try:
-            results = await asyncio.to_thread(self.backend.generate, [r.turns for r in live])
-            replies = [(r, GeneratedReply(text, tokens)) for r, (text, tokens) in zip(live, results, strict=True)]
-        except Exception as exc:  # one bad batch must not stop the bot: its requests get an error reply
-            failure = GenerationFailed(_failure_kind(exc), f"{type(exc).__name__}: {exc}")
-            log.error("worker: generating %d replies failed (%s)", len(live), failure, exc_info=True)
-        self.metrics.generation_seconds.observe(time.monotonic() - started)
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop has closed: the bot is gone, nobody is waiting
+            pass
 
-        if failure is not None:
-            if failure.kind == "oom":
-                # Only now, with the exception and its frames (holding the batch's tensors) gone,
-                # can the cached blocks go back, so that the next, maybe smaller, batch fits.
-                _empty_cuda_cache()
-            for request in live:
-                if not request.future.done():  # one exception object each: awaiting it sets its traceback
-                    request.future.set_exception(GenerationFailed(failure.kind, failure.message))
-                self.metrics.errors.labels(failure.kind).inc()
-            return
+    # -- the stepping thread: the only code that touches the model ----------------------------
 
-        done = time.monotonic()
-        for request, reply in replies:
-            self.metrics.generated_tokens.inc(reply.tokens)
-            if request.future.done():  # cancelled while generating
+    def _step_forever(self) -> None:
+        stepper = self.stepper
+        while not self._closing.is_set():
+            if stepper.busy == 0:
+                request = self._inbox.get()  # idle: sleep until there is work
+                if request is _CLOSE:
+                    return
+                self._admit(stepper, request)
+                # Messages sent together (a busy group chat, several platforms at once) arrive a few
+                # ms apart: a short wait lets them start together in one prefill or one batch.
+                if self.batch_wait_s > 0:
+                    time.sleep(self.batch_wait_s)
+            if not self._admit_waiting(stepper):
+                return
+            self.metrics.batch_size.observe(stepper.busy)
+            started = time.monotonic()
+            try:
+                finished = stepper.step()
+            except Exception as exc:  # one bad step must not stop the bot: its requests get an error reply
+                failure = GenerationFailed(_failure_kind(exc), f"{type(exc).__name__}: {exc}")
+                keys = stepper.abort()
+                log.error("worker: generating %d replies failed (%s)", len(keys), failure, exc_info=True)
+                del exc
+                if failure.kind == "oom":
+                    # Only now, with the exception and its frames (holding the step's tensors) gone,
+                    # can the cached blocks go back, so that the next, maybe smaller, batch fits.
+                    _empty_cuda_cache()
+                for request in keys:
+                    self._post(self._fail, request, failure)
                 continue
-            request.future.set_result(reply)
-            self.metrics.reply_latency_seconds.observe(done - request.received)
+            done = time.monotonic()
+            self.metrics.generation_seconds.observe(done - started)
+            for request, text, tokens in finished:
+                self._post(self._deliver, request, text, tokens, done)
+
+    def _admit_waiting(self, stepper) -> bool:
+        """Admit everything already handed over (the semaphore keeps it within capacity); False on close."""
+        while True:
+            try:
+                request = self._inbox.get_nowait()
+            except thread_queue.Empty:
+                return True
+            if request is _CLOSE:
+                return False
+            self._admit(stepper, request)
+
+    def _admit(self, stepper, request: _Request) -> None:
+        try:
+            stepper.admit(request, request.turns)
+        except Exception as exc:  # e.g. a prompt the tokenizer rejects: only this request fails
+            log.error("worker: cannot start a reply (%s: %s)", type(exc).__name__, exc, exc_info=True)
+            self._post(self._fail, request, GenerationFailed("generation", f"{type(exc).__name__}: {exc}"))
 
 
 def _failure_kind(exc: BaseException) -> str:

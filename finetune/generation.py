@@ -80,10 +80,15 @@ def generate_replies(
             row = row[: row.index(tokenizer.eos_id)]
         while row and row[-1] == tokenizer.pad_id:
             row.pop()
-        # Control characters (byte-fallback debris of a half-trained model) are never worth sending.
-        text = _CONTROL.sub("", tokenizer.from_model_text(tokenizer.decode(row)))
-        cut = turn_end(text, speakers)
-        if cut is not None:
-            text = text[:cut]
-        replies.append((text.strip(), len(row)))
+        replies.append((reply_text(tokenizer, row, speakers), len(row)))
     return replies
+
+
+def reply_text(tokenizer, ids: list[int], speakers: Sequence[str] = ()) -> str:
+    """The reply a chat partner sees for generated `ids` (EOS already removed)."""
+    # Control characters (byte-fallback debris of a half-trained model) are never worth sending.
+    text = _CONTROL.sub("", tokenizer.from_model_text(tokenizer.decode(ids)))
+    cut = turn_end(text, speakers)
+    if cut is not None:
+        text = text[:cut]
+    return text.strip()

@@ -221,9 +221,12 @@ def load_adapter(
     quantize: str = "none",
     device: str | None = None,
     dtype: str | None = None,
+    merge: bool = False,
 ) -> LoadedModel:
     """Base model + LoRA adapter for generation. `base` overrides where the base is loaded from
-    (a local copy), but it must be the same model: the tokenizer fingerprint is checked."""
+    (a local copy), but it must be the same model: the tokenizer fingerprint is checked.
+    `merge` folds the LoRA weights into the base weights (one persona served: no LoRA cost per
+    token); it needs unquantized weights."""
     adapter_dir = Path(adapter_dir)
     manifest = read_adapter_manifest(adapter_dir)
     if manifest.merged:
@@ -245,6 +248,10 @@ def load_adapter(
         loaded.model = PeftModel.from_pretrained(loaded.model, str(adapter_dir))
     except Exception as exc:
         raise ModelLoadError(f"adapter {adapter_dir} cannot be loaded: {type(exc).__name__}: {exc}") from exc
+    if merge:
+        if quantize != "none":
+            raise ModelLoadError("merging the adapter needs unquantized weights (--quantize none)")
+        loaded.model = loaded.model.merge_and_unload()
     loaded.model.eval()
     loaded.manifest = manifest
     return loaded

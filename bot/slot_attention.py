@@ -1,0 +1,153 @@
+"""A static KV cache with one row per chat ("slot"), written and read by a custom attention function.
+
+Continuous batching needs every chat in the batch at its own position: one chat is 300 tokens
+into its reply while another has just been prefilled. transformers' caches keep one write
+position for the whole batch, so instead of a Cache object this module registers an attention
+implementation ("bunshin_slots") with transformers. The model is called with `use_cache=False`;
+each attention layer hands this function its new keys and values (rotary already applied), and
+the function writes them into the layer's rows of a preallocated cache at each row's own
+positions, then attends over the cache with a mask built from those positions.
+
+Everything the function needs for one forward pass is in a `SlotStep` set by `active_step()`.
+Inside a CUDA graph the Python runs once at capture; the step's tensors are the graph's static
+buffers, so each replay reads whatever positions were copied into them.
+
+Without an active step the function is plain SDPA, so `model.generate()` keeps working on a
+model switched to this implementation (tests and benchmarks compare the two on one model).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+NAME = "bunshin_slots"
+_registered = False
+_active: SlotStep | ProbeStep | None = None
+
+
+@dataclass
+class SlotCache:
+    """Per layer, keys and values of shape (slots, kv_heads, length, head_dim)."""
+
+    keys: list
+    values: list
+
+    @property
+    def slots(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+@dataclass
+class SlotStep:
+    """One forward pass over `len(write_positions)` rows.
+
+    rows: the cache rows (slots) of the batch rows, or None when batch row i is slot i (decode:
+    the cache is then read as a view, not gathered).
+    row_index: (batch, 1) arange, or rows[:, None]: the first index of the cache writes.
+    write_positions: (batch, tokens) cache position of each new token.
+    kv_length: how many cache positions attention reads (a bucket >= every row's length).
+    mask: (batch, 1, tokens, kv_length) bool, True where a query may attend.
+    """
+
+    cache: SlotCache
+    rows: object | None
+    row_index: object
+    write_positions: object
+    kv_length: int
+    mask: object
+
+
+@dataclass
+class ProbeStep:
+    """Records each layer's key shape and dtype, so the cache can be sized for any architecture."""
+
+    shapes: dict
+
+
+@contextmanager
+def active_step(step: SlotStep | ProbeStep):
+    global _active
+    previous, _active = _active, step
+    try:
+        yield step
+    finally:
+        _active = previous
+
+
+def register() -> str:
+    """Make `attn_implementation="bunshin_slots"` known to transformers; returns the name."""
+    global _registered
+    if _registered:
+        return NAME
+    import torch
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        step = _active
+        if step is None or isinstance(step, ProbeStep):
+            if step is not None:
+                _record_shape(step, module, key, kwargs)
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        layer = module.layer_idx
+        cache_k, cache_v = step.cache.keys[layer], step.cache.values[layer]
+        # (batch, heads, tokens, dim) -> (batch, tokens, heads, dim): the layout of cache[row, :, position].
+        cache_k[step.row_index, :, step.write_positions] = key.transpose(1, 2).to(cache_k.dtype)
+        cache_v[step.row_index, :, step.write_positions] = value.transpose(1, 2).to(cache_v.dtype)
+        if step.rows is None:
+            k = cache_k[: query.shape[0], :, : step.kv_length]
+            v = cache_v[: query.shape[0], :, : step.kv_length]
+        else:
+            k = cache_k[step.rows, :, : step.kv_length]
+            v = cache_v[step.rows, :, : step.kv_length]
+        gqa = {"enable_gqa": True} if k.shape[1] != query.shape[1] else {}
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, k.to(query.dtype), v.to(query.dtype), attn_mask=step.mask, scale=scaling, **gqa
+        )
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(NAME, attention)
+    # Plain generate() on a model switched to this implementation still needs transformers' masks.
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    _registered = True
+    return NAME
+
+
+class UnsupportedModel(Exception):
+    """The architecture does something the slot cache cannot represent (sliding windows, shared KV)."""
+
+
+def _record_shape(step: ProbeStep, module, key, kwargs) -> None:
+    layer = getattr(module, "layer_idx", None)
+    if layer is None:
+        raise UnsupportedModel(f"{type(module).__name__} has no layer_idx")
+    if kwargs.get("sliding_window"):
+        raise UnsupportedModel(f"layer {layer} uses sliding-window attention")
+    if layer in step.shapes:
+        raise UnsupportedModel(f"layer index {layer} is used by two attention modules (shared KV)")
+    step.shapes[layer] = (key.shape[1], key.shape[3], key.dtype)
+
+
+def allocate_cache(shapes: dict, slots: int, length: int, device) -> SlotCache:
+    """Zeroed keys and values for every probed layer."""
+    import torch
+
+    layers = sorted(shapes)
+    if layers != list(range(len(layers))):
+        raise UnsupportedModel(f"attention layers are numbered {layers[:5]}..., not 0..{len(layers) - 1}")
+    keys, values = [], []
+    for layer in layers:
+        heads, dim, dtype = shapes[layer]
+        keys.append(torch.zeros((slots, heads, length, dim), dtype=dtype, device=device))
+        values.append(torch.zeros((slots, heads, length, dim), dtype=dtype, device=device))
+    return SlotCache(keys, values)

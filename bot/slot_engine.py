@@ -1,0 +1,357 @@
+"""Continuous batching: every chat has a row ("slot") in a static KV cache and joins at the next step.
+
+Plain `generate()` runs a batch until its longest reply is done, so a message that arrives
+meanwhile waits for the whole batch, and each decoded token pays Python and kernel-launch
+overhead that leaves the GPU mostly idle. This engine instead:
+
+- keeps one preallocated cache row per chat (slot_attention.py), so rows at different positions
+  decode together, a finished row frees its slot at once, and a new prompt is prefilled into a
+  free slot between two decode steps;
+- decodes through CUDA graphs captured at start-up for each (batch, cache-length) bucket: one
+  graph replay per token instead of hundreds of kernel launches;
+- chooses tokens with the same processors as `generate()` (sampling.py), so greedy replies are
+  the same tokens.
+
+`step()` is synchronous and single-threaded: the worker calls it in a loop in its own thread.
+Any causal LM whose attention goes through transformers' attention interface works; a model the
+self-check finds different from plain generation raises UnsupportedModel, and the worker falls
+back to plain batched `generate()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from finetune.generation import GenerationSettings, reply_text
+from finetune.prompt import turn_end
+
+from . import slot_attention
+from .sampling import next_tokens
+from .slot_attention import ProbeStep, SlotStep, UnsupportedModel, active_step, allocate_cache
+
+log = logging.getLogger(__name__)
+
+_MIN_LENGTH_BUCKET = 64
+
+
+@dataclass
+class Finished:
+    key: object
+    text: str
+    tokens: int
+
+
+@dataclass
+class _Row:
+    key: object
+    prompt: list[int]
+    speakers: tuple[str, ...]
+    max_new_tokens: int
+    tokens: list[int] = field(default_factory=list)
+    position: int = 0  # cache position the next fed token is written to
+    colon_seen: bool = False  # the latest token had a ':' (a turn may start): check turn_end
+
+
+class SlotEngine:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        settings: GenerationSettings,
+        *,
+        slots: int,
+        length: int,
+        cuda_graphs: bool = True,
+        seed: int | None = None,
+    ) -> None:
+        import torch
+
+        if slots < 1 or length < 2:
+            raise ValueError("the slot engine needs at least one slot and two positions")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.device = next(p for p in model.parameters()).device
+        self._torch = torch
+        model.eval()
+        _use_slot_attention(model)
+
+        shapes, vocab = self._probe()
+        self.cache = allocate_cache(shapes, slots, length, self.device)
+        self.vocab = vocab
+        self.batch_buckets = _buckets(1, slots)
+        self.length_buckets = _buckets(min(_MIN_LENGTH_BUCKET, length), length)
+        dev = self.device
+        self._ids = torch.zeros((slots, 1), dtype=torch.long, device=dev)
+        self._pos = torch.zeros((slots,), dtype=torch.long, device=dev)
+        pin = dev.type == "cuda"
+        self._ids_host = torch.zeros((slots, 1), dtype=torch.long, pin_memory=pin)
+        self._pos_host = torch.zeros((slots,), dtype=torch.long, pin_memory=pin)
+        self._positions = torch.arange(length, device=dev)
+        self._row_index = torch.arange(slots, device=dev).view(slots, 1)
+        self._seen = torch.zeros((slots, vocab), dtype=torch.bool, device=dev)
+        self._generator = torch.Generator(device=dev)
+        if seed is not None:
+            self._generator.manual_seed(seed)
+        else:
+            self._generator.seed()
+        self._colon = _colon_tokens(tokenizer, vocab)
+        self._rows: dict[int, _Row] = {}  # slot -> row being decoded
+        self._pending: list[_Row] = []  # admitted, prefilled at the next step
+        self._graphs: dict[tuple[int, int], tuple] = {}
+        if cuda_graphs and dev.type == "cuda":
+            started = time.monotonic()
+            self._capture_graphs()
+            log.info("slot engine: captured %d CUDA graphs in %.1fs", len(self._graphs), time.monotonic() - started)
+
+    # -- what the worker uses ---------------------------------------------------------------
+
+    @property
+    def slots(self) -> int:
+        return self.cache.slots
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    @property
+    def busy(self) -> int:
+        return len(self._rows) + len(self._pending)
+
+    @property
+    def free(self) -> int:
+        return self.slots - self.busy
+
+    def add(self, key, prompt: list[int], speakers=()) -> None:
+        """Admit a prompt; it is prefilled at the next step. The prompt must leave room for one token."""
+        if self.free < 1:
+            raise RuntimeError("no free slot: check `free` before adding")
+        if not prompt or len(prompt) >= self.length:
+            raise ValueError(f"a prompt of {len(prompt)} tokens does not fit a cache of {self.length}")
+        room = self.length - len(prompt)
+        self._pending.append(_Row(key, list(prompt), tuple(speakers), min(self.settings.max_new_tokens, room)))
+
+    def step(self) -> list[Finished]:
+        """Prefill what was added, else decode one token for every row; returns the rows that ended."""
+        with self._torch.inference_mode():
+            if self._pending:
+                return self._prefill()
+            if self._rows:
+                return self._decode()
+        return []
+
+    def abort(self) -> list:
+        """Drop every row (after a failed step: the cache rows may be half-written); returns their keys."""
+        keys = [r.key for r in self._pending] + [r.key for r in self._rows.values()]
+        self._pending.clear()
+        self._rows.clear()
+        return keys
+
+    # -- prefill and decode -----------------------------------------------------------------
+
+    def _prefill(self) -> list[Finished]:
+        torch = self._torch
+        rows, self._pending = self._pending, []
+        free = [s for s in range(self.slots) if s not in self._rows]
+        slots = free[: len(rows)]
+        logits = self._prefill_logits(rows, slots)
+        dev = self.device
+        slot_index = torch.tensor(slots, dtype=torch.long, device=dev)
+        seen = torch.zeros((len(rows), self.vocab), dtype=torch.bool, device=dev)
+        for i, row in enumerate(rows):
+            seen[i, torch.tensor(row.prompt, device=dev)] = True
+        chosen = next_tokens(logits, seen, self.settings, self._generator)
+        seen[torch.arange(len(rows), device=dev), chosen] = True
+        self._seen[slot_index] = seen
+        finished = []
+        for slot, row, token in zip(slots, rows, chosen.tolist(), strict=True):
+            row.position = len(row.prompt)
+            self._rows[slot] = row
+            if self._take(row, token):
+                finished.append(self._finish(slot))
+        return finished
+
+    def _prefill_logits(self, rows: list[_Row], slots: list[int]):
+        """Write the prompts into their slots' cache rows; the float32 logits after each prompt."""
+        torch = self._torch
+        longest = max(len(r.prompt) for r in rows)
+        kv_length = _bucket(longest, self.length_buckets)
+        # Right-padded: the padding's keys land beyond each prompt, where decoding overwrites them
+        # before the mask ever lets a query see them.
+        ids = torch.full((len(rows), longest), self.tokenizer.pad_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row.prompt)] = torch.tensor(row.prompt, dtype=torch.long)
+        dev = self.device
+        ids = ids.to(dev)
+        positions = self._positions[:longest].expand(len(rows), longest)
+        mask = self._positions[:kv_length].view(1, 1, 1, kv_length) <= positions.view(len(rows), 1, longest, 1)
+        slot_index = torch.tensor(slots, dtype=torch.long, device=dev)
+        last = torch.tensor([len(r.prompt) - 1 for r in rows], dtype=torch.long, device=dev)
+        step = SlotStep(self.cache, slot_index, slot_index.view(-1, 1), positions, kv_length, mask)
+        with active_step(step):
+            # logits_to_keep as indices: only each row's last prompt position reaches the LM head.
+            out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False,
+                             logits_to_keep=last)
+        arange = torch.arange(len(rows), device=dev)
+        return out.logits[arange, arange].float()  # row i's logits at its own last prompt token
+
+    def _decode(self) -> list[Finished]:
+        torch = self._torch
+        batch, logits = self._decode_logits()
+        seen = self._seen[:batch]
+        chosen = next_tokens(logits, seen, self.settings, self._generator)
+        seen[torch.arange(batch, device=self.device), chosen] = True
+        finished = []
+        for slot, token in zip(range(batch), chosen.tolist(), strict=True):
+            row = self._rows.get(slot)
+            if row is None:
+                continue
+            row.position += 1
+            if self._take(row, token):
+                finished.append(self._finish(slot))
+        return finished
+
+    def _decode_logits(self):
+        """Feed every row its latest token: (batch rows computed, their float32 logits)."""
+        batch = _bucket(max(self._rows) + 1, self.batch_buckets)
+        kv_length = _bucket(max(r.position for r in self._rows.values()) + 1, self.length_buckets)
+        ids_host, pos_host = self._ids_host, self._pos_host
+        ids_host[:batch] = self.tokenizer.pad_id
+        pos_host[:batch] = 0  # free slots in the batch write garbage at position 0 of their own row
+        for slot, row in self._rows.items():
+            ids_host[slot, 0] = row.tokens[-1]
+            pos_host[slot] = row.position
+        self._ids[:batch].copy_(ids_host[:batch], non_blocking=True)
+        self._pos[:batch].copy_(pos_host[:batch], non_blocking=True)
+        graph = self._graphs.get((batch, kv_length))
+        if graph is not None:
+            graph[0].replay()
+            return batch, graph[1].float()
+        return batch, self._forward_decode(batch, kv_length).float()
+
+    def _forward_decode(self, batch: int, kv_length: int):
+        """One token for rows 0..batch-1 from the static buffers: the body of each CUDA graph."""
+        ids, pos = self._ids[:batch], self._pos[:batch]
+        mask = self._positions[:kv_length].view(1, 1, 1, kv_length) <= pos.view(batch, 1, 1, 1)
+        step = SlotStep(self.cache, None, self._row_index[:batch], pos.view(batch, 1), kv_length, mask)
+        with active_step(step):
+            out = self.model(input_ids=ids, position_ids=pos.view(batch, 1), attention_mask=mask, use_cache=False)
+        return out.logits[:, -1, :]
+
+    def _take(self, row: _Row, token: int) -> bool:
+        """Add a chosen token to its row; True when the reply has ended."""
+        if token == self.tokenizer.eos_id:
+            return True
+        row.tokens.append(token)
+        if len(row.tokens) >= row.max_new_tokens:
+            return True
+        # A new turn is `\nname: `: only worth decoding the reply when a colon has just appeared.
+        colon = self._colon[token]
+        check, row.colon_seen = row.colon_seen or colon, colon
+        if check:
+            text = self.tokenizer.from_model_text(self.tokenizer.decode(row.tokens))
+            return turn_end(text, row.speakers) is not None
+        return False
+
+    def _finish(self, slot: int) -> Finished:
+        row = self._rows.pop(slot)
+        return Finished(row.key, reply_text(self.tokenizer, row.tokens, row.speakers), len(row.tokens))
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    def _probe(self):
+        """Each attention layer's key shape, and the vocabulary size, from a one-token forward."""
+        torch = self._torch
+        probe = ProbeStep({})
+        ids = torch.tensor([[self.tokenizer.eos_id]], device=self.device)
+        with torch.inference_mode(), active_step(probe):
+            out = self.model(input_ids=ids, use_cache=False)
+        if not probe.shapes:
+            raise UnsupportedModel("no attention layer went through transformers' attention interface")
+        return probe.shapes, out.logits.shape[-1]
+
+    def _capture_graphs(self) -> None:
+        torch = self._torch
+        pool = torch.cuda.graph_pool_handle()
+        for batch in self.batch_buckets:
+            for kv_length in self.length_buckets:
+                with torch.inference_mode():
+                    # Warm-up off the capture stream: lazy initialisations must not land in the graph.
+                    side = torch.cuda.Stream()
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        self._forward_decode(batch, kv_length)
+                    torch.cuda.current_stream().wait_stream(side)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        logits = self._forward_decode(batch, kv_length)
+                self._graphs[(batch, kv_length)] = (graph, logits)
+        torch.cuda.synchronize()
+
+    def self_check(self, prompt: list[int], steps: int = 3) -> float:
+        """Largest relative logit difference between this engine and a plain forward pass of the
+        whole sequence, after the prompt and after each of `steps` greedy tokens. Uses slot 0."""
+        torch = self._torch
+        if self.busy:
+            raise RuntimeError("self_check needs an idle engine")
+        row = _Row("self-check", list(prompt), (), steps + 1)
+        worst = 0.0
+        try:
+            with torch.inference_mode():
+                logits = self._prefill_logits([row], [0])[0]
+                row.position = len(prompt)
+                self._rows[0] = row
+                for _ in range(steps + 1):
+                    sequence = torch.tensor([prompt + row.tokens], device=self.device)
+                    reference = self.model(input_ids=sequence, use_cache=False).logits[0, -1].float()
+                    worst = max(worst, _relative_difference(logits, reference))
+                    row.tokens.append(int(reference.argmax()))
+                    _, logits = self._decode_logits()
+                    logits = logits[0]
+                    row.position += 1
+        finally:
+            self.abort()
+        return worst
+
+
+def _use_slot_attention(model) -> None:
+    name = slot_attention.register()
+    try:
+        model.set_attn_implementation(name)
+    except (AttributeError, ValueError, TypeError) as exc:
+        raise UnsupportedModel(f"cannot switch the model to {name} attention: {exc}") from None
+
+
+def _relative_difference(a, b) -> float:
+    scale = float(b.abs().max()) or 1.0
+    return float((a - b).abs().max()) / scale
+
+
+def _buckets(smallest: int, largest: int) -> list[int]:
+    sizes, size = [], smallest
+    while size < largest:
+        sizes.append(size)
+        size *= 2
+    sizes.append(largest)
+    return sizes
+
+
+def _bucket(n: int, sizes: list[int]) -> int:
+    for size in sizes:
+        if size >= n:
+            return size
+    raise ValueError(f"{n} exceeds the largest bucket {sizes[-1]}")
+
+
+def _colon_tokens(tokenizer, vocab: int) -> list[bool]:
+    """For each token id, whether its text has a ':' (where a new `name: ` turn may begin)."""
+    flags = []
+    for token in range(vocab):
+        try:
+            piece = tokenizer.decode([token])
+        except Exception:  # ids past the tokenizer's vocabulary (padded embedding rows)
+            piece = ""
+        flags.append(":" in piece)
+    return flags

@@ -1,0 +1,83 @@
+"""What the worker's thread drives: a stepper takes admitted requests and reports finished replies.
+
+- `EngineStepper`: the slot engine. Each step decodes one token for every admitted chat (or
+  prefills the newly admitted); a request can be admitted whenever a slot is free.
+- `BatchStepper`: any backend with `generate(conversations)`: one step generates everything
+  admitted as one batch (plain `generate()`, or a test's or benchmark's stand-in).
+
+Keys are the worker's request objects; a stepper never looks inside them.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from finetune.generation import fit_context
+from finetune.prompt import ChatTurn
+
+
+class Stepper(Protocol):
+    capacity: int  # requests it can hold at once
+
+    @property
+    def busy(self) -> int: ...  # requests admitted and not yet finished
+
+    def admit(self, key, turns: list[ChatTurn]) -> None: ...
+
+    def step(self) -> list[tuple[object, str, int]]:  # (key, reply text, tokens generated) that finished
+        ...
+
+    def abort(self) -> list: ...  # after a failed step: forget every admitted request, return their keys
+
+
+class BatchStepper:
+    def __init__(self, backend, capacity: int) -> None:
+        self.backend = backend
+        self.capacity = capacity
+        self._admitted: list[tuple[object, list[ChatTurn]]] = []
+
+    @property
+    def busy(self) -> int:
+        return len(self._admitted)
+
+    def admit(self, key, turns: list[ChatTurn]) -> None:
+        self._admitted.append((key, turns))
+
+    def step(self) -> list[tuple[object, str, int]]:
+        if not self._admitted:
+            return []
+        results = self.backend.generate([turns for _, turns in self._admitted])
+        finished = [(key, text, tokens) for (key, _), (text, tokens) in zip(self._admitted, results, strict=True)]
+        self._admitted = []
+        return finished
+
+    def abort(self) -> list:
+        keys = [key for key, _ in self._admitted]
+        self._admitted = []
+        return keys
+
+
+class EngineStepper:
+    """A ModelBackend's prompt building in front of a SlotEngine."""
+
+    def __init__(self, backend, engine) -> None:
+        self.backend = backend
+        self.engine = engine
+        self.capacity = engine.slots
+
+    @property
+    def busy(self) -> int:
+        return self.engine.busy
+
+    def admit(self, key, turns: list[ChatTurn]) -> None:
+        b = self.backend
+        prompt = fit_context(b.loaded.tokenizer, turns, b.persona, b.template, b.max_prompt_tokens)
+        # The people in this chat are speakers too: the model may start a turn in their name.
+        speakers = sorted({*b.speakers, *(t.speaker for t in turns)})
+        self.engine.add(key, prompt, speakers)
+
+    def step(self) -> list[tuple[object, str, int]]:
+        return [(f.key, f.text, f.tokens) for f in self.engine.step()]
+
+    def abort(self) -> list:
+        return self.engine.abort()

@@ -1,0 +1,230 @@
+"""The slot engine (continuous batching over a static KV cache) against plain `generate()`.
+
+Greedy decoding must give the same tokens as `model.generate()` on the same prompt, however the
+prompts share the engine: more prompts than slots, admitted while others are mid-reply, with
+and without repetition penalty, on the rinna-shaped tiny GPT-NeoX and on a tiny Llama with
+grouped-query attention (another architecture, another cache shape). All on the CPU in fp32;
+CUDA graphs are the same forward pass captured, and the GPU benchmark checks them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from bot.metrics import BotMetrics
+from bot.slot_engine import SlotEngine
+from bot.steppers import BatchStepper, EngineStepper
+from bot.worker import ModelBackend, Worker
+from finetune.generation import GenerationSettings, generate_replies
+from finetune.model_loading import LoadedModel, load_adapter, load_base_model
+from finetune.prompt import ChatTurn
+from finetune.tiny_model import build_tiny_model
+
+PROMPTS = ["こんにちは、元気?", "明日は雨らしいよ。どうする", "うん", "ねえねえ、昨日のテレビ見た?めっちゃ面白かった",
+           "写真送るね", "今夜予約しておくね、7時でいい?"]
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    return load_base_model(str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")), device="cpu")
+
+
+def plain_greedy(model, tokenizer, prompt: list[int], settings: GenerationSettings) -> list[int]:
+    """What generate() makes of one prompt alone (no padding), EOS removed."""
+    out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=settings.max_new_tokens, do_sample=False,
+                         repetition_penalty=settings.repetition_penalty, eos_token_id=tokenizer.eos_id,
+                         pad_token_id=tokenizer.pad_id)
+    row = out[0, len(prompt):].tolist()
+    return row[: row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row
+
+
+def run_staggered(engine: SlotEngine, prompts: list[list[int]], join_every: int = 3) -> dict[int, list[int]]:
+    """Feed prompts one every `join_every` steps (so each joins a batch already decoding) and
+    return every row's generated tokens, taken from the engine as each row ends."""
+    tokens: dict[int, list[int]] = {}
+    finish = engine._finish
+
+    def record(slot):  # the reply text is cut at a turn; the test compares the raw tokens
+        row = engine._rows[slot]
+        tokens[row.key] = list(row.tokens)
+        return finish(slot)
+
+    engine._finish = record
+    waiting = list(enumerate(prompts))
+    steps = 0
+    while waiting or engine.busy:
+        if waiting and engine.free and steps % join_every == 0:
+            key, prompt = waiting.pop(0)
+            engine.add(key, prompt)
+        engine.step()
+        steps += 1
+        assert steps < 10_000
+    return tokens
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_tokens_equal_plain_generate_with_prompts_joining_mid_batch(loaded, penalty):
+    tokenizer, model = loaded.tokenizer, loaded.model
+    settings = GenerationSettings(max_new_tokens=24, temperature=0.0, repetition_penalty=penalty)
+    prompts = [tokenizer.encode(tokenizer.to_model_text(p)) for p in PROMPTS]
+    expected = [plain_greedy(model, tokenizer, p, settings) for p in prompts]
+    engine = SlotEngine(model, tokenizer, settings, slots=4, length=96)
+    got = run_staggered(engine, prompts)
+    assert [got[i] for i in range(len(prompts))] == expected
+    assert sum(map(len, expected)) > 4 * len(prompts)  # replies long enough to overlap in the batch
+
+
+def test_reply_text_equals_generate_replies_when_a_reply_ends_at_another_speakers_turn(loaded):
+    tokenizer, model = loaded.tokenizer, loaded.model
+    settings = GenerationSettings(max_new_tokens=40, temperature=0.0, repetition_penalty=1.0)
+    prompts = [tokenizer.encode(tokenizer.to_model_text(f"翔太: {p}\n美咲: ")) for p in PROMPTS]
+    speakers = ("翔太", "美咲")
+    expected = [generate_replies(model, tokenizer, [p], settings, speakers)[0] for p in prompts]
+    engine = SlotEngine(model, tokenizer, settings, slots=3, length=128)
+    waiting = list(enumerate(prompts))
+    replies = {}
+    while waiting or engine.busy:
+        while waiting and engine.free:
+            key, prompt = waiting.pop(0)
+            engine.add(key, prompt, speakers)
+        for f in engine.step():
+            replies[f.key] = f.text
+    # The engine stops a row early at a turn; plain generation runs on and is cut afterwards.
+    assert [replies[i] for i in range(len(prompts))] == [text for text, _ in expected]
+
+
+def test_sampling_with_top_k_1_or_a_tiny_top_p_is_greedy(loaded):
+    tokenizer, model = loaded.tokenizer, loaded.model
+    prompts = [tokenizer.encode(tokenizer.to_model_text(p)) for p in PROMPTS[:3]]
+    greedy = GenerationSettings(max_new_tokens=16, temperature=0.0, repetition_penalty=1.1)
+    expected = [plain_greedy(model, tokenizer, p, greedy) for p in prompts]
+    for sampled in (GenerationSettings(max_new_tokens=16, temperature=1.5, top_k=1, top_p=1.0, repetition_penalty=1.1),
+                    GenerationSettings(max_new_tokens=16, temperature=0.7, top_k=0, top_p=1e-6, repetition_penalty=1.1)):
+        engine = SlotEngine(model, tokenizer, sampled, slots=2, length=64, seed=1)
+        got = run_staggered(engine, prompts, join_every=2)
+        assert [got[i] for i in range(len(prompts))] == expected
+
+
+def test_sampled_replies_differ_by_seed_and_repeat_with_the_same_seed(loaded):
+    tokenizer, model = loaded.tokenizer, loaded.model
+    settings = GenerationSettings(max_new_tokens=16, temperature=1.0, top_k=50, top_p=0.95, repetition_penalty=1.0)
+    prompts = [tokenizer.encode(tokenizer.to_model_text(p)) for p in PROMPTS[:3]]
+
+    def sample(seed):
+        return run_staggered(SlotEngine(model, tokenizer, settings, slots=3, length=64, seed=seed), prompts, join_every=1)
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+
+
+def tiny_llama(vocab: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         attn_implementation="sdpa")
+    return LlamaForCausalLM(config).eval()
+
+
+def test_another_architecture_with_grouped_query_attention_gives_the_same_greedy_tokens(loaded):
+    tokenizer = loaded.tokenizer
+    model = tiny_llama(loaded.model.config.vocab_size)
+    settings = GenerationSettings(max_new_tokens=20, temperature=0.0, repetition_penalty=1.0)
+    prompts = [tokenizer.encode(tokenizer.to_model_text(p)) for p in PROMPTS[:4]]
+    expected = [plain_greedy(model, tokenizer, p, settings) for p in prompts]
+    engine = SlotEngine(model, tokenizer, settings, slots=2, length=64)
+    assert engine.cache.keys[0].shape[1] == 2  # the cache holds the 2 key/value heads, not 4
+    got = run_staggered(engine, prompts)
+    assert [got[i] for i in range(len(prompts))] == expected
+
+
+def test_a_model_the_engine_cannot_serve_falls_back_to_plain_generate(loaded, caplog):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=loaded.model.config.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=16, attn_implementation="sdpa")
+    mistral = LoadedModel(MistralForCausalLM(config).eval(), loaded.tokenizer, "tiny-mistral", None, "cpu", torch.float32)
+    backend = ModelBackend.from_loaded(mistral, persona="美咲", generation_overrides={"max_new_tokens": 8})
+    stepper = backend.make_stepper(4)
+    assert isinstance(stepper, BatchStepper)
+    assert "sliding-window" in caplog.text and "plain batched generate()" in caplog.text
+
+
+def test_self_check_of_the_served_model_is_within_float32_rounding(loaded):
+    settings = GenerationSettings(max_new_tokens=8, temperature=0.0)
+    engine = SlotEngine(loaded.model, loaded.tokenizer, settings, slots=2, length=64)
+    assert engine.self_check(loaded.tokenizer.encode("おはよう")) < 1e-4
+    assert engine.busy == 0  # the check leaves the engine idle
+
+
+def test_a_merged_adapter_gives_the_unmerged_adapters_greedy_tokens(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.manifest import AdapterManifest
+    from finetune.model_loading import lora_target_modules
+
+    base_dir = build_tiny_model(tmp_path / "tiny")
+    base = load_base_model(str(base_dir), device="cpu")
+    torch.manual_seed(3)
+    # init_lora_weights=False: random B matrices, so the adapter really changes the model.
+    peft_model = get_peft_model(load_base_model(str(base_dir), device="cpu").model,
+                                LoraConfig(r=4, lora_alpha=8, target_modules=lora_target_modules(base.model),
+                                           init_lora_weights=False))
+    adapter_dir = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter_dir)
+    AdapterManifest(base_model=str(base_dir), base_revision=None, base_shape={},
+                    tokenizer_fingerprint=base.tokenizer.fingerprint, tokenizer_backend="sentencepiece",
+                    newline="<NL>", template="transcript", persona="美咲", max_length=128,
+                    speakers=["美咲", "翔太"]).write(adapter_dir / "bunshin.json")
+    unmerged = load_adapter(adapter_dir, device="cpu")
+    merged = load_adapter(adapter_dir, device="cpu", merge=True)
+    assert not hasattr(merged.model, "peft_config")  # a plain transformers model now: no LoRA per token
+    prompt = base.tokenizer.encode(base.tokenizer.to_model_text("翔太: 明日ひま?\n美咲: "))
+    with torch.no_grad():
+        logits = [m(input_ids=torch.tensor([prompt])).logits for m in (base.model, unmerged.model, merged.model)]
+    assert not torch.allclose(logits[0], logits[1], atol=1e-3)  # the adapter matters...
+    torch.testing.assert_close(logits[2], logits[1], atol=1e-4, rtol=1e-4)  # ...and merging keeps it
+    settings = GenerationSettings(max_new_tokens=16, temperature=0.0, repetition_penalty=1.0)
+    expected = plain_greedy(unmerged.model, unmerged.tokenizer, prompt, settings)
+    engine = SlotEngine(merged.model, merged.tokenizer, settings, slots=1, length=64)
+    assert run_staggered(engine, [prompt])[0] == expected
+
+
+async def test_the_worker_serves_through_the_engine_and_answers_like_plain_generation(loaded):
+    backend = ModelBackend.from_loaded(loaded, persona="美咲", template="transcript",
+                                       generation_overrides={"max_new_tokens": 12, "temperature": 0.0})
+    chats = [[ChatTurn("翔太", p)] for p in PROMPTS]
+    expected = backend.generate(chats[:1]) + backend.generate(chats[1:3]) + backend.generate(chats[3:])
+    worker = Worker(backend, BotMetrics(), max_queue=16, max_batch=3)
+    await worker.start()
+    assert isinstance(worker.stepper, EngineStepper)
+    futures = []
+    for turns in chats:  # arriving over time, not all at once
+        futures.append(worker.submit(turns, deadline=time.monotonic() + 60, received=time.monotonic()))
+        await asyncio.sleep(0.01)
+    replies = await asyncio.gather(*futures)
+    await worker.stop(5)
+    assert [(r.text, r.tokens) for r in replies] == [tuple(e) for e in expected]
+
+
+def test_a_row_ends_as_soon_as_the_model_starts_another_speakers_turn(loaded):
+    """The random tiny model never writes a turn, so the turn's tokens are fed to the row as if chosen."""
+    tokenizer = loaded.tokenizer
+    settings = GenerationSettings(max_new_tokens=64, temperature=0.0)
+    engine = SlotEngine(loaded.model, tokenizer, settings, slots=1, length=128)
+    engine.add("chat", tokenizer.encode(tokenizer.to_model_text("翔太: 明日ひま?\n美咲: ")), ("翔太", "美咲"))
+    engine.step()  # prefill: the row now holds its first token
+    [row] = engine._rows.values()
+    row.tokens.clear()
+    reply = tokenizer.encode(tokenizer.to_model_text("ひまだよ!\n翔太: じゃあ"))
+    ended_at = next(i for i, token in enumerate(reply) if engine._take(row, token))
+    text = tokenizer.from_model_text(tokenizer.decode(reply[: ended_at + 1]))
+    assert text.endswith(": ") or text.endswith(":")  # it stops at the turn's colon, not later
+    finished = engine._finish(0)
+    assert finished.text == "ひまだよ!"
