@@ -37,7 +37,8 @@ def load_model(config):
         manifest = read_adapter_manifest(Path(m.adapter))
         # [model] base, when it differs from the manifest's, is where to load that same base from (a local copy).
         base = m.base if m.base and m.base != manifest.base_model else None
-        return load_adapter(Path(m.adapter), base=base, quantize=quantize, device=device, dtype=dtype)
+        return load_adapter(Path(m.adapter), base=base, quantize=quantize, device=device, dtype=dtype,
+                            merge=m.merge_adapter and quantize == "none")
     return load_base_model(m.base, revision=m.revision, quantize=quantize, device=device, dtype=dtype)
 
 
@@ -117,11 +118,16 @@ async def run_daemon(config, stop: asyncio.Event | None = None, backend=None) ->
                     persona=config.persona.name or None,
                     template=config.persona.template or None,
                     generation_overrides=config.generation.overrides(),
+                    engine=config.model.engine,
+                    cuda_graphs=config.model.cuda_graphs,
                 )
             except ValueError as exc:  # e.g. a [persona] that contradicts the adapter's manifest
                 raise SystemExit(f"error: {config.source}: {exc}") from None
         worker = Worker(backend, metrics, max_queue=config.queue.max_size, max_batch=config.queue.max_batch,
                         batch_wait_s=config.queue.batch_wait_ms / 1000)
+        # Warm-up (the slot engine's cache, CUDA graphs and self-check) happens before "serving", so
+        # the first user does not pay for it; /healthz says "warming_up" meanwhile.
+        state["phase"] = "warming_up"
         await worker.start()
         router = Router(config, memory, worker, metrics, backend.persona)
         if not adapters:
