@@ -11,18 +11,26 @@ importers produce, so the prompt renderer treats remembered turns like training 
 Growth is bounded by pruning: the first append to a chat after opening, and every `keep`-th
 append to it after that, cut the chat back to its newest `keep` turns. A chat therefore holds
 fewer than 2 * keep turns; the bot passes keep = 4 * [memory] max_turns.
+
+Faults are loud, never silent: a file that is not ours or is damaged (checked at open with
+`PRAGMA quick_check`, cheap on a pruned file) stops the bot at start naming the file and is left
+untouched for the operator to repair or move aside; a file another process keeps locked is waited
+for `busy_timeout_s`, then MemoryStoreError says so, and the turn is known not to be saved.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
 from finetune.records import KINDS, TEXT, ChatRecord
 
 SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 5.0  # how long a write waits for another process's lock before it fails
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS turns (
@@ -37,31 +45,54 @@ CREATE INDEX IF NOT EXISTS turns_by_chat ON turns (chat_key, id);
 """
 
 
+_DAMAGED = ("the memory database is damaged; it was left as it is: move it aside to start with an empty "
+            "memory, or salvage it with `sqlite3 FILE .recover`")
+
+
 class MemoryStoreError(Exception):
-    """The memory file cannot be used (not ours, or written by a newer bunshin)."""
+    """The memory file cannot be used (not ours, damaged, locked, or written by a newer bunshin); str() names it."""
 
 
 class ConversationMemory:
-    def __init__(self, path: str | Path, keep: int | None = 80):
+    def __init__(self, path: str | Path, keep: int | None = 80, busy_timeout_s: float = BUSY_TIMEOUT_S):
         if keep is not None and keep <= 0:
             raise ValueError(f"keep must be > 0 or None, not {keep}")
         self.path = str(path)
         self.keep = keep
+        self.busy_timeout_s = busy_timeout_s
         self._appends: dict[str, int] = {}  # appends per chat since the last prune
         self._lock = threading.Lock()  # one connection, usable from a worker thread too
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
         except sqlite3.OperationalError as exc:  # a folder, no permission ...
             raise MemoryStoreError(f"{self.path}: cannot open the memory database: {exc}") from None
         try:
-            self._open()
+            with self._errors("open"):
+                self._open()
         except sqlite3.DatabaseError as exc:
             self._db.close()
             raise MemoryStoreError(f"{self.path}: not a bunshin memory database: {exc}") from None
         except MemoryStoreError:
             self._db.close()
+            raise
+
+    @contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        """SQLite's lock and damage errors as MemoryStoreError naming the file and what was being done."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise MemoryStoreError(
+                    f"{self.path}: cannot {action}: the memory file stayed locked by another process for "
+                    f"{self.busy_timeout_s:g} s (another bot, or a sqlite3 shell, using the same [memory] path?)"
+                ) from None
+            raise MemoryStoreError(f"{self.path}: cannot {action}: {exc}") from None
+        except sqlite3.DatabaseError as exc:
+            if "malformed" in str(exc) or "corrupt" in str(exc):
+                raise MemoryStoreError(f"{self.path}: cannot {action}: {_DAMAGED}: {exc}") from None
             raise
 
     def _open(self) -> None:
@@ -81,6 +112,9 @@ class ConversationMemory:
             db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
         elif "turns" not in tables:
             raise MemoryStoreError(f"{self.path}: not a bunshin memory database: no turns table")
+        problems = [row[0] for row in db.execute("PRAGMA quick_check(5)")]
+        if problems != ["ok"]:
+            raise MemoryStoreError(f"{self.path}: {_DAMAGED}: {'; '.join(problems)}")
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
 
@@ -89,7 +123,7 @@ class ConversationMemory:
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; known: {', '.join(KINDS)}")
         stamp = (time or datetime.now().astimezone()).isoformat()
-        with self._lock:
+        with self._lock, self._errors("save a turn"):
             self._db.execute("INSERT INTO turns (chat_key, speaker, text, kind, time) VALUES (?, ?, ?, ?, ?)",
                              (chat_key, speaker, text, kind, stamp))
             if self.keep is None:
@@ -105,7 +139,7 @@ class ConversationMemory:
         """The last `limit` turns of a chat, oldest first."""
         if limit <= 0:
             return []
-        with self._lock:
+        with self._lock, self._errors("read the conversation"):
             rows = self._db.execute(
                 "SELECT speaker, time, text, kind FROM turns WHERE chat_key = ? ORDER BY id DESC LIMIT ?",
                 (chat_key, limit),
@@ -115,13 +149,13 @@ class ConversationMemory:
 
     def reset(self, chat_key: str) -> int:
         """Forget a chat (the rows are deleted, not hidden); returns how many turns went."""
-        with self._lock:
+        with self._lock, self._errors("forget a chat"):
             self._appends.pop(chat_key, None)
             return self._db.execute("DELETE FROM turns WHERE chat_key = ?", (chat_key,)).rowcount
 
     def prune(self, chat_key: str, keep: int) -> int:
         """Keep only the newest `keep` turns of a chat; returns how many were deleted."""
-        with self._lock:
+        with self._lock, self._errors("prune a chat"):
             return self._prune(chat_key, keep)
 
     def _prune(self, chat_key: str, keep: int) -> int:
@@ -136,7 +170,7 @@ class ConversationMemory:
 
     def chats(self) -> int:
         """How many chats have something remembered."""
-        with self._lock:
+        with self._lock, self._errors("count chats"):
             return self._db.execute("SELECT COUNT(DISTINCT chat_key) FROM turns").fetchone()[0]
 
     def close(self) -> None:

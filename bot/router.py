@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from finetune.prompt import ChatTurn
 
+from .memory import MemoryStoreError
 from .messages import IncomingMessage
 from .worker import DeadlineExceeded, GenerationFailed, QueueFull, WorkerStopped
 
@@ -78,6 +79,16 @@ class Router:
 
     async def handle(self, message: IncomingMessage) -> str | None:
         """The reply to send, or None to stay quiet."""
+        try:
+            return await self._handle(message)
+        except MemoryStoreError as exc:
+            # Locked or damaged memory: the operator reads which file and why; the user hears that it failed
+            # (so they can resend) instead of getting an answer given without the conversation.
+            self.metrics.messages.labels(outcome="error").inc()
+            log.error("%s", exc)
+            return ERROR_REPLY if message.addressed else None
+
+    async def _handle(self, message: IncomingMessage) -> str | None:
         if not self._allowed(message):
             self.metrics.messages.labels(outcome="ignored").inc()
             return None

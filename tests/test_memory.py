@@ -157,3 +157,120 @@ def test_thousand_appends(db_path):
         assert context[-1].text == "message 999" and len(context) == 20
         assert memory.chats() == 7
     print(f"1000 append+recent: {elapsed * 1000:.1f} ms in all, {elapsed * 1000:.0f} µs each")
+
+
+# --- faults: another process's lock, a damaged file ------------------------------------------------------
+
+# Another process holding the write lock (a second bot on the same file, a sqlite3 shell mid-transaction):
+# it takes the lock, says so, and releases it when told.
+LOCK_HOLDER = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN EXCLUSIVE")
+db.execute("INSERT INTO turns (chat_key, speaker, text, kind, time) VALUES ('other', 'x', 'theirs', 'text', '2024-01-01T00:00:00')")
+print("locked", flush=True)
+sys.stdin.readline()
+db.execute("COMMIT")
+print("released", flush=True)
+"""
+
+
+@pytest.fixture
+def lock_holder(db_path):
+    import subprocess
+    import sys
+
+    ConversationMemory(db_path).close()  # the file exists, with our schema, before the other process locks it
+    proc = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(db_path)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+
+    def release():
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "released"
+
+    yield release
+    proc.kill()
+    proc.wait()
+
+
+def test_a_file_locked_by_another_process_is_a_clear_error_after_a_bounded_wait(db_path, lock_holder):
+    with ConversationMemory(db_path, busy_timeout_s=0.2) as memory:  # it opens: WAL lets it read meanwhile
+        started = time.monotonic()
+        with pytest.raises(MemoryStoreError) as exc:
+            memory.append("discord:1", "健太", "lost?", T0)
+        assert time.monotonic() - started < 3  # bounded: the timeout, not forever
+        assert str(exc.value).startswith(f"{db_path}: cannot save a turn: the memory file stayed locked by another process")
+        assert memory.recent("discord:1", 10) == []  # it says the turn was not saved, and indeed it was not
+        lock_holder()
+        memory.append("discord:1", "健太", "after the lock", T0)
+        assert [r.text for r in memory.recent("discord:1", 10)] == ["after the lock"]
+        assert [r.text for r in memory.recent("other", 10)] == ["theirs"]  # the other process's write is kept
+
+
+def test_a_lock_released_within_the_wait_costs_nothing(db_path, lock_holder):
+    import threading
+
+    with ConversationMemory(db_path, busy_timeout_s=30) as memory:
+        errors = []
+
+        def append():
+            try:
+                memory.append("discord:1", "健太", "waited", T0)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        writer = threading.Thread(target=append)
+        writer.start()
+        lock_holder()
+        writer.join(30)
+        assert not writer.is_alive() and errors == []
+        assert [r.text for r in memory.recent("discord:1", 10)] == ["waited"]
+
+
+def _overwrite_pages(data: bytes) -> bytes:
+    page = 4096
+    return data[: 5 * page] + b"\xa5" * (3 * page) + data[8 * page:]  # three pages of the table's b-tree
+
+
+def _cut_in_half(data: bytes) -> bytes:  # a copy or a disk that stopped half-way
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize("damage", [_overwrite_pages, _cut_in_half])
+def test_a_damaged_file_is_a_clear_error_at_open_and_left_untouched(db_path, damage):
+    with ConversationMemory(db_path, keep=None) as memory:
+        for i in range(3000):
+            memory.append(f"discord:{i % 5}", "健太", f"とても大事な会話 {i} " * 3, T0)
+    assert db_path.stat().st_size > 20 * 4096
+    data = damage(db_path.read_bytes())
+    db_path.write_bytes(data)
+
+    with pytest.raises(MemoryStoreError) as exc:
+        ConversationMemory(db_path)
+    message = str(exc.value)
+    assert message.startswith(f"{db_path}: ") and "damaged" in message and "move it aside" in message
+    assert db_path.read_bytes() == data  # not repaired, not replaced: the operator decides
+
+
+async def test_the_router_answers_an_apology_when_memory_is_locked(db_path, lock_holder, caplog):
+    import logging
+
+    from bot.config import BotConfig
+    from bot.messages import IncomingMessage
+    from bot.metrics import BotMetrics
+    from bot.router import ERROR_REPLY, Router
+
+    class NoWorker:
+        async def submit(self, *args, **kwargs):
+            raise AssertionError("nothing reaches the model without its conversation saved")
+
+    memory = ConversationMemory(db_path, busy_timeout_s=0.2)
+    router = Router(BotConfig.from_dict({"persona": {"name": "美咲"}}), memory, NoWorker(), BotMetrics(), "美咲")
+    with caplog.at_level(logging.ERROR, logger="bunshin.router"):
+        reply = await router.handle(IncomingMessage("discord", "1", "u", "健太", "覚えてる？", addressed=True))
+    assert reply == ERROR_REPLY
+    assert f"{db_path}: cannot save a turn: the memory file stayed locked" in caplog.text
+    lock_holder()
+    memory.close()
