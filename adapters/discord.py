@@ -21,6 +21,7 @@ import re
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
 
+import aiohttp
 import discord
 
 from bot.messages import IncomingMessage
@@ -214,12 +215,18 @@ class DiscordAdapter:
         recent = self._recent[message.channel.id]
         # fail_if_not_exists=False: if the question was deleted meanwhile, the answer still goes out.
         reference = message.to_reference(fail_if_not_exists=False)
-        for i, chunk in enumerate(split_message(reply)):
+        chunks = split_message(reply)
+        for i, chunk in enumerate(chunks):
             try:
                 sent = await message.channel.send(chunk, reference=reference if i == 0 else None,
                                                   allowed_mentions=NO_MENTIONS)
-            except discord.HTTPException as exc:  # Forbidden, NotFound, a server error after discord.py's retries
-                log.error("could not send a reply in channel %s: %s", message.channel.id, exc)
+            except (discord.HTTPException, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                # Forbidden, NotFound, a server error after discord.py's retries, a dropped connection. Never
+                # retried here: a send whose answer was lost may well have gone out, and a user sees a reply twice
+                # sooner than they miss one. The parts already sent stay; the next message is answered as usual.
+                part = f"part {i + 1} of {len(chunks)} of " if len(chunks) > 1 else ""
+                log.error("could not send %sa reply in channel %s (to message %s): %s: %s", part, message.channel.id,
+                          message.id, type(exc).__name__, exc)
                 return
             recent.append(sent.id)
 

@@ -78,6 +78,9 @@ def message_payload(content: str, *, author: dict = ALICE, channel_id: int = CHA
     return data
 
 
+ERRORS = {403: "Missing Permissions", 503: "Service Unavailable"}
+
+
 def json_response(data: dict, status: int = 200) -> web.Response:
     # Exactly "application/json", as Discord sends it (discord.py does not parse "...; charset=utf-8").
     return web.Response(body=json.dumps(data).encode(), status=status, headers={"Content-Type": "application/json"})
@@ -89,6 +92,9 @@ class FakeDiscord:
     def __init__(self):
         self.requests: list[tuple[str, str, dict | None]] = []
         self.fail_messages: int | None = None  # an HTTP status for POST .../messages
+        # One entry per coming POST .../messages: None (sent), an HTTP status, or "drop": recorded as sent,
+        # then the connection closed before any answer (the message went out; the client cannot know).
+        self.message_outcomes: list[int | str | None] = []
         self.gateway_mode = "refuse_intents"  # or "serve": READY, then `events`
         self.events: list[dict] = []
         self.identify: dict | None = None
@@ -110,8 +116,13 @@ class FakeDiscord:
         if path.endswith("/typing"):
             return web.Response(status=204)
         if path.endswith("/messages") and request.method == "POST":
-            if self.fail_messages:
-                return json_response({"message": "Missing Permissions", "code": 50013}, status=self.fail_messages)
+            outcome = self.message_outcomes.pop(0) if self.message_outcomes else self.fail_messages
+            if outcome == "drop":
+                request.transport.close()
+                return web.Response(status=200)
+            if outcome:
+                return json_response({"message": ERRORS.get(outcome, "Missing Permissions"), "code": 0 if outcome >= 500 else 50013},
+                                     status=outcome)
             channel_id = path.split("/")[2]
             sent = {"id": str(next(_ids)), "channel_id": channel_id, "author": BOT_USER, "content": body["content"],
                     "timestamp": TIMESTAMP, "edited_timestamp": None, "tts": False, "mention_everyone": False,
@@ -343,6 +354,25 @@ async def test_mentions_in_the_answer_never_ping(connect, fake_discord):
     assert sent["allowed_mentions"] == {"parse": []}
 
 
+async def test_role_everyone_and_user_mentions_never_ping_in_any_part(connect, fake_discord):
+    role_id = GUILD_ID + 7
+    guild = guild_payload()
+    guild["roles"].append({"id": str(role_id), "name": "mods", "permissions": "0", "position": 1, "color": 0,
+                           "hoist": False, "managed": False, "mentionable": True, "flags": 0})
+    adapter = await connect()
+    adapter.client._connection._add_guild_from_data(guild)
+    ping = f"<@&{role_id}> @everyone @here <@{ALICE_ID}> <@!{BOB_ID}> "
+    router = StubRouter(ping + "見て。" * 1400)  # three messages: every one must be mute
+    question = message_payload(f"<@{BOT_ID}> <@&{role_id}> 呼んで", mentions=[BOT_USER])
+    question["mention_roles"] = [str(role_id)]
+    await deliver(adapter, router, question)
+    sent = fake_discord.posts("messages")
+    assert len(sent) == 3 and f"<@&{role_id}>" in sent[0]["content"]
+    assert all(body["allowed_mentions"] == {"parse": []} for body in sent)  # no roles, users, everyone, replied_user
+    # The client's own default too, for any send that does not pass allowed_mentions.
+    assert adapter.client.allowed_mentions.to_dict() == {"parse": []}
+
+
 async def test_failed_send_is_logged_and_the_next_message_answered(connect, fake_discord, caplog):
     adapter, router = await connect(), StubRouter()
     fake_discord.fail_messages = 403
@@ -355,6 +385,41 @@ async def test_failed_send_is_logged_and_the_next_message_answered(connect, fake
     assert [body["content"] for body in fake_discord.posts("messages")] == ["こんにちは", "こんにちは"]
     assert [path for method, path, _ in fake_discord.requests if method == "POST"] == [
         f"/channels/{CHANNEL_ID}/typing", f"/channels/{CHANNEL_ID}/messages"] * 2
+
+
+async def test_a_server_error_on_send_is_logged_and_the_bot_goes_on(connect, fake_discord, caplog):
+    adapter, router = await connect(), StubRouter()
+    fake_discord.message_outcomes = [503]  # discord.py raises DiscordServerError at once for a 503
+    with caplog.at_level(logging.ERROR, logger="bunshin.discord"):
+        await deliver(adapter, router, message_payload(f"<@{BOT_ID}> one", mentions=[BOT_USER]))
+    assert "could not send a reply in channel" in caplog.text and "DiscordServerError" in caplog.text
+    assert "Service Unavailable" in caplog.text
+    await deliver(adapter, router, message_payload(f"<@{BOT_ID}> two", mentions=[BOT_USER]))
+    assert len(fake_discord.posts("messages")) == 2  # one refused, one sent: nothing sent twice
+
+
+async def test_a_send_whose_answer_is_lost_is_not_sent_again(connect, fake_discord, caplog):
+    adapter, router = await connect(), StubRouter("届いた？")
+    fake_discord.message_outcomes = ["drop"]  # Discord got it (it went out), the connection died before the answer
+    with caplog.at_level(logging.ERROR, logger="bunshin.discord"):
+        await deliver(adapter, router, message_payload(f"<@{BOT_ID}> one", mentions=[BOT_USER]))
+    assert "could not send a reply in channel" in caplog.text
+    assert [body["content"] for body in fake_discord.posts("messages")] == ["届いた？"]  # exactly once
+    await deliver(adapter, router, message_payload(f"<@{BOT_ID}> two", mentions=[BOT_USER]))
+    assert [body["content"] for body in fake_discord.posts("messages")] == ["届いた？", "届いた？"]
+
+
+async def test_a_failed_part_of_a_long_reply_stops_it_without_resending_the_parts_sent(connect, fake_discord, caplog):
+    adapter, router = await connect(), StubRouter("\n\n".join(["これは長い返事の一部です。" * 25] * 13)[:4500])
+    fake_discord.message_outcomes = [None, 403]
+    with caplog.at_level(logging.ERROR, logger="bunshin.discord"):
+        await deliver(adapter, router, message_payload(f"<@{BOT_ID}> 長く話して", mentions=[BOT_USER]))
+    assert "could not send part 2 of 3 of a reply" in caplog.text and "Forbidden" in caplog.text
+    posted = fake_discord.posts("messages")
+    # Part 1 (the answer to the question) once, part 2 refused, part 3 never tried.
+    assert len(posted) == 2 and "message_reference" in posted[0] and "message_reference" not in posted[1]
+    await deliver(adapter, router, message_payload(f"<@{BOT_ID}> short", mentions=[BOT_USER]))
+    assert len(fake_discord.posts("messages")) == 5  # the next reply, all three parts
 
 
 # --- starting ------------------------------------------------------------------------------------
