@@ -141,7 +141,7 @@ class ModelBackend:
         try:
             engine = SlotEngine(model, tokenizer, self.settings, slots=capacity,
                                 length=self.max_prompt_tokens + self.settings.max_new_tokens, cuda_graphs=self.cuda_graphs)
-            probe = tokenizer.encode(tokenizer.to_model_text("おはよう。今日は何する?\n"))[:32] or [tokenizer.eos_id]
+            probe = tokenizer.encode(tokenizer.to_model_text("おはよう。今日は何する?\n"))[:32] or [tokenizer.pad_id]
             difference = engine.self_check(probe)
             tolerance = 1e-3 if engine.cache.keys[0].dtype.is_floating_point and engine.cache.keys[0].element_size() >= 4 else 5e-2
             if difference > tolerance:
