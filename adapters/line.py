@@ -9,6 +9,12 @@ longer than that. The webhook answers 503 until the model is loaded and after sh
 so LINE redelivers those events later. Seen webhookEventIds are kept in a small SQLite file next
 to the memory file, so a redelivery is answered once even across a restart.
 
+Delivery is at most once, retried within bounds. A reply token is spent by the first request
+LINE accepts, so a reply retried after an ambiguous failure (5xx, timeout) either gets through or
+is refused: never sent twice; after such a failure it is not pushed either. A push carries one
+X-Line-Retry-Key for all its tries, so LINE sends it once and answers 409 to the rest. 429 waits
+for Retry-After; everything else backs off exponentially with jitter.
+
 Logs name chats and event ids, never message text or secrets.
 """
 
@@ -16,15 +22,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import hashlib
 import hmac
 import json
 import logging
 import math
+import random
 import sqlite3
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import aiohttp
@@ -52,7 +62,6 @@ MAX_BODY_BYTES = 1024 * 1024  # a webhook body is a few KB; this is far above an
 MAX_TEXT_UNITS = 5000  # a text message's limit, in UTF-16 code units
 MAX_MESSAGES = 5  # message objects per reply or push call
 SEEN_KEEP = 10_000  # webhookEventIds remembered for deduplication
-PUSH_ATTEMPTS = 3
 SENTENCE_ENDS = "。！？!?."
 
 
@@ -143,6 +152,140 @@ class SeenEvents:
         self._db.close()
 
 
+# --- the webhook body: signature first, then parsing -------------------------------------------
+
+
+class WebhookRejected(Exception):
+    """A webhook request refused before any event was taken: `status` is the 4xx answer, `reason` says why."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(f"HTTP {status}: {reason}")
+        self.status = status
+        self.reason = reason
+
+
+def verify_signature(body: bytes, signature: str | None, secret: bytes) -> None:
+    """Raises WebhookRejected unless `signature` is LINE's: base64 of HMAC-SHA256 of the raw body with the channel secret.
+
+    Runs before the body is parsed, so nothing a stranger sends reaches the JSON parser or the SDK."""
+    if not signature:
+        raise WebhookRejected(400, "missing X-Line-Signature")
+    expected = base64.b64encode(hmac.new(secret, body, hashlib.sha256).digest())
+    if not hmac.compare_digest(expected, signature.encode("utf-8", "replace")):
+        raise WebhookRejected(401, "invalid X-Line-Signature")
+
+
+def parse_events(body: bytes) -> list[MessageEvent]:
+    """The text message events in a (verified) webhook body that can be answered; other events and malformed
+    ones are skipped. A body that is not a LINE webhook at all raises WebhookRejected(400)."""
+    try:
+        text = body.decode("utf-8")  # LINE sends UTF-8; json.loads(bytes) would also guess UTF-16 and UTF-32
+    except UnicodeDecodeError as exc:
+        raise WebhookRejected(400, f"body is not UTF-8 (invalid byte at offset {exc.start})") from None
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise WebhookRejected(400, f"body is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:
+        raise WebhookRejected(400, "body is not JSON a parser can take (nested too deeply)") from None
+    events = payload.get("events") if isinstance(payload, dict) else None
+    if not isinstance(events, list):
+        raise WebhookRejected(400, 'body has no "events" list')
+    return [event for raw in events if (event := _text_message_event(raw)) is not None]
+
+
+def _text_message_event(raw) -> MessageEvent | None:
+    """A text message event we can answer, or None (other events and malformed ones are ignored)."""
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    if kind != "message":
+        log.debug("%s event ignored", _short(kind))
+        return None
+    try:
+        event = Event.from_dict(raw)
+    except Exception as exc:  # noqa: BLE001 - its message may quote the event, text included
+        log.warning("malformed message event ignored (%s)", type(exc).__name__)
+        return None
+    if not isinstance(event, MessageEvent) or not isinstance(event.message, TextMessageContent):
+        return None
+    chat = _chat_of(event.source)
+    if chat is None:
+        log.warning("message event %s without a usable source: ignored", _short(event.webhook_event_id))
+        return None
+    # The SDK's models check types, not values. What LINE never sends would fail later, in SQLite or in
+    # arithmetic on the timestamp, after the webhook has answered: refuse it here instead.
+    user_id = getattr(event.source, "user_id", None) or ""
+    if not (event.webhook_event_id and _is_utf8(event.webhook_event_id, chat[1], user_id, event.message.text)
+            and 0 <= event.timestamp < 2**53):
+        log.warning("message event %s with impossible values ignored", _short(event.webhook_event_id))
+        return None
+    return event
+
+
+def _is_utf8(*texts: str) -> bool:
+    """False for a JSON string holding an unpaired surrogate (\\ud800): valid JSON, but not text UTF-8 can store."""
+    try:
+        for text in texts:
+            text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# --- calling LINE's API: what a failure means, and when to try again -------------------------
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how far apart a call to LINE's API is tried. Tries back off exponentially with
+    jitter (replies held back by an outage should not all return at the same instant); a 429's
+    Retry-After is waited out, unless it is longer than `max_retry_after_s`."""
+
+    attempts: int = 4
+    base_s: float = 0.5
+    max_s: float = 8.0
+    max_retry_after_s: float = 60.0
+
+    def wait_before_retry(self, attempt: int, retry_after: float | None) -> float:
+        """Seconds to wait after failed try `attempt` (1-based): Retry-After, else an equal-jitter backoff."""
+        if retry_after is not None:
+            return retry_after + random.uniform(0, self.base_s / 2)
+        step = min(self.max_s, self.base_s * 2 ** (attempt - 1))
+        return step / 2 + random.uniform(0, step / 2)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What one call to LINE's API came to.
+
+    outcome: "sent" (accepted), "conflict" (409: an earlier try with this retry key was accepted),
+    "refused" (a 4xx: nothing was sent, and trying again would not change that), "throttled" (429:
+    nothing was sent), "unsent" (the connection failed before the request went out), "unknown" (5xx
+    or a timeout: LINE may have accepted it)."""
+
+    outcome: str
+    status: int | None = None
+    retry_after: float | None = None
+
+    @property
+    def retriable(self) -> bool:
+        return self.outcome in ("throttled", "unsent", "unknown")
+
+
+def retry_after_seconds(headers) -> float | None:
+    """A Retry-After header (seconds or an HTTP date) in seconds from now, or None."""
+    value = (headers or {}).get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
 # --- the adapter ------------------------------------------------------------------------------
 
 
@@ -164,6 +307,7 @@ def _short(value, limit: int = 40) -> str:
 
 class LineAdapter:
     name = "line"
+    retry = RetryPolicy()  # tests shorten the waits
 
     def __init__(self, config, metrics, persona: str):
         self.config = config
@@ -186,36 +330,21 @@ class LineAdapter:
 
     async def webhook(self, request: web.Request) -> web.Response:
         received = time.monotonic()
-        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-            return web.Response(status=413, text="body too large")
-        body = bytearray()
-        async for chunk in request.content.iter_chunked(64 * 1024):
-            body += chunk
-            if len(body) > MAX_BODY_BYTES:
-                return web.Response(status=413, text="body too large")
-        signature = request.headers.get("X-Line-Signature")
-        if not signature:
-            log.warning("webhook without X-Line-Signature from %s: rejected", request.remote)
-            return web.Response(status=400, text="missing X-Line-Signature")
-        expected = base64.b64encode(hmac.new(self._secret, bytes(body), hashlib.sha256).digest())
-        if not hmac.compare_digest(expected, signature.encode("utf-8", "replace")):
-            log.warning("webhook with a wrong X-Line-Signature from %s: rejected", request.remote)
-            return web.Response(status=401, text="invalid signature")
+        body = await _read_capped(request, MAX_BODY_BYTES)
+        if body is None:
+            log.warning("webhook from %s rejected: body over %d bytes", request.remote, MAX_BODY_BYTES)
+            return web.Response(status=413, text=f"body over {MAX_BODY_BYTES} bytes")
         try:
-            payload = json.loads(body)
-        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past reason
-            return web.Response(status=400, text="body is not JSON")
-        events = payload.get("events") if isinstance(payload, dict) else None
-        if not isinstance(events, list):
-            return web.Response(status=400, text="no events list")
+            verify_signature(body, request.headers.get("X-Line-Signature"), self._secret)
+            events = parse_events(body)
+        except WebhookRejected as exc:
+            log.warning("webhook from %s rejected: %s", request.remote, exc.reason)
+            return web.Response(status=exc.status, text=exc.reason)
         handle = self._handle
         if handle is None:  # loading, or shutting down: LINE redelivers later
             return web.Response(status=503, text="not serving yet")
         by_chat: dict[str, list[MessageEvent]] = {}
-        for raw in events:
-            event = self._parse(raw)
-            if event is None:
-                continue
+        for event in events:
             if not self._seen.first_time(event.webhook_event_id):
                 log.info("event %s delivered again: already taken", _short(event.webhook_event_id))
                 continue
@@ -225,24 +354,6 @@ class LineAdapter:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return web.Response(status=200, text="OK")
-
-    def _parse(self, raw) -> MessageEvent | None:
-        """A text message event we can answer, or None (other events and malformed ones are ignored)."""
-        kind = raw.get("type") if isinstance(raw, dict) else None
-        if kind != "message":
-            log.debug("%s event ignored", _short(kind))
-            return None
-        try:
-            event = Event.from_dict(raw)
-        except Exception as exc:  # noqa: BLE001 - its message may quote the event, text included
-            log.warning("malformed message event ignored (%s)", type(exc).__name__)
-            return None
-        if not isinstance(event, MessageEvent) or not isinstance(event.message, TextMessageContent):
-            return None
-        if _chat_of(event.source) is None:
-            log.warning("message event %s without a usable source: ignored", _short(event.webhook_event_id))
-            return None
-        return event
 
     # --- one chat's events ---
 
@@ -287,84 +398,127 @@ class LineAdapter:
         messages = [TextMessage(text=piece) for piece in split_reply(reply)]
         if not messages:
             return
-        # The token lasts about a minute from the event; count from the older of LINE's stamp and our receipt.
-        age = max(time.monotonic() - received, time.time() - event.timestamp / 1000)
-        if event.reply_token and age < self.line.reply_token_margin_s:
-            status = await self._reply(event.reply_token, messages, chat_id)
-            if status != 400:
+        # Only ever to the chat the event came from: the reply token is that chat's, and so is `chat_id`.
+        if event.reply_token and self._token_age(event, received) < self.line.reply_token_margin_s:
+            outcome = await self._reply(event, received, messages, chat_id)
+            if outcome == "sent" or outcome == "refused":
                 return
-            reason = "reply token refused"
+            if outcome == "unknown":
+                log.warning("reply to %s may have been delivered: not pushed, so it cannot arrive twice", message.chat_key)
+                return
+            reason = "reply not accepted in time"
         else:
-            reason = f"reply token stale after {age:.1f}s"
+            reason = f"reply token stale after {self._token_age(event, received):.1f}s"
         if self.line.push_fallback:
             await self._push(chat_id, messages)
         else:
             log.warning("%s for %s: reply dropped ([line] push_fallback is off)", reason, message.chat_key)
 
+    @staticmethod
+    def _token_age(event: MessageEvent, received: float) -> float:
+        """The token lasts about a minute from the event; count from the older of LINE's stamp and our receipt."""
+        return max(time.monotonic() - received, time.time() - event.timestamp / 1000)
+
     # --- LINE's API ---
 
-    def _api_failed(self, what: str, chat_id: str, exc: Exception) -> int | None:
-        self.metrics.errors.labels(kind="line_api").inc()
-        if isinstance(exc, ApiException):
+    async def _call(self, what: str, chat_id: str, send: Callable[[], Awaitable]) -> Attempt:
+        """One call to LINE's API, its failure logged and classified (never raised)."""
+        try:
+            await send()
+        except SdkResponseError:
+            pass  # accepted (2xx) with a body other than documented
+        except ApiException as exc:
+            self.metrics.errors.labels(kind="line_api").inc()
             detail = ""
             try:
                 detail = _short(json.loads(exc.body).get("message", ""), 200)
             except Exception:  # noqa: BLE001 - no JSON body
                 pass
-            log.error("LINE %s for %s failed: HTTP %s %s %s", what, _short(chat_id), exc.status, exc.reason or "", detail)
-            return exc.status
-        log.error("LINE %s for %s failed: %s", what, _short(chat_id), type(exc).__name__)
-        return None
+            log.warning("LINE %s for %s failed: HTTP %s %s %s", what, _short(chat_id), exc.status, exc.reason or "", detail)
+            if exc.status == 409:
+                return Attempt("conflict", 409)
+            if exc.status == 429:
+                return Attempt("throttled", 429, retry_after_seconds(exc.headers))
+            if exc.status is not None and 400 <= exc.status < 500:
+                return Attempt("refused", exc.status)
+            return Attempt("unknown", exc.status)
+        except aiohttp.ClientConnectorError as exc:  # no connection: the request never left
+            self.metrics.errors.labels(kind="line_api").inc()
+            log.warning("LINE %s for %s failed: %s", what, _short(chat_id), type(exc).__name__)
+            return Attempt("unsent")
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:  # sent, maybe accepted
+            self.metrics.errors.labels(kind="line_api").inc()
+            log.warning("LINE %s for %s failed: %s", what, _short(chat_id), type(exc).__name__)
+            return Attempt("unknown")
+        except Exception as exc:  # noqa: BLE001 - a bug here must cost one message, not the chat's task
+            self.metrics.errors.labels(kind="line_api").inc()
+            log.error("LINE %s for %s failed: %s", what, _short(chat_id), type(exc).__name__)
+            return Attempt("refused")
+        return Attempt("sent")
 
     async def _show_loading(self, chat_id: str) -> None:
         seconds = min(60, max(5, 5 * math.ceil(self.config.queue.deadline_s / 5)))
-        try:
-            await self._api.show_loading_animation(
-                ShowLoadingAnimationRequest(chat_id=chat_id, loading_seconds=seconds), _request_timeout=self._timeout)
-        except SdkResponseError:
-            pass  # accepted (2xx) with a body other than documented
-        except Exception as exc:  # noqa: BLE001 - a missing animation is cosmetic
-            self._api_failed("loading animation", chat_id, exc)
+        # One try: a missing animation is cosmetic, and the reply waits for this call.
+        await self._call("loading animation", chat_id, lambda: self._api.show_loading_animation(
+            ShowLoadingAnimationRequest(chat_id=chat_id, loading_seconds=seconds), _request_timeout=self._timeout))
 
-    async def _reply(self, token: str, messages: list[TextMessage], chat_id: str) -> int | None:
-        """Sends once: a reply token is spent by the first try, so a retry could only fail or duplicate."""
-        try:
-            await self._api.reply_message(ReplyMessageRequest(reply_token=token, messages=messages),
-                                          _request_timeout=self._timeout)
-        except SdkResponseError:
-            pass
-        except Exception as exc:  # noqa: BLE001
-            return self._api_failed("reply", chat_id, exc)
-        log.info("replied to line:%s (%d message(s))", _short(chat_id), len(messages))
-        return 200
+    async def _reply(self, event: MessageEvent, received: float, messages: list[TextMessage], chat_id: str) -> str:
+        """"sent"; "refused" (an error other than a bad token: pushing would fail alike); "unsent" (LINE refused
+        the token or never took the request: a push may send it); "unknown" (an earlier try may have got through).
+
+        The reply API takes no retry key, but its token is spent by the first accepted request: a retry
+        after a 5xx or a timeout either gets through or is refused with 400, so it cannot duplicate."""
+        request = ReplyMessageRequest(reply_token=event.reply_token, messages=messages)
+        maybe_sent = False
+        policy = self.retry
+        for attempt in range(1, policy.attempts + 1):
+            result = await self._call(f"reply (try {attempt}/{policy.attempts})", chat_id, lambda: self._api.reply_message(
+                request, _request_timeout=self._timeout))
+            if result.outcome == "sent":
+                log.info("replied to line:%s (%d message(s))", _short(chat_id), len(messages))
+                return "sent"
+            if result.outcome == "refused":
+                if result.status == 400:  # "Invalid reply token": spent (by us, if maybe_sent) or expired
+                    return "unknown" if maybe_sent else "unsent"
+                return "refused"
+            maybe_sent = maybe_sent or result.outcome == "unknown"
+            if attempt == policy.attempts:
+                break
+            wait = policy.wait_before_retry(attempt, result.retry_after)
+            if self._token_age(event, received) + wait >= self.line.reply_token_margin_s:
+                log.warning("reply to line:%s: no retry, the token would be stale", _short(chat_id))
+                break
+            await asyncio.sleep(wait)
+        return "unknown" if maybe_sent else "unsent"
 
     async def _push(self, chat_id: str, messages: list[TextMessage]) -> None:
-        """Retries 5xx and network errors with one X-Line-Retry-Key: LINE sends a key's message once (409 after)."""
+        """Tries with one X-Line-Retry-Key: LINE sends a key's message once and answers 409 to later tries."""
+        request = PushMessageRequest(to=chat_id, messages=messages)
         key = str(uuid.uuid4())
-        for attempt in range(1, PUSH_ATTEMPTS + 1):
-            try:
-                await self._api.push_message(PushMessageRequest(to=chat_id, messages=messages), x_line_retry_key=key,
-                                             _request_timeout=self._timeout)
-            except SdkResponseError:
-                pass
-            except Exception as exc:  # noqa: BLE001
-                if isinstance(exc, ApiException) and exc.status == 409:
-                    pass  # an earlier try with this key got through
-                else:
-                    status = self._api_failed(f"push (try {attempt}/{PUSH_ATTEMPTS})", chat_id, exc)
-                    retriable = status is None or status >= 500
-                    if retriable and attempt < PUSH_ATTEMPTS:
-                        await asyncio.sleep(0.5 * 2 ** (attempt - 1))
-                        continue
-                    return
-            log.info("pushed to line:%s (%d message(s))", _short(chat_id), len(messages))
-            return
+        policy = self.retry
+        for attempt in range(1, policy.attempts + 1):
+            result = await self._call(f"push (try {attempt}/{policy.attempts})", chat_id, lambda: self._api.push_message(
+                request, x_line_retry_key=key, _request_timeout=self._timeout))
+            if result.outcome in ("sent", "conflict"):
+                log.info("pushed to line:%s (%d message(s))", _short(chat_id), len(messages))
+                return
+            if not result.retriable or attempt == policy.attempts:
+                break
+            if result.retry_after is not None and result.retry_after > policy.max_retry_after_s:
+                log.error("push to line:%s: LINE asks to wait %.0fs: given up", _short(chat_id), result.retry_after)
+                return
+            await asyncio.sleep(policy.wait_before_retry(attempt, result.retry_after))
+        log.error("push to line:%s failed for good after %d tries", _short(chat_id), attempt)
 
     # --- lifecycle ---
 
     async def run(self, handle: Handler, stopping: asyncio.Event) -> None:
         client = AsyncApiClient(Configuration(host=self.line.api_host, access_token=self._token))
         self._api = AsyncMessagingApi(client)
+        # The daemon starts adapters once the model is loaded: what exists now (libraries, model) lives until
+        # exit. Frozen, a full collection no longer walks it; unfrozen, each one paused the event loop ~100 ms
+        # on the 2-core CI machine, which alone put the webhook's p99 over 50 ms (bench/line_load.py).
+        gc.freeze()
         self._handle = handle
         log.info("LINE webhook on %s", self.line.webhook_path)
         try:
@@ -378,3 +532,16 @@ class LineAdapter:
                 task.cancel()
             await client.close()
             self._seen.close()
+
+
+async def _read_capped(request: web.Request, limit: int) -> bytes | None:
+    """The request body, or None once it passes `limit` bytes (checked while reading: a chunked body has no
+    Content-Length to check first)."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)

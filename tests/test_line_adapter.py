@@ -4,9 +4,6 @@ HTTP, and a fake LINE API (a real aiohttp server) that records what the SDK's cl
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import hmac
 import json
 import logging
 import re
@@ -18,7 +15,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
+from fake_line_api import LOADING, PUSH, REPLY, Fault, serving_fake_line, webhook
+from fake_line_api import sign as line_sign
+from fake_line_api import text_event as line_text_event
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -35,50 +34,20 @@ TOKEN_ENV = "BUNSHIN_TEST_LINE_TOKEN"
 USER = "U4af4980629" + "0" * 22
 OTHER_USER = "U1234567890" + "a" * 22
 GROUP = "C4af4980629" + "1" * 22
-REPLY, PUSH, LOADING = "/v2/bot/message/reply", "/v2/bot/message/push", "/v2/bot/chat/loading/start"
 
 
-# --- the far side: a fake LINE API on loopback -------------------------------------------------
-
-
-class FakeLine:
-    """Records every call; `fail[path]` lists statuses to answer first, `delay[path]` seconds to wait."""
-
-    def __init__(self):
-        self.calls: list[dict] = []
-        self.fail: dict[str, list[int]] = {}
-        self.delay: dict[str, float] = {}
-        self.url = ""
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self.calls.append({"path": request.path, "headers": dict(request.headers), "json": body})
-        await asyncio.sleep(self.delay.get(request.path, 0))
-        if self.fail.get(request.path):
-            return web.json_response({"message": "fake failure"}, status=self.fail[request.path].pop(0))
-        if request.path in (REPLY, PUSH):  # LINE's documented answer
-            return web.json_response({"sentMessages": [{"id": str(i), "quoteToken": "q"} for i in body["messages"]]})
-        return web.json_response({}, status=202 if request.path == LOADING else 200)
-
-    def to(self, path: str) -> list[dict]:
-        return [c for c in self.calls if c["path"] == path]
-
-    def replies_to(self, token: str) -> list[dict]:
-        return [c for c in self.to(REPLY) if c["json"]["replyToken"] == token]
+# --- the far side: the fake LINE API on loopback (tests/fake_line_api.py) ----------------------
 
 
 @pytest.fixture
 async def fake_line():
-    fake = FakeLine()
-    app = web.Application()
-    app.router.add_post("/{path:.*}", fake.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    fake.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-    yield fake
-    await runner.cleanup()
+    async with serving_fake_line(TOKEN) as fake:
+        yield fake
+
+
+def replies_to(fake, token: str) -> list[dict]:
+    """The reply calls with `token` that LINE accepted."""
+    return [c for c in fake.to(REPLY) if c["json"]["replyToken"] == token and c.get("status") == 200]
 
 
 @pytest.fixture(scope="module")
@@ -114,26 +83,11 @@ class Bot:
 
 
 def sign(raw: bytes, secret: str = SECRET) -> str:
-    return base64.b64encode(hmac.new(secret.encode(), raw, hashlib.sha256).digest()).decode()
+    return line_sign(raw, secret)
 
 
-def text_event(text: str, *, user: str = USER, group: str | None = None, mention_self: bool | None = None,
-               event_id: str | None = None, token: str | None = None, redelivery: bool = False) -> dict:
-    message = {"type": "text", "id": str(uuid.uuid4().int)[:18], "text": text, "quoteToken": "qt-" + uuid.uuid4().hex}
-    if mention_self is not None:
-        message["mention"] = {"mentionees": [
-            {"index": 0, "length": 3, "type": "user", "userId": "Ubot" if mention_self else OTHER_USER,
-             **({"isSelf": True} if mention_self else {})}]}
-    source = {"type": "group", "groupId": group, "userId": user} if group else {"type": "user", "userId": user}
-    return {
-        "type": "message", "mode": "active", "timestamp": int(time.time() * 1000), "source": source,
-        "webhookEventId": event_id or uuid.uuid4().hex.upper()[:26], "deliveryContext": {"isRedelivery": redelivery},
-        "replyToken": token or uuid.uuid4().hex, "message": message,
-    }
-
-
-def webhook(*events: dict) -> dict:
-    return {"destination": "U" + "f" * 32, "events": list(events)}
+def text_event(text: str, *, user: str = USER, **kw) -> dict:
+    return line_text_event(text, user=user, other_user=OTHER_USER, **kw)
 
 
 async def wait_for(condition, timeout: float = 30, what: str = "condition"):
@@ -150,7 +104,7 @@ def logged(caplog, pattern: str, since: int = 0):
 
 
 @asynccontextmanager
-async def running_bot(folder: Path, tiny: Path, fake: FakeLine, caplog, **line):
+async def running_bot(folder: Path, tiny: Path, fake, caplog, **line):
     config = BotConfig.from_dict({
         "model": {"base": str(tiny), "device": "cpu"},
         "persona": {"name": PERSONA},
@@ -193,7 +147,7 @@ async def test_a_one_to_one_message_is_answered_with_its_reply_token(tmp_path, t
         started = time.monotonic()
         response = await bot.post(webhook(event))
         assert response.status == 200 and time.monotonic() - started < 1.5  # answered before the generation
-        (reply,) = await wait_for(lambda: fake_line.replies_to(event["replyToken"]), what="the reply")
+        (reply,) = await wait_for(lambda: replies_to(fake_line, event["replyToken"]), what="the reply")
         messages = reply["json"]["messages"]
         assert 1 <= len(messages) <= 5 and all(m["type"] == "text" and m["text"].strip() for m in messages)
         assert reply["headers"]["Authorization"] == f"Bearer {TOKEN}"
@@ -223,7 +177,7 @@ async def test_in_a_group_only_a_mention_of_the_bot_is_answered(tmp_path, tiny, 
     async with running_bot(tmp_path, tiny, fake_line, caplog) as bot:
         # One body: a chat's events are handled in order, so once the last is answered the others are done.
         assert (await bot.post(webhook(plain, by_name, someone_else, the_bot))).status == 200
-        await wait_for(lambda: fake_line.replies_to(the_bot["replyToken"]), what="the reply to the mention")
+        await wait_for(lambda: replies_to(fake_line, the_bot["replyToken"]), what="the reply to the mention")
         assert len(fake_line.to(REPLY)) == 1
         assert fake_line.to(LOADING) == []  # the animation exists for 1:1 chats only
         # The unanswered messages are still remembered: the next question is often about them.
@@ -234,7 +188,7 @@ async def test_call_by_name_answers_the_persona_name_in_a_group(tmp_path, tiny, 
     called = text_event(f"ねえ{PERSONA}、元気？", group=GROUP)
     async with running_bot(tmp_path, tiny, fake_line, caplog, call_by_name=True) as bot:
         assert (await bot.post(webhook(text_event("元気？", group=GROUP), called))).status == 200
-        await wait_for(lambda: fake_line.replies_to(called["replyToken"]), what="the reply to the name")
+        await wait_for(lambda: replies_to(fake_line, called["replyToken"]), what="the reply to the name")
         assert len(fake_line.to(REPLY)) == 1
 
 
@@ -247,14 +201,14 @@ async def test_a_redelivered_event_is_answered_once_even_across_a_restart(tmp_pa
             assert (await bot.post(body)).status == 200
         sentinel = text_event("次の話")  # same chat, posted last: answered after anything posted before it
         assert (await bot.post(webhook(sentinel))).status == 200
-        await wait_for(lambda: fake_line.replies_to(sentinel["replyToken"]), what="the sentinel's reply")
+        await wait_for(lambda: replies_to(fake_line, sentinel["replyToken"]), what="the sentinel's reply")
 
     async with running_bot(tmp_path, tiny, fake_line, caplog) as bot:
         await answered_after(bot, webhook(event, event), webhook(again))
-        assert len(fake_line.replies_to(event["replyToken"])) == 1
+        assert len(replies_to(fake_line, event["replyToken"])) == 1
     async with running_bot(tmp_path, tiny, fake_line, caplog) as bot:
         await answered_after(bot, webhook(again))
-    assert len(fake_line.replies_to(event["replyToken"])) == 1
+    assert len(replies_to(fake_line, event["replyToken"])) == 1
     assert remembered(tmp_path, f"line:{USER}").count("届いてる？") == 1
     assert "delivered again" in caplog.text
     assert (tmp_path / "memory.line-events.sqlite3").is_file()
@@ -308,14 +262,14 @@ async def test_bad_bodies_get_a_clear_answer_and_the_daemon_keeps_serving(tmp_pa
         assert (await bot.post(webhook(*ignored))).status == 200
         sentinel = text_event("まだいる？")
         assert (await bot.post(webhook(sentinel))).status == 200
-        await wait_for(lambda: fake_line.replies_to(sentinel["replyToken"]), what="the sentinel's reply")
+        await wait_for(lambda: replies_to(fake_line, sentinel["replyToken"]), what="the sentinel's reply")
         assert len(fake_line.to(REPLY)) == 1
         assert await healthy(bot)
     assert "Traceback" not in caplog.text and not any(r.levelno >= logging.ERROR for r in caplog.records)
 
 
 async def test_a_stale_reply_token_falls_back_to_push_when_enabled(tmp_path, tiny, fake_line, caplog):
-    fake_line.fail[PUSH] = [500]  # the first push fails: retried with the same retry key
+    fake_line.script[PUSH] = [Fault(500)]  # the first push fails: retried with the same retry key
     one_to_one = text_event("遅くてもいいよ")
     in_group = text_event("@美咲 遅くてもいいよ", group=GROUP, mention_self=True)
     async with running_bot(tmp_path, tiny, fake_line, caplog, reply_token_margin_s=0.0, push_fallback=True) as bot:
@@ -327,7 +281,7 @@ async def test_a_stale_reply_token_falls_back_to_push_when_enabled(tmp_path, tin
     keys = [c["headers"]["X-Line-Retry-Key"] for c in pushes]
     assert all(uuid.UUID(k) for k in keys) and len(set(keys)) == 2  # the retry kept its key
     assert all(1 <= len(c["json"]["messages"]) <= 5 for c in pushes)
-    assert logged(caplog, r"push \(try 1/3\) for \S+ failed: HTTP 500")
+    assert logged(caplog, r"push \(try 1/4\) for \S+ failed: HTTP 500")
 
 
 async def test_a_stale_reply_token_is_dropped_with_a_log_line_when_push_is_off(tmp_path, tiny, fake_line, caplog):
@@ -337,17 +291,19 @@ async def test_a_stale_reply_token_is_dropped_with_a_log_line_when_push_is_off(t
     assert fake_line.to(REPLY) == [] and fake_line.to(PUSH) == []
 
 
-async def test_a_failed_reply_is_not_retried(tmp_path, tiny, fake_line, caplog):
-    fake_line.fail[REPLY] = [500]
+async def test_a_reply_answered_500_is_retried_and_delivered_once(tmp_path, tiny, fake_line, caplog):
+    fake_line.script[REPLY] = [Fault(500, deliver=True)]  # LINE took it, but said it failed
     async with running_bot(tmp_path, tiny, fake_line, caplog, push_fallback=True) as bot:
-        assert (await bot.post(webhook(text_event("一回だけ")))).status == 200
-        await wait_for(lambda: logged(caplog, "reply for .* failed: HTTP 500"), what="the error's log line")
-        await asyncio.sleep(0.3)
-        assert len(fake_line.to(REPLY)) == 1 and fake_line.to(PUSH) == []  # the token may be spent: no second try
+        event = text_event("一回だけ")
+        assert (await bot.post(webhook(event))).status == 200
+        await wait_for(lambda: logged(caplog, "may have been delivered: not pushed"), what="the outcome's log line")
+    # The retry met the spent token: one message reached the user, and no push doubled it.
+    assert [c["status"] for c in fake_line.to(REPLY)] == [500, 400] and fake_line.to(PUSH) == []
+    assert len(fake_line.replies_to(event["replyToken"])) == 1
 
 
 async def test_a_refused_reply_token_falls_back_to_push(tmp_path, tiny, fake_line, caplog):
-    fake_line.fail[REPLY] = [400]  # "Invalid reply token": nothing was sent
+    fake_line.script[REPLY] = [Fault(400)]  # "Invalid reply token": nothing was sent
     async with running_bot(tmp_path, tiny, fake_line, caplog, push_fallback=True) as bot:
         assert (await bot.post(webhook(text_event("届く？")))).status == 200
         await wait_for(lambda: fake_line.to(PUSH), what="the push")
@@ -355,10 +311,11 @@ async def test_a_refused_reply_token_falls_back_to_push(tmp_path, tiny, fake_lin
 
 
 async def test_a_hanging_line_api_times_out_and_the_bot_goes_on(tmp_path, tiny, fake_line, caplog):
-    fake_line.delay[REPLY] = 3
+    fake_line.script[REPLY] = [Fault(500, hang_s=3)] * 4
     async with running_bot(tmp_path, tiny, fake_line, caplog, api_timeout_s=0.3) as bot:
         assert (await bot.post(webhook(text_event("待つよ")))).status == 200
-        await wait_for(lambda: logged(caplog, "reply for .* failed: .*Timeout"), timeout=10, what="the timeout")
+        await wait_for(lambda: logged(caplog, r"reply \(try 2/4\) for .* failed: .*Timeout"), timeout=10,
+                       what="the timeout, then a retry")
         assert await healthy(bot)
 
 

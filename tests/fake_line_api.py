@@ -1,0 +1,193 @@
+"""The far side of LINE for tests and benchmarks: a fake Messaging API on loopback, and webhooks as LINE
+signs them.
+
+The fake is a real aiohttp server that keeps LINE's delivery rules, so a duplicate would show:
+- a reply token is spent by the first accepted reply; using it again answers 400 "Invalid reply token";
+- a push with an X-Line-Retry-Key already accepted answers 409 and sends nothing;
+- a reply carrying X-Line-Retry-Key answers 400 (LINE takes the key on push, multicast, narrowcast and
+  broadcast only);
+- a wrong Authorization header answers 401.
+Every accepted message request is a Delivery; what failed is in `calls` only.
+
+Faults: `script[path]` lists Faults for the next calls to that path, in order; `fault_for(path, identity,
+tries)` (a function) picks one per call, for load runs. A Fault answers `status`, after delivering first
+when `deliver` (LINE took it but the answer was lost), and can hang for `hang_s` before answering, so a
+client with a shorter timeout gives up. Only message-sending paths get faults from `fault_for`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import time
+import uuid
+from collections import Counter
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+REPLY, PUSH, LOADING = "/v2/bot/message/reply", "/v2/bot/message/push", "/v2/bot/chat/loading/start"
+
+
+@dataclass(frozen=True)
+class Fault:
+    status: int = 500
+    deliver: bool = False  # accept the message before answering `status`: the answer lies about it
+    hang_s: float = 0.0  # wait this long before answering (a client timeout shorter than this gives up)
+    retry_after: str | None = None  # a Retry-After header (with 429)
+
+
+@dataclass
+class Delivery:
+    path: str
+    to: str  # the reply token for a reply, the chat id for a push
+    retry_key: str | None
+    texts: list[str]
+    at: float = field(default_factory=time.monotonic)
+
+
+class FakeLineApi:
+    def __init__(self, access_token: str):
+        self.access_token = access_token
+        self.url = ""
+        self.calls: list[dict] = []  # every request: path, headers, json, status answered
+        self.deliveries: list[Delivery] = []
+        self.script: dict[str, list[Fault]] = {}
+        self.fault_for = None  # (path, identity, tries so far) -> Fault | None
+        self.spent_tokens: set[str] = set()
+        self.accepted_keys: set[str] = set()
+        self.tries: Counter = Counter()  # per reply token / retry key
+        self.in_flight = 0
+
+    # --- what tests ask ---
+
+    def to(self, path: str) -> list[dict]:
+        return [c for c in self.calls if c["path"] == path]
+
+    def delivered(self, path: str | None = None) -> list[Delivery]:
+        return [d for d in self.deliveries if path is None or d.path == path]
+
+    def replies_to(self, token: str) -> list[Delivery]:
+        return [d for d in self.deliveries if d.path == REPLY and d.to == token]
+
+    def pushes_to(self, chat_id: str) -> list[Delivery]:
+        return [d for d in self.deliveries if d.path == PUSH and d.to == chat_id]
+
+    # --- the API ---
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.in_flight += 1
+        try:
+            return await self._answer(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        call = {"path": request.path, "headers": dict(request.headers), "json": body, "at": time.monotonic()}
+        self.calls.append(call)
+
+        def answer(status: int, data: dict, headers: dict | None = None) -> web.Response:
+            call["status"] = status
+            return web.json_response(data, status=status, headers=headers)
+
+        if request.headers.get("Authorization") != f"Bearer {self.access_token}":
+            return answer(401, {"message": "Authentication failed. Confirm that the access token in the "
+                                           "authorization header is valid."})
+        key = request.headers.get("X-Line-Retry-Key")
+        identity = body.get("replyToken") if request.path == REPLY else key or body.get("to")
+        tries = self.tries[identity]
+        self.tries[identity] += 1
+        fault = None
+        if self.script.get(request.path):
+            fault = self.script[request.path].pop(0)
+        elif self.fault_for is not None and request.path in (REPLY, PUSH):
+            fault = self.fault_for(request.path, identity, tries)
+
+        if request.path == LOADING:
+            if fault:
+                await asyncio.sleep(fault.hang_s)
+                return answer(fault.status, {"message": "fake failure"})
+            return answer(202, {})
+        if request.path == REPLY and key:
+            return answer(400, {"message": "The retry key is not supported for this API"})
+        if request.path == PUSH and key in self.accepted_keys:
+            return answer(409, {"message": "The retry key is already accepted"},
+                          {"x-line-accepted-request-id": str(uuid.uuid5(uuid.NAMESPACE_URL, key))})
+        if request.path == REPLY and body["replyToken"] in self.spent_tokens:
+            return answer(400, {"message": "Invalid reply token"})
+        if request.path not in (REPLY, PUSH):
+            return answer(404, {"message": "Not found"})
+
+        accept = fault is None or fault.deliver
+        if accept:
+            self._deliver(request.path, body, key)
+        if fault is not None:
+            await asyncio.sleep(fault.hang_s)
+            headers = {"Retry-After": fault.retry_after} if fault.retry_after else None
+            return answer(fault.status, {"message": "fake failure"}, headers)
+        return answer(200, {"sentMessages": [{"id": str(uuid.uuid4().int)[:18], "quoteToken": "q"}
+                                             for _ in body["messages"]]})
+
+    def _deliver(self, path: str, body: dict, key: str | None) -> None:
+        if path == REPLY:
+            self.spent_tokens.add(body["replyToken"])
+            to = body["replyToken"]
+        else:
+            if key:
+                self.accepted_keys.add(key)
+            to = body["to"]
+        self.deliveries.append(Delivery(path, to, key, [m.get("text", "") for m in body["messages"]]))
+
+
+@asynccontextmanager
+async def serving_fake_line(access_token: str):
+    """A FakeLineApi on 127.0.0.1 (a free port), in the running event loop; `url` says where."""
+    fake = FakeLineApi(access_token)
+    app = web.Application()
+    app.router.add_post("/{path:.*}", fake.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    fake.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    try:
+        yield fake
+    finally:
+        await runner.cleanup()
+
+
+# --- webhooks as LINE sends them --------------------------------------------------------------
+
+
+def sign(raw: bytes, secret: str) -> str:
+    """X-Line-Signature: base64 of HMAC-SHA256 of the raw body, keyed with the channel secret."""
+    return base64.b64encode(hmac.new(secret.encode(), raw, hashlib.sha256).digest()).decode()
+
+
+def text_event(text: str, *, user: str, group: str | None = None, mention_self: bool | None = None,
+               event_id: str | None = None, token: str | None = None, redelivery: bool = False,
+               timestamp_ms: int | None = None, other_user: str = "U" + "a" * 32) -> dict:
+    message = {"type": "text", "id": str(uuid.uuid4().int)[:18], "text": text, "quoteToken": "qt-" + uuid.uuid4().hex}
+    if mention_self is not None:
+        message["mention"] = {"mentionees": [
+            {"index": 0, "length": 3, "type": "user", "userId": "Ubot" if mention_self else other_user,
+             **({"isSelf": True} if mention_self else {})}]}
+    source = {"type": "group", "groupId": group, "userId": user} if group else {"type": "user", "userId": user}
+    return {
+        "type": "message", "mode": "active", "timestamp": timestamp_ms or int(time.time() * 1000), "source": source,
+        "webhookEventId": event_id or uuid.uuid4().hex.upper()[:26], "deliveryContext": {"isRedelivery": redelivery},
+        "replyToken": token or uuid.uuid4().hex, "message": message,
+    }
+
+
+def webhook(*events: dict) -> dict:
+    return {"destination": "U" + "f" * 32, "events": list(events)}
+
+
+def webhook_bytes(*events: dict) -> bytes:
+    return json.dumps(webhook(*events), ensure_ascii=False).encode("utf-8")
