@@ -107,6 +107,21 @@ def auto_batch_tokens(model, device: str, gradient_checkpointing: bool) -> int:
     return PREFERRED_BATCH_TOKENS[-1]
 
 
+def latest_whole_checkpoint(ckpt: Path) -> Path | None:
+    """The newest checkpoint-N saved whole. The Trainer writes into checkpoint-N in place and writes
+    trainer_state.json last, so a folder without a readable one is a save cut short by a kill: the
+    Trainer would pick it as the latest and fail on it. Such folders are removed."""
+    numbered = [(int(p.name.split("-", 1)[1]), p) for p in ckpt.glob("checkpoint-*")
+                if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+    for _, folder in sorted(numbered, reverse=True):
+        try:
+            json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+            return folder
+        except (OSError, ValueError):
+            shutil.rmtree(folder)
+    return None
+
+
 def checkpoint_dir(out: Path) -> Path:
     # Next to the adapter, not inside it: the adapter folder appears only when complete.
     return out.with_name(out.name + ".checkpoints")
@@ -219,6 +234,7 @@ def _train(args: argparse.Namespace) -> int:
 
     # As it reads back from RUN_FILE (lists, not tuples), so the two compare equal.
     identity = json.loads(json.dumps(_run_identity(args, base, fingerprint)))
+    resume_from: Path | None = None
     if args.resume:
         if not (ckpt / RUN_FILE).is_file() or not any(ckpt.glob("checkpoint-*")):
             raise TrainError(f"--resume: no checkpoint in {ckpt} to continue from")
@@ -226,6 +242,9 @@ def _train(args: argparse.Namespace) -> int:
         if earlier != identity:
             changed = sorted(k for k in identity if earlier.get(k) != identity.get(k))
             raise TrainError(f"--resume: the checkpoints in {ckpt} are from a run with other settings ({', '.join(changed)})")
+        resume_from = latest_whole_checkpoint(ckpt)
+        if resume_from is None:
+            raise TrainError(f"--resume: no checkpoint in {ckpt} was saved whole (the run was killed while saving its first)")
     elif ckpt.exists():
         if not args.force:
             raise TrainError(f"{ckpt} holds checkpoints of an earlier run: pass --resume to continue it or --force to start over")
@@ -322,7 +341,7 @@ def _train(args: argparse.Namespace) -> int:
     )
     if loaded.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    result = trainer.train(resume_from_checkpoint=True if args.resume else None)
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     tuned_eval_loss = token_weighted_loss(model, eval_rows, tokenizer.pad_id, rows_per_batch)
     peak_gb = torch.cuda.max_memory_allocated() / 1e9 if loaded.device.startswith("cuda") else None
 

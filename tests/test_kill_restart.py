@@ -1,0 +1,180 @@
+"""SIGKILL, the signal nothing can catch: the daemon, `finetune prepare` and `finetune train` are killed as real
+processes at their most fragile moment, then run again. Memory survives, no half-written output appears at
+the final path, and training resumes from its last whole checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+import pytest
+from conftest import EXAMPLES, REPO, run_cli
+from test_daemon import PERSONA, converse, replies, start_bot, write_config
+
+from bot.memory import ConversationMemory
+from finetune.tiny_model import build_tiny_model
+
+TRAIN_ARGS = ("--pack-length", "256", "--batch-tokens", "256", "--lr", "3e-3", "--eval-every", "0", "--no-progress",
+              "--seed", "7")
+
+
+def wait_for(condition, what: str, timeout: float = 60):
+    """Poll a file-system or database condition another process brings about (no event to await across processes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.001)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "finetune", *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                            env={**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1"})
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    corpus = (EXAMPLES / "line_demo.txt").read_text(encoding="utf-8").splitlines()
+    return build_tiny_model(tmp_path_factory.mktemp("base") / "tiny", corpus)
+
+
+# --- the daemon ---------------------------------------------------------------------------------------------
+
+
+def test_daemon_killed_mid_reply_keeps_its_memory_and_answers_after_a_restart(tmp_path, tiny):
+    memory_file = tmp_path / "memory.sqlite3"
+    quick = write_config(tmp_path, tiny)
+    assert converse(quick, ["一回目のメッセージ"]).returncode == 0
+
+    # A long reply, so the kill lands while it is being generated.
+    (tmp_path / "long").mkdir()
+    slow = write_config(tmp_path / "long", tiny, memory={"path": str(memory_file)},
+                        generation={"max_new_tokens": 400, "temperature": 0.0, "repetition_penalty": 1.0})
+    proc = start_bot(slow)
+    try:
+        assert any("serving as" in line for line in proc.stderr), "the daemon stopped before serving"
+        proc.stdin.write("二回目のメッセージ\n")
+        proc.stdin.flush()
+
+        def saved_question() -> bool:  # committed before the reply is generated; read as another process would
+            with sqlite3.connect(f"file:{memory_file}?mode=ro", uri=True) as db:
+                return db.execute("SELECT COUNT(*) FROM turns WHERE text = '二回目のメッセージ'").fetchone()[0] == 1
+
+        wait_for(saved_question, "the second message in memory")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        out = proc.stdout.read()
+    finally:
+        proc.kill()
+        proc.wait()
+        with contextlib.suppress(BrokenPipeError):  # closing stdin flushes it into a dead process
+            proc.stdin.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert replies(out) == []  # killed before the reply went out
+
+    with ConversationMemory(memory_file) as memory:  # opens: quick_check finds the file whole
+        turns = [(r.speaker, r.text) for r in memory.recent("console:local", 10)]
+    assert [t for _, t in turns[:1]] == ["一回目のメッセージ"] and turns[1][0] == PERSONA
+    assert turns[2:] == [("健太", "二回目のメッセージ")]  # the question kept, no half-written answer
+
+    done = converse(quick, ["三回目のメッセージ"])
+    assert done.returncode == 0, done.stderr
+    assert len(replies(done.stdout)) == 1
+    with ConversationMemory(memory_file) as memory:
+        texts = [r.text for r in memory.recent("console:local", 10)]
+    assert texts[0] == "一回目のメッセージ" and texts[2:4] == ["二回目のメッセージ", "三回目のメッセージ"]
+    assert len(texts) == 5
+
+
+# --- finetune prepare -----------------------------------------------------------------------------------------
+
+
+def big_line_export(path: Path) -> None:
+    """1600 days of chat, 40 messages a day: about 45 MB of train.jsonl, so writing it takes ~0.1 s to kill it in."""
+    words = "今日 明日 ご飯 行く 映画 どう 楽しい 眠い 仕事 雨 晴れ 電車 遅れた ありがとう また 今度".split()
+    lines = ["[LINE] 健太とのトーク履歴", ""]
+    for day in range(1600):
+        lines.append((date(2020, 1, 1) + timedelta(days=day)).strftime("%Y/%m/%d(月)"))
+        for i in range(40):
+            text = "".join(words[(day * 7 + i * j) % len(words)] for j in range(3 + (day + i) % 27))
+            lines.append(f"{10 + i // 4}:{(i * 7) % 60:02d}\t{'美咲' if i % 2 else '健太'}\t{text}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def test_prepare_killed_while_writing_leaves_no_output_and_the_next_run_cleans_up(tmp_path):
+    export, out = tmp_path / "talk.txt", tmp_path / "dataset"
+    big_line_export(export)
+    args = ("prepare", export, "--persona", "美咲", "--timezone", "Asia/Tokyo", "--out", out)
+    proc = start(*args)
+    try:
+        staging = wait_for(lambda: [p for p in tmp_path.iterdir() if p.name.startswith(".dataset.")],
+                           "the staging folder")
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists(), "a killed prepare must leave nothing at the output path"
+    assert all(p.exists() for p in staging)  # the hidden staging folder is all that is left
+
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["eval.jsonl", "stats.json", "train.jsonl"]
+    assert json.loads((out / "stats.json").read_text(encoding="utf-8"))["samples"]["train"] > 1000
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # the dead run's staging removed
+
+
+# --- finetune train -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "ds"
+    proc = run_cli("prepare", EXAMPLES / "line_demo.txt", "--persona", PERSONA, "--timezone", "Asia/Tokyo", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_train_killed_mid_run_resumes_from_its_last_whole_checkpoint(tmp_path, tiny, dataset):
+    out, checkpoints = tmp_path / "adapter", tmp_path / "adapter.checkpoints"
+    args = ("train", dataset, "--base", tiny, "--out", out, *TRAIN_ARGS, "--max-steps", "12", "--save-every", "2")
+    proc = start(*args)
+    try:
+        logged = 0
+        for line in proc.stdout:  # one log line per step, printed after that step's checkpoint was saved
+            logged += line.startswith("{'loss'")
+            if logged == 7:
+                break
+        assert logged == 7, proc.stderr.read()
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists(), "no adapter folder until training is done"
+    saved = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
+    assert saved and saved[-1] >= 6
+
+    # A kill inside the Trainer's save leaves checkpoint-N without its trainer_state.json (written last).
+    # Make the newest one so: resume must go back to the one before, not fail on it.
+    (checkpoints / f"checkpoint-{saved[-1]}" / "trainer_state.json").unlink()
+    whole = [s for s in saved if s < saved[-1]][-1]
+
+    resumed = run_cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert sum(line.startswith("{'loss'") for line in resumed.stdout.splitlines()) == 12 - whole
+    manifest = json.loads((out / "bunshin.json").read_text(encoding="utf-8"))
+    assert manifest["training"]["steps"] == 12
+    assert (out / "adapter_model.safetensors").is_file()
