@@ -252,8 +252,9 @@ def run_configuration(name: str, adapter: Path, args) -> dict:
     from bot.worker import ModelBackend
     from finetune.model_loading import load_adapter
 
-    quantize = {"bf16": "none", "8bit": "8bit", "4bit": "4bit"}[name]
-    result: dict = {"quantize": quantize}
+    quantize = {"bf16": "none", "bf16-compiled": "none", "8bit": "8bit", "4bit": "4bit"}[name]
+    compiled = name.endswith("-compiled")
+    result: dict = {"quantize": quantize, "compile": compiled}
     _free()
     rng = random.Random(0)
     if name == "bf16":
@@ -278,7 +279,7 @@ def run_configuration(name: str, adapter: Path, args) -> dict:
     overrides = {"max_new_tokens": SINGLE_NEW_TOKENS, "temperature": 0.0, "repetition_penalty": 1.0}
     # No EOS in the timed runs: every reply is exactly as long as asked (a random model may say EOS).
     no_eos = dataclasses.replace(loaded, tokenizer=_WithoutEos(loaded.tokenizer))
-    backend = ModelBackend.from_loaded(no_eos, generation_overrides=overrides)
+    backend = ModelBackend.from_loaded(no_eos, generation_overrides=overrides, compile=compiled)
     started = time.monotonic()
     stepper = backend.make_stepper(32)
     result["engine_warmup_s"] = round(time.monotonic() - started, 1)
@@ -287,7 +288,7 @@ def run_configuration(name: str, adapter: Path, args) -> dict:
         result["engine"] = "fell back to plain generate(): see the log"
         return result
     result["engine"] = {"slots": engine.slots, "cache_tokens": engine.length, "cache_gb": round(engine.cache.nbytes / 1e9, 2),
-                        "cuda_graphs": len(engine._graphs)}
+                        "cuda_graphs": engine.graph_count}
     result["engine_single_stream"] = engine_single_stream(engine, prompt)
     if name == "bf16":
         prompts = [encode_prompt(loaded.tokenizer, context_turns(random.Random(s), loaded.tokenizer, CONTEXT_TOKENS),
@@ -303,7 +304,8 @@ def run_configuration(name: str, adapter: Path, args) -> dict:
         for engine_name in ("slots", "plain"):
             if engine_name == "plain" and name != "bf16":
                 continue
-            backend = ModelBackend.from_loaded(no_eos, generation_overrides=chat_overrides, engine=engine_name)
+            backend = ModelBackend.from_loaded(no_eos, generation_overrides=chat_overrides, engine=engine_name,
+                                               compile=compiled)
             _free()
             figures = asyncio.run(chats_over_time(backend, chats, args.seconds, seed=chats))
             figures["peak_gpu_gb"] = _peak_gb()
@@ -328,7 +330,7 @@ class _WithoutEos:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--runs", default="bf16", help="comma-separated: bf16, 8bit, 4bit")
+    p.add_argument("--runs", default="bf16", help="comma-separated: bf16, bf16-compiled, 8bit, 4bit")
     p.add_argument("--shape", choices=("rinna", "tiny"), default="rinna")
     p.add_argument("--seconds", type=float, default=15.0, help="length of each concurrent-chat run")
     p.add_argument("--work", default=None)

@@ -92,6 +92,7 @@ class ModelConfig(_Section):
     engine: Literal["slots", "plain"] = "slots"  # continuous batching, or plain batched generate()
     merge_adapter: bool = True  # fold the LoRA weights into the base at load (not with quantize)
     cuda_graphs: bool = True
+    compile: bool = False  # torch.compile the slot engine's decode step (GPU only)
 
     @property
     def adapter_path(self) -> Path | None:

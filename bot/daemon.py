@@ -120,6 +120,7 @@ async def run_daemon(config, stop: asyncio.Event | None = None, backend=None) ->
                     generation_overrides=config.generation.overrides(),
                     engine=config.model.engine,
                     cuda_graphs=config.model.cuda_graphs,
+                    compile=config.model.compile,
                 )
             except ValueError as exc:  # e.g. a [persona] that contradicts the adapter's manifest
                 raise SystemExit(f"error: {config.source}: {exc}") from None

@@ -63,7 +63,10 @@ class SlotStep:
     row_index: object
     write_positions: object
     kv_length: int
-    mask: object
+    mask: object | None
+    # Prefill: the rows' caches start empty, so the new tokens attend causally to each other only
+    # (no cache read, no mask: the flash kernel). Right padding comes after every real token.
+    prefill: bool = False
 
 
 @dataclass
@@ -93,8 +96,8 @@ def register() -> str:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-        step = _active
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, slot_step=None, **kwargs):
+        step = slot_step if slot_step is not None else _active
         if step is None or isinstance(step, ProbeStep):
             if step is not None:
                 _record_shape(step, module, key, kwargs)
@@ -104,13 +107,16 @@ def register() -> str:
         # (batch, heads, tokens, dim) -> (batch, tokens, heads, dim): the layout of cache[row, :, position].
         cache_k[step.row_index, :, step.write_positions] = key.transpose(1, 2).to(cache_k.dtype)
         cache_v[step.row_index, :, step.write_positions] = value.transpose(1, 2).to(cache_v.dtype)
+        gqa = {"enable_gqa": True} if key.shape[1] != query.shape[1] else {}
+        if step.prefill:
+            out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, **gqa)
+            return out.transpose(1, 2).contiguous(), None
         if step.rows is None:
             k = cache_k[: query.shape[0], :, : step.kv_length]
             v = cache_v[: query.shape[0], :, : step.kv_length]
         else:
             k = cache_k[step.rows, :, : step.kv_length]
             v = cache_v[step.rows, :, : step.kv_length]
-        gqa = {"enable_gqa": True} if k.shape[1] != query.shape[1] else {}
         out = torch.nn.functional.scaled_dot_product_attention(
             query, k.to(query.dtype), v.to(query.dtype), attn_mask=step.mask, scale=scaling, **gqa
         )

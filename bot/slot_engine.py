@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 from finetune.generation import GenerationSettings, reply_text
 from finetune.prompt import turn_end
@@ -34,6 +35,7 @@ from .slot_attention import ProbeStep, SlotStep, UnsupportedModel, active_step, 
 log = logging.getLogger(__name__)
 
 _MIN_LENGTH_BUCKET = 64
+_MAX_PREFILL_ROWS = 8  # prompts prefilled in one forward pass (more wait for the next step)
 
 
 @dataclass
@@ -64,6 +66,7 @@ class SlotEngine:
         slots: int,
         length: int,
         cuda_graphs: bool = True,
+        compile: bool = False,
         seed: int | None = None,
     ) -> None:
         import torch
@@ -79,9 +82,12 @@ class SlotEngine:
         _use_slot_attention(model)
 
         shapes, vocab = self._probe()
-        self.cache = allocate_cache(shapes, slots, length, self.device)
+        # One row more than the slots: the scratch row, where a prefill graph's padding rows write.
+        self.cache = allocate_cache(shapes, slots + 1, length, self.device)
+        self._scratch = slots
         self.vocab = vocab
         self.batch_buckets = _buckets(1, slots)
+        self.prefill_buckets = _buckets(1, min(slots, _MAX_PREFILL_ROWS))
         self.length_buckets = _buckets(min(_MIN_LENGTH_BUCKET, length), length)
         dev = self.device
         self._ids = torch.zeros((slots, 1), dtype=torch.long, device=dev)
@@ -94,6 +100,12 @@ class SlotEngine:
         self._positions = torch.arange(length, device=dev)
         self._row_index = torch.arange(slots, device=dev).view(slots, 1)
         self._seen = torch.zeros((slots, vocab), dtype=torch.bool, device=dev)
+        prefill_rows = self.prefill_buckets[-1]
+        self._p_ids = torch.zeros((prefill_rows, length), dtype=torch.long, device=dev)
+        self._p_rows = torch.zeros((prefill_rows,), dtype=torch.long, device=dev)
+        self._p_last = torch.zeros((prefill_rows,), dtype=torch.long, device=dev)
+        self._p_host = torch.zeros((3, prefill_rows, length), dtype=torch.long, pin_memory=pin)
+        self._causal = torch.ones((length, length), dtype=torch.bool, device=dev).tril().view(1, 1, length, length)
         self._generator = torch.Generator(device=dev)
         if seed is not None:
             self._generator.manual_seed(seed)
@@ -102,28 +114,39 @@ class SlotEngine:
         self._colon = _colon_tokens(tokenizer, vocab)
         self._rows: dict[int, _Row] = {}  # slot -> row being decoded
         self._pending: list[_Row] = []  # admitted, prefilled at the next step
-        self._graphs: dict[tuple[int, int], tuple] = {}
+        self._graphs: dict[tuple[int, int], tuple] = {}  # (rows, cache length) -> decode graph, its logits
+        self._prefill_graphs: dict[tuple[int, int], tuple] = {}  # (rows, prompt length) -> graph, logits
+        self._decode_fn = self._decode_forward
+        if compile and dev.type == "cuda":
+            # Fuses the ~30 small kernels per layer (norms, rotary, residuals) that cost a batch-1
+            # step as much time as reading the weights. Compiled lazily, at the first graph's warm-up.
+            self._decode_fn = torch.compile(self._decode_forward, dynamic=True)
         if cuda_graphs and dev.type == "cuda":
             started = time.monotonic()
             try:
                 self._capture_graphs()
             except Exception as exc:  # e.g. a quantization kernel that syncs with the CPU: decode eagerly
                 self._graphs.clear()
+                self._prefill_graphs.clear()
                 torch.cuda.synchronize()
                 log.warning("slot engine: CUDA graphs cannot be captured for this model (%s: %s); decoding without them",
                             type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             else:
-                log.info("slot engine: captured %d CUDA graphs in %.1fs", len(self._graphs), time.monotonic() - started)
+                log.info("slot engine: captured %d CUDA graphs in %.1fs", self.graph_count, time.monotonic() - started)
 
     # -- what the worker uses ---------------------------------------------------------------
 
     @property
     def slots(self) -> int:
-        return self.cache.slots
+        return self._scratch  # the cache's rows past the scratch row
 
     @property
     def length(self) -> int:
         return self.cache.length
+
+    @property
+    def graph_count(self) -> int:
+        return len(self._graphs) + len(self._prefill_graphs)
 
     @property
     def busy(self) -> int:
@@ -162,18 +185,19 @@ class SlotEngine:
 
     def _prefill(self) -> list[Finished]:
         torch = self._torch
-        rows, self._pending = self._pending, []
+        limit = self.prefill_buckets[-1]
+        rows, self._pending = self._pending[:limit], self._pending[limit:]
         free = [s for s in range(self.slots) if s not in self._rows]
         slots = free[: len(rows)]
         logits = self._prefill_logits(rows, slots)
         dev = self.device
-        slot_index = torch.tensor(slots, dtype=torch.long, device=dev)
-        seen = torch.zeros((len(rows), self.vocab), dtype=torch.bool, device=dev)
-        for i, row in enumerate(rows):
-            seen[i, torch.tensor(row.prompt, device=dev)] = True
+        # Every prompt token counts as seen (repetition penalty); padding repeats the first token.
+        longest = max(len(r.prompt) for r in rows)
+        ids = torch.tensor([r.prompt + [r.prompt[0]] * (longest - len(r.prompt)) for r in rows], device=dev)
+        seen = torch.zeros((len(rows), self.vocab), dtype=torch.bool, device=dev).scatter_(1, ids, True)
         chosen = next_tokens(logits, seen, self.settings, self._generator)
-        seen[torch.arange(len(rows), device=dev), chosen] = True
-        self._seen[slot_index] = seen
+        seen[self._row_index[: len(rows), 0], chosen] = True
+        self._seen[torch.tensor(slots, device=dev)] = seen
         finished = []
         for slot, row, token in zip(slots, rows, chosen.tolist(), strict=True):
             row.position = len(row.prompt)
@@ -184,27 +208,46 @@ class SlotEngine:
 
     def _prefill_logits(self, rows: list[_Row], slots: list[int]):
         """Write the prompts into their slots' cache rows; the float32 logits after each prompt."""
-        torch = self._torch
+        graphed = bool(self._prefill_graphs)
         longest = max(len(r.prompt) for r in rows)
-        kv_length = _bucket(longest, self.length_buckets)
-        # Right-padded: the padding's keys land beyond each prompt, where decoding overwrites them
-        # before the mask ever lets a query see them.
-        ids = torch.full((len(rows), longest), self.tokenizer.pad_id, dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : len(row.prompt)] = torch.tensor(row.prompt, dtype=torch.long)
-        dev = self.device
-        ids = ids.to(dev)
-        positions = self._positions[:longest].expand(len(rows), longest)
-        mask = self._positions[:kv_length].view(1, 1, 1, kv_length) <= positions.view(len(rows), 1, longest, 1)
-        slot_index = torch.tensor(slots, dtype=torch.long, device=dev)
-        last = torch.tensor([len(r.prompt) - 1 for r in rows], dtype=torch.long, device=dev)
-        step = SlotStep(self.cache, slot_index, slot_index.view(-1, 1), positions, kv_length, mask)
+        # With graphs, the batch and the length are padded up to a captured bucket; padding rows
+        # write into the scratch row, padding tokens beyond each prompt (decoding overwrites them
+        # before the mask ever lets a query see them).
+        count = _bucket(len(rows), self.prefill_buckets) if graphed else len(rows)
+        length = _bucket(longest, self.length_buckets) if graphed else longest
+        host = self._p_host[:, :count]
+        ids_np, rows_np, last_np = host[0].numpy(), host[1, :, 0].numpy(), host[2, :, 0].numpy()
+        ids_np[:, :length] = self.tokenizer.pad_id
+        rows_np[:] = self._scratch
+        last_np[:] = 0
+        for i, (row, slot) in enumerate(zip(rows, slots, strict=True)):
+            ids_np[i, : len(row.prompt)] = row.prompt
+            rows_np[i] = slot
+            last_np[i] = len(row.prompt) - 1
+        self._p_ids[:count, :length].copy_(host[0, :, :length], non_blocking=True)
+        self._p_rows[:count].copy_(host[1, :, 0], non_blocking=True)
+        self._p_last[:count].copy_(host[2, :, 0], non_blocking=True)
+        graph = self._prefill_graphs.get((count, length))
+        if graph is not None:
+            graph[0].replay()
+            logits = graph[1]
+        else:
+            logits = self._forward_prefill(count, length)
+        return logits[: len(rows)].float()
+
+    def _forward_prefill(self, count: int, length: int):
+        """Prompts of `length` tokens for `count` rows from the static buffers; logits at each row's
+        last prompt token. The body of each prefill CUDA graph."""
+        ids, slots, last = self._p_ids[:count, :length], self._p_rows[:count], self._p_last[:count]
+        positions = self._positions[:length].expand(count, length)
+        mask = self._causal[:, :, :length, :length]  # transformers takes a 4D mask as given
+        step = SlotStep(self.cache, slots, slots.view(count, 1), positions, length, None, prefill=True)
         with active_step(step):
             # logits_to_keep as indices: only each row's last prompt position reaches the LM head.
             out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False,
                              logits_to_keep=last)
-        arange = torch.arange(len(rows), device=dev)
-        return out.logits[arange, arange].float()  # row i's logits at its own last prompt token
+        arange = self._row_index[:count, 0]
+        return out.logits[arange, arange]  # row i's logits at its own last prompt token
 
     def _decode(self) -> list[Finished]:
         batch, logits = self._decode_logits()
@@ -241,11 +284,16 @@ class SlotEngine:
 
     def _forward_decode(self, batch: int, kv_length: int):
         """One token for rows 0..batch-1 from the static buffers: the body of each CUDA graph."""
-        ids, pos = self._ids[:batch], self._pos[:batch]
-        mask = self._positions[:kv_length].view(1, 1, 1, kv_length) <= pos.view(batch, 1, 1, 1)
-        step = SlotStep(self.cache, None, self._row_index[:batch], pos.view(batch, 1), kv_length, mask)
-        with active_step(step):
-            out = self.model(input_ids=ids, position_ids=pos.view(batch, 1), attention_mask=mask, use_cache=False)
+        return self._decode_fn(self._ids[:batch], self._pos[:batch], self._row_index[:batch], self._positions[:kv_length])
+
+    def _decode_forward(self, ids, pos, row_index, key_positions):
+        """Sizes come from the tensors' shapes, so that one torch.compile (dynamic shapes) serves
+        every bucket; the step travels in the model's kwargs, which reach the attention function."""
+        batch, kv_length = ids.shape[0], key_positions.shape[0]
+        mask = key_positions.view(1, 1, 1, kv_length) <= pos.view(batch, 1, 1, 1)
+        step = SlotStep(self.cache, None, row_index, pos.view(batch, 1), kv_length, mask)
+        out = self.model(input_ids=ids, position_ids=pos.view(batch, 1), attention_mask=mask, use_cache=False,
+                         slot_step=step)
         return out.logits[:, -1, :]
 
     def _take(self, row: _Row, token: int) -> bool:
@@ -285,18 +333,25 @@ class SlotEngine:
         pool = torch.cuda.graph_pool_handle()
         for batch in self.batch_buckets:
             for kv_length in self.length_buckets:
-                with torch.inference_mode():
-                    # Warm-up off the capture stream: lazy initialisations must not land in the graph.
-                    side = torch.cuda.Stream()
-                    side.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(side):
-                        self._forward_decode(batch, kv_length)
-                    torch.cuda.current_stream().wait_stream(side)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
-                        logits = self._forward_decode(batch, kv_length)
-                self._graphs[(batch, kv_length)] = (graph, logits)
+                self._graphs[(batch, kv_length)] = self._capture(pool, partial(self._forward_decode, batch, kv_length))
+        self._p_rows.fill_(self._scratch)  # capture runs write only into the scratch row
+        for count in self.prefill_buckets:
+            for length in self.length_buckets:
+                self._prefill_graphs[(count, length)] = self._capture(pool, partial(self._forward_prefill, count, length))
         torch.cuda.synchronize()
+
+    def _capture(self, pool, forward):
+        torch = self._torch
+        with torch.inference_mode():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                forward()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                output = forward()
+        return graph, output
 
     def self_check(self, prompt: list[int], steps: int = 3) -> float:
         """Largest relative logit difference between this engine and a plain forward pass of the

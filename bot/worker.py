@@ -78,6 +78,7 @@ class ModelBackend:
     max_prompt_tokens: int  # the oldest turns are dropped to fit; room is left for the reply
     engine: str = "slots"  # "slots": continuous batching (slot_engine.py); "plain": batched generate()
     cuda_graphs: bool = True
+    compile: bool = False  # torch.compile the decode step (GPU): faster steps after a longer warm-up
 
     @classmethod
     def from_loaded(
@@ -88,6 +89,7 @@ class ModelBackend:
         generation_overrides: dict | None = None,
         engine: str = "slots",
         cuda_graphs: bool = True,
+        compile: bool = False,
     ) -> ModelBackend:
         """An adapter (or merged model) brings persona, template and generation defaults in its manifest;
         a bare base model needs them given (persona at least)."""
@@ -124,7 +126,7 @@ class ModelBackend:
             )
         if engine not in ("slots", "plain"):
             raise ValueError(f"unknown engine {engine!r}; choose slots or plain")
-        return cls(loaded, persona, template, settings, speakers, budget, engine, cuda_graphs)
+        return cls(loaded, persona, template, settings, speakers, budget, engine, cuda_graphs, compile)
 
     def make_stepper(self, capacity: int):
         """The slot engine with `capacity` slots, warmed up (CUDA graphs captured) and checked against
@@ -140,7 +142,8 @@ class ModelBackend:
         started = time.monotonic()
         try:
             engine = SlotEngine(model, tokenizer, self.settings, slots=capacity,
-                                length=self.max_prompt_tokens + self.settings.max_new_tokens, cuda_graphs=self.cuda_graphs)
+                                length=self.max_prompt_tokens + self.settings.max_new_tokens, cuda_graphs=self.cuda_graphs,
+                                compile=self.compile)
             probe = tokenizer.encode(tokenizer.to_model_text("おはよう。今日は何する?\n"))[:32] or [tokenizer.pad_id]
             difference = engine.self_check(probe)
             tolerance = 1e-3 if engine.cache.keys[0].dtype.is_floating_point and engine.cache.keys[0].element_size() >= 4 else 5e-2
@@ -150,7 +153,7 @@ class ModelBackend:
             log.warning("worker: the slot engine cannot serve this model (%s); using plain batched generate()", exc)
             return BatchStepper(self, capacity)
         log.info("worker: slot engine ready in %.1fs: %d slots x %d tokens, %.2f GB of cache, %d CUDA graphs",
-                 time.monotonic() - started, engine.slots, engine.length, engine.cache.nbytes / 1e9, len(engine._graphs))
+                 time.monotonic() - started, engine.slots, engine.length, engine.cache.nbytes / 1e9, engine.graph_count)
         return EngineStepper(self, engine)
 
     def generate(self, conversations: list[list[ChatTurn]]) -> list[tuple[str, int]]:
