@@ -7,7 +7,7 @@ loaded through the bot's own loader: unmerged, merged, 8-bit and 4-bit. In one r
 - single stream: a 200-token context, 128 new tokens, greedy: plain generate() with the adapter
   unmerged and merged, and the slot engine (CUDA graphs) on the merged model;
 - 8 and 32 concurrent chats through the real Worker (asyncio queue, stepping thread): each chat
-  sends a ~200-token conversation, waits for its 40-token reply, pauses a random 0-200 ms and
+  sends a ~200-token conversation, waits for its 40-token reply, pauses a random 0-20 ms and
   sends again; the chats start 0-1 s apart. Aggregate tokens/s and p50/p95 time from a message's
   arrival to its finished reply, for the slot engine and for plain batched generate();
 - greedy equality on the GPU: the engine's tokens against generate()'s for the same prompts;
@@ -49,6 +49,7 @@ GOALS = {"single_stream_tokens_per_s": 250, "aggregate_tokens_per_s_32_chats": 5
 CONTEXT_TOKENS = 200
 SINGLE_NEW_TOKENS = 128
 CHAT_NEW_TOKENS = 40
+THINK_S = 0.02  # a chat's next message comes 0-20 ms after its reply: 32 chats keep ~32 requests going
 
 
 def make_adapter(base_dir: Path, out: Path, max_length: int) -> Path:
@@ -168,7 +169,7 @@ async def chats_over_time(backend, chats: int, seconds: float, seed: int) -> dic
             if done <= end:
                 latencies.append(done - sent)
                 tokens[0] += reply.tokens
-            await asyncio.sleep(rng.uniform(0, 0.2))
+            await asyncio.sleep(rng.uniform(0, THINK_S))
 
     await asyncio.gather(*(chat(i) for i in range(chats)))
     wall = time.monotonic() - start
@@ -355,6 +356,8 @@ def main() -> None:
         "device": device_info(),
         "model": f"GPT-NeoX, {args.shape} shape, random weights, LoRA r=16 adapter",
         "goals": GOALS,
+        "chat_load": {"context_tokens": CONTEXT_TOKENS, "reply_tokens": CHAT_NEW_TOKENS, "pause_after_reply_s": [0, THINK_S],
+                      "start_spread_s": 1.0},
         "measured_copy_bandwidth_gb_s": bandwidth,
         "configurations": {},
     }
