@@ -45,8 +45,9 @@ CREATE INDEX IF NOT EXISTS turns_by_chat ON turns (chat_key, id);
 """
 
 
-_DAMAGED = ("the memory database is damaged; it was left as it is: move it aside to start with an empty "
-            "memory, or salvage it with `sqlite3 FILE .recover`")
+def _damaged(path: str, why: str) -> str:
+    return (f"{path}: the memory database is damaged ({why}); it was left as it is: move it aside to start "
+            f"with an empty memory, or salvage what it holds with `sqlite3 {path} .recover`")
 
 
 class MemoryStoreError(Exception):
@@ -92,7 +93,7 @@ class ConversationMemory:
             raise MemoryStoreError(f"{self.path}: cannot {action}: {exc}") from None
         except sqlite3.DatabaseError as exc:
             if "malformed" in str(exc) or "corrupt" in str(exc):
-                raise MemoryStoreError(f"{self.path}: cannot {action}: {_DAMAGED}: {exc}") from None
+                raise MemoryStoreError(_damaged(self.path, f"{exc}, on trying to {action}")) from None
             raise
 
     def _open(self) -> None:
@@ -114,7 +115,7 @@ class ConversationMemory:
             raise MemoryStoreError(f"{self.path}: not a bunshin memory database: no turns table")
         problems = [row[0] for row in db.execute("PRAGMA quick_check(5)")]
         if problems != ["ok"]:
-            raise MemoryStoreError(f"{self.path}: {_DAMAGED}: {'; '.join(problems)}")
+            raise MemoryStoreError(_damaged(self.path, "; ".join(problems)))
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
 

@@ -98,6 +98,22 @@ def test_daemon_killed_mid_reply_keeps_its_memory_and_answers_after_a_restart(tm
     assert len(texts) == 5
 
 
+def test_restart_onto_a_damaged_memory_file_stops_naming_it_and_leaves_it_alone(tmp_path, tiny):
+    memory_file = tmp_path / "memory.sqlite3"
+    config = write_config(tmp_path, tiny)
+    with ConversationMemory(memory_file, keep=None) as memory:
+        for i in range(2000):
+            memory.append("console:local", "健太", f"大事な話 {i} " * 5)
+    damaged = memory_file.read_bytes()[: memory_file.stat().st_size // 2]  # a disk that stopped half-way
+    memory_file.write_bytes(damaged)
+
+    done = converse(config, ["こんにちは"])
+    assert done.returncode != 0
+    assert f"error: {memory_file}: the memory database is damaged" in done.stderr and "move it aside" in done.stderr
+    assert "Traceback" not in done.stderr and replies(done.stdout) == []
+    assert memory_file.read_bytes() == damaged  # not overwritten with an empty memory
+
+
 # --- finetune prepare -----------------------------------------------------------------------------------------
 
 
