@@ -38,7 +38,7 @@ PC_SPEAKERS = ("山口 由美", "田村")
 # Bytes that mean something to some importer: separators, quotes, brackets, line ends, half a UTF-8
 # character, a BOM, a zip signature, message-looking and date-looking lines, impossible times and dates.
 GARBAGE = [
-    b"\xff\xfe", b"\x00", b"\xe4\xbd", b"\xef\xbb\xbf", b"\r", b"\r\n", b"\n", b"\t\t\t", b'"', b'""', b"{", b"}",
+    b"\xff\xfe", b"\x00", b"\xe4\xbd", b"\xed\xb1\xb1", b"\xef\xbb\xbf", b"\r", b"\r\n", b"\n", b"\t\t\t", b'"', b'""', b"{", b"}",
     b"[", b"]", b",", b";", b":", b"PK\x03\x04", b"null", b"1e999", b"-1", b'{"messages":', b'"content": 5,',
     b"12:34\t", b"99:99\tA\tb", b"24:59\tA\tb", b"AM 13:00\tA\tb", b"2024/13/45(\xe6\x9c\x88)", b"9999/12/31(Fri)",
     b"Mon, 99/99/2024", b"Mon, 12/31/9999", b"23:59 \xe7\x94\xb0\xe6\x9d\x91 x", b"[LINE] x",
@@ -306,3 +306,43 @@ def test_one_huge_message_gives_a_result_or_a_clear_error_in_bounded_memory(name
     else:
         assert detect_format(path) == expected
         assert max(len(r.text) for r in result) >= len(HUGE)
+
+
+# --- found by fuzzing, kept as plain regression tests ------------------------------------------------------
+
+
+def _dce_bytes(header_name: bytes, content: bytes) -> bytes:
+    return (b'{"guild": {"name": "' + header_name + b'"}, "channel": {"id": "1"}, "messages": [{"id": "1", '
+            b'"type": "Default", "timestamp": "2024-05-01T12:00:00+09:00", "author": {"name": "A"}, '
+            b'"content": "' + content + b'"}]}')
+
+
+# \xe9 alone is refused by yajl itself; \xed\xb1\xb1 (half of a surrogate pair, as CESU-8 writes it) passes
+# yajl and fails in Python's decoding of the string: that one crashed.
+@pytest.mark.parametrize(("data", "line", "expected"), [
+    (_dce_bytes(b"caf\xe9", b"ok"), None, "invalid JSON before the messages array: lexical error: invalid bytes in UTF8 string."),
+    (_dce_bytes(b"ok", b"caf\xe9"), 1, "invalid JSON in message 1: lexical error: invalid bytes in UTF8 string."),
+    (_dce_bytes(b"\xed\xb1\xb1", b"ok"), None, r'text before the messages array is not valid UTF-8: bytes ed in "\xed\xb1\xb1"'),
+    (_dce_bytes(b"ok", b"caf\xed\xb1\xb1"), 1, r'message 1 holds text that is not valid UTF-8: bytes ed in "caf\xed\xb1\xb1"'),
+])
+def test_dce_json_with_invalid_utf8_in_a_string(tmp_path, data, line, expected):
+    path = tmp_path / "export.json"
+    path.write_bytes(data)
+    error = read_all(path, None)
+    assert isinstance(error, ExportError) and error.message == expected and error.line == line
+
+
+@pytest.mark.parametrize("time_line", ["24:30\t佐藤\t夜更かし", "99:59\t佐藤\tずっと先"])
+def test_line_hours_past_23_run_into_the_next_days(tmp_path, time_line):
+    path = tmp_path / "talk.txt"
+    path.write_text(f"2024/01/01(月)\n{time_line}\n", encoding="utf-8")
+    (record,) = read_all(path, None)
+    hours, minutes = map(int, time_line.split("\t")[0].split(":"))
+    assert (record.time - record.time.replace(day=1, hour=0, minute=0)).total_seconds() == hours * 3600 + minutes * 60
+
+
+def test_line_date_at_the_end_of_time_is_an_error_not_a_crash(tmp_path):
+    path = tmp_path / "talk.txt"
+    path.write_text("9999/12/31(金)\n23:59\t佐藤\tまだ\n24:10\t佐藤\tもう無理\n", encoding="utf-8")
+    error = read_all(path, None)
+    assert isinstance(error, ExportError) and error.line == 3 and "past the year 9999" in error.message

@@ -98,9 +98,18 @@ def _open(path: Path) -> BinaryIO:
     return f
 
 
+def _bad_bytes(exc: UnicodeDecodeError) -> str:
+    """`bytes ed in "general in \\xed\\xb1\\xb1"`: the bytes, and the text around them to find them by."""
+    around = exc.object[max(0, exc.start - 20) : exc.end + 20].decode("utf-8", "backslashreplace")
+    return f"bytes {exc.object[exc.start:exc.end].hex(' ')} in \"{around}\""
+
+
 def _first_line(exc: Exception) -> str:
-    # yajl's messages are multi-line (the error, a snippet, an arrow); the first line says it.
-    return str(exc).strip().split("\n", 1)[0]
+    # yajl's messages are multi-line (the error, a snippet, an arrow), and bytes; the first line says it.
+    text = exc.args[0] if exc.args else str(exc)
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "backslashreplace")
+    return str(text).strip().split("\n", 1)[0]
 
 
 def _read_header(path: Path) -> str:
@@ -129,6 +138,8 @@ def _read_header(path: Path) -> str:
                     )
         except ijson.JSONError as exc:
             raise ExportError(path, None, f"invalid JSON before the messages array: {_first_line(exc)}") from None
+        except UnicodeDecodeError as exc:
+            raise ExportError(path, None, f"text before the messages array is not valid UTF-8: {_bad_bytes(exc)}") from None
     raise ExportError(path, None, 'has no "messages" array at the top level; ' + _NOT_DCE)
 
 
@@ -172,6 +183,9 @@ def _stream_messages(path: Path, channel_id: str, on_progress: Callable[[int], N
                 message = f"the file ends inside message {n} (truncated export? {index} complete messages were read)"
             else:
                 message = f"invalid JSON in message {n}: {detail}"
+            raise ExportError(path, n, message) from None
+        except UnicodeDecodeError as exc:  # yajl checks the bytes; Python decodes each string
+            raise ExportError(path, index + 1, f"message {index + 1} holds text that is not valid UTF-8: {_bad_bytes(exc)}") from None
             raise ExportError(path, n, message) from None
 
 
