@@ -95,12 +95,17 @@ class FakeDiscord:
         # One entry per coming POST .../messages: None (sent), an HTTP status, or "drop": recorded as sent,
         # then the connection closed before any answer (the message went out; the client cannot know).
         self.message_outcomes: list[int | str | None] = []
+        self.message_posts = asyncio.Condition()  # notified on every POST .../messages, sent or refused
         self.gateway_mode = "refuse_intents"  # or "serve": READY, then `events`
         self.events: list[dict] = []
         self.identify: dict | None = None
         self.app = web.Application()
         self.app.router.add_route("*", "/api/v10/{path:.*}", self.rest)
         self.app.router.add_get("/gateway", self.gateway)
+
+    async def wait_for_message_posts(self, count: int) -> None:
+        async with self.message_posts:
+            await asyncio.wait_for(self.message_posts.wait_for(lambda: len(self.posts("messages")) >= count), 20)
 
     def posts(self, kind: str) -> list[dict]:
         return [body for method, path, body in self.requests if method == "POST" and path.endswith("/" + kind)]
@@ -116,6 +121,8 @@ class FakeDiscord:
         if path.endswith("/typing"):
             return web.Response(status=204)
         if path.endswith("/messages") and request.method == "POST":
+            async with self.message_posts:
+                self.message_posts.notify_all()
             outcome = self.message_outcomes.pop(0) if self.message_outcomes else self.fail_messages
             if outcome == "drop":
                 request.transport.close()
@@ -460,6 +467,23 @@ async def test_run_answers_gateway_messages_and_returns_when_stopping(fake_disco
     await asyncio.wait_for(task, timeout=10)
     assert [body["content"] for body in fake_discord.posts("messages")] == ["元気だよ"]
     assert router.seen[0].chat_id == str(DM_ID) and adapter.client.is_closed()
+
+
+async def test_over_the_gateway_a_refused_send_leaves_the_bot_running_for_the_next_message(fake_discord, caplog):
+    fake_discord.gateway_mode = "serve"
+    fake_discord.events = [message_payload("一つ目", channel_id=DM_ID, guild_id=None),
+                           message_payload("二つ目", channel_id=DM_ID, guild_id=None)]
+    fake_discord.message_outcomes = [403]
+    adapter, router, stopping = DiscordAdapter(make_config(), BotMetrics(), "美咲"), StubRouter("はい"), asyncio.Event()
+    task = asyncio.create_task(adapter.run(router, stopping))
+    with caplog.at_level(logging.ERROR, logger="bunshin.discord"):
+        await fake_discord.wait_for_message_posts(2)
+    assert not task.done()  # still connected and serving
+    stopping.set()
+    await asyncio.wait_for(task, timeout=10)
+    assert [m.text for m in router.seen] == ["一つ目", "二つ目"]
+    assert len(fake_discord.posts("messages")) == 2  # the refused one was not retried
+    assert f"could not send a reply in channel {DM_ID}" in caplog.text and "Forbidden" in caplog.text
 
 
 # --- splitting -----------------------------------------------------------------------------------
