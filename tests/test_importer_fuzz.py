@@ -283,6 +283,8 @@ HUGE_EXPORTS = {
                     f'"{HUGE}","",""\n', ReadOptions(), "a field longer than 131,072 characters"),
     "package json": ("messages.json", json.dumps([{"ID": "1", "Timestamp": "2023-05-01 12:34:56", "Contents": HUGE}],
                                                  ensure_ascii=False), ReadOptions(), "discord-package"),
+    "package csv": ("messages.csv", f'ID,Timestamp,Contents,Attachments\n1,2023-05-01 12:34:56,"{HUGE}",\n', ReadOptions(),
+                    "a field longer than 131,072 characters"),
     "one line, no format": ("talk.txt", "x" * len(HUGE.encode()), ReadOptions(), "cannot tell the export format"),
 }
 
@@ -346,3 +348,21 @@ def test_line_date_at_the_end_of_time_is_an_error_not_a_crash(tmp_path):
     path.write_text("9999/12/31(金)\n23:59\t佐藤\tまだ\n24:10\t佐藤\tもう無理\n", encoding="utf-8")
     error = read_all(path, None)
     assert isinstance(error, ExportError) and error.line == 3 and "past the year 9999" in error.message
+
+
+def test_a_zip_member_that_unpacks_to_too_much_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    from finetune.importers import discord_package
+
+    monkeypatch.setattr(discord_package, "MAX_MEMBER_BYTES", 1 << 20)  # 1 MiB here; 1 GiB in use
+    path = tmp_path / "package.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("Messages/c1/messages.json", b"[" + b" " * (8 << 20) + b"]")  # 8 MiB of spaces: ~8 KiB packed
+    assert path.stat().st_size < 100_000
+    tracemalloc.start()
+    try:
+        error = read_all(path, None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert isinstance(error, ExportError) and "unpacks to 8,388,610 bytes, over the 1,048,576" in error.message
+    assert error.path == f"{path}!/Messages/c1/messages.json" and peak < 1 << 20

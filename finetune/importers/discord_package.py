@@ -37,6 +37,10 @@ from .options import ReadOptions
 from .text_file import decode
 
 OWNER_UNKNOWN = "(you)"  # speaker when the package has no Account/user.json
+# A channel file is read whole (they are small: only the owner's messages, newest first, to be sorted).
+# A zip member says how big it unpacks to before it is read: past this it is a damaged archive or a
+# zip bomb, and reading it would exhaust memory, so it is refused.
+MAX_MEMBER_BYTES = 1 << 30
 _CHANNEL_DIR = re.compile(r"c?(\d+)", re.I)
 _MESSAGE_FILES = ("messages.json", "messages.csv")  # preferred first
 _CSV_HEADER = ("id", "timestamp", "contents", "attachments")
@@ -176,6 +180,13 @@ def _find_in_zip(archive: zipfile.ZipFile, path: Path) -> tuple[list[_ChannelFil
 
 def _zip_loader(archive: zipfile.ZipFile, name: str, path: Path) -> Callable[[], bytes]:
     def load() -> bytes:
+        size = archive.getinfo(name).file_size
+        if size > MAX_MEMBER_BYTES:
+            raise ExportError(
+                f"{path}!/{name}", None,
+                f"unpacks to {size:,} bytes, over the {MAX_MEMBER_BYTES:,} a channel's messages file can sensibly "
+                "hold (a damaged archive, or not a Discord data package?)",
+            )
         try:
             return archive.read(name)
         except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, OSError) as exc:
