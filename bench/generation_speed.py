@@ -305,8 +305,9 @@ def run_configuration(name: str, adapter: Path, args) -> dict:
         for engine_name in ("slots", "plain"):
             if engine_name == "plain" and name != "bf16":
                 continue
-            backend = ModelBackend.from_loaded(no_eos, generation_overrides=chat_overrides, engine=engine_name,
-                                               compile=compiled)
+            # Plain generate() gets the real tokenizer: generate() is not given an impossible EOS id.
+            backend = ModelBackend.from_loaded(no_eos if engine_name == "slots" else loaded, generation_overrides=chat_overrides,
+                                               engine=engine_name, compile=compiled)
             _free()
             figures = asyncio.run(chats_over_time(backend, chats, args.seconds, seed=chats))
             figures["peak_gpu_gb"] = _peak_gb()
