@@ -277,6 +277,17 @@ def run_configuration(name: str, adapter: Path, args) -> dict:
     result["plain_generate"] = plain_single_stream(loaded.model, loaded.tokenizer, prompt)
     result["plain_generate"]["peak_gpu_gb"] = _peak_gb()
 
+    chat_overrides = {"max_new_tokens": CHAT_NEW_TOKENS, "temperature": 0.0, "repetition_penalty": 1.0}
+    if name == "bf16":
+        # Plain generate() first, on a model the slot engine has not touched yet.
+        for chats in (8, 32):
+            backend = ModelBackend.from_loaded(loaded, generation_overrides=chat_overrides, engine="plain")
+            _free()
+            figures = asyncio.run(chats_over_time(backend, chats, args.seconds, seed=chats))
+            figures["peak_gpu_gb"] = _peak_gb()
+            result[f"plain_generate_{chats}_chats"] = figures
+            print(name, "plain", chats, figures, flush=True)
+
     overrides = {"max_new_tokens": SINGLE_NEW_TOKENS, "temperature": 0.0, "repetition_penalty": 1.0}
     # No EOS in the timed runs: every reply is exactly as long as asked (a random model may say EOS).
     no_eos = dataclasses.replace(loaded, tokenizer=_WithoutEos(loaded.tokenizer))
@@ -300,19 +311,13 @@ def run_configuration(name: str, adapter: Path, args) -> dict:
     del stepper, engine
     _free()
 
-    chat_overrides = {"max_new_tokens": CHAT_NEW_TOKENS, "temperature": 0.0, "repetition_penalty": 1.0}
     for chats in (8, 32):
-        for engine_name in ("slots", "plain"):
-            if engine_name == "plain" and name != "bf16":
-                continue
-            # Plain generate() gets the real tokenizer: generate() is not given an impossible EOS id.
-            backend = ModelBackend.from_loaded(no_eos if engine_name == "slots" else loaded, generation_overrides=chat_overrides,
-                                               engine=engine_name, compile=compiled)
-            _free()
-            figures = asyncio.run(chats_over_time(backend, chats, args.seconds, seed=chats))
-            figures["peak_gpu_gb"] = _peak_gb()
-            result[f"{'engine' if engine_name == 'slots' else 'plain_generate'}_{chats}_chats"] = figures
-            print(name, engine_name, chats, figures, flush=True)
+        backend = ModelBackend.from_loaded(no_eos, generation_overrides=chat_overrides, compile=compiled)
+        _free()
+        figures = asyncio.run(chats_over_time(backend, chats, args.seconds, seed=chats))
+        figures["peak_gpu_gb"] = _peak_gb()
+        result[f"engine_{chats}_chats"] = figures
+        print(name, "slots", chats, figures, flush=True)
     del loaded, no_eos, backend
     _free()
     return result

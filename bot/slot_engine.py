@@ -79,9 +79,14 @@ class SlotEngine:
         self.device = next(p for p in model.parameters()).device
         self._torch = torch
         model.eval()
-        _use_slot_attention(model)
+        self._previous_attention = _use_slot_attention(model)
 
-        shapes, vocab = self._probe()
+        try:
+            shapes, vocab = self._probe()
+        except UnsupportedModel:
+            if self._previous_attention:  # plain generate() takes over: it needs the model as it was
+                model.set_attn_implementation(self._previous_attention)
+            raise
         # One row more than the slots: the scratch row, where a prefill graph's padding rows write.
         self.cache = allocate_cache(shapes, slots + 1, length, self.device)
         self._scratch = slots
@@ -177,6 +182,14 @@ class SlotEngine:
             if self._rows:
                 return self._decode()
         return []
+
+    def detach(self) -> None:
+        """Give the model back its own attention (when plain generate() takes over from this engine)."""
+        self.abort()
+        if self._previous_attention:
+            self.model.set_attn_implementation(self._previous_attention)
+        self._graphs.clear()
+        self._prefill_graphs.clear()
 
     def abort(self) -> list:
         """Drop every row (after a failed step: the cache rows may be half-written); returns their keys."""
@@ -383,12 +396,15 @@ class SlotEngine:
         return worst
 
 
-def _use_slot_attention(model) -> None:
+def _use_slot_attention(model) -> str | None:
+    """Switch the model to the slot attention; returns the implementation it had."""
     name = slot_attention.register()
+    previous = getattr(model.config, "_attn_implementation", None)
     try:
         model.set_attn_implementation(name)
     except (AttributeError, ValueError, TypeError) as exc:
         raise UnsupportedModel(f"cannot switch the model to {name} attention: {exc}") from None
+    return previous
 
 
 def _relative_difference(a, b) -> float:

@@ -140,6 +140,7 @@ class ModelBackend:
 
         model, tokenizer = self.loaded.model, self.loaded.tokenizer
         started = time.monotonic()
+        engine = None
         try:
             engine = SlotEngine(model, tokenizer, self.settings, slots=capacity,
                                 length=self.max_prompt_tokens + self.settings.max_new_tokens, cuda_graphs=self.cuda_graphs,
@@ -150,6 +151,8 @@ class ModelBackend:
             if difference > tolerance:
                 raise UnsupportedModel(f"its logits differ from plain generation by {difference:.2g} (allowed {tolerance:g})")
         except UnsupportedModel as exc:
+            if engine is not None:
+                engine.detach()
             log.warning("worker: the slot engine cannot serve this model (%s); using plain batched generate()", exc)
             return BatchStepper(self, capacity)
         log.info("worker: slot engine ready in %.1fs: %d slots x %d tokens, %.2f GB of cache, %d CUDA graphs",

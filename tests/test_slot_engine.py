@@ -154,6 +154,9 @@ def test_a_model_the_engine_cannot_serve_falls_back_to_plain_generate(loaded, ca
     stepper = backend.make_stepper(4)
     assert isinstance(stepper, BatchStepper)
     assert "sliding-window" in caplog.text and "plain batched generate()" in caplog.text
+    assert mistral.model.config._attn_implementation == "sdpa"  # the model is given back as it was
+    [(text, tokens)] = stepper.backend.generate([[ChatTurn("翔太", "おはよう")]])
+    assert 0 < tokens <= 8
 
 
 def test_self_check_of_the_served_model_is_within_float32_rounding(loaded):
