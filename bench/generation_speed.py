@@ -341,7 +341,13 @@ def main() -> None:
     p.add_argument("--shape", choices=("rinna", "tiny"), default="rinna")
     p.add_argument("--seconds", type=float, default=15.0, help="length of each concurrent-chat run")
     p.add_argument("--work", default=None)
+    p.add_argument("--no-cudnn-attention", action="store_true",
+                   help="turn off PyTorch's cuDNN SDPA backend (it plans anew for every new sequence length)")
     args = p.parse_args()
+    if args.no_cudnn_attention:
+        import torch
+
+        torch.backends.cuda.enable_cudnn_sdp(False)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bunshin-gen-"))
