@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 # What became of an incoming message: the router records these (it sees every message; the worker
 # only those that reach it). The worker records errors by kind, batches, tokens and latency.
-OUTCOMES = ("replied", "busy", "error", "expired", "ignored", "rate_limited")
+OUTCOMES = ("replied", "busy", "error", "expired", "ignored", "rate_limited", "refused")
 # Error kinds known up front (so their series show 0 before the first error); others may be added.
 ERROR_KINDS = ("oom", "generation", "deadline")
 

@@ -151,7 +151,9 @@ def load_base_model(
         tokenizer = load_tokenizer(base, revision)
     except Exception as exc:
         raise ModelLoadError(_cannot_load(base, exc)) from exc
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "revision": revision}
+    # Never run Python shipped inside a model folder: transformers would otherwise ask on stdin,
+    # and a "y" piped into `finetune chat` would answer it.
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "revision": revision, "trust_remote_code": False}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     q = quantization_config(quantize, torch_dtype)

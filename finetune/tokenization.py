@@ -119,7 +119,7 @@ class TransformersChatTokenizer(ChatTokenizer):
     def __init__(self, folder: Path, name_or_path: str):
         from transformers import AutoTokenizer
 
-        self.hf = AutoTokenizer.from_pretrained(str(folder))
+        self.hf = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
         self.name_or_path = name_or_path
         self.fingerprint = _fingerprint_files(folder, TOKENIZER_FILES)
         if self.hf.eos_token_id is None:

@@ -77,10 +77,6 @@ def test_a_model_that_needs_remote_code_is_refused_with_a_clear_error(remote_cod
     assert not marker.exists(), "the model's own Python ran"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "transformers asks 'Do you wish to run the custom code? [y/N]' on stdin when trust_remote_code is left None: "
-    "finetune/model_loading.py (AutoModelForCausalLM.from_pretrained) and finetune/tokenization.py "
-    "(AutoTokenizer.from_pretrained) must pass trust_remote_code=False; remove this mark when they do"))
 def test_remote_code_never_runs_even_when_stdin_says_yes(remote_code_model):
     # `finetune chat` reads messages from stdin: a first message "y" must not be taken as consent.
     folder, marker = remote_code_model
