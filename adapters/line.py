@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import gc
 import hashlib
 import hmac
 import json
@@ -515,10 +514,6 @@ class LineAdapter:
     async def run(self, handle: Handler, stopping: asyncio.Event) -> None:
         client = AsyncApiClient(Configuration(host=self.line.api_host, access_token=self._token))
         self._api = AsyncMessagingApi(client)
-        # The daemon starts adapters once the model is loaded: what exists now (libraries, model) lives until
-        # exit. Frozen, a full collection no longer walks it; unfrozen, each one paused the event loop ~100 ms
-        # on the 2-core CI machine, which alone put the webhook's p99 over 50 ms (bench/line_load.py).
-        gc.freeze()
         self._handle = handle
         log.info("LINE webhook on %s", self.line.webhook_path)
         try:

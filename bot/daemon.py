@@ -11,6 +11,7 @@ and the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import time
@@ -130,6 +131,10 @@ async def run_daemon(config, stop: asyncio.Event | None = None, backend=None) ->
         # the first user does not pay for it; /healthz says "warming_up" meanwhile.
         state["phase"] = "warming_up"
         await worker.start()
+        # What exists now (libraries, model, engine) lives until exit. Frozen, a full garbage
+        # collection no longer walks it; unfrozen, each one paused the event loop ~100 ms on the
+        # 2-core CI machine, which alone put LINE's webhook p99 over 50 ms (bench/line_load.py).
+        gc.freeze()
         router = Router(config, memory, worker, metrics, backend.persona)
         if not adapters:
             log.warning("no platform adapter is enabled: only /healthz and /metrics are served")
