@@ -50,20 +50,18 @@ class SlotCache:
 class SlotStep:
     """One forward pass over `len(write_positions)` rows.
 
-    rows: the cache rows (slots) of the batch rows, or None when batch row i is slot i (decode:
-    the cache is then read as a view, not gathered).
-    row_index: (batch, 1) arange, or rows[:, None]: the first index of the cache writes.
+    row_index: (batch, 1) cache row (slot) of each batch row: the first index of the cache writes.
     write_positions: (batch, tokens) cache position of each new token.
-    kv_length: how many cache positions attention reads (a bucket >= every row's length).
+    Decode reads cache rows 0..batch-1 (batch row i is slot i), as a view:
+    kv_length: how many cache positions attention reads (a bucket >= every row's length);
     mask: (batch, 1, tokens, kv_length) bool, True where a query may attend.
     """
 
     cache: SlotCache
-    rows: object | None
     row_index: object
     write_positions: object
-    kv_length: int
-    mask: object | None
+    kv_length: int = 0
+    mask: object | None = None
     # Prefill: the rows' caches start empty, so the new tokens attend causally to each other only
     # (no cache read, no mask: the flash kernel). Right padding comes after every real token.
     prefill: bool = False
@@ -111,12 +109,8 @@ def register() -> str:
         if step.prefill:
             out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, **gqa)
             return out.transpose(1, 2).contiguous(), None
-        if step.rows is None:
-            k = cache_k[: query.shape[0], :, : step.kv_length]
-            v = cache_v[: query.shape[0], :, : step.kv_length]
-        else:
-            k = cache_k[step.rows, :, : step.kv_length]
-            v = cache_v[step.rows, :, : step.kv_length]
+        k = cache_k[: query.shape[0], :, : step.kv_length]
+        v = cache_v[: query.shape[0], :, : step.kv_length]
         out = torch.nn.functional.scaled_dot_product_attention(
             query, k.to(query.dtype), v.to(query.dtype), attn_mask=step.mask, scale=scaling, **gqa
         )

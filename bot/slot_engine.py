@@ -258,7 +258,7 @@ class SlotEngine:
         ids, slots, last = self._p_ids[:count, :length], self._p_rows[:count], self._p_last[:count]
         positions = self._positions[:length].expand(count, length)
         mask = self._causal[:, :, :length, :length]  # transformers takes a 4D mask as given
-        step = SlotStep(self.cache, slots, slots.view(count, 1), positions, length, None, prefill=True)
+        step = SlotStep(self.cache, slots.view(count, 1), positions, prefill=True)
         with active_step(step):
             # logits_to_keep as indices: only each row's last prompt position reaches the LM head.
             out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False,
@@ -308,7 +308,7 @@ class SlotEngine:
         every bucket; the step travels in the model's kwargs, which reach the attention function."""
         batch, kv_length = ids.shape[0], key_positions.shape[0]
         mask = key_positions.view(1, 1, 1, kv_length) <= pos.view(batch, 1, 1, 1)
-        step = SlotStep(self.cache, None, row_index, pos.view(batch, 1), kv_length, mask)
+        step = SlotStep(self.cache, row_index, pos.view(batch, 1), kv_length, mask)
         out = self.model(input_ids=ids, position_ids=pos.view(batch, 1), attention_mask=mask, use_cache=False,
                          slot_step=step)
         return out.logits[:, -1, :]
