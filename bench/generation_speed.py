@@ -195,23 +195,15 @@ def greedy_agreement(model, tokenizer, engine, prompts: list[list[int]], new_tok
 
     results = []
     recorded: dict = {}
-    finish = engine._finish
-
-    def record(slot):
-        row = engine._rows[slot]
-        recorded[row.key] = list(row.tokens)
-        return finish(slot)
-
-    engine._finish = record
     saved = engine.settings
     engine.settings = dataclasses.replace(saved, temperature=0.0, repetition_penalty=1.0, max_new_tokens=new_tokens)
     try:
         for i, prompt in enumerate(prompts):
             engine.add(i, prompt)
         while engine.busy:
-            engine.step()
+            for finished in engine.step():
+                recorded[finished.key] = finished.ids
     finally:
-        engine._finish = finish
         engine.settings = saved
     for i, prompt in enumerate(prompts):
         with torch.no_grad():

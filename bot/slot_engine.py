@@ -41,8 +41,12 @@ _MAX_PREFILL_ROWS = 8  # prompts prefilled in one forward pass (more wait for th
 @dataclass
 class Finished:
     key: object
-    text: str
-    tokens: int
+    text: str  # as the chat partner sees it: cut at another speaker's turn
+    ids: list[int]  # the tokens generated (EOS excluded)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.ids)
 
 
 @dataclass
@@ -330,7 +334,7 @@ class SlotEngine:
 
     def _finish(self, slot: int) -> Finished:
         row = self._rows.pop(slot)
-        return Finished(row.key, reply_text(self.tokenizer, row.tokens, row.speakers), len(row.tokens))
+        return Finished(row.key, reply_text(self.tokenizer, row.tokens, row.speakers), row.tokens)
 
     # -- start-up ---------------------------------------------------------------------------
 

@@ -44,23 +44,16 @@ def plain_greedy(model, tokenizer, prompt: list[int], settings: GenerationSettin
 
 def run_staggered(engine: SlotEngine, prompts: list[list[int]], join_every: int = 3) -> dict[int, list[int]]:
     """Feed prompts one every `join_every` steps (so each joins a batch already decoding) and
-    return every row's generated tokens, taken from the engine as each row ends."""
+    return every row's generated tokens (the reply text is cut at a turn; the raw tokens are not)."""
     tokens: dict[int, list[int]] = {}
-    finish = engine._finish
-
-    def record(slot):  # the reply text is cut at a turn; the test compares the raw tokens
-        row = engine._rows[slot]
-        tokens[row.key] = list(row.tokens)
-        return finish(slot)
-
-    engine._finish = record
     waiting = list(enumerate(prompts))
     steps = 0
     while waiting or engine.busy:
         if waiting and engine.free and steps % join_every == 0:
             key, prompt = waiting.pop(0)
             engine.add(key, prompt)
-        engine.step()
+        for finished in engine.step():
+            tokens[finished.key] = finished.ids
         steps += 1
         assert steps < 10_000
     return tokens
