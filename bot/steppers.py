@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from finetune.generation import fit_context
 from finetune.prompt import ChatTurn
 
 
@@ -70,11 +69,7 @@ class EngineStepper:
         return self.engine.busy
 
     def admit(self, key, turns: list[ChatTurn]) -> None:
-        b = self.backend
-        prompt = fit_context(b.loaded.tokenizer, turns, b.persona, b.template, b.max_prompt_tokens)
-        # The people in this chat are speakers too: the model may start a turn in their name.
-        speakers = sorted({*b.speakers, *(t.speaker for t in turns)})
-        self.engine.add(key, prompt, speakers)
+        self.engine.add(key, self.backend.prompt_ids(turns), self.backend.speakers_in(turns))
 
     def step(self) -> list[tuple[object, str, int]]:
         return [(f.key, f.text, f.tokens) for f in self.engine.step()]
