@@ -79,15 +79,14 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             engine._forward_decode(1, 256)
             torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
-    rows = []
-    for e in sorted(prof.key_averages(), key=lambda e: -getattr(e, "self_device_time_total", 0))[:20]:
-        rows.append({"kernel": e.key[:90], "calls": e.count, "ms": round(getattr(e, "self_device_time_total", 0) / 1000, 3)})
-    total_kernels = sum(e.count for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0)
-    result["eager_forward_1x256"] = {"kernels": total_kernels,
-                                     "gpu_ms": round(sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages()) / 1000, 3),
-                                     "top": rows}
-    del events
+    # (kernel, calls, GPU microseconds) for every kernel that ran on the GPU
+    kernels = [(e.key, e.count, getattr(e, "self_device_time_total", 0)) for e in prof.key_averages()]
+    kernels = sorted((k for k in kernels if k[2] > 0), key=lambda k: -k[2])
+    result["eager_forward_1x256"] = {
+        "kernels": sum(calls for _, calls, _ in kernels),
+        "gpu_ms": round(sum(us for _, _, us in kernels) / 1000, 3),
+        "top": [{"kernel": name[:90], "calls": calls, "ms": round(us / 1000, 3)} for name, calls, us in kernels[:20]],
+    }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 
