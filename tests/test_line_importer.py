@@ -3,11 +3,12 @@
 The counts of every fixture are checked by tests/test_inspect_fixtures.py against the hand counts in
 `*.expected.json`; here we check what the counts cannot see: exact unescaped texts, times, date
 order, tabs, who a system line belongs to, and the errors for files that cannot be read.
-All expected values below were worked out by hand from the fixture bytes and FORMATS.md section 1.
+All expected values below were worked out by hand from the fixture bytes.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -23,6 +24,7 @@ if str(REPO) not in sys.path:  # plain `pytest` puts tests/ on sys.path, not the
 from conftest import run_cli  # noqa: E402
 
 from finetune.importers import ReadOptions, open_export  # noqa: E402
+from finetune.importers.line_shapes import PC_BARE_PLACEHOLDERS, is_pc_bare_placeholder  # noqa: E402
 from finetune.records import PLACEHOLDER, SYSTEM, TEXT  # noqa: E402
 
 LINE = Path(__file__).parent / "fixtures" / "line"
@@ -70,7 +72,7 @@ def test_quoted_messages_unescaped():
 
 
 def test_quoted_message_keeps_trailing_newline_of_lone_closing_quote():
-    # FORMATS.md / brief: a closing quote alone on the next line means the body ends with a newline
+    # A closing quote alone on the next line means the body ends with a newline
     # (which is why `multiline` strips trailing newlines before looking).
     _, records = read(LINE / "ja_quotes.txt")
     assert records[2].text == "これだけ\n"
@@ -309,6 +311,143 @@ def test_pc_system_lines_have_no_speaker():
     _, records = read(LINE_PC / "pc_system.txt", speakers=PC_SPEAKERS)
     assert [(r.speaker, r.kind) for r in records] == [("山口 由美", TEXT), ("", SYSTEM), ("", SYSTEM), ("田村", TEXT)]
     assert records[0].text == "新しいグループ作ったよ"
+
+
+# --------------------------------------------------------------------------- PC bare words, titled items
+
+
+def test_pc_japanese_ui_words_are_placeholders_only_as_whole_messages():
+    _, records = read(LINE_PC / "pc_ja_ui_words.txt", speakers=PC_SPEAKERS)
+    assert [(r.line, r.speaker, r.text, r.kind) for r in records] == [
+        (2, "山口 由美", "今日の写真送るね", TEXT),
+        (3, "山口 由美", "写真", PLACEHOLDER),
+        (4, "山口 由美", "写真", PLACEHOLDER),
+        (5, "田村", "スタンプ", PLACEHOLDER),
+        (6, "田村", "ありがとう！", TEXT),
+        (7, "山口 由美", "動画", PLACEHOLDER),
+        (8, "田村", "ファイル", PLACEHOLDER),
+        (9, "田村", "画像", PLACEHOLDER),
+        (10, "山口 由美", "GIF", PLACEHOLDER),
+        (13, "山口 由美", "通話時間 0:12", PLACEHOLDER),
+        (14, "田村", "通話時間 1:02:03", PLACEHOLDER),
+        (15, "山口 由美", "不在着信", PLACEHOLDER),
+        (16, "田村", "通話をキャンセルしました", PLACEHOLDER),
+        (17, "山口 由美", "通話に応答がありませんでした", PLACEHOLDER),
+        (18, "田村", "☎ 通話時間 0:48", PLACEHOLDER),
+        (19, "", "田村が通話をかけました", SYSTEM),
+        # A bare word with a continuation line was typed: the kind is decided on the whole message.
+        (20, "田村", "写真\n見てほしいのは2枚目", TEXT),
+        (22, "山口 由美", "写真！", TEXT),
+        (23, "田村", "スタンプ送って", TEXT),
+        (24, "山口 由美", "通話時間 長すぎ", TEXT),
+        (25, "田村", "おやすみ", TEXT),
+    ]
+    assert records[-1].time == datetime(2024, 3, 11, 0, 10)
+
+
+def test_pc_english_ui_words_are_placeholders_only_as_whole_messages():
+    _, records = read(LINE_PC / "pc_en_ui_words.txt", speakers=("Mika Tanaka", "Joe"))
+    by_kind = {kind: [r.text for r in records if r.kind == kind] for kind in (TEXT, PLACEHOLDER, SYSTEM)}
+    assert by_kind[PLACEHOLDER] == [
+        "Photos", "Photos", "Stickers", "Videos", "File", "Files", "Audio", "Call time 0:12", "Call time 1:02:03",
+        "Missed call", "Canceled", "No answer", "☎ Canceled call", "Added a new note", "Deleted an album",
+    ]
+    assert by_kind[TEXT] == [
+        "look what I found", "Photos\nfrom the trip, more tomorrow", "Photos?", "stickers", "Call time was long",
+        "Canceled. See you Monday",
+    ]
+    assert by_kind[SYSTEM] == []
+
+
+def test_pc_titled_items_keep_their_title_and_following_lines():
+    _, records = read(LINE_PC / "pc_titled_items.txt", speakers=PC_SPEAKERS)
+    assert [(r.line, r.speaker, r.text, r.kind) for r in records] == [
+        (2, "山口 由美", "[投票] 次の集合場所どこにする", PLACEHOLDER),
+        (3, "田村", "[オープンチャットのノートをシェアしました。] 四月の予定\n4/6 花見\n4/20 バーベキュー", PLACEHOLDER),
+        (6, "山口 由美", "[投票]って何？", TEXT),
+        (7, "田村", "[ノート] 持ち物リスト", PLACEHOLDER),
+        (8, "山口 由美", "[イベント] 誕生日会", PLACEHOLDER),
+        # Before, these two notices ran on as continuation lines of the typed text above them.
+        (9, "", "山口 由美がノートを作成しました", SYSTEM),
+        (10, "", "田村がアルバムに写真を追加しました", SYSTEM),
+        (11, "田村", "[Poll] LivePreview VS LiveServer", PLACEHOLDER),
+        (12, "山口 由美", "投票しといた", TEXT),
+    ]
+
+
+def test_mobile_titled_items_are_placeholders_quoted_or_not():
+    _, records = read(LINE / "ja_titled_items.txt")
+    assert [(r.line, r.speaker, r.text, r.kind) for r in records] == [
+        (5, "高橋", "[投票] 次の山はどこにする", PLACEHOLDER),
+        (6, "", "高橋が投票を作成しました。", SYSTEM),
+        (7, "中村", "[オープンチャットのノートをシェアしました。] 四月の予定", PLACEHOLDER),
+        (8, "小林", "[ノート] 持ち物リスト\n水筒\n雨具", PLACEHOLDER),
+        (11, "中村", "[投票]って何？", TEXT),
+        (12, "高橋", "[イベント] 春の山歩き", PLACEHOLDER),
+        # Mobile exports write tags, so a bare word there is something a person typed.
+        (13, "小林", "写真", TEXT),
+        (14, "中村", "Stickers", TEXT),
+        (15, "小林", "[アルバム] 春の山 2024", PLACEHOLDER),
+    ]
+    _, records = read(LINE / "en_titled_items.txt")
+    assert [(r.speaker, r.text) for r in records if r.kind == PLACEHOLDER] == [
+        ("Anna", "[Poll] Where do we go next"),
+        ("Ben", "[Event] Spring walk"),
+        ("Chris", "[Note] What to bring"),
+        ("Chris", "[Notes] Route\nStart at the station\nLunch at the top"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("body", "placeholder"),
+    [
+        ("Stickers", True), (" Photos ", True), ("Call time 0:12", True), ("通話時間 12:34:56", True),
+        ("☎ Call time 0:48", True), ("通话时间 3:05", True), ("貼圖", True),
+        ("Photos!", False), ("photos", False), ("Stickers\nand more", False), ("Call time", False),
+        ("通話時間 0:1", False), ("キャンセル", False), ("写真撮った", False),
+    ],
+)
+def test_pc_bare_placeholder_words(body, placeholder):
+    assert is_pc_bare_placeholder(body) is placeholder
+
+
+# --------------------------------------------------------------------------- prepare never trains on them
+
+
+def prepared_targets(tmp_path: Path, export: Path, persona: str, *read_args: str) -> set[str]:
+    out = tmp_path / f"ds-{export.stem}-{persona}"
+    proc = run_cli("prepare", export, *read_args, "--persona", persona, "--out", out, "--eval-fraction", "0",
+                   "--timezone", "Asia/Tokyo", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = (out / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    lines += (out / "eval.jsonl").read_text(encoding="utf-8").splitlines()
+    return {json.loads(line)["target"] for line in lines}
+
+
+@pytest.mark.parametrize(
+    ("export", "persona", "read_args", "expected"),
+    [
+        (LINE_PC / "pc_ja_ui_words.txt", "田村", ("--speakers", "山口 由美,田村"),
+         {"ありがとう！", "写真\n見てほしいのは2枚目", "スタンプ送って", "おやすみ"}),
+        (LINE_PC / "pc_ja_ui_words.txt", "山口 由美", ("--speakers", "山口 由美,田村"),
+         {"今日の写真送るね", "写真！", "通話時間 長すぎ"}),
+        (LINE_PC / "pc_en_ui_words.txt", "Joe", ("--speakers", "Mika Tanaka,Joe"),
+         {"Photos\nfrom the trip, more tomorrow", "stickers", "Canceled. See you Monday"}),
+        (LINE_PC / "pc_en_ui_words.txt", "Mika Tanaka", ("--speakers", "Mika Tanaka,Joe"),
+         {"look what I found", "Photos?", "Call time was long"}),
+        (LINE_PC / "pc_titled_items.txt", "山口 由美", ("--speakers", "山口 由美,田村"), {"[投票]って何？", "投票しといた"}),
+        (LINE / "ja_titled_items.txt", "中村", (), {"[投票]って何？", "Stickers"}),
+        (LINE / "en_titled_items.txt", "Anna", (), {"who made the poll?", "see you there"}),
+    ],
+    ids=["pc-ja-田村", "pc-ja-山口", "pc-en-Joe", "pc-en-Mika", "pc-titled", "mobile-ja-titled", "mobile-en-titled"],
+)
+def test_prepare_never_makes_a_target_of_a_placeholder(tmp_path, export, persona, read_args, expected):
+    targets = prepared_targets(tmp_path, export, persona, *read_args)
+    # Hand-made: every typed message of the persona's turns, and nothing else.
+    assert targets == expected
+    if export.parent == LINE_PC:
+        assert not targets & PC_BARE_PLACEHOLDERS
+    assert not any(t.startswith(("[投票] ", "[Poll] ", "[ノート] ", "[Note", "[イベント] ", "[オープンチャット")) for t in targets)
 
 
 # --------------------------------------------------------------------------- bad input, through the real CLI

@@ -17,11 +17,19 @@ from datetime import date, datetime
 from itertools import chain
 from pathlib import Path
 
-from ..records import SYSTEM, TEXT, ChatRecord
+from ..records import PLACEHOLDER, SYSTEM, TEXT, ChatRecord
 from .errors import ExportError
 from .line_shapes import NOTICE_ENDINGS as _NOTICE_ENDINGS
 from .line_shapes import SPECIAL_FIRST_CHARS as _SPECIAL_FIRST
-from .line_shapes import classify, date_line, decide_day_month_order, header_line, message_time, parse_time
+from .line_shapes import (
+    classify,
+    date_line,
+    decide_day_month_order,
+    header_line,
+    is_titled_item,
+    message_time,
+    parse_time,
+)
 from .options import ReadOptions
 from .text_file import read_text
 
@@ -132,7 +140,9 @@ def _parse(path: Path, options: ReadOptions) -> Iterator[ChatRecord]:
                     if body and body[0] == '"' and _lone_quote(body, 1) == -1:
                         quoted, inner = _read_quoted(source, body, path, i)
                         if quoted is not None:
-                            yield _new_record(ChatRecord, (name, stamp, quoted, TEXT, chat, None, None, i))
+                            # A shared note or poll whose title runs over lines is quoted like typed text.
+                            kind = PLACEHOLDER if is_titled_item(quoted) else TEXT
+                            yield _new_record(ChatRecord, (name, stamp, quoted, kind, chat, None, None, i))
                             i += len(inner)
                             continue
                         read_again = inner  # not a LINE quote: the opening line is literal text

@@ -12,17 +12,28 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..records import SYSTEM, TEXT, ChatRecord
+from ..records import PLACEHOLDER, SYSTEM, TEXT, ChatRecord
 from .errors import ExportError
-from .line_shapes import classify, date_line, decide_day_month_order, header_line, message_time, parse_time
+from .line_shapes import (
+    classify,
+    date_line,
+    decide_day_month_order,
+    header_line,
+    is_pc_bare_placeholder,
+    is_titled_item,
+    message_time,
+    parse_time,
+)
 from .options import ReadOptions
 from .text_file import read_text
 
 _MESSAGE = re.compile(r"^(\d{1,2}:\d{2}) (.*)$")
-# Notices in PC exports have no name column; these are the shapes LINE writes.
+# Notices in PC exports have no name column; these are the shapes LINE writes. The note, album
+# and call-started ones are the SYSTEM_ACTIONS of a public parser of `2026.01.09 金曜日` PC exports.
 _NOTICE = re.compile(
     r"(?:が参加しました|を招待しました|が退会しました|を退会させました|がグループを退会しました|がグループに参加しました"
     r"|グループ名を.*に変更しました|が投票を作成しました|メッセージの送信を取り消しました|がアナウンスしました"
+    r"|がノートを作成しました|がアルバムに写真を追加しました|が通話をかけました"
     r"|joined the group|left the group|invited .+ to the group|unsent a message|changed the group name)"
 )
 _MISSING_SPEAKER_THRESHOLD = 3  # an unknown first word this often is a speaker missing from --speakers
@@ -70,6 +81,18 @@ def _check_no_missing_speakers(lines: list[str], speakers: list[str], path: Path
         raise ExportError(path, None, f"these start many lines but are not in --speakers: {listed}; add them (with their full names)")
 
 
+def _finished(pending: list, chat: str) -> ChatRecord:
+    """The record for a message whose continuation lines have all been read.
+
+    A bare placeholder word (`Stickers`, `写真`, `通話時間 0:12`) is judged only now, on the whole
+    message: with a continuation line it was typed text after all.
+    """
+    name, stamp, body, kind, lineno = pending
+    if kind == TEXT and is_pc_bare_placeholder(body):
+        kind = PLACEHOLDER
+    return ChatRecord(name, stamp, body, kind, chat, None, None, lineno)
+
+
 def _parse(lines: list[str], speakers: list[str], path: Path, options: ReadOptions) -> Iterator[ChatRecord]:
     order = decide_day_month_order(lines, options.date_order)
     chat = ""
@@ -83,7 +106,7 @@ def _parse(lines: list[str], speakers: list[str], path: Path, options: ReadOptio
         new_day = date_line(line, order)
         if new_day is not None:
             if pending is not None:
-                yield ChatRecord(pending[0], pending[1], pending[2], pending[3], chat, None, None, pending[4])
+                yield _finished(pending, chat)
                 pending = None
             day = new_day
             blank_run = 0
@@ -99,7 +122,7 @@ def _parse(lines: list[str], speakers: list[str], path: Path, options: ReadOptio
                     if stamp is None:
                         raise ExportError(path, i, f"time {m.group(1)!r} on {day} is past the year 9999")
                     if pending is not None:
-                        yield ChatRecord(pending[0], pending[1], pending[2], pending[3], chat, None, None, pending[4])
+                        yield _finished(pending, chat)
                     if split is None:
                         pending = ["", stamp, m.group(2), SYSTEM, i]
                     else:
@@ -113,10 +136,11 @@ def _parse(lines: list[str], speakers: list[str], path: Path, options: ReadOptio
                 chat = header or chat
                 continue
             raise ExportError(path, i, f"expected a date line such as 2019.12.23 月曜日, found {line[:60]!r}")
-        if pending is not None and pending[3] == TEXT:
+        # Typed text runs on unquoted; so can a titled item such as a shared note with its lines.
+        if pending is not None and (pending[3] == TEXT or is_titled_item(pending[2])):
             pending[2] += "\n" * (blank_run + 1) + line
             blank_run = 0
             continue
         raise ExportError(path, i, f"expected `HH:MM name text` with a name from --speakers, found {line[:60]!r}")
     if pending is not None:
-        yield ChatRecord(pending[0], pending[1], pending[2], pending[3], chat, None, None, pending[4])
+        yield _finished(pending, chat)

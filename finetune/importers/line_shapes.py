@@ -1,8 +1,9 @@
 """The vocabulary of LINE talk-history exports, shared by the mobile and PC parsers.
 
-Everything here comes from FORMATS.md section 1: header lines, date lines in each
-language and app, 24-hour / 午前午後 / AM-PM times, placeholders, and the notices
-that carry a name column but were said by nobody.
+Header lines, date lines in each language and app, 24-hour / 午前午後 / AM-PM times,
+placeholders (bracketed tags, and the bare words the PC app writes instead), and the
+notices that carry a name column but were said by nobody. Where a word list comes from
+other people's real exports, the comment above it names the public parser it was read from.
 """
 
 from __future__ import annotations
@@ -26,18 +27,31 @@ _WEEKDAYS = {"mon": 0, "tue": 1, "wed": 2, "thu": 3, "fri": 4, "sat": 5, "sun": 
 # Times: `21:05`, `9:05`, `午前0:15`, `午後0:30`, `AM 10:15`, `10:15 PM`, PC `24:53`.
 _TIME = re.compile(r"^(?:(午前|午後|AM|PM)\s?)?(\d{1,2}):(\d{2})(?:\s?(AM|PM))?$")
 
-# A placeholder is exactly one of these tags ...
+# A placeholder is exactly one of these tags ([通話]/[Call] as a TypeScript LINE reader lists them) ...
 _EXACT_TAGS = frozenset(
     [
         "[スタンプ]", "[Sticker]", "[写真]", "[画像]", "[Photo]", "[動画]", "[Video]",
         "[ボイスメッセージ]", "[音声メッセージ]", "[Voice message]", "[連絡先]", "[Contact]",
-        "[GIF]", "[ギフト]", "[Gift]", "[プレゼント]", "[イベント]", "[Event]", "[投票]", "[Poll]",
+        "[GIF]", "[ギフト]", "[Gift]", "[プレゼント]", "[通話]", "[Call]",
     ]
 )
-# ... or starts with one of these, followed by what it refers to (`[位置情報] 東京都…`, `[アルバム] 旅行`).
-_PREFIX_TAGS = frozenset(
-    ["[位置情報]", "[Location]", "[アルバム]", "[Albums]", "[Album]", "[ファイル]", "[File]", "[ノート]", "[Note]"]
+# ... or one of these, alone or followed by whitespace and what it refers to: `[位置情報] 東京都…`,
+# `[アルバム] 旅行`, `[ノート] 集合場所`, `[投票] LivePreview VS LiveServer` (a poll with its title,
+# as issue 12 quotes it from a real export; events are given the same room). The whitespace is
+# required so that typed text that merely starts with a tag (`[投票]って何？`) stays text.
+# [グループボード] is the note's old name (a public PHP converter of LINE logs reads
+# `[グループボード] TITLE`), [Notes] is what hellodigua/ChatLab reads from English exports,
+# [送金]/[Payment] (LINE Pay transfers) are in the same TypeScript reader as [通話]/[Call].
+_TITLED_TAGS = frozenset(
+    [
+        "[位置情報]", "[Location]", "[アルバム]", "[Albums]", "[Album]", "[ファイル]", "[File]",
+        "[ノート]", "[Note]", "[Notes]", "[グループボード]", "[投票]", "[Poll]", "[イベント]", "[Event]",
+        "[LINE Pay]", "[送金]", "[Payment]",
+    ]
 )
+# OpenChat shares say inside the tag what was shared, then give its title:
+# `[オープンチャットのノートをシェアしました。] 今月の予定`.
+_SHARE_TAG = re.compile(r"^\[[^\[\]\n]{1,60}をシェアしました。?\]$")
 # Notices that come with a name column (the name of whoever it concerns) but were said by nobody.
 _NAMED_NOTICE = re.compile(
     r"^(?:ⓘ|.*メッセージの送信を取り消しました。?$|(?:.+ )?unsent a message\.?$|Message unsent\.?$)"
@@ -91,17 +105,77 @@ def classify(name: str, body: str) -> str:
         return PLACEHOLDER  # an attributed line with nothing typed: some media LINE cannot render as text
     first = body[0]
     if first == "[":
-        close = body.find("]")
-        if close > 0:
-            tag = body[: close + 1]
-            if (tag in _EXACT_TAGS and close + 1 == len(body.rstrip())) or tag in _PREFIX_TAGS:
-                return PLACEHOLDER
-        return TEXT
+        return PLACEHOLDER if _is_tagged_item(body) else TEXT
     if first == "☎":
         return PLACEHOLDER  # call lines: 通話時間, 不在着信, Missed call, Canceled call, No answer ...
     if (first == "ⓘ" or body.rstrip().endswith(NOTICE_ENDINGS)) and _NAMED_NOTICE.match(body.rstrip()):
         return SYSTEM
     return TEXT
+
+
+def _is_tagged_item(body: str) -> bool:
+    """Whether a body starting with `[` is one of LINE's tagged items rather than typed text."""
+    close = body.find("]")
+    if close <= 0:
+        return False
+    tag = body[: close + 1]
+    after = body[close + 1 :]
+    if tag in _EXACT_TAGS:
+        return not after.strip()
+    if tag in _TITLED_TAGS or _SHARE_TAG.match(tag):
+        return not after or after[0].isspace()
+    return False
+
+
+def is_titled_item(body: str) -> bool:
+    """A poll, note, note share, album, location ... with its title: `[投票] 旅行先どこにする`.
+
+    Such an item can run over several lines (a note share quoted in a mobile export, a title
+    followed by unquoted lines in a PC one), so the parsers ask this of whole multi-line bodies.
+    """
+    if not body.startswith("["):
+        return False
+    close = body.find("]")
+    tag = body[: close + 1]
+    return close > 0 and (tag in _TITLED_TAGS or bool(_SHARE_TAG.match(tag))) and _is_tagged_item(body)
+
+
+# The PC / Mac app ("save chat") writes no tags: media and calls are bare words in the app's UI
+# language, `21:46 牧場主 Stickers`. Read from public parsers of real PC exports:
+# - スタンプ 写真 動画 ファイル GIF 通話 音声通話 ビデオ通話: a parse_chatlog.py whose docstring quotes
+#   `2025.12.30 火曜日` / `23:43 natsumi_ スタンプ` (found by content search, repository not shown);
+# - 画像: a PC `2026.01.09 金曜日` parser that drops messages that are exactly "画像";
+# - Stickers Photos Videos Audio: hellodigua/ChatLab electron/main/parser/formats/line-native-txt.ts
+#   ("EN (fallback)"), and a LINE analyzer's String extension (isSticker/isPhoto/isVideo);
+# - Files, "Deleted an album", "Added a new note": an import script for a Thai office group's PC
+#   export (`^\d{2}:\d{2}\s+(.+?)\s+(Stickers|Photos|Videos|Files|Deleted an album|Added a new note)`);
+# - Missed call, No answer, "Canceled the call", 不在着信, 通話をキャンセルしました, 応答がありませんでした:
+#   the call lists of two LINE readers; "Canceled call", 通話に応答がありませんでした: as mobile exports
+#   word them; all without the ☎ that mobile exports put first. Canceled and File: as issue 12
+#   quotes them from real PC exports;
+# - 貼圖 圖片 影片: a Traditional Chinese cleaner of PC exports (`^(貼圖|圖片|影片)$`).
+# A person can type one of these as a whole message ("写真", "Photos"); we accept that risk because
+# the words count only in PC exports, only as the whole message (a continuation line, any other
+# word or even punctuation keeps it text), and a lost sample costs less than training the model to
+# answer "Stickers". The bare キャンセル is left out: it is a plausible typed message and no export
+# we found writes it.
+PC_BARE_PLACEHOLDERS = frozenset(
+    [
+        "スタンプ", "写真", "画像", "動画", "ファイル", "GIF", "通話", "音声通話", "ビデオ通話",
+        "不在着信", "通話をキャンセルしました", "通話に応答がありませんでした", "応答がありませんでした",
+        "Stickers", "Photos", "Videos", "Audio", "File", "Files", "Missed call", "Canceled", "Canceled call",
+        "Canceled the call", "No answer", "Deleted an album", "Added a new note",
+        "貼圖", "圖片", "影片",
+    ]
+)
+# `通話時間 0:12`, `Call time 1:02:03` (mobile exports put ☎ first; PC ones may not).
+_PC_CALL_TIME = re.compile(r"^(?:☎\s*)?(?:通話時間|通话时间|Call time)\s*\d{1,3}(?::\d{2}){1,2}$")
+
+
+def is_pc_bare_placeholder(body: str) -> bool:
+    """Whether a whole PC message body is one of the app's bare placeholder words or a call line."""
+    text = body.strip()
+    return text in PC_BARE_PLACEHOLDERS or bool(_PC_CALL_TIME.match(text))
 
 
 # What a named line's body must start or end with to be anything but plain text; lets the
