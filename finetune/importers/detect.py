@@ -1,7 +1,7 @@
 """Tell an export's format from its content, not its file name.
 
 Users rename files ("line.txt", "export(1).json"), so the name is never trusted. We read
-the first 64 KiB and look for the shapes FORMATS.md describes, most specific first.
+the first 64 KiB and look for the shapes each exporter writes, most specific first.
 """
 
 from __future__ import annotations
