@@ -13,6 +13,10 @@ Faults: `script[path]` lists Faults for the next calls to that path, in order; `
 tries)` (a function) picks one per call, for load runs. A Fault answers `status`, after delivering first
 when `deliver` (LINE took it but the answer was lost), and can hang for `hang_s` before answering, so a
 client with a shorter timeout gives up. Only message-sending paths get faults from `fault_for`.
+
+In another process (bench/line_load.py runs the fake apart from the daemon and the sender):
+`serving_fake_line(token, control=True)` also answers GET /_fake/state?deliveries=N&calls=M with what
+was delivered and called since those counts, and FakeLineMirror keeps a copy of it on the far side.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ class FakeLineApi:
         self.accepted_keys: set[str] = set()
         self.tries: Counter = Counter()  # per reply token / retry key
         self.in_flight = 0
+        self.latency_s = 0.0  # every call waits this long before it is handled (LINE is ~100 ms away, not 0)
 
     # --- what tests ask ---
 
@@ -77,11 +82,22 @@ class FakeLineApi:
     def pushes_to(self, chat_id: str) -> list[Delivery]:
         return [d for d in self.deliveries if d.path == PUSH and d.to == chat_id]
 
+    def state_since(self, deliveries: int = 0, calls: int = 0) -> dict:
+        """What was delivered and called after the first `deliveries` and `calls` (a mirror's catch-up):
+        deliveries whole, calls as path, status (None while unanswered) and retry key."""
+        return {
+            "deliveries": [[d.path, d.to, d.retry_key, d.texts, d.at] for d in self.deliveries[deliveries:]],
+            "calls": [[c["path"], c.get("status"), c["headers"].get("X-Line-Retry-Key")] for c in self.calls[calls:]],
+            "in_flight": self.in_flight,
+        }
+
     # --- the API ---
 
     async def handle(self, request: web.Request) -> web.Response:
         self.in_flight += 1
         try:
+            if self.latency_s:
+                await asyncio.sleep(self.latency_s)
             return await self._answer(request)
         finally:
             self.in_flight -= 1
@@ -145,20 +161,58 @@ class FakeLineApi:
 
 
 @asynccontextmanager
-async def serving_fake_line(access_token: str):
-    """A FakeLineApi on 127.0.0.1 (a free port), in the running event loop; `url` says where."""
+async def serving_fake_line(access_token: str, *, control: bool = False, port: int = 0):
+    """A FakeLineApi on 127.0.0.1 (`port`, 0 for a free one), in the running event loop; `url` says where.
+    With `control`, GET /_fake/state serves `state_since` to a FakeLineMirror in another process."""
     fake = FakeLineApi(access_token)
     app = web.Application()
     app.router.add_post("/{path:.*}", fake.handle)
+    if control:
+        async def state(request: web.Request) -> web.Response:
+            q = request.query
+            return web.json_response(fake.state_since(int(q.get("deliveries", 0)), int(q.get("calls", 0))))
+
+        app.router.add_get("/_fake/state", state)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     fake.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
     try:
         yield fake
     finally:
         await runner.cleanup()
+
+
+class FakeLineMirror:
+    """A FakeLineApi served by another process, as far as counting goes: `deliveries` (Delivery),
+    `calls` (path, status, retry key) and `in_flight`, brought up to date by `refresh()`."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.deliveries: list[Delivery] = []
+        self.calls: list[dict] = []
+        self.in_flight = 0
+
+    async def refresh(self, session, *, final: bool = False) -> None:
+        """Fetches what is new since the last refresh (`session`: an aiohttp.ClientSession); `final` takes
+        calls still unanswered as they are (status None)."""
+        async with session.get(f"{self.url}/_fake/state", params={
+                "deliveries": str(len(self.deliveries)), "calls": str(len(self.calls))}) as response:
+            response.raise_for_status()
+            state = await response.json()
+        self.deliveries += [Delivery(path, to, key, texts, at) for path, to, key, texts, at in state["deliveries"]]
+        # A call's status is set when it is answered: calls still open are fetched again next time.
+        new_calls = state["calls"]
+        answered = len(new_calls) if final else next((i for i, c in enumerate(new_calls) if c[1] is None), len(new_calls))
+        self.calls += [{"path": path, "status": status, "retry_key": key} for path, status, key in new_calls[:answered]]
+        self.in_flight = state["in_flight"]
+
+    def to(self, path: str) -> list[dict]:
+        return [c for c in self.calls if c["path"] == path]
+
+    def delivered(self, path: str | None = None) -> list[Delivery]:
+        return [d for d in self.deliveries if path is None or d.path == path]
 
 
 # --- webhooks as LINE sends them --------------------------------------------------------------

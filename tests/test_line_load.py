@@ -12,11 +12,16 @@ import random
 import re
 from contextlib import asynccontextmanager
 
+import aiohttp
 import pytest
-from fake_line_api import serving_fake_line
+from fake_line_api import PUSH, REPLY, Delivery, FakeLineApi, FakeLineMirror, serving_fake_line
 from webhook_load import (
     FixedLatencyBackend,
+    PlannedEvent,
+    SendResult,
+    attribute_answers,
     plan_events,
+    push_retry_key,
     send_at_rate,
     summarize,
     transient_faults,
@@ -117,3 +122,49 @@ async def test_a_faulty_line_api_loses_and_doubles_nothing(tmp_path, caplog, mon
     assert any("may have been delivered: not pushed" in r.getMessage() for r in caplog.records)
     timeouts = [r for r in caplog.records if "failed: " in r.getMessage() and "Timeout" in r.getMessage()]
     assert timeouts, "some tries hung past the API timeout"
+
+
+def test_the_count_names_each_push_for_its_event_or_says_it_cannot():
+    # u1 sends two events, u2 one. A push to u1 is u1's event's only by the retry key derived from that
+    # event; a push to u2 is u2's event's (its only one); a keyless push to u1 belongs to neither.
+    a, b, c = (PlannedEvent(i, "reply", user, f"tok{i}", f"m{i}", f"EV{i}") for i, user in enumerate(["u1", "u1", "u2"]))
+    fake = FakeLineApi("t")
+    fake.deliveries += [Delivery(REPLY, "tok0", None, ["r0"]), Delivery(PUSH, "u1", push_retry_key("EV1"), ["p1"]),
+                        Delivery(PUSH, "u2", "any-key", ["p2"])]
+    answers, unattributed = attribute_answers([a, b, c], fake)
+    assert answers == [[["r0"]], [["p1"]], [["p2"]]] and unattributed == 0
+
+    fake.deliveries += [Delivery(PUSH, "u1", None, ["?"]), Delivery(PUSH, "u1", push_retry_key("EV0"), ["again"])]
+    answers, unattributed = attribute_answers([a, b, c], fake)
+    assert answers[0] == [["r0"], ["again"]] and unattributed == 1  # a duplicate for `a`, one push unplaced
+
+    sent = SendResult(accepted=[a, b, c], latencies_s=[0.001] * 3, lags_s=[0.0] * 3)
+    sent.statuses[200] = 3
+    summary = summarize(sent, [a, b, c], fake, burst=5, per_minute=10)
+    assert (summary["answered"], summary["duplicates"], summary["pushes_unattributed"]) == (3, 1, 1)
+    assert SendResult.from_json(sent.to_json([a, b, c]), [a, b, c]).accepted == [a, b, c]
+
+
+async def test_a_mirror_in_another_process_sees_what_the_fake_delivered():
+    async with serving_fake_line("t", control=True) as fake, aiohttp.ClientSession() as session:
+        fake.latency_s = 0.05
+        headers = {"Authorization": "Bearer t"}
+        reply = session.post(f"{fake.url}{REPLY}", headers=headers,
+                             json={"replyToken": "tok", "messages": [{"type": "text", "text": "hi"}]})
+        push = session.post(f"{fake.url}{PUSH}", headers={**headers, "X-Line-Retry-Key": push_retry_key("EV")},
+                            json={"to": "u1", "messages": [{"type": "text", "text": "yo"}]})
+        mirror = FakeLineMirror(fake.url)
+        sending = asyncio.gather(*(asyncio.create_task(_status(r)) for r in (reply, push)))
+        await asyncio.sleep(0.01)
+        await mirror.refresh(session)  # both calls still open: none taken yet, nothing delivered
+        assert (mirror.calls, mirror.deliveries, mirror.in_flight) == ([], [], 2)
+        assert await sending == [200, 200]
+        await mirror.refresh(session)
+    assert [(d.path, d.to, d.texts) for d in mirror.deliveries] == [(REPLY, "tok", ["hi"]), (PUSH, "u1", ["yo"])]
+    assert [c["status"] for c in mirror.calls] == [200, 200] and mirror.in_flight == 0
+    assert mirror.delivered(PUSH)[0].retry_key == push_retry_key("EV")
+
+
+async def _status(request) -> int:
+    async with request as response:
+        return response.status

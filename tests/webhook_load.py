@@ -2,9 +2,12 @@
 (bench/line_load.py): a plan of signed events, an open-loop sender with bounded concurrency, and the
 exactly-once count of what reached the fake LINE API.
 
-Every event has its own identity at the fake: a 1:1 event answered by reply is its reply token; an
-event whose token is already stale is sent by a user who sends nothing else, so a push to that user is
-that event's answer. An event answered twice or never shows up as a duplicate or as lost.
+Every event has its own identity at the fake. A reply is its event's by the reply token. A push is an
+event's by its X-Line-Retry-Key when that is `push_retry_key(webhookEventId)` (a key derived from the
+event, as a daemon that may push an event's answer late, after a restart even, would use), else by its
+chat when that chat sent only that one event in the run (every stale event comes from such a one-shot
+user). A push neither rule places is counted as unattributed: with any of those, exactly-once is not
+shown. An event answered twice or never shows up as a duplicate or as lost.
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ import asyncio
 import random
 import statistics
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
 import aiohttp
-from fake_line_api import PUSH, REPLY, FakeLineApi, Fault, sign, text_event, webhook_bytes
+from fake_line_api import PUSH, REPLY, Delivery, FakeLineApi, Fault, sign, text_event, webhook_bytes
 
 from bot.router import BUSY_REPLY, RATE_LIMIT_REPLY
 from finetune.prompt import ChatTurn
@@ -44,13 +48,22 @@ class PlannedEvent:
     user: str
     token: str
     text: str
+    event_id: str = ""  # its webhookEventId ("": a fresh random one at each sending)
 
     def signed_body(self, secret: str) -> tuple[bytes, str]:
         """The webhook body, stamped now (55 s ago for a stale event: its reply token is too old to use), and
         its X-Line-Signature. Made at sending time, as LINE does: a body made before a long run would go stale."""
         stamp = int((time.time() - (55 if self.kind == "stale" else 0)) * 1000)
-        body = webhook_bytes(text_event(self.text, user=self.user, token=self.token, timestamp_ms=stamp))
+        body = webhook_bytes(text_event(self.text, user=self.user, token=self.token, timestamp_ms=stamp,
+                                        event_id=self.event_id or None))
         return body, sign(body, secret)
+
+
+def push_retry_key(event_id: str) -> str:
+    """The X-Line-Retry-Key that marks a push as the answer to webhook event `event_id`: a UUID (as LINE
+    requires) derived from the event, so every try, in this process or after a restart, carries the same
+    one. A daemon that pushes with this key has each pushed answer counted as its event's."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"line-webhook-event:{event_id}"))
 
 
 def plan_events(rate: float, duration_s: float, *, chatty_users: int = 2, chatty_rate: float = 2.0,
@@ -70,7 +83,8 @@ def plan_events(rate: float, duration_s: float, *, chatty_users: int = 2, chatty
             kind, user = "stale", f"Ustale{i:026d}"
         else:
             kind, user = "reply", f"Uuser{i % ordinary:027d}"
-        events.append(PlannedEvent(i / rate, kind, user, f"{rng.getrandbits(128):032x}", f"メッセージ{i}"))
+        token, event_id = f"{rng.getrandbits(128):032x}", f"{rng.getrandbits(130):033X}"[:26]
+        events.append(PlannedEvent(i / rate, kind, user, token, f"メッセージ{i}", event_id))
     return events
 
 
@@ -81,6 +95,21 @@ class SendResult:
     max_lag_s: float = 0.0  # how far the sender fell behind its schedule
     accepted: list[PlannedEvent] = field(default_factory=list)  # answered 200
     wall_s: float = 0.0
+    lags_s: list[float] = field(default_factory=list)  # each event's lag behind its schedule when it went out
+    started_at: float = 0.0  # time.monotonic() (the same clock in every process) when the schedule began
+
+    def to_json(self, events: list[PlannedEvent]) -> dict:
+        """As JSON, accepted events by their index in `events` (the sender's own process writes it)."""
+        index = {id(e): i for i, e in enumerate(events)}
+        return {"statuses": {str(k): v for k, v in self.statuses.items()}, "latencies_s": self.latencies_s,
+                "max_lag_s": self.max_lag_s, "accepted": [index[id(e)] for e in self.accepted],
+                "wall_s": self.wall_s, "lags_s": self.lags_s, "started_at": self.started_at}
+
+    @classmethod
+    def from_json(cls, data: dict, events: list[PlannedEvent]) -> SendResult:
+        statuses = Counter({int(k) if k.isdigit() else k: v for k, v in data["statuses"].items()})
+        return cls(statuses, data["latencies_s"], data["max_lag_s"], [events[i] for i in data["accepted"]],
+                   data["wall_s"], data["lags_s"], data["started_at"])
 
 
 async def send_at_rate(url: str, events: list[PlannedEvent], secret: str, *, max_in_flight: int = 256,
@@ -111,12 +140,15 @@ async def send_at_rate(url: str, events: list[PlannedEvent], secret: str, *, max
 
         tasks = set()
         start = loop.time()
+        result.started_at = time.monotonic()
         for event in events:
             delay = start + event.at_s - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
             await slots.acquire()
-            result.max_lag_s = max(result.max_lag_s, loop.time() - start - event.at_s)
+            lag = loop.time() - start - event.at_s
+            result.lags_s.append(lag)
+            result.max_lag_s = max(result.max_lag_s, lag)
             task = asyncio.create_task(post(event))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
@@ -126,23 +158,53 @@ async def send_at_rate(url: str, events: list[PlannedEvent], secret: str, *, max
     return result
 
 
-def answers_per_event(events: list[PlannedEvent], fake: FakeLineApi) -> list[list[list[str]]]:
-    """For each event, the message lists the fake delivered for it (by reply token, or by push to its one-shot user)."""
-    by_token: dict[str, list] = {}
-    by_push: dict[str, list] = {}
+def deliveries_per_event(events: list[PlannedEvent], fake, planned: list[PlannedEvent] | None = None
+                         ) -> tuple[list[list[Delivery]], int]:
+    """For each of `events`, the deliveries the fake made for it, and how many pushes no event could be named
+    for. A reply is its token's event; a push is the event whose `push_retry_key` it carries, else the one
+    event its chat sent among `planned` (all the events of the run; `events` when None)."""
+    planned = events if planned is None else planned
+    per_chat = Counter(e.user for e in planned)
+    by_key = {push_retry_key(e.event_id): e.token for e in planned if e.event_id}
+    by_lone_chat = {e.user: e.token for e in planned if per_chat[e.user] == 1}
+    by_token: dict[str, list[Delivery]] = {}
+    unattributed = 0
     for d in fake.deliveries:
-        (by_token if d.path == REPLY else by_push).setdefault(d.to, []).append(d.texts)
-    return [by_token.get(e.token, []) + (by_push.get(e.user, []) if e.kind == "stale" else []) for e in events]
+        if d.path == REPLY:
+            token = d.to
+        else:
+            token = by_key.get(d.retry_key) or by_lone_chat.get(d.to)
+            if token is None:
+                unattributed += 1
+                continue
+        by_token.setdefault(token, []).append(d)
+    return [by_token.get(e.token, []) for e in events], unattributed
 
 
-async def wait_until_answered(events: list[PlannedEvent], fake: FakeLineApi, *, quiet_s: float = 5.0,
-                              limit_s: float = 120.0) -> float:
+def attribute_answers(events: list[PlannedEvent], fake, planned: list[PlannedEvent] | None = None
+                      ) -> tuple[list[list[list[str]]], int]:
+    """For each of `events`, the message lists delivered for it, and the count of unattributed pushes
+    (see `deliveries_per_event`)."""
+    per_event, unattributed = deliveries_per_event(events, fake, planned)
+    return [[d.texts for d in ds] for ds in per_event], unattributed
+
+
+def answers_per_event(events: list[PlannedEvent], fake: FakeLineApi) -> list[list[list[str]]]:
+    """For each event, the message lists the fake delivered for it (see `attribute_answers`)."""
+    return attribute_answers(events, fake)[0]
+
+
+async def wait_until_answered(events: list[PlannedEvent], fake, *, quiet_s: float = 5.0,
+                              limit_s: float = 120.0, refresh=None, poll_s: float = 0.1,
+                              planned: list[PlannedEvent] | None = None) -> float:
     """Waits until every event has an answer at the fake, or nothing new arrived for `quiet_s` (some are lost);
-    returns the seconds waited."""
+    returns the seconds waited. `refresh` (a coroutine function) brings a FakeLineMirror up to date first."""
     started = last_change = time.monotonic()
     seen = -1
     while time.monotonic() - started < limit_s:
-        answered = sum(1 for a in answers_per_event(events, fake) if a)
+        if refresh is not None:
+            await refresh()
+        answered = sum(1 for a in attribute_answers(events, fake, planned)[0] if a)
         if answered == len(events) and fake.in_flight == 0:
             break
         count = len(fake.calls)
@@ -150,7 +212,7 @@ async def wait_until_answered(events: list[PlannedEvent], fake: FakeLineApi, *, 
             seen, last_change = count, time.monotonic()
         elif time.monotonic() - last_change > quiet_s:
             break
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(poll_s)
     return time.monotonic() - started
 
 
@@ -161,11 +223,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
-def summarize(sent: SendResult, events: list[PlannedEvent], fake: FakeLineApi, *, burst: int,
+def summarize(sent: SendResult, events: list[PlannedEvent], fake, *, burst: int,
               per_minute: float) -> dict:
     """The run in numbers: exactly-once at the fake, busy and rate-limited answers, webhook latency, and
     whether every chatty user stayed within `burst` + `per_minute` over its sending span."""
-    answers = answers_per_event(sent.accepted, fake)
+    answers, unattributed = attribute_answers(sent.accepted, fake, events)
     first_texts = [a[0][0] if a and a[0] else None for a in answers]
     chatty: dict[str, list[int]] = {}
     for event, text in zip(sent.accepted, first_texts, strict=True):
@@ -184,6 +246,7 @@ def summarize(sent: SendResult, events: list[PlannedEvent], fake: FakeLineApi, *
         "duplicates": sum(len(a) - 1 for a in answers if len(a) > 1),
         "lost": sum(1 for a in answers if not a),
         "push_retry_keys_delivered_twice": sum(1 for n in pushes_by_key.values() if n > 1),
+        "pushes_unattributed": unattributed,
         "answers_by_kind": {
             "reply": sum(1 for t in first_texts if t is not None and t not in (BUSY_REPLY, RATE_LIMIT_REPLY)),
             "busy": sum(1 for t in first_texts if t == BUSY_REPLY),
@@ -205,6 +268,7 @@ def summarize(sent: SendResult, events: list[PlannedEvent], fake: FakeLineApi, *
             "mean": round(statistics.fmean(ms), 2) if ms else None,
         },
         "sender_max_lag_ms": round(sent.max_lag_s * 1000, 1),
+        "sender_lag_p99_ms": round(percentile(sent.lags_s, 99) * 1000, 1) if sent.lags_s else None,
         "send_wall_s": round(sent.wall_s, 2),
     }
 
