@@ -1,18 +1,17 @@
 """Chat with the bot in the terminal: each line you type is a message addressed to the bot.
 
 Works with piped input too (`printf 'おはよう\\n' | python -m bot --demo`): at the end of input the
-adapter finishes, and the daemon shuts down once the last reply is out.
+platform adapter finishes, and the daemon shuts down once the last reply is out. A line typed just
+before a crash is answered when the bot starts again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
-from collections.abc import Awaitable, Callable
 
-from bot.messages import IncomingMessage
-
-Handler = Callable[[IncomingMessage], Awaitable[str | None]]
+from bot.messages import Accept, IncomingMessage
 
 
 class ConsoleAdapter:
@@ -44,9 +43,8 @@ class ConsoleAdapter:
         self.stdout.write(text + "\n")
         self.stdout.flush()
 
-    async def run(self, handle: Handler, stopping: asyncio.Event) -> None:
-        interactive = self.stdin.isatty()
-        if interactive:
+    async def run(self, accept: Accept, stopping: asyncio.Event) -> None:
+        if self.stdin.isatty():
             self._print(f"{self.persona} is listening. /reset forgets the conversation; Ctrl-D ends.")
         async for line in self._lines():
             if stopping.is_set():
@@ -54,7 +52,17 @@ class ConsoleAdapter:
             text = line.rstrip("\r\n").replace("\\n", "\n")
             if not text.strip():
                 continue
-            message = IncomingMessage("console", "local", "local", self.user_name, text, addressed=True)
-            reply = await handle(message)
-            if reply is not None:
-                self._print(f"{self.persona}: {reply}")
+            await accept([IncomingMessage("console", "local", "local", self.user_name, text, addressed=True)])
+
+    def can_deliver(self, entry) -> bool:
+        return True
+
+    def working(self, entry) -> contextlib.AbstractAsyncContextManager:
+        return contextlib.nullcontext()
+
+    async def deliver(self, entry, reply: str, record_attempt) -> str:
+        self._print(f"{self.persona}: {reply}")  # a terminal line cannot be half-sent: nothing to record first
+        return "replied"
+
+    async def close(self) -> None:
+        pass

@@ -1,6 +1,7 @@
 """Discord: a discord.py client in the daemon's event loop.
 
-    gateway MESSAGE_CREATE ─► on_message ─► allowed? addressed? ─► handle(IncomingMessage) ─► reply(s)
+    gateway MESSAGE_CREATE ─► on_message ─► allowed? addressed? ─► accept([IncomingMessage]) (the bot's inbox)
+    dispatcher ─► deliver(entry, reply) ─► reply(s) to the message
 
 The bot answers a mention of itself, any DM, and a reply to one of its own messages; everything
 else it is allowed to see is handed to the router with addressed=False, so the channel's memory
@@ -10,6 +11,11 @@ unless the adapter handed it over or sent it itself recently (then it is in memo
 
 Rate limits, reconnects and resumes are discord.py's job. A reply that cannot be sent is logged,
 and the next message is answered as usual.
+
+A message accepted before a crash is answered after the restart, as a reply to its message id, if it
+is younger than [discord] answer_missed_within_s. Every part of a reply carries a nonce derived from
+the message id, which Discord enforces for a few minutes: a part sent again after a crash is not
+posted twice. (Messages sent while the bot was down are not fetched: the gateway does not replay them.)
 """
 
 from __future__ import annotations
@@ -18,15 +24,13 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable
 
 import aiohttp
 import discord
 
-from bot.messages import IncomingMessage
-
-Handler = Callable[[IncomingMessage], Awaitable[str | None]]
+from bot.messages import Accept, IncomingMessage
 
 log = logging.getLogger("bunshin.discord")
 
@@ -43,6 +47,9 @@ INTENT_HELP = (
     "and start the bot again."
 )
 _ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
+# Discord enforces a message nonce "in the past few minutes": a send recorded longer ago than this is not
+# repeated after a restart (it may have gone out, and the nonce would no longer stop a second copy).
+NONCE_WINDOW_S = 120
 
 
 class DiscordStartError(RuntimeError):
@@ -65,8 +72,8 @@ class DiscordAdapter:
         self.is_admin = config.is_admin
         # Per channel, the ids of messages already in the router's memory (handed over or sent by us).
         self._recent: defaultdict[int, deque[int]] = defaultdict(lambda: deque(maxlen=config.memory.max_turns))
-        self._in_flight: set[asyncio.Task] = set()
-        self._accepting = True
+        self._live: dict[str, discord.Message] = {}  # addressed messages of this run, until their reply is sent
+        self._connection: asyncio.Task | None = None
         intents = discord.Intents.default()
         intents.message_content = True  # privileged: enabled in the Developer Portal (see README)
         self.client = discord.Client(intents=intents, allowed_mentions=NO_MENTIONS)
@@ -74,7 +81,9 @@ class DiscordAdapter:
     def web_routes(self) -> list:
         return []  # the gateway is a websocket the client opens; nothing to serve
 
-    async def run(self, handle: Handler, stopping: asyncio.Event) -> None:
+    async def run(self, accept: Accept, stopping: asyncio.Event) -> None:
+        """Connects and hands every message to `accept` until `stopping` (the connection stays open for the
+        replies still being made: close() ends it)."""
         client = self.client
 
         async def on_ready():
@@ -82,51 +91,47 @@ class DiscordAdapter:
                      len(client.guilds), discord.utils.oauth_url(client.user.id, permissions=INVITE_PERMISSIONS, scopes=("bot",)))
 
         async def on_message(message: discord.Message):
-            await self.on_message(message, handle)
+            await self.on_message(message, accept)
 
         client.event(on_ready)
         client.event(on_message)
-        connection = asyncio.create_task(client.start(self._token), name="discord-gateway")
+        self._connection = asyncio.create_task(client.start(self._token), name="discord-gateway")
         stop = asyncio.create_task(stopping.wait())
         try:
-            await asyncio.wait({connection, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if connection.done():
-                connection.result()  # raises why it ended
-                return
-            # Stop taking messages; replies already being generated still go out before the client closes.
-            self._accepting = False
-            if self._in_flight:
-                await asyncio.wait(self._in_flight)
+            await asyncio.wait({self._connection, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if self._connection.done():
+                self._connection.result()  # raises why it ended
         except discord.PrivilegedIntentsRequired:
             log.error("%s", INTENT_HELP)
+            await client.close()
             raise DiscordStartError(INTENT_HELP) from None
         except discord.LoginFailure:
             why = (f"Discord rejected the bot token in the environment variable {self.config.token_env}: "
                    "copy it again from the Developer Portal (Bot, Reset Token)")
             log.error("%s", why)
+            await client.close()
             raise DiscordStartError(why) from None
         finally:
             stop.cancel()
-            await client.close()
+
+    async def close(self) -> None:
+        await self.client.close()
+        connection = self._connection
+        if connection is not None:
             if not connection.done():
                 await asyncio.wait({connection}, timeout=5)
             if connection.done() and not connection.cancelled():
-                connection.exception()  # retrieved: its failure, if any, was handled above
+                connection.exception()  # retrieved: its failure, if any, was reported by run()
+        self._live.clear()
 
-    async def on_message(self, message: discord.Message, handle: Handler) -> None:
-        """One message from the gateway: decide, hand it to the router, deliver the reply."""
-        if not self._accepting:
-            return
-        task = asyncio.current_task()
-        self._in_flight.add(task)
+    async def on_message(self, message: discord.Message, accept: Accept) -> None:
+        """One message from the gateway: decide, and hand it (with what it replies to) to the bot's inbox."""
         try:
-            await self._on_message(message, handle)
-        except Exception:  # one bad message must not take the adapter down
-            log.exception("failed to handle message %s in channel %s", message.id, message.channel.id)
-        finally:
-            self._in_flight.discard(task)
+            await self._on_message(message, accept)
+        except Exception:  # one bad message must not take the platform adapter down
+            log.exception("failed to take message %s in channel %s", message.id, message.channel.id)
 
-    async def _on_message(self, message: discord.Message, handle: Handler) -> None:
+    async def _on_message(self, message: discord.Message, accept: Accept) -> None:
         me = self.client.user
         author = message.author
         if author.id == me.id or message.type not in _ANSWERED_TYPES or not self._allowed(message):
@@ -138,26 +143,80 @@ class DiscordAdapter:
         if addressed and text.strip() in self.reset_commands and self.is_admin(f"discord:{author.id}"):
             recent.clear()  # the router forgets the chat, so do we (a non-admin's reset is refused there)
 
+        taken = []
         replied_to = message.reference.resolved if message.reference else None
         if isinstance(replied_to, discord.Message) and replied_to.id not in recent:
             speaker = self.persona if replied_to.author.id == me.id else replied_to.author.display_name
-            await handle(IncomingMessage("discord", str(channel_id), str(replied_to.author.id), speaker,
-                                         self._readable(replied_to), addressed=False))
+            taken.append(self._incoming(replied_to, speaker, self._readable(replied_to), addressed=False))
             recent.append(replied_to.id)
-
-        incoming = IncomingMessage("discord", str(channel_id), str(author.id), author.display_name, text, addressed)
+        taken.append(self._incoming(message, author.display_name, text, addressed))
         recent.append(message.id)
-        if not addressed:
-            await handle(incoming)  # remembered, not answered
-            return
-        async with contextlib.AsyncExitStack() as typing:
-            try:
-                await typing.enter_async_context(message.channel.typing())  # renewed every few seconds until exit
-            except discord.HTTPException as exc:
-                log.warning("no typing indicator in channel %s: %s", channel_id, exc)
-            reply = await handle(incoming)
-        if reply:
-            await self._send(message, reply)
+        if addressed:
+            self._live[str(message.id)] = message  # for the typing indicator and the reply, until it is sent
+        entries = await accept(taken)
+        if addressed and entries[-1] is None:
+            self._live.pop(str(message.id), None)  # seen before: answered (or being answered) already
+
+    def _incoming(self, message: discord.Message, speaker: str, text: str, addressed: bool) -> IncomingMessage:
+        return IncomingMessage(
+            "discord", str(message.channel.id), str(message.author.id), speaker, text, addressed,
+            event_id=str(message.id),
+            delivery={"channel_id": str(message.channel.id), "message_id": str(message.id),
+                      "guild_id": str(message.guild.id) if message.guild is not None else None},
+        )
+
+    # --- answering an entry of the inbox ---
+
+    def can_deliver(self, entry) -> bool:
+        """A message of this run, or one from an earlier run younger than [discord] answer_missed_within_s."""
+        incoming = entry.message
+        if incoming.event_id in self._live:
+            return True
+        age = time.time() - incoming.received_at
+        if age > self.config.answer_missed_within_s:
+            log.warning("message %s in channel %s not answered: %.0fs old ([discord] answer_missed_within_s is %g)",
+                        incoming.event_id, incoming.chat_id, age, self.config.answer_missed_within_s)
+            return False
+        return True
+
+    def working(self, entry) -> contextlib.AbstractAsyncContextManager:
+        """The typing indicator (renewed every few seconds by discord.py) while the reply is made."""
+        message = self._live.get(entry.message.event_id)
+        return _typing(message.channel) if message is not None else contextlib.nullcontext()
+
+    async def deliver(self, entry, reply: str, record_attempt) -> str:
+        """The reply as an answer to the message, in as many messages as it takes."""
+        incoming = entry.message
+        message = self._live.pop(incoming.event_id, None)
+        if message is not None:
+            channel = message.channel
+            reference = message.to_reference(fail_if_not_exists=False)
+        else:  # accepted by an earlier run
+            if not self.can_deliver(entry):
+                return "dropped"
+            guild_id = int(incoming.delivery["guild_id"]) if incoming.delivery.get("guild_id") else None
+            channel = await self._channel(int(incoming.delivery["channel_id"]), guild_id)
+            if channel is None:
+                return "failed"
+            reference = discord.MessageReference(message_id=int(incoming.event_id), channel_id=channel.id,
+                                                 guild_id=guild_id, fail_if_not_exists=False)
+        sent_before = entry.attempted("send")
+        if sent_before is not None and time.time() - sent_before > NONCE_WINDOW_S:
+            log.warning("reply to message %s in channel %s may have been sent before the restart: not sent again",
+                        incoming.event_id, incoming.chat_id)
+            return "maybe_delivered"
+        await record_attempt("send")
+        return await self._send(channel, incoming, reference, reply)
+
+    async def _channel(self, channel_id: int, guild_id: int | None):
+        """Where to answer a message from an earlier run: the cached channel once connected, else a channel known by
+        its id alone (sending needs nothing more, and no API call is spent finding it)."""
+        try:
+            await asyncio.wait_for(self.client.wait_until_ready(), timeout=60)
+        except asyncio.TimeoutError:
+            log.warning("not connected to Discord after 60s: cannot answer in channel %s", channel_id)
+            return None
+        return self.client.get_channel(channel_id) or self.client.get_partial_messageable(channel_id, guild_id=guild_id)
 
     def _allowed(self, message: discord.Message) -> bool:
         if self.allow_users and message.author.id not in self.allow_users:
@@ -210,25 +269,36 @@ class DiscordAdapter:
         text = re.sub(r"<a?(:\w+:)\d+>", r"\1", text)  # custom emoji as :name:
         return text.strip()
 
-    async def _send(self, message: discord.Message, reply: str) -> None:
-        """The reply as an answer to `message`, in as many messages as it takes."""
-        recent = self._recent[message.channel.id]
+    async def _send(self, channel, incoming: IncomingMessage, reference, reply: str) -> str:
+        recent = self._recent[channel.id]
         # fail_if_not_exists=False: if the question was deleted meanwhile, the answer still goes out.
-        reference = message.to_reference(fail_if_not_exists=False)
         chunks = split_message(reply)
         for i, chunk in enumerate(chunks):
             try:
-                sent = await message.channel.send(chunk, reference=reference if i == 0 else None,
-                                                  allowed_mentions=NO_MENTIONS)
+                # The nonce makes Discord refuse a second copy of this part (enforced for a few minutes).
+                sent = await channel.send(chunk, reference=reference if i == 0 else None, allowed_mentions=NO_MENTIONS,
+                                          nonce=f"{incoming.event_id}.{i}"[-25:])
             except (discord.HTTPException, aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 # Forbidden, NotFound, a server error after discord.py's retries, a dropped connection. Never
-                # retried here: a send whose answer was lost may well have gone out, and a user sees a reply twice
-                # sooner than they miss one. The parts already sent stay; the next message is answered as usual.
+                # retried here: a send whose answer was lost may well have gone out. The parts already sent stay;
+                # the next message is answered as usual.
                 part = f"part {i + 1} of {len(chunks)} of " if len(chunks) > 1 else ""
-                log.error("could not send %sa reply in channel %s (to message %s): %s: %s", part, message.channel.id,
-                          message.id, type(exc).__name__, exc)
-                return
+                log.error("could not send %sa reply in channel %s (to message %s): %s: %s", part, channel.id,
+                          incoming.event_id, type(exc).__name__, exc)
+                return "failed"
             recent.append(sent.id)
+        return "replied"
+
+
+@contextlib.asynccontextmanager
+async def _typing(channel):
+    """channel.typing() that never stops a reply: a refused indicator is logged and the reply goes on."""
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            await stack.enter_async_context(channel.typing())
+        except discord.HTTPException as exc:
+            log.warning("no typing indicator in channel %s: %s", channel.id, exc)
+        yield
 
 
 # --- splitting at 2000 characters --------------------------------------------------------------

@@ -1,19 +1,21 @@
 """LINE Messaging API: a webhook on the daemon's HTTP server, replies through line-bot-sdk v3.
 
-    POST [line] webhook_path ─► size cap ─► X-Line-Signature ─► 200 at once
-        └─► background, per chat in order: dedup by webhookEventId ─► addressed? ─► router
-            ─► reply token (while fresh) | push ([line] push_fallback) | drop, with a log line
+    POST [line] webhook_path ─► size cap ─► X-Line-Signature ─► events ─► inbox (on disk) ─► 200
+    dispatcher ─► deliver: reply token (while fresh) | push ([line] push_fallback) | drop, with a log line
 
-LINE waits 2 s for the webhook's answer, so events are handled after it; a generation takes
-longer than that. The webhook answers 503 until the model is loaded and after shutdown begins,
-so LINE redelivers those events later. Seen webhookEventIds are kept in a small SQLite file next
-to the memory file, so a redelivery is answered once even across a restart.
+LINE waits 2 s for the webhook's answer, and a generation takes longer than that, so events are
+answered after it. An event is answered 200 only once it is stored in the bot's inbox (bot/inbox.py),
+which also refuses a webhookEventId it already holds: a redelivered event is answered once, also
+across a restart, and an event acknowledged just before a crash is answered after it. The webhook
+takes events while the model loads too; they are answered once serving starts.
 
-Delivery is at most once, retried within bounds. A reply token is spent by the first request
-LINE accepts, so a reply retried after an ambiguous failure (5xx, timeout) either gets through or
-is refused: never sent twice; after such a failure it is not pushed either. A push carries one
-X-Line-Retry-Key for all its tries, so LINE sends it once and answers 409 to the rest. 429 waits
-for Retry-After; everything else backs off exponentially with jitter.
+Delivery is at most once, retried within bounds. A reply token is spent by the first request LINE
+accepts, so a reply retried after an ambiguous failure (5xx, timeout) either gets through or is
+refused: never sent twice; after such a failure it is not pushed either. Before the first try of a
+reply or a push the attempt is recorded in the inbox, so a restart after a crash keeps the same
+rules: a reply that may have gone out is not followed by a push, and a push is retried with the same
+X-Line-Retry-Key (derived from the event), which LINE sends once and answers 409 to after that.
+429 waits for Retry-After; everything else backs off exponentially with jitter.
 
 Logs name chats and event ids, never message text or secrets.
 """
@@ -22,19 +24,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import math
 import random
-import sqlite3
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -51,16 +52,15 @@ from linebot.v3.messaging import (
 from linebot.v3.webhooks import Event, GroupSource, MessageEvent, RoomSource, TextMessageContent, UserSource
 from pydantic.v1 import ValidationError as SdkResponseError  # the SDK's models are pydantic v1
 
-from bot.messages import IncomingMessage
+from bot.inbox import InboxError
+from bot.messages import Accept, IncomingMessage
 
 log = logging.getLogger("bunshin.line")
-
-Handler = Callable[[IncomingMessage], Awaitable[str | None]]
 
 MAX_BODY_BYTES = 1024 * 1024  # a webhook body is a few KB; this is far above any real batch of events
 MAX_TEXT_UNITS = 5000  # a text message's limit, in UTF-16 code units
 MAX_MESSAGES = 5  # message objects per reply or push call
-SEEN_KEEP = 10_000  # webhookEventIds remembered for deduplication
+PUSH_KEYS = uuid.UUID("6f1c1d0e-8a4b-4f1e-9a53-6b756e736869")  # namespace of the X-Line-Retry-Keys derived from events
 SENTENCE_ENDS = "。！？!?."
 
 
@@ -114,41 +114,6 @@ def split_reply(text: str, limit: int = MAX_TEXT_UNITS, max_messages: int = MAX_
         last = pieces[-1]
         pieces[-1] = last[: _fitting(last, limit - 1)] + "…"
     return pieces
-
-
-# --- seen webhook events ----------------------------------------------------------------------
-
-
-class SeenEvents:
-    """webhookEventIds already taken, in their own SQLite file (the memory file holds only its own tables)."""
-
-    def __init__(self, path: str, keep: int = SEEN_KEEP):
-        self.keep = keep
-        self._added = 0
-        if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # as the memory file: no fsync per webhook
-        self._db.execute("CREATE TABLE IF NOT EXISTS seen (event_id TEXT PRIMARY KEY, at REAL NOT NULL)")
-
-    @staticmethod
-    def path_for(memory_path: str) -> str:
-        if memory_path == ":memory:":
-            return ":memory:"
-        return str(Path(memory_path).with_suffix(".line-events.sqlite3"))
-
-    def first_time(self, event_id: str) -> bool:
-        """Records `event_id`; True when it was not seen before."""
-        new = self._db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (event_id, time.time())).rowcount == 1
-        self._added += new
-        if self._added >= self.keep // 10:  # prune now and then, not on every event
-            self._added = 0
-            self._db.execute("DELETE FROM seen WHERE rowid <= (SELECT MAX(rowid) FROM seen) - ?", (self.keep,))
-        return new
-
-    def close(self) -> None:
-        self._db.close()
 
 
 # --- the webhook body: signature first, then parsing -------------------------------------------
@@ -304,6 +269,26 @@ def _short(value, limit: int = 40) -> str:
     return str(value)[:limit].encode("ascii", "replace").decode()
 
 
+def strip_self_mention(text: str, mention) -> str:
+    """`text` without the bot's own @mention (and one space after it), found by the mentionee's index and
+    length as LINE gives them. LINE counts in UTF-16 code units (an emoji before the mention counts two);
+    a span that does not start with "@" that way is tried as code points, and left in place if neither fits."""
+    spans = sorted(((m.index, m.length) for m in (getattr(mention, "mentionees", None) or ())
+                    if getattr(m, "is_self", False) and isinstance(m.index, int) and isinstance(m.length, int)
+                    and m.index >= 0 and m.length > 0), reverse=True)  # from the end: earlier spans keep their place
+    for index, length in spans:
+        units = text.encode("utf-16-le", "surrogatepass")
+        if units[2 * index:2 * index + 2] == b"@\x00" and 2 * (index + length) <= len(units):
+            head = units[:2 * index].decode("utf-16-le", "surrogatepass")
+            tail = units[2 * (index + length):].decode("utf-16-le", "surrogatepass")
+        elif text[index:index + 1] == "@" and index + length <= len(text):
+            head, tail = text[:index], text[index + length:]
+        else:
+            continue
+        text = head + (tail[1:] if tail[:1] in (" ", "\u3000") else tail)
+    return text.strip()
+
+
 class LineAdapter:
     name = "line"
     retry = RetryPolicy()  # tests shorten the waits
@@ -316,19 +301,18 @@ class LineAdapter:
         # Read once, at start: BotConfig.secret raises ConfigError naming the variable, never the value.
         self._secret = config.secret(self.line.channel_secret_env).encode("utf-8")
         self._token = config.secret(self.line.access_token_env)
-        self._seen = SeenEvents(SeenEvents.path_for(config.memory.path))
-        self._handle: Handler | None = None  # set by run(); until then the webhook answers 503
+        self._accept: Accept | None = None  # set by run(); until then, and after close(), the webhook answers 503
+        self._client: AsyncApiClient | None = None
         self._api: AsyncMessagingApi | None = None
-        self._tasks: set[asyncio.Task] = set()
         self._timeout = aiohttp.ClientTimeout(total=self.line.api_timeout_s)
 
     def web_routes(self) -> list:
         return [web.post(self.line.webhook_path, self.webhook)]
 
-    # --- the webhook: verify, answer at once, work in the background ---
+    # --- the webhook: verify, store, answer ---
 
     async def webhook(self, request: web.Request) -> web.Response:
-        received = time.monotonic()
+        received, received_at = time.monotonic(), time.time()
         body = await _read_capped(request, MAX_BODY_BYTES)
         if body is None:
             log.warning("webhook from %s rejected: body over %d bytes", request.remote, MAX_BODY_BYTES)
@@ -339,29 +323,41 @@ class LineAdapter:
         except WebhookRejected as exc:
             log.warning("webhook from %s rejected: %s", request.remote, exc.reason)
             return web.Response(status=exc.status, text=exc.reason)
-        handle = self._handle
-        if handle is None:  # loading, or shutting down: LINE redelivers later
-            return web.Response(status=503, text="not serving yet")
-        by_chat: dict[str, list[MessageEvent]] = {}
-        for event in events:
-            if not self._seen.first_time(event.webhook_event_id):
-                log.info("event %s delivered again: already taken", _short(event.webhook_event_id))
-                continue
-            by_chat.setdefault(_chat_of(event.source)[1], []).append(event)
-        for chat_events in by_chat.values():  # chats in parallel, each chat's events in order
-            task = asyncio.create_task(self._process(chat_events, received, handle))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        accept = self._accept
+        if accept is None:  # not started, or closed: LINE redelivers later (if redelivery is on)
+            return web.Response(status=503, text="not serving")
+        messages = [self._incoming(event, received, received_at) for event in events]
+        try:
+            taken = await accept(messages)
+        except InboxError:  # logged by the inbox; a 500 lets LINE redeliver the events
+            return web.Response(status=500, text="could not store the events")
+        for message, entry in zip(messages, taken, strict=True):
+            if entry is None:
+                log.info("event %s delivered again: already taken", _short(message.event_id))
         return web.Response(status=200, text="OK")
 
-    # --- one chat's events ---
-
-    async def _process(self, events: list[MessageEvent], received: float, handle: Handler) -> None:
-        for event in events:
-            try:
-                await self._answer(event, received, handle)
-            except Exception:  # noqa: BLE001 - one bad event must not stop the chat's others
-                log.exception("event %s failed", _short(event.webhook_event_id))
+    def _incoming(self, event: MessageEvent, received: float, received_at: float) -> IncomingMessage:
+        kind, chat_id = _chat_of(event.source)
+        user_id = getattr(event.source, "user_id", None) or ""
+        text = event.message.text
+        addressed = self._addressed(event, kind)
+        if event.message.mention is not None:
+            text = strip_self_mention(text, event.message.mention)  # as Discord's platform adapter drops its own
+        return IncomingMessage(
+            platform="line",
+            chat_id=chat_id,
+            # A group member who has not agreed to share their profile comes without a userId: such senders
+            # share one rate-limit bucket per chat, not one for every chat the bot is in.
+            user_id=user_id or f"unknown-in-{chat_id}",
+            # A profile lookup would cost an API call per new speaker; the id's tail tells speakers apart.
+            user_name=f"LINE user {user_id[-4:]}" if user_id else "LINE user",
+            text=text,
+            addressed=addressed,
+            received=received,
+            event_id=event.webhook_event_id,
+            received_at=received_at,
+            delivery={"kind": kind, "reply_token": event.reply_token, "event_ms": event.timestamp},
+        )
 
     def _addressed(self, event: MessageEvent, kind: str) -> bool:
         if kind == "user":
@@ -371,52 +367,74 @@ class LineAdapter:
             return True
         return self.line.call_by_name and bool(self.persona) and self.persona in event.message.text
 
-    async def _answer(self, event: MessageEvent, received: float, handle: Handler) -> None:
-        kind, chat_id = _chat_of(event.source)
-        user_id = getattr(event.source, "user_id", None) or ""
-        message = IncomingMessage(
-            platform="line",
-            chat_id=chat_id,
-            user_id=user_id or "unknown",
-            # A profile lookup would cost an API call per new speaker; the id's tail tells speakers apart.
-            user_name=f"LINE user {user_id[-4:]}" if user_id else "LINE user",
-            text=event.message.text,
-            addressed=self._addressed(event, kind),
-            received=received,
-        )
+    # --- answering an entry of the inbox ---
+
+    def can_deliver(self, entry) -> bool:
+        """False, with the log line, for a reply token gone stale while push_fallback is off (and nothing was sent
+        yet): making a reply would be for nobody. It happens after a long wait: a restart, or overload."""
+        message = entry.message
+        if self.line.push_fallback or entry.attempts:
+            return True
+        age = self._token_age(message)
+        if message.delivery.get("reply_token") and age < self.line.reply_token_margin_s:
+            return True
+        log.warning("reply token stale after %.1fs for %s: reply dropped ([line] push_fallback is off)", age,
+                    message.chat_key)
+        return False
+
+    @contextlib.asynccontextmanager
+    async def working(self, entry):
+        """LINE's loading animation in a 1:1 chat while the reply is made (not for one recovered after a restart)."""
+        message = entry.message
         loading = None
-        if kind == "user" and message.addressed:
-            loading = asyncio.create_task(self._show_loading(chat_id))
+        if message.delivery.get("kind") == "user" and message.addressed and not entry.recovered:
+            loading = asyncio.create_task(self._show_loading(message.chat_id))
         try:
-            reply = await handle(message)
+            yield
         finally:
             if loading is not None:
                 await loading  # the animation must start before the reply, or it shows after it
-        if not reply:
-            return
+
+    async def deliver(self, entry, reply: str, record_attempt) -> str:
+        """Only ever to the chat the event came from: the reply token is that chat's, and so is the chat id."""
         messages = [TextMessage(text=piece) for piece in split_reply(reply)]
         if not messages:
-            return
-        # Only ever to the chat the event came from: the reply token is that chat's, and so is `chat_id`.
-        if event.reply_token and self._token_age(event, received) < self.line.reply_token_margin_s:
-            outcome = await self._reply(event, received, messages, chat_id)
-            if outcome == "sent" or outcome == "refused":
-                return
-            if outcome == "unknown":
-                log.warning("reply to %s may have been delivered: not pushed, so it cannot arrive twice", message.chat_key)
-                return
-            reason = "reply not accepted in time"
+            return "quiet"
+        message = entry.message
+        chat_key, token = message.chat_key, message.delivery.get("reply_token")
+        age = self._token_age(message)
+        if entry.attempted("push") is not None:
+            # Pushed before a restart, maybe delivered: the same retry key makes LINE send it at most once.
+            return await self._push(entry, messages, record_attempt)
+        if entry.attempted("reply") is not None:
+            # Replied before a restart, maybe accepted. A fresh token is safe to try again (a spent one is refused);
+            # a push could only double it.
+            if not token or age >= self.line.reply_token_margin_s:
+                log.warning("reply to %s may have been delivered before the restart: not pushed, so it cannot arrive "
+                            "twice", chat_key)
+                return "maybe_delivered"
+            outcome = await self._reply(entry, messages, record_attempt, retried=True)
+        elif token and age < self.line.reply_token_margin_s:
+            outcome = await self._reply(entry, messages, record_attempt)
         else:
-            reason = f"reply token stale after {self._token_age(event, received):.1f}s"
+            outcome = "stale"
+        if outcome == "sent":
+            return "replied"
+        if outcome == "refused":
+            return "failed"
+        if outcome == "unknown":
+            log.warning("reply to %s may have been delivered: not pushed, so it cannot arrive twice", chat_key)
+            return "maybe_delivered"
+        reason = "reply not accepted in time" if outcome == "unsent" else f"reply token stale after {age:.1f}s"
         if self.line.push_fallback:
-            await self._push(chat_id, messages)
-        else:
-            log.warning("%s for %s: reply dropped ([line] push_fallback is off)", reason, message.chat_key)
+            return await self._push(entry, messages, record_attempt)
+        log.warning("%s for %s: reply dropped ([line] push_fallback is off)", reason, chat_key)
+        return "dropped"
 
-    @staticmethod
-    def _token_age(event: MessageEvent, received: float) -> float:
+    def _token_age(self, message: IncomingMessage) -> float:
         """The token lasts about a minute from the event; count from the older of LINE's stamp and our receipt."""
-        return max(time.monotonic() - received, time.time() - event.timestamp / 1000)
+        now = time.time()
+        return max(now - message.received_at, now - message.delivery.get("event_ms", 0) / 1000)
 
     # --- LINE's API ---
 
@@ -461,15 +479,19 @@ class LineAdapter:
         await self._call("loading animation", chat_id, lambda: self._api.show_loading_animation(
             ShowLoadingAnimationRequest(chat_id=chat_id, loading_seconds=seconds), _request_timeout=self._timeout))
 
-    async def _reply(self, event: MessageEvent, received: float, messages: list[TextMessage], chat_id: str) -> str:
+    async def _reply(self, entry, messages: list[TextMessage], record_attempt, retried: bool = False) -> str:
         """"sent"; "refused" (an error other than a bad token: pushing would fail alike); "unsent" (LINE refused
         the token or never took the request: a push may send it); "unknown" (an earlier try may have got through).
 
         The reply API takes no retry key, but its token is spent by the first accepted request: a retry
-        after a 5xx or a timeout either gets through or is refused with 400, so it cannot duplicate."""
-        request = ReplyMessageRequest(reply_token=event.reply_token, messages=messages)
-        maybe_sent = False
+        after a 5xx or a timeout either gets through or is refused with 400, so it cannot duplicate.
+        `retried`: an earlier run tried it already, so a 400 may mean it was spent by that try."""
+        message = entry.message
+        chat_id = message.chat_id
+        request = ReplyMessageRequest(reply_token=message.delivery["reply_token"], messages=messages)
+        maybe_sent = retried
         policy = self.retry
+        await record_attempt("reply")
         for attempt in range(1, policy.attempts + 1):
             result = await self._call(f"reply (try {attempt}/{policy.attempts})", chat_id, lambda: self._api.reply_message(
                 request, _request_timeout=self._timeout))
@@ -484,49 +506,50 @@ class LineAdapter:
             if attempt == policy.attempts:
                 break
             wait = policy.wait_before_retry(attempt, result.retry_after)
-            if self._token_age(event, received) + wait >= self.line.reply_token_margin_s:
+            if self._token_age(message) + wait >= self.line.reply_token_margin_s:
                 log.warning("reply to line:%s: no retry, the token would be stale", _short(chat_id))
                 break
             await asyncio.sleep(wait)
         return "unknown" if maybe_sent else "unsent"
 
-    async def _push(self, chat_id: str, messages: list[TextMessage]) -> None:
-        """Tries with one X-Line-Retry-Key: LINE sends a key's message once and answers 409 to later tries."""
+    async def _push(self, entry, messages: list[TextMessage], record_attempt) -> str:
+        """Tries with one X-Line-Retry-Key, derived from the event so that a restart reuses it: LINE sends a key's
+        message once and answers 409 to later tries. "replied", or "failed" after the last try."""
+        chat_id = entry.message.chat_id
         request = PushMessageRequest(to=chat_id, messages=messages)
-        key = str(uuid.uuid4())
+        key = str(uuid.uuid5(PUSH_KEYS, entry.key))
         policy = self.retry
+        await record_attempt("push")
         for attempt in range(1, policy.attempts + 1):
             result = await self._call(f"push (try {attempt}/{policy.attempts})", chat_id, lambda: self._api.push_message(
                 request, x_line_retry_key=key, _request_timeout=self._timeout))
             if result.outcome in ("sent", "conflict"):
                 log.info("pushed to line:%s (%d message(s))", _short(chat_id), len(messages))
-                return
+                return "replied"
             if not result.retriable or attempt == policy.attempts:
                 break
             if result.retry_after is not None and result.retry_after > policy.max_retry_after_s:
                 log.error("push to line:%s: LINE asks to wait %.0fs: given up", _short(chat_id), result.retry_after)
-                return
+                return "failed"
             await asyncio.sleep(policy.wait_before_retry(attempt, result.retry_after))
         log.error("push to line:%s failed for good after %d tries", _short(chat_id), attempt)
+        return "failed"
 
     # --- lifecycle ---
 
-    async def run(self, handle: Handler, stopping: asyncio.Event) -> None:
-        client = AsyncApiClient(Configuration(host=self.line.api_host, access_token=self._token))
-        self._api = AsyncMessagingApi(client)
-        self._handle = handle
+    async def run(self, accept: Accept, stopping: asyncio.Event) -> None:
+        """Takes webhooks from now on (while the model loads too). After `stopping` the webhook still stores what
+        comes, for the next start, until close()."""
+        self._client = AsyncApiClient(Configuration(host=self.line.api_host, access_token=self._token))
+        self._api = AsyncMessagingApi(self._client)
+        self._accept = accept
         log.info("LINE webhook on %s", self.line.webhook_path)
-        try:
-            await stopping.wait()
-            self._handle = None  # new webhooks get 503 from here on
-            # The daemon drains the worker first, so these are only delivering what it produced.
-            if self._tasks:
-                await asyncio.wait(set(self._tasks), timeout=self.line.api_timeout_s)
-        finally:
-            for task in self._tasks:
-                task.cancel()
-            await client.close()
-            self._seen.close()
+        await stopping.wait()
+
+    async def close(self) -> None:
+        self._accept = None  # new webhooks get 503 from here on
+        if self._client is not None:
+            await self._client.close()
 
 
 async def _read_capped(request: web.Request, limit: int) -> bytes | None:

@@ -130,6 +130,8 @@ class QueueConfig(_Section):
     batch_wait_ms: float = Field(5.0, ge=0)
     deadline_s: float = Field(60.0, gt=0)
     drain_timeout_s: float = Field(30.0, ge=0)
+    # Accepted messages being answered at once (the rest wait their turn in the inbox, in order).
+    max_active: int = Field(256, gt=0)
 
 
 class LimitsConfig(_Section):
@@ -172,6 +174,8 @@ class DiscordConfig(_Section):
     allow_users: list[Snowflake] = Field(default_factory=list)
     answer_everyone: bool = False  # treat @everyone / @here as addressed to the bot
     answer_bots: bool = False  # answer other bots (never its own messages)
+    # A message accepted before a crash or restart is answered after it only while younger than this.
+    answer_missed_within_s: float = Field(600.0, ge=0)
 
 
 def _webhook_path(value: str) -> str:

@@ -1,11 +1,16 @@
 """`python -m bot`: one asyncio process, one model.
 
-    config ─► memory (SQLite) ─► model (base + adapter) ─► worker ─► router ◄─ adapters
-                                                                        └─► /healthz, /metrics
+    config ─► memory + inbox (SQLite) ─► platform adapters take messages (into the inbox) at once
+          ─► model (base + LoRA adapter) ─► worker ─► router ─► dispatcher answers the inbox, in order per chat
+                                                                └─► /healthz, /metrics
 
-Shutdown (SIGINT, SIGTERM, or the console's end of input): adapters stop taking messages, the
-worker finishes what is queued and in flight (up to [queue] drain_timeout_s), memory is closed,
-and the process exits 0.
+Platform adapters start before the model loads: what they accept meanwhile waits in the inbox (on
+disk), with whatever the last run left unanswered, and is answered once serving starts.
+
+Shutdown (SIGINT, SIGTERM, or the console's end of input): every message accepted before it is
+answered and delivered, up to [queue] drain_timeout_s (the worker keeps generating meanwhile); what
+is left, and what arrives during the drain, stays in the inbox for the next start and is counted in
+the log. Then the platform adapters disconnect, the files are closed, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from pathlib import Path
 
 from finetune.model_loading import ModelLoadError, load_adapter, load_base_model, read_adapter_manifest
 
+from .dispatcher import Dispatcher
+from .inbox import Inbox, InboxError
 from .memory import ConversationMemory, MemoryStoreError
 from .metrics import BotMetrics
 from .router import Router
@@ -56,8 +63,7 @@ def configured_persona(config) -> str:
 
 
 def build_adapters(config, persona: str, metrics) -> list:
-    """The enabled platform adapters. Each has `name`, `web_routes()` (aiohttp routes to serve, such as
-    LINE's webhook) and `async run(handle, stopping)`, which returns once `stopping` is set."""
+    """The enabled platform adapters (bot/messages.py says what one is)."""
     adapters = []
     if config.console.enabled:
         from adapters.console import ConsoleAdapter
@@ -87,27 +93,38 @@ async def run_daemon(config, stop: asyncio.Event | None = None, backend=None) ->
         memory = ConversationMemory(config.memory.path, keep=4 * config.memory.max_turns)
     except MemoryStoreError as exc:
         raise SystemExit(f"error: {exc}") from None
-    worker: Worker | None = None
-
-    def health():
-        ok = state["phase"] == "serving"
-        details = {"phase": state["phase"], "uptime_s": round(time.monotonic() - started, 1)}
-        if worker is not None:
-            details["queue_depth"] = worker.queue_depth
-        return ok, details
-
-    # Adapters exist before the server starts, so their routes (LINE's webhook) are served from the
-    # start; until the model is loaded they answer 503 and the platform redelivers later.
-    adapters = build_adapters(config, configured_persona(config), metrics)
-    runner = None
-    if config.server.enabled:
-        app = build_app(metrics, health)
-        for adapter in adapters:
-            app.router.add_routes(adapter.web_routes())
-        runner, port = await start_server(app, config.server.host, config.server.port)
-        log.info("health and metrics on http://%s:%d/healthz and /metrics", config.server.host, port)
-        state["port"] = port
     try:
+        inbox = Inbox(Inbox.path_for(config.memory.path))
+    except InboxError as exc:
+        memory.close()
+        raise SystemExit(f"error: {exc}") from None
+    worker: Worker | None = None
+    adapters = []
+    runner = None
+    stopping = stop or asyncio.Event()
+    tasks: list[asyncio.Task] = []
+    try:
+        adapters = build_adapters(config, configured_persona(config), metrics)
+        dispatcher = Dispatcher(inbox, {a.name: a for a in adapters}, metrics, max_active=config.queue.max_active)
+        dispatcher.recover(inbox.recovered)
+
+        def health():
+            ok = state["phase"] == "serving"
+            details = {"phase": state["phase"], "uptime_s": round(time.monotonic() - started, 1),
+                       "inbox_waiting": dispatcher.waiting}
+            if worker is not None:
+                details["queue_depth"] = worker.queue_depth
+            return ok, details
+
+        if config.server.enabled:
+            app = build_app(metrics, health)
+            for adapter in adapters:
+                app.router.add_routes(adapter.web_routes())
+            runner, port = await start_server(app, config.server.host, config.server.port)
+            log.info("health and metrics on http://%s:%d/healthz and /metrics", config.server.host, port)
+            state["port"] = port
+        # Messages are taken from now on, while the model loads too: they wait in the inbox.
+        tasks = [asyncio.create_task(a.run(dispatcher.accept, stopping), name=a.name) for a in adapters]
         if backend is None:
             try:
                 loaded = await asyncio.to_thread(load_model, config)
@@ -138,51 +155,59 @@ async def run_daemon(config, stop: asyncio.Event | None = None, backend=None) ->
         router = Router(config, memory, worker, metrics, backend.persona)
         if not adapters:
             log.warning("no platform adapter is enabled: only /healthz and /metrics are served")
+        dispatcher.start(router)
         state["phase"] = "serving"
         log.info("serving as %s with %s (load took %.1fs)", backend.persona, ", ".join(a.name for a in adapters) or "no adapters",
                  time.monotonic() - started)
-        await _serve_until_stopped(adapters, router, worker, config.queue.drain_timeout_s, state, stop)
+        await _serve_until_stopped(tasks, dispatcher, worker, config.queue.drain_timeout_s, state, stopping)
     finally:
-        memory.close()
+        stopping.set()
+        for adapter in adapters:
+            try:
+                await adapter.close()
+            except Exception as exc:  # noqa: BLE001 - closing the others and the files matters more
+                log.error("closing %s failed: %r", adapter.name, exc)
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
         if runner is not None:
             await runner.cleanup()
+        inbox.close()
+        memory.close()
     if state.get("failed"):
-        log.error("stopped after an adapter failed")
+        log.error("stopped after a platform adapter failed")
         return 1
     log.info("stopped")
     return 0
 
 
-async def _serve_until_stopped(adapters, router, worker, drain_timeout: float, state, stop=None) -> None:
+async def _serve_until_stopped(tasks, dispatcher, worker, drain_timeout: float, state, stopping: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
-    stopping = stop or asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             loop.add_signal_handler(sig, stopping.set)
         except (NotImplementedError, RuntimeError):  # Windows, or not the main thread
             pass
-    tasks = [asyncio.create_task(a.run(router.handle, stopping), name=a.name) for a in adapters]
     stop_wait = asyncio.create_task(stopping.wait())
-    # Run until a signal, or until every adapter has finished (the console at end of input).
+    # Run until a signal, or until every platform adapter has finished (the console at end of input).
     pending = set(tasks) | {stop_wait}
     while pending and not stopping.is_set():
         done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
             if task is not stop_wait and task.exception() is not None:
                 state["failed"] = True
-                log.error("adapter %s failed: %r", task.get_name(), task.exception())
+                log.error("platform adapter %s failed: %r", task.get_name(), task.exception())
         if tasks and all(t.done() for t in tasks):
             break
-    state["phase"] = "draining"
-    stopping.set()
-    log.info("shutting down: finishing in-flight replies (up to %.0fs)", drain_timeout)
-    # Replies being generated reach their adapters before the adapters are stopped.
-    await worker.stop(drain_timeout)
-    for task in tasks:
-        if not task.done():
-            try:
-                await asyncio.wait_for(asyncio.shield(task), timeout=1.0)
-            except (asyncio.TimeoutError, Exception):
-                task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
     stop_wait.cancel()
+    state["phase"] = "draining"
+    if not stopping.is_set():
+        # Every platform adapter ended by itself (the console's input ran out): answer all it gave, unless a
+        # signal comes first.
+        idle, stop_wait = asyncio.create_task(dispatcher.idle()), asyncio.create_task(stopping.wait())
+        await asyncio.wait({idle, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        idle.cancel()
+        stop_wait.cancel()
+    log.info("shutting down: finishing the replies to messages already accepted (up to %.0fs)", drain_timeout)
+    await dispatcher.drain(drain_timeout)
+    stopping.set()
+    await worker.stop(1.0)

@@ -12,6 +12,10 @@ Growth is bounded by pruning: the first append to a chat after opening, and ever
 append to it after that, cut the chat back to its newest `keep` turns. A chat therefore holds
 fewer than 2 * keep turns; the bot passes keep = 4 * [memory] max_turns.
 
+Appends are idempotent when they carry an `event` key (the inbox's id of the message they came
+from, or of the reply to it): a message answered again after a crash is not remembered twice,
+and a reply already generated for it is found again (`reply_for`) instead of being regenerated.
+
 Faults are loud, never silent: a file that is not ours or is damaged (checked at open with
 `PRAGMA quick_check`, cheap on a pruned file) stops the bot at start naming the file and is left
 untouched for the operator to repair or move aside; a file another process keeps locked is waited
@@ -29,7 +33,7 @@ from pathlib import Path
 
 from finetune.records import KINDS, TEXT, ChatRecord
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: turns.event, for idempotent appends
 BUSY_TIMEOUT_S = 5.0  # how long a write waits for another process's lock before it fails
 
 _SCHEMA = """
@@ -39,9 +43,16 @@ CREATE TABLE IF NOT EXISTS turns (
     speaker TEXT NOT NULL,
     text TEXT NOT NULL,
     kind TEXT NOT NULL,
-    time TEXT NOT NULL
+    time TEXT NOT NULL,
+    event TEXT
 );
 CREATE INDEX IF NOT EXISTS turns_by_chat ON turns (chat_key, id);
+CREATE UNIQUE INDEX IF NOT EXISTS turns_by_event ON turns (event) WHERE event IS NOT NULL;
+"""
+# A version 1 file (no event keys) gains the column and its index; its turns keep event NULL.
+_MIGRATE_FROM_1 = """
+ALTER TABLE turns ADD COLUMN event TEXT;
+CREATE UNIQUE INDEX IF NOT EXISTS turns_by_event ON turns (event) WHERE event IS NOT NULL;
 """
 
 
@@ -113,28 +124,50 @@ class ConversationMemory:
             db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
         elif "turns" not in tables:
             raise MemoryStoreError(f"{self.path}: not a bunshin memory database: no turns table")
+        elif version == 1:
+            db.execute("BEGIN IMMEDIATE")
+            try:  # statement by statement: executescript() would commit first; another process may have migrated meanwhile
+                if db.execute("PRAGMA user_version").fetchone()[0] == 1:
+                    for statement in filter(str.strip, _MIGRATE_FROM_1.split(";")):
+                        db.execute(statement)
+                    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
         problems = [row[0] for row in db.execute("PRAGMA quick_check(5)")]
         if problems != ["ok"]:
             raise MemoryStoreError(_damaged(self.path, "; ".join(problems)))
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
 
-    def append(self, chat_key: str, speaker: str, text: str, time: datetime | None = None, kind: str = TEXT) -> None:
-        """Remember one turn, committed at once; `time` None = now (aware, this machine's zone)."""
+    def append(self, chat_key: str, speaker: str, text: str, time: datetime | None = None, kind: str = TEXT,
+               event: str | None = None) -> bool:
+        """Remember one turn, committed at once; `time` None = now (aware, this machine's zone). With an `event`
+        key already remembered, nothing is added and False is returned."""
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; known: {', '.join(KINDS)}")
         stamp = (time or datetime.now().astimezone()).isoformat()
         with self._lock, self._errors("save a turn"):
-            self._db.execute("INSERT INTO turns (chat_key, speaker, text, kind, time) VALUES (?, ?, ?, ?, ?)",
-                             (chat_key, speaker, text, kind, stamp))
-            if self.keep is None:
-                return
+            added = self._db.execute(
+                "INSERT INTO turns (chat_key, speaker, text, kind, time, event) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (event) WHERE event IS NOT NULL DO NOTHING",
+                (chat_key, speaker, text, kind, stamp, event)).rowcount == 1
+            if not added or self.keep is None:
+                return added
             count = self._appends.get(chat_key)
             if count is None or count + 1 >= self.keep:
                 self._prune(chat_key, self.keep)
                 self._appends[chat_key] = 0
             else:
                 self._appends[chat_key] = count + 1
+            return True
+
+    def text_of(self, event: str) -> str | None:
+        """The text remembered under an `event` key, or None."""
+        with self._lock, self._errors("read the conversation"):
+            row = self._db.execute("SELECT text FROM turns WHERE event = ?", (event,)).fetchone()
+        return row[0] if row else None
 
     def recent(self, chat_key: str, limit: int) -> list[ChatRecord]:
         """The last `limit` turns of a chat, oldest first."""

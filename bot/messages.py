@@ -1,9 +1,21 @@
-"""The one message type every platform adapter hands the bot, and what comes back."""
+"""The one message type every platform adapter hands the bot, and what a platform adapter is.
+
+    platform adapter ─► accept([IncomingMessage]) ─► inbox ─► dispatcher ─► router ─► deliver(entry, reply)
+"""
 
 from __future__ import annotations
 
 import time
+import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from .inbox import InboxEntry
 
 
 @dataclass(frozen=True)
@@ -13,8 +25,13 @@ class IncomingMessage:
     user_id: str  # who wrote it, as the platform identifies them
     user_name: str  # the name the persona sees in the conversation
     text: str
-    addressed: bool  # the adapter's verdict: a mention, a DM, a reply to the bot, a LINE 1:1
-    received: float = field(default_factory=time.monotonic)
+    addressed: bool  # the platform adapter's verdict: a mention, a DM, a reply to the bot, a LINE 1:1
+    received: float = field(default_factory=time.monotonic)  # for the reply deadline and latency
+    # The platform's id of the event (LINE webhookEventId, Discord message id): the inbox takes each once.
+    event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    received_at: float = field(default_factory=time.time)  # wall clock, for ages that outlive the process
+    # What the platform adapter needs to answer it later, even after a restart (JSON: a reply token, a message id).
+    delivery: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def chat_key(self) -> str:
@@ -24,3 +41,31 @@ class IncomingMessage:
     @property
     def user_key(self) -> str:
         return f"{self.platform}:{self.user_id}"
+
+
+# Stores messages durably and returns, per message, its inbox entry or None for a duplicate.
+Accept = Callable[[list[IncomingMessage]], Awaitable[list["InboxEntry | None"]]]
+# Records (durably) that a delivery by a method is about to be tried: see Inbox.attempt.
+RecordAttempt = Callable[[str], Awaitable[None]]
+
+
+class PlatformAdapter(Protocol):
+    """A platform (console, Discord, LINE): turns its events into IncomingMessages and delivers replies.
+
+    It never answers by itself: what it accepts is answered by the bot's dispatcher, which calls
+    `deliver` once per accepted message that has a reply, also for messages left unanswered by an
+    earlier run (entry.recovered)."""
+
+    name: str
+
+    def web_routes(self) -> list: ...  # aiohttp routes for the daemon's server (LINE's webhook)
+
+    async def run(self, accept: Accept, stopping: asyncio.Event) -> None: ...  # take messages until `stopping`
+
+    def can_deliver(self, entry: InboxEntry) -> bool: ...  # still answerable (logs why not): else only remembered
+
+    def working(self, entry: InboxEntry) -> AbstractAsyncContextManager: ...  # typing indicator while replying
+
+    async def deliver(self, entry: InboxEntry, reply: str, record_attempt: RecordAttempt) -> str: ...  # outcome
+
+    async def close(self) -> None: ...  # after the last delivery: disconnect

@@ -11,6 +11,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 # What became of an incoming message: the router records these (it sees every message; the worker
 # only those that reach it). The worker records errors by kind, batches, tokens and latency.
 OUTCOMES = ("replied", "busy", "error", "expired", "ignored", "rate_limited", "refused")
+# How the answering of an accepted message ended (the dispatcher records these): the reply was delivered,
+# there was nothing to say, it may have been delivered before a crash (not sent again), it could not be
+# delivered (a stale LINE token without push, too old, the platform gone), or a delivery or a bug failed it.
+DELIVERY_OUTCOMES = ("replied", "quiet", "maybe_delivered", "dropped", "failed")
 # Error kinds known up front (so their series show 0 before the first error); others may be added.
 ERROR_KINDS = ("oom", "generation", "deadline")
 
@@ -37,8 +41,14 @@ class BotMetrics:
         self.generated_tokens = Counter("bunshin_generated_tokens", "Tokens generated in replies", registry=r)
         self.messages = Counter("bunshin_messages", "Incoming messages by outcome", ["outcome"], registry=r)
         self.errors = Counter("bunshin_errors", "Errors by kind", ["kind"], registry=r)
+        self.deliveries = Counter("bunshin_deliveries", "Accepted messages finished, by how", ["outcome"], registry=r)
+        self.recovered = Counter("bunshin_inbox_recovered", "Messages left unanswered by an earlier run, taken up at start",
+                                 registry=r)
+        self.inbox_waiting = Gauge("bunshin_inbox_waiting", "Accepted messages not finished yet", registry=r)
         for outcome in OUTCOMES:
             self.messages.labels(outcome)
+        for outcome in DELIVERY_OUTCOMES:
+            self.deliveries.labels(outcome)
         for kind in ERROR_KINDS:
             self.errors.labels(kind)
 

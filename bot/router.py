@@ -1,10 +1,14 @@
 """Every platform's messages come through here: should the bot answer, and what.
 
-    adapter ─► handle(message) ─► allowlists ─► reset (admins only)? ─► rate limit ─► memory ─► worker ─► reply
+    dispatcher ─► answer(message) ─► allowlists ─► reset (admins only)? ─► memory ─► rate limit ─► worker ─► reply
 
-The adapter has already decided whether the bot was addressed (a mention, a DM, a reply, a LINE
-1:1). Messages that were not addressed are still remembered: in a group the next question is
+The platform adapter has already decided whether the bot was addressed (a mention, a DM, a reply, a
+LINE 1:1). Messages that were not addressed are still remembered: in a group the next question is
 often about what was just said.
+
+A message may be answered a second time after a crash (the inbox keeps it until its reply is
+delivered). Memory is written under the message's inbox key, so it is remembered once, and a reply
+generated before the crash is found there and delivered instead of a new one.
 """
 
 from __future__ import annotations
@@ -77,10 +81,11 @@ class Router:
             return False
         return not self.allow_chats or message.chat_key in self.allow_chats
 
-    async def handle(self, message: IncomingMessage) -> str | None:
-        """The reply to send, or None to stay quiet."""
+    async def answer(self, message: IncomingMessage, key: str | None = None) -> str | None:
+        """The reply to send, or None to stay quiet. `key` (the inbox's, unique per message) makes memory
+        writes idempotent."""
         try:
-            return await self._handle(message)
+            return await self._answer(message, key)
         except MemoryStoreError as exc:
             # Locked or damaged memory: the operator reads which file and why; the user hears that it failed
             # (so they can resend) instead of getting an answer given without the conversation.
@@ -88,7 +93,7 @@ class Router:
             log.error("%s", exc)
             return ERROR_REPLY if message.addressed else None
 
-    async def _handle(self, message: IncomingMessage) -> str | None:
+    async def _answer(self, message: IncomingMessage, key: str | None) -> str | None:
         if not self._allowed(message):
             self.metrics.messages.labels(outcome="ignored").inc()
             return None
@@ -104,10 +109,14 @@ class Router:
             self.memory.reset(message.chat_key)
             log.info("memory reset for %s by %s", message.chat_key, message.user_key)
             return RESET_REPLY
-        self.memory.append(message.chat_key, message.user_name, text)
+        self.memory.append(message.chat_key, message.user_name, text, event=key)
         if not message.addressed:
             self.metrics.messages.labels(outcome="ignored").inc()
             return None
+        reply_key = f"reply:{key}" if key else None
+        if reply_key and (earlier := self.memory.text_of(reply_key)) is not None:
+            self.metrics.messages.labels(outcome="replied").inc()
+            return earlier  # generated before a crash, not delivered: the same words, not new ones
         if not self.limiter.allow(message.user_key):
             self.metrics.messages.labels(outcome="rate_limited").inc()
             return RATE_LIMIT_REPLY
@@ -130,7 +139,7 @@ class Router:
         except WorkerStopped:
             return STOPPING_REPLY
         text_out = reply.text or "…"
-        self.memory.append(message.chat_key, self.persona, text_out)
+        self.memory.append(message.chat_key, self.persona, text_out, event=reply_key)
         self.metrics.messages.labels(outcome="replied").inc()
         if self.config.logging.log_message_text:
             log.debug("%s <- %r", message.chat_key, text_out)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -28,3 +29,36 @@ def run_cli(*args: str, module: str = "finetune", timeout: float = 300) -> subpr
 @pytest.fixture
 def cli():
     return run_cli
+
+
+class ScriptedRouter:
+    """Stands in for bot.router.Router: `reply(message)` decides each answer (None: stay quiet); what it was
+    handed is kept in `seen`."""
+
+    def __init__(self, reply):
+        self.reply = reply
+        self.seen = []
+
+    async def answer(self, message, key=None):
+        self.seen.append(message)
+        result = self.reply(message)
+        return await result if hasattr(result, "__await__") else result
+
+
+@asynccontextmanager
+async def answered_by(adapter, router, inbox_path=":memory:"):
+    """A platform adapter's messages answered the bot's way: a real inbox (SQLite) and the real dispatcher, with
+    `router` (e.g. a ScriptedRouter) deciding the replies. Yields the dispatcher; its `accept` is what the
+    platform adapter's run() takes."""
+    from bot.dispatcher import Dispatcher
+    from bot.inbox import Inbox
+    from bot.metrics import BotMetrics
+
+    inbox = Inbox(inbox_path)
+    dispatcher = Dispatcher(inbox, {adapter.name: adapter}, BotMetrics())
+    dispatcher.start(router)
+    try:
+        yield dispatcher
+    finally:
+        await dispatcher.drain(10)
+        inbox.close()

@@ -62,23 +62,23 @@ def test_admins_must_be_platform_keys():
 
 async def test_non_admin_reset_is_refused_with_a_clear_reply_and_forgets_nothing(tmp_path, caplog):
     router, memory = make_router(tmp_path, admins=["discord:boss"])
-    await router.handle(heard("今日の集合は7時", "u1"))
+    await router.answer(heard("今日の集合は7時", "u1"))
     with caplog.at_level(logging.WARNING, logger="bunshin.router"):
-        assert await router.handle(said("/reset", "u2")) == NOT_ADMIN_REPLY
-        assert await router.handle(said("リセット", "u2")) == NOT_ADMIN_REPLY
+        assert await router.answer(said("/reset", "u2")) == NOT_ADMIN_REPLY
+        assert await router.answer(said("リセット", "u2")) == NOT_ADMIN_REPLY
     assert "reset refused for discord:u2 in discord:c1" in caplog.text
     # Nothing forgotten, and the refused command itself is not remembered as conversation.
     assert [r.text for r in memory.recent("discord:c1", 10)] == ["今日の集合は7時"]
     # The same id on another platform is someone else.
-    assert await router.handle(said("/reset", "boss", platform="line")) == NOT_ADMIN_REPLY
+    assert await router.answer(said("/reset", "boss", platform="line")) == NOT_ADMIN_REPLY
     memory.close()
 
 
 async def test_admin_reset_clears_that_chat_only(tmp_path):
     router, memory = make_router(tmp_path, admins=["discord:boss"])
-    await router.handle(heard("one", "u1"))
-    await router.handle(heard("other chat", "u1", chat="c2"))
-    assert await router.handle(said(" /reset ", "boss")) == RESET_REPLY
+    await router.answer(heard("one", "u1"))
+    await router.answer(heard("other chat", "u1", chat="c2"))
+    assert await router.answer(said(" /reset ", "boss")) == RESET_REPLY
     assert memory.recent("discord:c1", 10) == []
     assert [r.text for r in memory.recent("discord:c2", 10)] == ["other chat"]
     memory.close()
@@ -88,10 +88,10 @@ async def test_admin_reset_clears_that_chat_only(tmp_path):
 
 async def test_with_no_admins_only_the_console_may_reset(tmp_path):
     router, memory = make_router(tmp_path)
-    await router.handle(IncomingMessage("console", "local", "local", "健太", "覚えてて", addressed=False))
-    await router.handle(heard("group talk", "u1"))
-    assert await router.handle(said("/reset", "u1")) == NOT_ADMIN_REPLY
-    assert await router.handle(said("/reset", "local", platform="console", chat="local")) == RESET_REPLY
+    await router.answer(IncomingMessage("console", "local", "local", "健太", "覚えてて", addressed=False))
+    await router.answer(heard("group talk", "u1"))
+    assert await router.answer(said("/reset", "u1")) == NOT_ADMIN_REPLY
+    assert await router.answer(said("/reset", "local", platform="console", chat="local")) == RESET_REPLY
     assert memory.recent("console:local", 10) == [] and len(memory.recent("discord:c1", 10)) == 1
     memory.close()
 
@@ -106,12 +106,12 @@ async def test_discord_non_admin_reset_is_answered_with_the_refusal_and_an_admin
     adapter.client._connection._add_guild_from_data(guild_payload())
     chat = f"discord:{CHANNEL_ID}"
 
-    await deliver(adapter, router.handle, message_payload("明日は雨らしい", author=BOB))
-    await deliver(adapter, router.handle, message_payload(f"<@{BOT_ID}> /reset", author=BOB, mentions=[BOT_USER]))
+    await deliver(adapter, router, message_payload("明日は雨らしい", author=BOB))
+    await deliver(adapter, router, message_payload(f"<@{BOT_ID}> /reset", author=BOB, mentions=[BOT_USER]))
     assert [body["content"] for body in fake_discord.posts("messages")] == [NOT_ADMIN_REPLY]
     assert [r.text for r in memory.recent(chat, 10)] == ["明日は雨らしい"]
 
-    await deliver(adapter, router.handle, message_payload(f"<@{BOT_ID}> /reset", mentions=[BOT_USER]))  # from Alice
+    await deliver(adapter, router, message_payload(f"<@{BOT_ID}> /reset", mentions=[BOT_USER]))  # from Alice
     assert [body["content"] for body in fake_discord.posts("messages")] == [NOT_ADMIN_REPLY, RESET_REPLY]
     assert memory.recent(chat, 10) == []
     await adapter.client.close()

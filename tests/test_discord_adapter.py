@@ -1,7 +1,9 @@
-"""The Discord adapter, driven by discord.py's own objects parsed from gateway payloads as Discord sends
-them, talking to a fake Discord (REST and gateway) on 127.0.0.1 that records what the bot sent.
+"""The Discord platform adapter, driven by discord.py's own objects parsed from gateway payloads as Discord
+sends them, talking to a fake Discord (REST and gateway) on 127.0.0.1 that records what the bot sent.
 
-The router is a stub here: it records the messages it is handed and returns a scripted reply.
+Messages go the bot's real way: into a real inbox (SQLite) and through the real dispatcher, which calls
+the platform adapter's deliver. The router is a stub here: it records the messages it is handed and
+returns a scripted reply.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ import asyncio
 import itertools
 import json
 import logging
+import re
+import time
+import weakref
 
 import discord
 import pytest
@@ -18,6 +23,8 @@ from aiohttp import WSMsgType, web
 
 from adapters.discord import DiscordAdapter, DiscordStartError, split_message
 from bot.config import BotConfig, ConfigError
+from bot.dispatcher import Dispatcher
+from bot.inbox import Inbox
 from bot.metrics import BotMetrics
 
 TOKEN_ENV = "DISCORD_BOT_TOKEN"
@@ -96,6 +103,7 @@ class FakeDiscord:
         # then the connection closed before any answer (the message went out; the client cannot know).
         self.message_outcomes: list[int | str | None] = []
         self.message_posts = asyncio.Condition()  # notified on every POST .../messages, sent or refused
+        self.by_nonce: dict[str, dict] = {}  # enforce_nonce: a nonce seen again returns the message it made
         self.gateway_mode = "refuse_intents"  # or "serve": READY, then `events`
         self.events: list[dict] = []
         self.identify: dict | None = None
@@ -130,11 +138,15 @@ class FakeDiscord:
             if outcome:
                 return json_response({"message": ERRORS.get(outcome, "Missing Permissions"), "code": 0 if outcome >= 500 else 50013},
                                      status=outcome)
+            if body.get("enforce_nonce") and body.get("nonce") in self.by_nonce:
+                return json_response(self.by_nonce[body["nonce"]])  # Discord: the same message, not a new one
             channel_id = path.split("/")[2]
             sent = {"id": str(next(_ids)), "channel_id": channel_id, "author": BOT_USER, "content": body["content"],
                     "timestamp": TIMESTAMP, "edited_timestamp": None, "tts": False, "mention_everyone": False,
                     "mentions": [], "mention_roles": [], "attachments": [], "embeds": [], "components": [],
                     "pinned": False, "type": 19 if body.get("message_reference") else 0, "flags": 0}
+            if body.get("enforce_nonce") and body.get("nonce"):
+                self.by_nonce[body["nonce"]] = sent
             return json_response(sent)
         return json_response({"message": "404: Not Found", "code": 0}, status=404)
 
@@ -163,19 +175,42 @@ class FakeDiscord:
 
 
 class StubRouter:
-    """Stands in for Router.handle: records what it is handed, answers addressed messages with `reply`."""
+    """Stands in for Router.answer: records what it is handed, answers addressed messages with `reply`."""
 
     def __init__(self, reply: str = "こんにちは"):
         self.reply = reply
         self.seen = []
         self.answered = asyncio.Event()
 
-    async def __call__(self, message):
+    async def answer(self, message, key=None):
         self.seen.append(message)
         if message.addressed:
             self.answered.set()
             return self.reply
         return None
+
+
+# One bot (inbox + dispatcher) per platform adapter and router of a test.
+_bots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_inboxes: list[Inbox] = []
+
+
+def bot_for(adapter: DiscordAdapter, router) -> Dispatcher:
+    per_router = _bots.setdefault(adapter, {})
+    if id(router) not in per_router:
+        inbox = Inbox(":memory:")
+        _inboxes.append(inbox)
+        dispatcher = Dispatcher(inbox, {"discord": adapter}, BotMetrics())
+        dispatcher.start(router)
+        per_router[id(router)] = dispatcher
+    return per_router[id(router)]
+
+
+@pytest.fixture(autouse=True)
+def close_inboxes():
+    yield
+    while _inboxes:
+        _inboxes.pop().close()
 
 
 @pytest.fixture
@@ -222,8 +257,11 @@ def parse(adapter: DiscordAdapter, payload: dict) -> discord.Message:
     return discord.Message(state=state, channel=channel, data=payload)
 
 
-async def deliver(adapter: DiscordAdapter, router: StubRouter, payload: dict) -> None:
-    await adapter.on_message(parse(adapter, payload), router)
+async def deliver(adapter: DiscordAdapter, router, payload: dict) -> None:
+    """The message as the gateway hands it over, answered the bot's way (inbox, dispatcher, deliver)."""
+    dispatcher = bot_for(adapter, router)
+    await adapter.on_message(parse(adapter, payload), dispatcher.accept)
+    await dispatcher.idle()
 
 
 # --- when to answer ---------------------------------------------------------------------------
@@ -445,7 +483,7 @@ def test_missing_token_is_a_clear_config_error(monkeypatch):
 async def test_message_content_intent_refused_is_a_clear_error(fake_discord, caplog):
     adapter = DiscordAdapter(make_config(), BotMetrics(), "美咲")
     with caplog.at_level(logging.ERROR, logger="bunshin.discord"), pytest.raises(DiscordStartError) as exc:
-        await asyncio.wait_for(adapter.run(StubRouter(), asyncio.Event()), timeout=20)
+        await asyncio.wait_for(adapter.run(bot_for(adapter, StubRouter()).accept, asyncio.Event()), timeout=20)
     assert fake_discord.identify["intents"] & MESSAGE_CONTENT_INTENT  # the intent was asked for
     assert fake_discord.identify["token"] == "test-token"
     for text in (str(exc.value), caplog.text):
@@ -457,7 +495,7 @@ async def test_run_answers_gateway_messages_and_returns_when_stopping(fake_disco
     fake_discord.gateway_mode = "serve"
     fake_discord.events = [message_payload("元気？", channel_id=DM_ID, guild_id=None)]
     adapter, router, stopping = DiscordAdapter(make_config(), BotMetrics(), "美咲"), StubRouter("元気だよ"), asyncio.Event()
-    task = asyncio.create_task(adapter.run(router, stopping))
+    task = asyncio.create_task(adapter.run(bot_for(adapter, router).accept, stopping))
     await asyncio.wait_for(router.answered.wait(), timeout=20)
     for _ in range(100):  # the reply is sent just after the router answers
         if fake_discord.posts("messages"):
@@ -465,6 +503,7 @@ async def test_run_answers_gateway_messages_and_returns_when_stopping(fake_disco
         await asyncio.sleep(0.05)
     stopping.set()
     await asyncio.wait_for(task, timeout=10)
+    await adapter.close()
     assert [body["content"] for body in fake_discord.posts("messages")] == ["元気だよ"]
     assert router.seen[0].chat_id == str(DM_ID) and adapter.client.is_closed()
 
@@ -475,12 +514,13 @@ async def test_over_the_gateway_a_refused_send_leaves_the_bot_running_for_the_ne
                            message_payload("二つ目", channel_id=DM_ID, guild_id=None)]
     fake_discord.message_outcomes = [403]
     adapter, router, stopping = DiscordAdapter(make_config(), BotMetrics(), "美咲"), StubRouter("はい"), asyncio.Event()
-    task = asyncio.create_task(adapter.run(router, stopping))
+    task = asyncio.create_task(adapter.run(bot_for(adapter, router).accept, stopping))
     with caplog.at_level(logging.ERROR, logger="bunshin.discord"):
         await fake_discord.wait_for_message_posts(2)
     assert not task.done()  # still connected and serving
     stopping.set()
     await asyncio.wait_for(task, timeout=10)
+    await adapter.close()
     assert [m.text for m in router.seen] == ["一つ目", "二つ目"]
     assert len(fake_discord.posts("messages")) == 2  # the refused one was not retried
     assert f"could not send a reply in channel {DM_ID}" in caplog.text and "Forbidden" in caplog.text
@@ -509,3 +549,56 @@ def test_split_closes_and_reopens_a_code_block_too_long_for_one_message():
 def test_split_short_and_unbroken_text():
     assert split_message("short") == ["short"]
     assert [len(p) for p in split_message("あ" * 4500)] == [2000, 2000, 500]
+
+
+# --- after a restart -----------------------------------------------------------------------------
+
+
+async def test_messages_accepted_before_a_restart_are_answered_as_replies_to_them_once(fake_discord, tmp_path, caplog):
+    """An earlier run accepted three DMs and died: one not answered yet, one too old to answer now, one whose
+    reply it was sending (Discord had taken it). The restart answers the first as a reply to its message id,
+    only remembers the second, and sends the third again with the same nonce: Discord returns the message it
+    already made instead of a second copy."""
+    from dataclasses import replace
+
+    from bot.messages import IncomingMessage
+
+    def dm(message_id: int, text: str) -> IncomingMessage:
+        return IncomingMessage("discord", str(DM_ID), str(ALICE_ID), "Alice", text, True, event_id=str(message_id),
+                               delivery={"channel_id": str(DM_ID), "message_id": str(message_id), "guild_id": None})
+
+    fresh, stale, half_sent = dm(1500000000000009001, "まだいる？"), dm(1500000000000009002, "昨日の話"), dm(
+        1500000000000009003, "返事まだ？")
+    stale = replace(stale, received_at=time.time() - 3600)
+    path = tmp_path / "inbox.sqlite3"
+    earlier = Inbox(path)
+    entries = await earlier.accept([fresh, stale, half_sent])
+    await earlier.attempt(entries[2], "send", "前の返事")
+    earlier.close()
+    made_before = {"id": "1500000000000009999", "channel_id": str(DM_ID), "author": BOT_USER, "content": "前の返事",
+                   "timestamp": TIMESTAMP, "edited_timestamp": None, "tts": False, "mention_everyone": False,
+                   "mentions": [], "mention_roles": [], "attachments": [], "embeds": [], "components": [],
+                   "pinned": False, "type": 19, "flags": 0}
+    fake_discord.by_nonce[f"{half_sent.event_id}.0"] = made_before  # the earlier run's send reached Discord
+
+    fake_discord.gateway_mode = "serve"
+    adapter, router, stopping = DiscordAdapter(make_config(), BotMetrics(), "美咲"), StubRouter("おかえり"), asyncio.Event()
+    inbox = Inbox(path)
+    dispatcher = Dispatcher(inbox, {"discord": adapter}, BotMetrics())
+    dispatcher.recover(inbox.recovered)
+    task = asyncio.create_task(adapter.run(dispatcher.accept, stopping))
+    with caplog.at_level(logging.INFO):
+        dispatcher.start(router)
+        await asyncio.wait_for(dispatcher.idle(), 30)
+    stopping.set()
+    await task
+    await adapter.close()
+    assert await inbox.counts() == {"replied": 2, "dropped": 1}
+    inbox.close()
+
+    posts = fake_discord.posts("messages")
+    assert [(p["content"], p["message_reference"]["message_id"], p["nonce"]) for p in posts] == [
+        ("おかえり", int(fresh.event_id), f"{fresh.event_id}.0"),
+        ("前の返事", int(half_sent.event_id), f"{half_sent.event_id}.0")]  # the stored reply, not a new one
+    assert [(m.text, m.addressed) for m in router.seen] == [("まだいる？", True), ("昨日の話", False)]
+    assert re.search(r"message 1500000000000009002 in channel \d+ not answered: 36\d\ds old", caplog.text)

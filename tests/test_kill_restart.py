@@ -53,7 +53,7 @@ def tiny(tmp_path_factory) -> Path:
 # --- the daemon ---------------------------------------------------------------------------------------------
 
 
-def test_daemon_killed_mid_reply_keeps_its_memory_and_answers_after_a_restart(tmp_path, tiny):
+def test_daemon_killed_mid_reply_keeps_its_memory_and_answers_it_once_after_a_restart(tmp_path, tiny):
     memory_file = tmp_path / "memory.sqlite3"
     quick = write_config(tmp_path, tiny)
     assert converse(quick, ["一回目のメッセージ"]).returncode == 0
@@ -89,13 +89,16 @@ def test_daemon_killed_mid_reply_keeps_its_memory_and_answers_after_a_restart(tm
     assert [t for _, t in turns[:1]] == ["一回目のメッセージ"] and turns[1][0] == PERSONA
     assert turns[2:] == [("健太", "二回目のメッセージ")]  # the question kept, no half-written answer
 
+    # The restart answers the message the kill interrupted (it waited in the inbox), once, then the new one.
     done = converse(quick, ["三回目のメッセージ"])
     assert done.returncode == 0, done.stderr
-    assert len(replies(done.stdout)) == 1
+    assert len(replies(done.stdout)) == 2
+    assert "1 message(s) left unanswered by the last run" in done.stderr
     with ConversationMemory(memory_file) as memory:
-        texts = [r.text for r in memory.recent("console:local", 10)]
-    assert texts[0] == "一回目のメッセージ" and texts[2:4] == ["二回目のメッセージ", "三回目のメッセージ"]
-    assert len(texts) == 5
+        turns = [(r.speaker, r.text) for r in memory.recent("console:local", 10)]
+    assert [t for _, t in turns].count("二回目のメッセージ") == 1
+    assert [s for s, _ in turns] == ["健太", PERSONA, "健太", PERSONA, "健太", PERSONA]
+    assert turns[2][1] == "二回目のメッセージ" and turns[4][1] == "三回目のメッセージ"
 
 
 def test_restart_onto_a_damaged_memory_file_stops_naming_it_and_leaves_it_alone(tmp_path, tiny):

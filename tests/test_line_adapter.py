@@ -21,9 +21,10 @@ from fake_line_api import text_event as line_text_event
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.line import MAX_BODY_BYTES, split_reply, utf16_units
+from adapters.line import MAX_BODY_BYTES, split_reply, strip_self_mention, utf16_units
 from bot.config import BotConfig
 from bot.daemon import run_daemon
+from bot.router import RATE_LIMIT_REPLY
 from finetune.tiny_model import build_tiny_model
 
 PERSONA = "美咲"
@@ -34,6 +35,7 @@ TOKEN_ENV = "BUNSHIN_TEST_LINE_TOKEN"
 USER = "U4af4980629" + "0" * 22
 OTHER_USER = "U1234567890" + "a" * 22
 GROUP = "C4af4980629" + "1" * 22
+OTHER_GROUP = "C4af4980629" + "2" * 22
 
 
 # --- the far side: the fake LINE API on loopback (tests/fake_line_api.py) ----------------------
@@ -104,8 +106,9 @@ def logged(caplog, pattern: str, since: int = 0):
 
 
 @asynccontextmanager
-async def running_bot(folder: Path, tiny: Path, fake, caplog, **line):
+async def running_bot(folder: Path, tiny: Path, fake, caplog, limits=None, **line):
     config = BotConfig.from_dict({
+        "limits": limits or {},
         "model": {"base": str(tiny), "device": "cpu"},
         "persona": {"name": PERSONA},
         "generation": {"max_new_tokens": 8, "temperature": 0.0},
@@ -180,8 +183,10 @@ async def test_in_a_group_only_a_mention_of_the_bot_is_answered(tmp_path, tiny, 
         await wait_for(lambda: replies_to(fake_line, the_bot["replyToken"]), what="the reply to the mention")
         assert len(fake_line.to(REPLY)) == 1
         assert fake_line.to(LOADING) == []  # the animation exists for 1:1 chats only
-        # The unanswered messages are still remembered: the next question is often about them.
-        assert remembered(tmp_path, f"line:{GROUP}")[:4] == [e["message"]["text"] for e in (plain, by_name, someone_else, the_bot)]
+        # The unanswered messages are still remembered: the next question is often about them. The bot's own
+        # @mention is not part of what was said (as on Discord); someone else's stays.
+        assert remembered(tmp_path, f"line:{GROUP}")[:4] == ["今日の夕飯なに？", f"{PERSONA}はどう思う？", "@健太 どう？",
+                                                             "どう？"]
 
 
 async def test_call_by_name_answers_the_persona_name_in_a_group(tmp_path, tiny, fake_line, caplog):
@@ -211,7 +216,7 @@ async def test_a_redelivered_event_is_answered_once_even_across_a_restart(tmp_pa
     assert len(replies_to(fake_line, event["replyToken"])) == 1
     assert remembered(tmp_path, f"line:{USER}").count("届いてる？") == 1
     assert "delivered again" in caplog.text
-    assert (tmp_path / "memory.line-events.sqlite3").is_file()
+    assert (tmp_path / "memory.inbox.sqlite3").is_file()
 
 
 async def test_forged_or_missing_signatures_are_refused_and_nothing_is_processed(tmp_path, tiny, fake_line, caplog):
@@ -317,6 +322,57 @@ async def test_a_hanging_line_api_times_out_and_the_bot_goes_on(tmp_path, tiny, 
         await wait_for(lambda: logged(caplog, r"reply \(try 2/4\) for .* failed: .*Timeout"), timeout=10,
                        what="the timeout, then a retry")
         assert await healthy(bot)
+
+
+async def test_group_senders_without_a_user_id_are_rate_limited_per_group(tmp_path, tiny, fake_line, caplog):
+    """LINE leaves userId out for a member who has not agreed to share a profile. Such senders share one bucket
+    per group: two messages at once in one group hit the limit, a message in another group does not."""
+
+    def anonymous(text: str, group: str) -> dict:
+        event = text_event(text, group=group, mention_self=True)
+        del event["source"]["userId"]
+        return event
+
+    first, second, elsewhere = anonymous("@美咲 一つ目", GROUP), anonymous("@美咲 二つ目", GROUP), anonymous("@美咲 こっちも", OTHER_GROUP)
+    async with running_bot(tmp_path, tiny, fake_line, caplog, limits={"burst": 1, "messages_per_minute": 1.0}) as bot:
+        assert (await bot.post(webhook(first, second))).status == 200
+        assert (await bot.post(webhook(elsewhere))).status == 200
+        await wait_for(lambda: all(replies_to(fake_line, e["replyToken"]) for e in (first, second, elsewhere)),
+                       what="three answers")
+    text = {e["message"]["text"]: replies_to(fake_line, e["replyToken"])[0]["json"]["messages"][0]["text"]
+            for e in (first, second, elsewhere)}
+    assert text["@美咲 二つ目"] == RATE_LIMIT_REPLY
+    assert text["@美咲 一つ目"] != RATE_LIMIT_REPLY and text["@美咲 こっちも"] != RATE_LIMIT_REPLY
+    said = remembered(tmp_path, f"line:{GROUP}")
+    assert "一つ目" in said and "二つ目" in said and not any("@美咲" in t for t in said)  # its own mention left out
+
+
+class Mentionee:
+    def __init__(self, index: int, length: int, is_self: bool = True):
+        self.index, self.length, self.is_self = index, length, is_self
+
+
+class Mention:
+    def __init__(self, *mentionees: Mentionee):
+        self.mentionees = list(mentionees)
+
+
+def test_the_bots_own_mention_is_cut_by_index_and_length_in_utf16_units():
+    assert strip_self_mention("@美咲 どう？", Mention(Mentionee(0, 3))) == "どう？"
+    assert strip_self_mention("ねえ @美咲 どう？", Mention(Mentionee(3, 3))) == "ねえ どう？"
+    # An emoji before the mention is two UTF-16 units: LINE's index counts both.
+    assert strip_self_mention("😀 @美咲 元気？", Mention(Mentionee(3, 3))) == "😀 元気？"
+    assert strip_self_mention("😀😀@美咲　元気？", Mention(Mentionee(4, 3))) == "😀😀元気？"  # an ideographic space too
+    # Someone else's mention stays; with two mentions of the bot, both go.
+    assert strip_self_mention("@健太 @美咲 来る？", Mention(Mentionee(0, 3, is_self=False), Mentionee(4, 3))) == "@健太 来る？"
+    assert strip_self_mention("@美咲 と @美咲", Mention(Mentionee(0, 3), Mentionee(6, 3))) == "と"
+
+
+def test_a_mention_span_that_does_not_fit_is_tried_as_code_points_then_left_alone():
+    assert strip_self_mention("😀 @美咲 元気？", Mention(Mentionee(2, 3))) == "😀 元気？"  # code points
+    assert strip_self_mention("おはよう", Mention(Mentionee(1, 3))) == "おはよう"  # no "@" there either way
+    assert strip_self_mention("@美咲", Mention(Mentionee(0, 30))) == "@美咲"  # past the end
+    assert strip_self_mention("@美咲 hi", Mention()) == "@美咲 hi"
 
 
 def test_line_config_defaults():

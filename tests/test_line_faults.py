@@ -18,6 +18,7 @@ from email.utils import formatdate
 import aiohttp
 import pytest
 from aiohttp import web
+from conftest import ScriptedRouter, answered_by
 from fake_line_api import PUSH, REPLY, Fault, serving_fake_line, sign, text_event, webhook_bytes
 
 from adapters.line import LineAdapter, RetryPolicy, retry_after_seconds
@@ -67,9 +68,7 @@ async def serving_adapter(tmp_path, caplog, fake, reply: str = "返事だよ", *
                  "api_host": fake.url, "api_timeout_s": 0.3, **line},
     }, source="test")
     adapter = LineAdapter(config, BotMetrics(), "美咲")
-
-    async def router(message):
-        return reply if message.addressed else None
+    router = ScriptedRouter(lambda message: reply if message.addressed else None)
 
     app = web.Application()
     app.router.add_routes(adapter.web_routes())
@@ -78,14 +77,16 @@ async def serving_adapter(tmp_path, caplog, fake, reply: str = "返事だよ", *
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     stopping = asyncio.Event()
-    running = asyncio.create_task(adapter.run(router, stopping))
-    try:
-        async with aiohttp.ClientSession() as session:
-            yield Line(f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/callback", session, caplog)
-    finally:
-        stopping.set()
-        await running
-        await runner.cleanup()
+    async with answered_by(adapter, router) as dispatcher:
+        running = asyncio.create_task(adapter.run(dispatcher.accept, stopping))
+        try:
+            async with aiohttp.ClientSession() as session:
+                yield Line(f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/callback", session, caplog)
+        finally:
+            stopping.set()
+            await running
+    await adapter.close()
+    await runner.cleanup()
 
 
 def stale(**kw) -> dict:

@@ -15,6 +15,7 @@ import urllib.request
 
 import pytest
 from aiohttp import web
+from conftest import ScriptedRouter, answered_by
 from fake_line_api import serving_fake_line, sign, text_event, webhook_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -152,14 +153,13 @@ def webhook_url(tmp_path_factory):
             site = web.TCPSite(runner, "127.0.0.1", 0)
             await site.start()
 
-            async def router(message):
-                return "はい"
-
-            running = asyncio.create_task(adapter.run(router, stop))
-            found["url"] = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/callback"
-            found["fake"] = fake
-            ready.set()
-            await running
+            async with answered_by(adapter, ScriptedRouter(lambda message: "はい")) as dispatcher:
+                running = asyncio.create_task(adapter.run(dispatcher.accept, stop))
+                found["url"] = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/callback"
+                found["fake"] = fake
+                ready.set()
+                await running
+            await adapter.close()
             await runner.cleanup()
 
     loop = asyncio.new_event_loop()

@@ -132,6 +132,39 @@ def test_newer_schema_is_a_clear_error(db_path):
         ConversationMemory(db_path)
 
 
+def test_a_turn_with_an_event_key_is_remembered_once(db_path):
+    """A message answered again after a crash carries the same inbox key: memory keeps one copy."""
+    with ConversationMemory(db_path) as memory:
+        assert memory.append("line:U1", "健太", "届いてる？", event="line:E1") is True
+        assert memory.append("line:U1", "健太", "届いてる？", event="line:E1") is False
+        assert memory.append("line:U1", "美咲", "うん！", event="reply:line:E1") is True
+        assert memory.append("line:U1", "健太", "keyless turns are never deduplicated") is True
+        assert memory.append("line:U1", "健太", "keyless turns are never deduplicated") is True
+        assert [r.text for r in memory.recent("line:U1", 10)].count("届いてる？") == 1
+        assert memory.text_of("reply:line:E1") == "うん！"
+        assert memory.text_of("reply:line:E2") is None
+
+
+def test_a_version_1_file_is_migrated_and_keeps_its_turns(db_path):
+    db_path.parent.mkdir(parents=True)
+    db = sqlite3.connect(db_path)
+    db.executescript("""
+        CREATE TABLE turns (id INTEGER PRIMARY KEY, chat_key TEXT NOT NULL, speaker TEXT NOT NULL, text TEXT NOT NULL,
+                            kind TEXT NOT NULL, time TEXT NOT NULL);
+        CREATE INDEX turns_by_chat ON turns (chat_key, id);
+        INSERT INTO turns (chat_key, speaker, text, kind, time) VALUES ('discord:1', '健太', 'まえの話', 'text',
+                                                                        '2024-05-01T12:00:00+09:00');
+        PRAGMA user_version = 1;
+    """)
+    db.close()
+    with ConversationMemory(db_path) as memory:
+        assert [r.text for r in memory.recent("discord:1", 10)] == ["まえの話"]
+        assert memory.append("discord:1", "美咲", "覚えてるよ", event="reply:discord:9") is True
+        assert memory.append("discord:1", "美咲", "覚えてるよ", event="reply:discord:9") is False
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
 def test_wal_mode(db_path):
     with ConversationMemory(db_path):
         db = sqlite3.connect(db_path)
@@ -269,7 +302,7 @@ async def test_the_router_answers_an_apology_when_memory_is_locked(db_path, lock
     memory = ConversationMemory(db_path, busy_timeout_s=0.2)
     router = Router(BotConfig.from_dict({"persona": {"name": "美咲"}}), memory, NoWorker(), BotMetrics(), "美咲")
     with caplog.at_level(logging.ERROR, logger="bunshin.router"):
-        reply = await router.handle(IncomingMessage("discord", "1", "u", "健太", "覚えてる？", addressed=True))
+        reply = await router.answer(IncomingMessage("discord", "1", "u", "健太", "覚えてる？", addressed=True))
     assert reply == ERROR_REPLY
     assert f"{db_path}: cannot save a turn: the memory file stayed locked" in caplog.text
     lock_holder()

@@ -58,11 +58,11 @@ async def test_a_full_queue_answers_busy_at_once_and_queued_messages_still_get_r
     gate = Gate(backend)
     router, worker, memory, metrics = make_router(tmp_path, gate, queue={"max_size": 1, "max_batch": 1})
     await worker.start()
-    first = asyncio.create_task(router.handle(msg("一つ目", user="a", chat="a")))
+    first = asyncio.create_task(router.answer(msg("一つ目", user="a", chat="a")))
     await asyncio.to_thread(gate.started.wait, 5)  # the first is in flight
-    second = asyncio.create_task(router.handle(msg("二つ目", user="b", chat="b")))  # waits in the queue
+    second = asyncio.create_task(router.answer(msg("二つ目", user="b", chat="b")))  # waits in the queue
     await asyncio.sleep(0.05)
-    assert await router.handle(msg("三つ目", user="c", chat="c")) == BUSY_REPLY  # no room: answered at once
+    assert await router.answer(msg("三つ目", user="c", chat="c")) == BUSY_REPLY  # no room: answered at once
     gate.release.set()
     assert await first not in (BUSY_REPLY, ERROR_REPLY, None)
     assert await second not in (BUSY_REPLY, ERROR_REPLY, None)
@@ -76,8 +76,8 @@ async def test_a_failed_generation_apologises_and_the_next_message_is_answered(t
     gate.release.set()
     router, worker, memory, _ = make_router(tmp_path, gate)
     await worker.start()
-    assert await router.handle(msg("FAIL please")) == ERROR_REPLY
-    reply = await router.handle(msg("ふつうのメッセージ", chat="c2"))
+    assert await router.answer(msg("FAIL please")) == ERROR_REPLY
+    reply = await router.answer(msg("ふつうのメッセージ", chat="c2"))
     assert reply not in (ERROR_REPLY, BUSY_REPLY, None)
     await worker.stop(5)
     memory.close()
@@ -90,19 +90,19 @@ async def test_memory_limits_reset_and_allowlists(tmp_path, backend):
     )
     await worker.start()
     # Not addressed: remembered as context, no reply.
-    assert await router.handle(msg("みんな聞いて", addressed=False, user="x")) is None
-    reply = await router.handle(msg("どう思う？"))
+    assert await router.answer(msg("みんな聞いて", addressed=False, user="x")) is None
+    reply = await router.answer(msg("どう思う？"))
     assert [r.speaker for r in memory.recent("discord:c1", 10)] == ["name-x", "name-u1", PERSONA]
     assert memory.recent("discord:c1", 10)[-1].text == reply
     # Rate limit per user: a burst of 2, then told to slow down; another user is unaffected.
-    assert await router.handle(msg("もう一回")) not in (RATE_LIMIT_REPLY, None)
-    assert await router.handle(msg("さらに")) == RATE_LIMIT_REPLY
-    assert await router.handle(msg("わたしも", user="u2")) not in (RATE_LIMIT_REPLY, None)
+    assert await router.answer(msg("もう一回")) not in (RATE_LIMIT_REPLY, None)
+    assert await router.answer(msg("さらに")) == RATE_LIMIT_REPLY
+    assert await router.answer(msg("わたしも", user="u2")) not in (RATE_LIMIT_REPLY, None)
     # Allowlisted chats only.
-    assert await router.handle(msg("こんにちは", chat="elsewhere")) is None
+    assert await router.answer(msg("こんにちは", chat="elsewhere")) is None
     assert memory.recent("discord:elsewhere", 10) == []
     # Reset forgets this chat only.
-    assert await router.handle(msg("/reset", user="u3")) == RESET_REPLY
+    assert await router.answer(msg("/reset", user="u3")) == RESET_REPLY
     assert memory.recent("discord:c1", 10) == []
     await worker.stop(5)
     memory.close()

@@ -1,0 +1,288 @@
+"""The inbox: every message the bot accepted, on disk before it is acknowledged, until it is answered.
+
+    platform adapter ─► accept() ─► inbox.sqlite3 (fsync'd) ─► acknowledged (LINE's webhook: 200)
+                                          │
+    dispatcher ◄── left unfinished by the last run, then each new one
+        └─► router ─► reply ─► attempt(method) ─► the platform adapter delivers ─► finish(outcome)
+
+What it guarantees:
+- A message accepted is answered even if the process dies right after (SIGKILL, an OOM kill, a power
+  cut): the next start finds it unfinished and answers it once the model is ready.
+- A message is taken once: (platform, event id) is unique, so a redelivered LINE event, or a Discord
+  message seen twice, is refused as a duplicate, also across restarts.
+- Delivery is never doubled by a restart: before a platform adapter sends a reply it records the
+  attempt and its method (reply token, push, send), so after a crash it can tell "maybe sent" from
+  "never tried" and act accordingly (adapters/line.py: a spent reply token is not followed by a push).
+
+Every write is committed with synchronous=FULL (an fsync of the write-ahead log), so an acknowledged
+message survives a power cut, not only a crash of the process. Writes go to one thread that commits
+whatever is waiting in one transaction (group commit): one fsync for many events under load, and the
+event loop never waits on the disk.
+
+Answered entries keep only their ids (text, reply and delivery data are cleared), long enough to
+recognise a redelivery, then they are pruned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .messages import IncomingMessage
+
+log = logging.getLogger("bunshin.inbox")
+
+SCHEMA_VERSION = 1
+DONE_KEEP_S = 2 * 24 * 3600  # answered entries kept this long to recognise redeliveries
+DONE_KEEP_MAX = 200_000  # ... and at most this many
+MAX_BATCH = 1024  # operations per group commit
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    id INTEGER PRIMARY KEY,
+    platform TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    chat_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    user_name TEXT NOT NULL,
+    text TEXT NOT NULL,
+    addressed INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    delivery TEXT NOT NULL,
+    reply TEXT,
+    attempts TEXT NOT NULL DEFAULT '[]',
+    recoveries INTEGER NOT NULL DEFAULT 0,
+    outcome TEXT,
+    finished_at REAL,
+    UNIQUE (platform, event_id)
+);
+CREATE INDEX IF NOT EXISTS entries_unfinished ON entries (id) WHERE finished_at IS NULL;
+CREATE INDEX IF NOT EXISTS entries_finished ON entries (finished_at) WHERE finished_at IS NOT NULL;
+"""
+
+
+class InboxError(Exception):
+    """The inbox file cannot be used or written; str() names the file and why."""
+
+
+@dataclass
+class InboxEntry:
+    """One accepted message and how far answering it got."""
+
+    id: int
+    message: IncomingMessage
+    reply: str | None = None  # the reply decided before a delivery was attempted
+    attempts: list[tuple[str, float]] = field(default_factory=list)  # (method, wall time) before each first try
+    recovered: bool = False  # left unfinished by an earlier run
+    recoveries: int = 0  # how many starts found it unfinished
+
+    @property
+    def key(self) -> str:
+        """Unique per message across platforms: memory keys its turns with it."""
+        return f"{self.message.platform}:{self.message.event_id}"
+
+    def attempted(self, method: str) -> float | None:
+        """When a delivery by `method` was first attempted, or None."""
+        return next((at for m, at in self.attempts if m == method), None)
+
+
+_CLOSE = object()
+
+
+class Inbox:
+    def __init__(self, path: str | Path, done_keep_s: float = DONE_KEEP_S, done_keep_max: int = DONE_KEEP_MAX):
+        self.path = str(path)
+        self.done_keep_s = done_keep_s
+        self.done_keep_max = done_keep_max
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
+            self._open()
+            self.recovered = self._recover()
+        except sqlite3.DatabaseError as exc:
+            raise InboxError(f"{self.path}: cannot open the inbox: {exc} (move it aside to start with an empty "
+                             "inbox; messages it held would not be answered)") from None
+        self._ops: queue.SimpleQueue = queue.SimpleQueue()
+        self._finished_since_prune = 0
+        self._closed = False
+        self._writer = threading.Thread(target=self._write_forever, name="bunshin-inbox", daemon=True)
+        self._writer.start()
+
+    @staticmethod
+    def path_for(memory_path: str) -> str:
+        """Next to the memory file; in memory when memory is."""
+        if memory_path == ":memory:":
+            return ":memory:"
+        return str(Path(memory_path).with_suffix(".inbox.sqlite3"))
+
+    def _open(self) -> None:
+        db = self._db
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise InboxError(f"{self.path}: inbox schema version {version} is newer than this bunshin reads "
+                             f"({SCHEMA_VERSION}); upgrade bunshin")
+        db.execute("PRAGMA journal_mode = WAL")
+        # FULL: each commit fsyncs the write-ahead log, so an acknowledged event survives a power cut.
+        db.execute("PRAGMA synchronous = FULL")
+        db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+
+    def _recover(self) -> list[InboxEntry]:
+        """What earlier runs left unfinished, oldest first; each counts one more recovery (committed)."""
+        db = self._db
+        db.execute("UPDATE entries SET recoveries = recoveries + 1 WHERE finished_at IS NULL")
+        rows = db.execute(
+            "SELECT id, platform, event_id, chat_id, user_id, user_name, text, addressed, received_at, delivery, reply, "
+            "attempts, recoveries FROM entries WHERE finished_at IS NULL ORDER BY id").fetchall()
+        now = time.monotonic()
+        entries = []
+        for (id_, platform, event_id, chat_id, user_id, user_name, text, addressed, received_at, delivery, reply,
+             attempts, recoveries) in rows:
+            message = IncomingMessage(platform, chat_id, user_id, user_name, text, bool(addressed),
+                                      received=now, event_id=event_id, received_at=received_at,
+                                      delivery=json.loads(delivery))
+            entries.append(InboxEntry(id_, message, reply, [tuple(a) for a in json.loads(attempts)], recovered=True,
+                                      recoveries=recoveries))
+        return entries
+
+    # --- writes: queued to the writer thread, awaited until committed -------------------------
+
+    async def accept(self, messages: list[IncomingMessage]) -> list[InboxEntry | None]:
+        """Store messages, committed (fsync'd) before this returns; None for one already taken (a duplicate)."""
+        if not messages:
+            return []
+        return await self._submit("accept", messages)
+
+    async def attempt(self, entry: InboxEntry, method: str, reply: str) -> None:
+        """Record, committed, that a delivery of `reply` by `method` is about to be tried (once per method)."""
+        if entry.attempted(method) is not None:
+            return
+        entry.reply = reply
+        entry.attempts.append((method, time.time()))
+        await self._submit("attempt", (entry.id, reply, json.dumps(entry.attempts)))
+
+    async def finish(self, entry: InboxEntry, outcome: str) -> None:
+        """Mark an entry answered (or given up, as `outcome` says); its text and reply are cleared."""
+        await self._submit("finish", (entry.id, outcome))
+
+    async def _submit(self, kind: str, args):
+        if self._closed:
+            raise InboxError(f"{self.path}: the inbox is closed")
+        future = asyncio.get_running_loop().create_future()
+        self._ops.put((kind, args, future))
+        return await future
+
+    # --- the writer thread ----------------------------------------------------------------------
+
+    def _write_forever(self) -> None:
+        while True:
+            op = self._ops.get()
+            if op is _CLOSE:
+                return
+            batch = [op]
+            closing = False
+            while len(batch) < MAX_BATCH:
+                try:
+                    op = self._ops.get_nowait()
+                except queue.Empty:
+                    break
+                if op is _CLOSE:
+                    closing = True
+                    break
+                batch.append(op)
+            results = self._commit(batch)
+            by_loop: dict = {}
+            for (_, _, future), result in zip(batch, results, strict=True):
+                by_loop.setdefault(future.get_loop(), []).append((future, result))
+            for loop, settled in by_loop.items():
+                try:
+                    loop.call_soon_threadsafe(_settle, settled)
+                except RuntimeError:  # that loop has closed: nobody waits for these
+                    pass
+            if closing:
+                return
+
+    def _commit(self, batch: list) -> list:
+        """Runs a batch in one transaction; each op's result, or one InboxError for all if the commit failed."""
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                results = [getattr(self, "_do_" + kind)(args) for kind, args, _ in batch]
+                self._maybe_prune()
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            log.error("%s: cannot write the inbox: %s", self.path, exc)
+            error = InboxError(f"{self.path}: cannot write the inbox: {exc}")
+            return [error] * len(batch)
+        return results
+
+    def _do_accept(self, messages: list[IncomingMessage]) -> list[InboxEntry | None]:
+        entries = []
+        for m in messages:
+            cursor = self._db.execute(
+                "INSERT INTO entries (platform, event_id, chat_id, user_id, user_name, text, addressed, received_at, "
+                "delivery) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (platform, event_id) DO NOTHING",
+                (m.platform, m.event_id, m.chat_id, m.user_id, m.user_name, m.text, int(m.addressed), m.received_at,
+                 json.dumps(m.delivery, ensure_ascii=False)))
+            entries.append(InboxEntry(cursor.lastrowid, m) if cursor.rowcount == 1 else None)
+        return entries
+
+    def _do_attempt(self, args) -> None:
+        entry_id, reply, attempts = args
+        self._db.execute("UPDATE entries SET reply = ?, attempts = ? WHERE id = ?", (reply, attempts, entry_id))
+
+    def _do_finish(self, args) -> None:
+        entry_id, outcome = args
+        # The conversation lives in memory; the inbox keeps only what recognises a redelivery.
+        self._db.execute("UPDATE entries SET finished_at = ?, outcome = ?, text = '', reply = NULL, delivery = '{}', "
+                         "user_name = '' WHERE id = ?", (time.time(), outcome, entry_id))
+        self._finished_since_prune += 1
+
+    def _maybe_prune(self) -> None:
+        if self._finished_since_prune < 1000:
+            return
+        self._finished_since_prune = 0
+        self._db.execute("DELETE FROM entries WHERE finished_at < ?", (time.time() - self.done_keep_s,))
+        self._db.execute(
+            "DELETE FROM entries WHERE finished_at IS NOT NULL AND finished_at <= (SELECT finished_at FROM entries "
+            "WHERE finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT 1 OFFSET ?)", (self.done_keep_max,))
+
+    # --- counting and closing ------------------------------------------------------------------
+
+    async def counts(self) -> dict[str, int]:
+        """Entries by outcome ("unfinished" for those not answered yet): for tests and the operator."""
+        return await self._submit("counts", None)
+
+    def _do_counts(self, _) -> dict[str, int]:
+        return dict(self._db.execute("SELECT COALESCE(outcome, 'unfinished'), COUNT(*) FROM entries GROUP BY 1"))
+
+    def close(self) -> None:
+        """Commits what is queued, then closes. Later writes raise InboxError."""
+        if self._closed:
+            return
+        self._closed = True
+        self._ops.put(_CLOSE)
+        self._writer.join(timeout=30)
+        self._db.close()
+
+
+def _settle(settled: list) -> None:
+    for future, result in settled:
+        if future.done():
+            continue  # the caller gave up waiting (cancelled); what it asked for is committed all the same
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
