@@ -59,11 +59,16 @@ class PlannedEvent:
         return body, sign(body, secret)
 
 
+# The namespace adapters/line.py derives its X-Line-Retry-Keys in (PUSH_KEYS), from the inbox entry's key.
+PUSH_KEYS = uuid.UUID("6f1c1d0e-8a4b-4f1e-9a53-6b756e736869")
+
+
 def push_retry_key(event_id: str) -> str:
     """The X-Line-Retry-Key that marks a push as the answer to webhook event `event_id`: a UUID (as LINE
     requires) derived from the event, so every try, in this process or after a restart, carries the same
-    one. A daemon that pushes with this key has each pushed answer counted as its event's."""
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"line-webhook-event:{event_id}"))
+    one: uuid5(PUSH_KEYS, "line:" + webhookEventId), as the adapter makes it. A push with this key is
+    counted as that event's answer, whoever else its chat sent."""
+    return str(uuid.uuid5(PUSH_KEYS, f"line:{event_id}"))
 
 
 def plan_events(rate: float, duration_s: float, *, chatty_users: int = 2, chatty_rate: float = 2.0,
