@@ -221,8 +221,8 @@ class Inbox:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-        except sqlite3.Error as exc:
-            log.error("%s: cannot write the inbox: %s", self.path, exc)
+        except Exception as exc:  # noqa: BLE001 - a full disk, or a bug: every waiter hears it, the thread lives on
+            log.error("%s: cannot write the inbox: %s: %s", self.path, type(exc).__name__, exc)
             error = InboxError(f"{self.path}: cannot write the inbox: {exc}")
             return [error] * len(batch)
         return results

@@ -118,3 +118,14 @@ def test_a_file_that_is_not_an_inbox_is_a_clear_error_naming_it(path):
 def test_the_inbox_lives_next_to_the_memory_file():
     assert Inbox.path_for("data/bunshin-memory.sqlite3") == "data/bunshin-memory.inbox.sqlite3"
     assert Inbox.path_for(":memory:") == ":memory:"
+
+
+async def test_a_write_that_fails_fails_its_batch_by_name_and_the_inbox_goes_on(path):
+    inbox = Inbox(path)
+    unstorable = IncomingMessage("line", "U1", "U1", "n", "t", True, event_id="bad", delivery={"token": object()})
+    with pytest.raises(InboxError, match=f"{path}: cannot write the inbox"):
+        await inbox.accept([line_message("E1"), unstorable])
+    (entry,) = await inbox.accept([line_message("E1")])  # rolled back with its batch: taken now, once
+    assert entry is not None
+    inbox.close()
+    assert [e.key for e in Inbox(path).recovered] == ["line:E1"]
