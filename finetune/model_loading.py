@@ -4,7 +4,8 @@
 - dtype for the device: bf16 where the GPU supports it, fp16 on older GPUs, fp32 on the CPU;
 - `quantize`: "8bit" / "4bit" through bitsandbytes (CUDA only), with k-bit preparation for training;
 - LoRA target modules found per architecture, overridable;
-- an adapter folder: the peft files plus bunshin's manifest, refused on a different base model.
+- an adapter folder: the peft files plus bunshin's manifest, refused on a different base model
+  and refused when its weights hold NaN or inf (a diverged run's; nonfinite.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .manifest import MANIFEST_NAME, AdapterManifest, ManifestError
+from .nonfinite import nonfinite_tensors, read_weights, refusal
 from .tokenization import ChatTokenizer, load_tokenizer
 
 QUANTIZE_CHOICES = ("none", "8bit", "4bit")
@@ -233,14 +235,29 @@ def load_adapter(
     manifest = read_adapter_manifest(adapter_dir)
     if manifest.merged:
         loaded = load_base_model(str(adapter_dir), quantize=quantize, device=device, dtype=dtype)
+        # One pass over the weights where they now live (milliseconds on a GPU): a folder merged
+        # from a diverged adapter before merge refused those.
+        bad = nonfinite_tensors(dict(loaded.model.named_parameters()))
+        if bad:
+            raise ModelLoadError(f"merged model {refusal(adapter_dir, bad)}")
         loaded.manifest = manifest
         loaded.model.eval()
         return loaded
     for required in ("adapter_config.json",):
         if not (adapter_dir / required).is_file():
             raise ModelLoadError(f"adapter {adapter_dir}: {required} is missing (not a complete peft adapter folder)")
-    if not any((adapter_dir / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
+    weights = next((adapter_dir / n for n in ("adapter_model.safetensors", "adapter_model.bin")
+                    if (adapter_dir / n).is_file()), None)
+    if weights is None:
         raise ModelLoadError(f"adapter {adapter_dir}: adapter_model.safetensors is missing")
+    # Before the base model: the adapter is megabytes, the base gigabytes, and a diverged run's
+    # adapter would load without complaint and answer with garbage.
+    try:
+        bad = nonfinite_tensors(read_weights(weights))
+    except Exception as exc:
+        raise ModelLoadError(f"adapter {adapter_dir} cannot be loaded: {type(exc).__name__}: {exc}") from exc
+    if bad:
+        raise ModelLoadError(f"adapter {refusal(weights, bad)}")
     loaded = load_base_model(base or manifest.base_model, revision=None if base else manifest.base_revision,
                              quantize=quantize, device=device, dtype=dtype)
     check_same_base(manifest, loaded, adapter_dir)

@@ -32,6 +32,7 @@ from .model_loading import (
     lora_target_modules,
     pick_device,
 )
+from .nonfinite import GRADIENT, LOSS, NonFiniteError, NonFiniteWatch, describe, likely_causes, nonfinite_tensors
 from .packing import USEFUL_TOKENS, FlatCollator, PackedCollator, PackedRow, pack_samples
 from .prompt import TEMPLATES, as_turns, encode_sample
 
@@ -205,9 +206,39 @@ def _run_identity(args, base: str, dataset_fingerprint: str) -> dict:
     return {"base": base, "dataset": dataset_fingerprint, **{k: getattr(args, k) for k in keys}}
 
 
+def pin_mixed_precision(precision: str, dtype: str) -> None:
+    """Train in the precision --dtype chose, whatever `accelerate launch --mixed_precision` or an
+    `accelerate config` put in ACCELERATE_MIXED_PRECISION; say so when they differ.
+
+    Why (issue 12; bench/results/train_precision_h200.json, H200, transformers 5.17, accelerate 1.15,
+    peft 0.21): the launcher's only lever is that variable. TrainingArguments starts from it and then
+    replaces it with "bf16" / "fp16" whenever its bf16 / fp16 flag is set, which this module sets from
+    the loaded dtype on CUDA. So with bf16 weights (every bf16 GPU's default) `--mixed_precision no`
+    changed nothing: bf16 autocast, float32 LoRA weights, gradients and AdamW state, no GradScaler,
+    exactly as plain `python -m finetune train` (loss 7.90 after 40 steps either way). The reported
+    NaN did not reproduce there; the watch in nonfinite.py now stops such a run, whatever its cause.
+    Where neither flag is set (float32 weights: --dtype fp32, the CPU) the variable did decide:
+    `--mixed_precision fp16` silently ran fp16 autocast with a GradScaler over weights the manifest
+    calls float32. Setting the variable here makes every launcher train as plain python does.
+    """
+    requested = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if requested is not None and requested.lower() != precision:
+        how = {"bf16": "under bf16 autocast", "fp16": "under fp16 autocast with a GradScaler"}.get(precision, "with no autocast")
+        if int(os.environ.get("LOCAL_RANK", "0")) <= 0:
+            print(f"warning: accelerate asks for mixed precision {requested!r} (ACCELERATE_MIXED_PRECISION, from `accelerate "
+                  f"launch --mixed_precision` or `accelerate config`); this run trains its {dtype} weights {how}, "
+                  "as `python -m finetune train` does: --dtype chooses the precision", file=sys.stderr)
+    os.environ["ACCELERATE_MIXED_PRECISION"] = precision
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         return _train(args)
+    except NonFiniteError as exc:
+        # Every process of a multi-GPU run stops with the same error (nonfinite.py): one says it.
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return 1
     except (TrainError, ModelLoadError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -300,6 +331,10 @@ def _train(args: argparse.Namespace) -> int:
     fp16 = loaded.dtype == torch.float16 and loaded.device.startswith("cuda")
     ckpt.mkdir(parents=True, exist_ok=True)
     (ckpt / RUN_FILE).write_text(json.dumps(identity, indent=2), encoding="utf-8")
+    launched_with = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    dtype_name = str(loaded.dtype).removeprefix("torch.")
+    pin_mixed_precision("fp16" if fp16 else "bf16" if bf16 else "no", dtype_name)
+    causes = likely_causes(lr=args.lr, dtype=dtype_name, accelerate_precision=launched_with)
     training_args = TrainingArguments(
         output_dir=str(ckpt),
         per_device_train_batch_size=rows_per_batch,
@@ -328,10 +363,13 @@ def _train(args: argparse.Namespace) -> int:
         dataloader_pin_memory=loaded.device.startswith("cuda"),
         gradient_checkpointing=False,  # set up above (peft needs it done before wrapping)
         average_tokens_across_devices=True,
-        logging_nan_inf_filter=False,  # its NaN check reads the loss back every step, stalling the GPU queue
+        # Its NaN check reads the loss back every step, stalling the GPU queue; and it would hide a
+        # diverged run behind averages. nonfinite.py's watch stops such a run instead, at no such cost.
+        logging_nan_inf_filter=False,
         torch_compile=args.compile,
     )
     trainer = _packed_trainer_class(Trainer, TrainerCallback)(
+        causes=causes,
         model=model,
         args=training_args,
         train_dataset=_RowDataset(train_rows),
@@ -342,8 +380,21 @@ def _train(args: argparse.Namespace) -> int:
     if loaded.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    # The watch has seen every step; this is the last word, one read at the end: weights that are
+    # not finite, however they got so, are never written as an adapter.
+    bad = nonfinite_tensors({n: p for n, p in model.named_parameters() if p.requires_grad})
+    if bad:
+        raise NonFiniteError(f"after {result.global_step} steps the LoRA weights hold NaN or inf ({bad[0]}"
+                             f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); no adapter was written. "
+                             f"Likely causes: {'; '.join(causes)}")
     tuned_eval_loss = token_weighted_loss(model, eval_rows, tokenizer.pad_id, rows_per_batch)
+    if tuned_eval_loss is not None and not math.isfinite(tuned_eval_loss):
+        raise NonFiniteError(f"the tuned model's eval loss is {tuned_eval_loss} though its weights are finite; "
+                             f"no adapter was written. Likely causes: {'; '.join(causes)}")
     peak_gb = torch.cuda.max_memory_allocated() / 1e9 if loaded.device.startswith("cuda") else None
+    # Collectives: every rank takes part, before all but rank 0 leave.
+    rates = trainer.tokens_per_second_by_process()
+    rates_overall = trainer.tokens_per_second_by_process(steady=False)
 
     if not trainer.is_world_process_zero():
         return 0
@@ -380,13 +431,17 @@ def _train(args: argparse.Namespace) -> int:
             "quantize": args.quantize,
             "dtype": str(loaded.dtype).removeprefix("torch."),
             "device": loaded.device,
+            "mixed_precision": trainer.accelerator.mixed_precision,  # autocast over the weights' dtype, or "no"
             "gradient_checkpointing": gradient_checkpointing,
             "attention": attn,
             "compiled": args.compile,
             "seed": args.seed,
             "train_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
-            "useful_tokens_per_second": round(trainer.tokens_per_second(), 1),
-            "useful_tokens_per_second_overall": round(trainer.tokens_per_second(steady=False), 1),
+            # The whole run's: all processes summed (each trains on its own share of the rows).
+            "world_size": len(rates),
+            "useful_tokens_per_second": round(sum(rates), 1),
+            "useful_tokens_per_second_overall": round(sum(rates_overall), 1),
+            "useful_tokens_per_second_by_process": [round(r, 1) for r in rates],
             "peak_gpu_memory_gb": round(peak_gb, 2) if peak_gb is not None else None,
             "wall_seconds": round(time.time() - started, 1),
         },
@@ -401,9 +456,10 @@ def _train(args: argparse.Namespace) -> int:
             shutil.copyfile(stats_path, staging / "dataset_stats.json")
     base_txt = f"{base_eval_loss:.4f}" if base_eval_loss is not None else "n/a"
     tuned_txt = f"{tuned_eval_loss:.4f}" if tuned_eval_loss is not None else "n/a"
+    each = f" ({len(rates)} processes: {', '.join(f'{r:,.0f}' for r in rates)})" if len(rates) > 1 else ""
     print(
         f"{out}: {result.global_step} steps, eval loss {base_txt} (base) -> {tuned_txt} (tuned), "
-        f"{trainer.tokens_per_second():,.0f} useful tokens/s"
+        f"{sum(rates):,.0f} useful tokens/s{each}"
     )
     return 0
 
@@ -425,15 +481,21 @@ WARMUP_STEPS_UNTIMED = 5  # first steps pay for CUDA/cuBLAS set-up; throughput i
 
 
 def _packed_trainer_class(trainer_base, callback_base):
-    """The Trainer with one addition: it counts the useful tokens it trains on, per second."""
+    """The Trainer with two additions: it counts the useful tokens it trains on, per second, and
+    it stops at the first loss or gradient that is not a finite number (nonfinite.py)."""
 
     class PackedTrainer(trainer_base):
-        def __init__(self, *a, **kw):
+        def __init__(self, *a, causes: list[str], **kw):
             super().__init__(*a, **kw)
             self.useful_tokens = 0
             self.marks: list[tuple[float, int]] = []  # (time, useful tokens so far) at the end of each step
+            self.watch = NonFiniteWatch(self.args.device)
+            self.causes = causes
             # First in line, so the progress bar and log printers see the throughput it adds.
             self.callback_handler.callbacks.insert(0, _Clock(self))
+            # Last in line, after the Trainer's own flow callback has decided whether this step logs,
+            # saves or evaluates: those are the steps the watch is read at.
+            self.add_callback(_StopOnNonFinite(self))
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             useful = inputs.pop(USEFUL_TOKENS, None)
@@ -441,14 +503,50 @@ def _packed_trainer_class(trainer_base, callback_base):
                 self.useful_tokens += int(useful)
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            self.watch.see(LOSS, loss, self.state.global_step + 1)
+            return loss
+
+        def _get_grad_norm(self, model, grad_norm=None):
+            # The norm the Trainer computes anyway for clipping, each step: watching it costs nothing
+            # extra. (A private hook of transformers 5; were it renamed, the loss watch would still
+            # stop the run, one step later, since NaN gradients make the next loss NaN.) Under fp16's
+            # GradScaler an inf gradient is expected now and then: the scaler skips that step.
+            grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+            if grad_norm is not None and self.accelerator.scaler is None:
+                import torch
+
+                value = grad_norm if isinstance(grad_norm, torch.Tensor) else torch.tensor(float(grad_norm))
+                self.watch.see(GRADIENT, value, self.state.global_step + 1)
+            return grad_norm
+
+        def stop_if_nonfinite(self) -> None:
+            found = self.watch.first()
+            if found is not None:
+                raise NonFiniteError(describe(found, self.state.max_steps, self.causes))
+
         def tokens_per_second(self, steady: bool = True) -> float:
-            """Useful tokens per second; `steady` starts after the first steps' one-time set-up
-            (only once there are as many steps again to time)."""
+            """This process's useful tokens per second; `steady` starts after the first steps' one-time
+            set-up (only once there are as many steps again to time)."""
             if len(self.marks) < 2:
                 return 0.0
             skip = WARMUP_STEPS_UNTIMED if steady and len(self.marks) > 2 * WARMUP_STEPS_UNTIMED else 0
             (t0, n0), (t1, n1) = self.marks[skip], self.marks[-1]
             return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+        def tokens_per_second_by_process(self, steady: bool = True) -> list[float]:
+            """Each process's useful tokens per second, rank 0 first; their sum is the whole run's.
+            A collective under torchrun / accelerate: every rank must call it at the same point."""
+            import torch
+
+            mine = self.tokens_per_second(steady)
+            if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+                return [mine]
+            local = torch.tensor([mine], dtype=torch.float64, device=self.args.device)
+            gathered = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size())]
+            torch.distributed.all_gather(gathered, local)
+            return [g.item() for g in gathered]
 
     class _Clock(callback_base):
         """Marks (time, useful tokens) at each step end. Only the marks the figures are taken from
@@ -474,11 +572,32 @@ def _packed_trainer_class(trainer_base, callback_base):
             self._mark(wait=len(self.trainer.marks) == WARMUP_STEPS_UNTIMED)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            # Every rank logs the same steps (the loss is averaged over all of them there), so the
+            # gather below meets on each; the figure is the whole run's, not rank 0's share.
             if logs is not None and "loss" in logs:
-                logs["useful_tokens_per_s"] = round(self.trainer.tokens_per_second(), 1)
+                rates = self.trainer.tokens_per_second_by_process()
+                logs["useful_tokens_per_s"] = round(sum(rates), 1)
+                logs["world_size"] = len(rates)
+                if len(rates) > 1:
+                    logs["useful_tokens_per_s_per_process"] = [round(r, 1) for r in rates]
 
         def on_train_end(self, args, state, control, **kwargs):
             self._mark(wait=True)
+
+    class _StopOnNonFinite(callback_base):
+        """Reads the watch where the Trainer is about to wait for the GPU anyway (it reads the loss
+        back to log it, writes a checkpoint, evaluates, or ends), so no step waits for it; and
+        before a checkpoint is written, so none holds NaN weights."""
+
+        def __init__(self, trainer):
+            self.trainer = trainer
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if control.should_log or control.should_save or control.should_evaluate or control.should_training_stop:
+                self.trainer.stop_if_nonfinite()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.trainer.stop_if_nonfinite()
 
     return PackedTrainer
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import EXAMPLES, REPO, run_cli
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from finetune.generation import fit_context
 from finetune.manifest import DEFAULT_GENERATION
@@ -43,10 +43,10 @@ PERSONA = "美咲"
 TRAIN_ARGS = ("--pack-length", "256", "--batch-tokens", "512", "--lr", "3e-3", "--eval-every", "0", "--no-progress")
 
 
-def run_cli_input(*args: str, stdin: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli_input(*args: str, stdin: str, timeout: float = 300, module: str = "finetune") -> subprocess.CompletedProcess:
     """run_cli with text piped to stdin (`finetune chat` reads one message per line)."""
     return subprocess.run(
-        [sys.executable, "-m", "finetune", *map(str, args)],
+        [sys.executable, "-m", module, *map(str, args)],
         cwd=REPO,
         input=stdin,
         capture_output=True,
@@ -168,6 +168,12 @@ def test_train_writes_an_adapter_that_beats_the_base_and_a_complete_manifest(tra
     assert manifest["training"]["rows_per_step"] == 2
     assert manifest["training"]["steps"] == 30 * math.ceil(manifest["dataset"]["train_rows"] / 2)
     assert PERSONA in manifest["speakers"] and "健太" in manifest["speakers"]
+    # One process: the whole run's throughput is that process's; the progress line says so too.
+    training = manifest["training"]
+    assert training["world_size"] == 1 and len(training["useful_tokens_per_second_by_process"]) == 1
+    assert training["useful_tokens_per_second"] == training["useful_tokens_per_second_by_process"][0] > 0
+    assert training["mixed_precision"] == "no" and training["dtype"] == "float32"  # the CPU: no autocast
+    assert all(log["world_size"] == 1 for log in step_logs(proc.stdout))
 
 
 def test_chat_answers_each_piped_message_and_reset_forgets(adapter):
@@ -508,3 +514,124 @@ def test_a_reply_ends_where_the_model_starts_another_turn():
     assert turn_end("うん\nたろう: やあ", ["健太"]) == len("うん")
     assert turn_end("うん\nこの前に話してた駅前のカフェの新しいメニューだけど: 抹茶", ["健太"]) is None
     assert turn_end("ひとことだけ", ["健太"]) is None
+
+
+# --------------------------------------------------------------------------- 9. training refuses to lie
+
+
+def error_line(stderr: str) -> str:
+    (message,) = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    return message
+
+
+# Real divergence, no faked loss: Adam moves each LoRA weight by about the learning rate per step, so
+# at 1e30 the second step's logits overflow float32 (NaN loss); at 1e6 the third step's gradient does.
+DIVERGING = [("1e30", 2, "the loss was nan"), ("1e6", 3, "the gradient norm was inf")]
+
+
+@pytest.mark.parametrize(("lr", "step", "what"), DIVERGING, ids=["nan-loss", "inf-gradient"])
+def test_a_diverging_run_stops_at_its_step_exits_non_zero_and_writes_no_adapter(tmp_path, tiny, dataset, lr, step, what):
+    out = tmp_path / "diverged"
+    # TRAIN_ARGS' own --lr comes first; argparse keeps the last one given.
+    proc = run_cli("train", dataset, "--base", tiny, "--out", out, *TRAIN_ARGS, "--lr", lr, "--max-steps", "20",
+                   "--save-every", "1")
+    assert proc.returncode == 1
+    message = error_line(proc.stderr)
+    assert f"training stopped at step {step} of 20: {what}" in message
+    assert "no adapter was written" in message
+    for cause in (f"--lr {float(lr):g}", "float16", "accelerate"):
+        assert cause in message
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() and not list(tmp_path.glob(".diverged*"))  # no adapter, no staging folder
+
+    # It stopped before logging or checkpointing the bad step (logging and saving are every step here):
+    # the steps before it logged finite losses, and the checkpoints kept hold finite weights.
+    logs = step_logs(proc.stdout)
+    assert len(logs) == step - 1 and all(math.isfinite(float(log["loss"])) for log in logs)
+    checkpoints = sorted((tmp_path / "diverged.checkpoints").glob("checkpoint-*"))
+    assert [p.name for p in checkpoints] == [f"checkpoint-{n}" for n in range(max(1, step - 2), step)]
+    for folder in checkpoints:
+        assert all(t.isfinite().all() for t in load_file(folder / "adapter_model.safetensors").values())
+
+
+def _poison(path: Path, value: float) -> str:
+    """Write `value` into one weight of a safetensors file; returns the tensor's name."""
+    weights = load_file(path)
+    name = sorted(n for n in weights if "lora_B" in n or "query_key_value.weight" in n)[0]
+    weights[name].view(-1)[0] = value
+    save_file(weights, path, metadata={"format": "pt"})
+    return name
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_load_adapter_refuses_non_finite_weights_naming_the_file(tmp_path, adapter, value):
+    poisoned = shutil.copytree(adapter, tmp_path / "poisoned")
+    name = _poison(poisoned / "adapter_model.safetensors", value)
+    with pytest.raises(ModelLoadError) as refused:
+        load_adapter(poisoned, device="cpu")
+    message = str(refused.value)
+    assert str(poisoned / "adapter_model.safetensors") in message and name in message
+    assert "NaN or inf" in message and "\n" not in message
+    load_adapter(adapter, device="cpu")  # the control: the untouched adapter loads
+
+
+def test_chat_and_the_bot_refuse_an_adapter_with_nan_weights(tmp_path, adapter):
+    poisoned = shutil.copytree(adapter, tmp_path / "poisoned")
+    _poison(poisoned / "adapter_model.safetensors", float("nan"))
+    weights = str(poisoned / "adapter_model.safetensors")
+
+    chat = run_cli_input("chat", poisoned, stdin="おはよう\n")
+    assert chat.returncode == 1
+    assert weights in error_line(chat.stderr) and "NaN or inf" in error_line(chat.stderr)
+    assert "Traceback" not in chat.stderr and f"{PERSONA}:" not in chat.stdout
+
+    config = tmp_path / "bot.toml"
+    config.write_text(f"""[model]
+adapter = {json.dumps(str(poisoned))}
+device = "cpu"
+[memory]
+path = {json.dumps(str(tmp_path / "memory.sqlite3"))}
+[console]
+enabled = true
+[server]
+port = 0
+""", encoding="utf-8")
+    bot = run_cli_input("--config", config, stdin="おはよう\n", module="bot")
+    assert bot.returncode != 0
+    assert weights in error_line(bot.stderr) and "NaN or inf" in error_line(bot.stderr)
+    assert "Traceback" not in bot.stderr and f"{PERSONA}:" not in bot.stdout
+
+
+def test_a_merged_model_with_nan_weights_is_refused(tmp_path, merged):
+    poisoned = shutil.copytree(merged, tmp_path / "merged-poisoned")
+    name = _poison(poisoned / "model.safetensors", float("nan"))
+    with pytest.raises(ModelLoadError, match="NaN or inf") as refused:
+        load_adapter(poisoned, device="cpu")
+    assert str(poisoned) in str(refused.value) and name in str(refused.value)
+
+
+def test_two_processes_report_the_whole_run_and_stop_together(tmp_path, tiny, dataset):
+    """torchrun on the CPU (gloo): the manifest and progress line sum both processes' throughput; a
+    diverging run stops on both at the same step with one message, and neither hangs."""
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "finetune")
+
+    def launch(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*torchrun, "train", str(dataset), "--base", str(tiny), "--out", str(out), *TRAIN_ARGS,
+                               "--device", "cpu", "--save-every", "100", *extra], cwd=REPO, capture_output=True,
+                              text=True, encoding="utf-8", timeout=300,
+                              env={**os.environ, "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1"})
+
+    whole = launch(tmp_path / "ddp", "--max-steps", "12")
+    assert whole.returncode == 0, whole.stderr
+    training = json.loads((tmp_path / "ddp" / "bunshin.json").read_text(encoding="utf-8"))["training"]
+    by_process = training["useful_tokens_per_second_by_process"]
+    assert training["world_size"] == 2 and len(by_process) == 2 and min(by_process) > 0
+    assert training["useful_tokens_per_second"] == pytest.approx(sum(by_process), abs=0.2)
+    assert f"useful tokens/s (2 processes: {by_process[0]:,.0f}, {by_process[1]:,.0f})" in whole.stdout
+    logs = step_logs(whole.stdout)
+    assert logs and all(log["world_size"] == 2 and len(log["useful_tokens_per_s_per_process"]) == 2 for log in logs)
+
+    diverged = launch(tmp_path / "ddp-nan", "--max-steps", "20", "--lr", "1e30")
+    assert diverged.returncode != 0
+    assert "training stopped at step 2 of 20: the loss was nan" in error_line(diverged.stderr)  # rank 0 alone says it
+    assert not (tmp_path / "ddp-nan").exists()
