@@ -30,30 +30,16 @@ import hmac
 import json
 import logging
 import math
-import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 
-import aiohttp
 from aiohttp import web
-from linebot.v3.messaging import (
-    ApiException,
-    AsyncApiClient,
-    AsyncMessagingApi,
-    Configuration,
-    PushMessageRequest,
-    ReplyMessageRequest,
-    ShowLoadingAnimationRequest,
-    TextMessage,
-)
 from linebot.v3.webhooks import Event, GroupSource, MessageEvent, RoomSource, TextMessageContent, UserSource
-from pydantic.v1 import ValidationError as SdkResponseError  # the SDK's models are pydantic v1
 
 from bot.inbox import InboxError
 from bot.messages import Accept, IncomingMessage
+
+from .line_api import LineApi, RetryPolicy
 
 log = logging.getLogger("bunshin.line")
 
@@ -195,61 +181,6 @@ def _is_utf8(*texts: str) -> bool:
     return True
 
 
-# --- calling LINE's API: what a failure means, and when to try again -------------------------
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How often and how far apart a call to LINE's API is tried. Tries back off exponentially with
-    jitter (replies held back by an outage should not all return at the same instant); a 429's
-    Retry-After is waited out, unless it is longer than `max_retry_after_s`."""
-
-    attempts: int = 4
-    base_s: float = 0.5
-    max_s: float = 8.0
-    max_retry_after_s: float = 60.0
-
-    def wait_before_retry(self, attempt: int, retry_after: float | None) -> float:
-        """Seconds to wait after failed try `attempt` (1-based): Retry-After, else an equal-jitter backoff."""
-        if retry_after is not None:
-            return retry_after + random.uniform(0, self.base_s / 2)
-        step = min(self.max_s, self.base_s * 2 ** (attempt - 1))
-        return step / 2 + random.uniform(0, step / 2)
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """What one call to LINE's API came to.
-
-    outcome: "sent" (accepted), "conflict" (409: an earlier try with this retry key was accepted),
-    "refused" (a 4xx: nothing was sent, and trying again would not change that), "throttled" (429:
-    nothing was sent), "unsent" (the connection failed before the request went out), "unknown" (5xx
-    or a timeout: LINE may have accepted it)."""
-
-    outcome: str
-    status: int | None = None
-    retry_after: float | None = None
-
-    @property
-    def retriable(self) -> bool:
-        return self.outcome in ("throttled", "unsent", "unknown")
-
-
-def retry_after_seconds(headers) -> float | None:
-    """A Retry-After header (seconds or an HTTP date) in seconds from now, or None."""
-    value = (headers or {}).get("Retry-After")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError, OverflowError):
-        return None
-
-
 # --- the adapter ------------------------------------------------------------------------------
 
 
@@ -302,9 +233,7 @@ class LineAdapter:
         self._secret = config.secret(self.line.channel_secret_env).encode("utf-8")
         self._token = config.secret(self.line.access_token_env)
         self._accept: Accept | None = None  # set by run(); until then, and after close(), the webhook answers 503
-        self._client: AsyncApiClient | None = None
-        self._api: AsyncMessagingApi | None = None
-        self._timeout = aiohttp.ClientTimeout(total=self.line.api_timeout_s)
+        self._api = LineApi(self.line.api_host, self._token, self.line.api_timeout_s, metrics)
 
     def web_routes(self) -> list:
         return [web.post(self.line.webhook_path, self.webhook)]
@@ -397,7 +326,7 @@ class LineAdapter:
 
     async def deliver(self, entry, reply: str, record_attempt) -> str:
         """Only ever to the chat the event came from: the reply token is that chat's, and so is the chat id."""
-        messages = [TextMessage(text=piece) for piece in split_reply(reply)]
+        messages = [{"type": "text", "text": piece} for piece in split_reply(reply)]
         if not messages:
             return "quiet"
         message = entry.message
@@ -438,48 +367,12 @@ class LineAdapter:
 
     # --- LINE's API ---
 
-    async def _call(self, what: str, chat_id: str, send: Callable[[], Awaitable]) -> Attempt:
-        """One call to LINE's API, its failure logged and classified (never raised)."""
-        try:
-            await send()
-        except SdkResponseError:
-            pass  # accepted (2xx) with a body other than documented
-        except ApiException as exc:
-            self.metrics.errors.labels(kind="line_api").inc()
-            detail = ""
-            try:
-                detail = _short(json.loads(exc.body).get("message", ""), 200)
-            except Exception:  # noqa: BLE001 - no JSON body
-                pass
-            log.warning("LINE %s for %s failed: HTTP %s %s %s", what, _short(chat_id), exc.status, exc.reason or "", detail)
-            if exc.status == 409:
-                return Attempt("conflict", 409)
-            if exc.status == 429:
-                return Attempt("throttled", 429, retry_after_seconds(exc.headers))
-            if exc.status is not None and 400 <= exc.status < 500:
-                return Attempt("refused", exc.status)
-            return Attempt("unknown", exc.status)
-        except aiohttp.ClientConnectorError as exc:  # no connection: the request never left
-            self.metrics.errors.labels(kind="line_api").inc()
-            log.warning("LINE %s for %s failed: %s", what, _short(chat_id), type(exc).__name__)
-            return Attempt("unsent")
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:  # sent, maybe accepted
-            self.metrics.errors.labels(kind="line_api").inc()
-            log.warning("LINE %s for %s failed: %s", what, _short(chat_id), type(exc).__name__)
-            return Attempt("unknown")
-        except Exception as exc:  # noqa: BLE001 - a bug here must cost one message, not the chat's task
-            self.metrics.errors.labels(kind="line_api").inc()
-            log.error("LINE %s for %s failed: %s", what, _short(chat_id), type(exc).__name__)
-            return Attempt("refused")
-        return Attempt("sent")
-
     async def _show_loading(self, chat_id: str) -> None:
         seconds = min(60, max(5, 5 * math.ceil(self.config.queue.deadline_s / 5)))
         # One try: a missing animation is cosmetic, and the reply waits for this call.
-        await self._call("loading animation", chat_id, lambda: self._api.show_loading_animation(
-            ShowLoadingAnimationRequest(chat_id=chat_id, loading_seconds=seconds), _request_timeout=self._timeout))
+        await self._api.show_loading(chat_id, seconds)
 
-    async def _reply(self, entry, messages: list[TextMessage], record_attempt, retried: bool = False) -> str:
+    async def _reply(self, entry, messages: list[dict], record_attempt, retried: bool = False) -> str:
         """"sent"; "refused" (an error other than a bad token: pushing would fail alike); "unsent" (LINE refused
         the token or never took the request: a push may send it); "unknown" (an earlier try may have got through).
 
@@ -488,13 +381,12 @@ class LineAdapter:
         `retried`: an earlier run tried it already, so a 400 may mean it was spent by that try."""
         message = entry.message
         chat_id = message.chat_id
-        request = ReplyMessageRequest(reply_token=message.delivery["reply_token"], messages=messages)
+        token = message.delivery["reply_token"]
         maybe_sent = retried
         policy = self.retry
         await record_attempt("reply")
         for attempt in range(1, policy.attempts + 1):
-            result = await self._call(f"reply (try {attempt}/{policy.attempts})", chat_id, lambda: self._api.reply_message(
-                request, _request_timeout=self._timeout))
+            result = await self._api.reply(chat_id, token, messages, f"reply (try {attempt}/{policy.attempts})")
             if result.outcome == "sent":
                 log.info("replied to line:%s (%d message(s))", _short(chat_id), len(messages))
                 return "sent"
@@ -512,17 +404,15 @@ class LineAdapter:
             await asyncio.sleep(wait)
         return "unknown" if maybe_sent else "unsent"
 
-    async def _push(self, entry, messages: list[TextMessage], record_attempt) -> str:
+    async def _push(self, entry, messages: list[dict], record_attempt) -> str:
         """Tries with one X-Line-Retry-Key, derived from the event so that a restart reuses it: LINE sends a key's
         message once and answers 409 to later tries. "replied", or "failed" after the last try."""
         chat_id = entry.message.chat_id
-        request = PushMessageRequest(to=chat_id, messages=messages)
         key = str(uuid.uuid5(PUSH_KEYS, entry.key))
         policy = self.retry
         await record_attempt("push")
         for attempt in range(1, policy.attempts + 1):
-            result = await self._call(f"push (try {attempt}/{policy.attempts})", chat_id, lambda: self._api.push_message(
-                request, x_line_retry_key=key, _request_timeout=self._timeout))
+            result = await self._api.push(chat_id, messages, key, f"push (try {attempt}/{policy.attempts})")
             if result.outcome in ("sent", "conflict"):
                 log.info("pushed to line:%s (%d message(s))", _short(chat_id), len(messages))
                 return "replied"
@@ -540,16 +430,14 @@ class LineAdapter:
     async def run(self, accept: Accept, stopping: asyncio.Event) -> None:
         """Takes webhooks from now on (while the model loads too). After `stopping` the webhook still stores what
         comes, for the next start, until close()."""
-        self._client = AsyncApiClient(Configuration(host=self.line.api_host, access_token=self._token))
-        self._api = AsyncMessagingApi(self._client)
+        self._api.open()
         self._accept = accept
         log.info("LINE webhook on %s", self.line.webhook_path)
         await stopping.wait()
 
     async def close(self) -> None:
         self._accept = None  # new webhooks get 503 from here on
-        if self._client is not None:
-            await self._client.close()
+        await self._api.close()
 
 
 async def _read_capped(request: web.Request, limit: int) -> bytes | None:

@@ -21,7 +21,8 @@ from aiohttp import web
 from conftest import ScriptedRouter, answered_by
 from fake_line_api import PUSH, REPLY, Fault, serving_fake_line, sign, text_event, webhook_bytes
 
-from adapters.line import LineAdapter, RetryPolicy, retry_after_seconds
+from adapters.line import LineAdapter, RetryPolicy
+from adapters.line_api import retry_after_seconds
 from bot.config import BotConfig
 from bot.metrics import BotMetrics
 
@@ -242,3 +243,17 @@ def test_backoff_grows_is_capped_and_honours_retry_after():
 async def _until(condition) -> None:
     while not condition():
         await asyncio.sleep(0.01)
+
+
+def test_the_proxy_comes_from_the_environment_once(monkeypatch):
+    from adapters.line_api import proxy_for
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert proxy_for("https://api.line.me") == "http://proxy.example:3128"
+    monkeypatch.setenv("NO_PROXY", "api.line.me")
+    assert proxy_for("https://api.line.me") is None
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.delenv("https_proxy", raising=False)
+    assert proxy_for("https://api.line.me") is None
