@@ -63,7 +63,7 @@ SCENARIOS = {
                "stale_fraction": 0.2, "faults": 0.2},
 }
 API_TIMEOUT_S = 1.0
-PROFILE_HZ = 200
+PROFILE_HZ = 173  # not a divisor or multiple of the send rate: samples at 200 Hz lock onto the webhooks' arrival
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -281,9 +281,6 @@ async def run_once(name: str, spec: dict, work: Path, placement: Placement, prof
             await mirror.refresh(session, final=True)
         fake_cpu = cpu_s(fake.pid) - fake_cpu_before
     finally:
-        if keep_logs is not None:
-            keep_logs.mkdir(parents=True, exist_ok=True)
-            shutil.copy(log_path, keep_logs / f"{name}-run{run}.daemon.log")
         if spy is not None and spy.poll() is None:
             spy.send_signal(signal.SIGINT)  # py-spy writes what it has on Ctrl-C
             try:
@@ -292,6 +289,9 @@ async def run_once(name: str, spec: dict, work: Path, placement: Placement, prof
                 spy.kill()
         exit_code = _stop(daemon)
         _stop(fake)
+        if keep_logs is not None and log_path.exists():
+            keep_logs.mkdir(parents=True, exist_ok=True)
+            shutil.copy(log_path, keep_logs / f"{name}-run{run}.daemon.log")
     summary = summarize(sent, events, mirror, burst=BURST, per_minute=PER_MINUTE)
     log_text = log_path.read_text(encoding="utf-8", errors="replace")
     in_run = [rss for t, rss, _ in samples if t <= sent.wall_s]
@@ -442,7 +442,7 @@ def main() -> None:
     ap.add_argument("--api-latency-ms", type=float, help="the fake LINE API answers every call this much later (0)")
     ap.add_argument("--no-pin", action="store_true", help="leave the processes' cores to the OS")
     ap.add_argument("--profile", type=Path, metavar="DIR",
-                    help="record the daemon with py-spy (raw collapsed stacks per thread, 200 Hz) into DIR, one file a run")
+                    help="record the daemon with py-spy (raw collapsed stacks per thread, 173 Hz) into DIR, one file a run")
     ap.add_argument("--logs", type=Path, metavar="DIR", help="keep each run's daemon log in DIR")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "line_load.json")
     ap.add_argument("--serve-daemon", metavar="CONFIG_JSON", help=argparse.SUPPRESS)
