@@ -186,6 +186,18 @@ def deliveries_per_event(events: list[PlannedEvent], fake, planned: list[Planned
     return [by_token.get(e.token, []) for e in events], unattributed
 
 
+def push_attribution(fake, planned: list[PlannedEvent]) -> dict:
+    """How the pushes at the fake were named to events: by their derived retry key, by a one-event chat, or not."""
+    per_chat = Counter(e.user for e in planned)
+    keys = {push_retry_key(e.event_id) for e in planned if e.event_id}
+    lone = {e.user for e in planned if per_chat[e.user] == 1}
+    out = Counter()
+    for d in fake.deliveries:
+        if d.path != REPLY:
+            out["by_key" if d.retry_key in keys else "by_lone_chat" if d.to in lone else "unattributed"] += 1
+    return {k: out[k] for k in ("by_key", "by_lone_chat", "unattributed")}
+
+
 def attribute_answers(events: list[PlannedEvent], fake, planned: list[PlannedEvent] | None = None
                       ) -> tuple[list[list[list[str]]], int]:
     """For each of `events`, the message lists delivered for it, and the count of unattributed pushes
@@ -252,6 +264,7 @@ def summarize(sent: SendResult, events: list[PlannedEvent], fake, *, burst: int,
         "lost": sum(1 for a in answers if not a),
         "push_retry_keys_delivered_twice": sum(1 for n in pushes_by_key.values() if n > 1),
         "pushes_unattributed": unattributed,
+        "pushes_named_by": push_attribution(fake, events),
         "answers_by_kind": {
             "reply": sum(1 for t in first_texts if t is not None and t not in (BUSY_REPLY, RATE_LIMIT_REPLY)),
             "busy": sum(1 for t in first_texts if t == BUSY_REPLY),
