@@ -34,6 +34,9 @@ RATE_LIMIT_REPLY = "ちょっと速すぎるかも。少し待ってから送っ
 RESET_REPLY = "会話の記憶をリセットしました。"
 NOT_ADMIN_REPLY = "記憶のリセットは管理者だけができます。"
 STOPPING_REPLY = "いまは停止中です。あとでまた話しかけてね。"
+# Under overload every message is answered busy: one log line per message would add work exactly when the
+# bot has none to spare. A line at most this often counts them (the metric counts each).
+BUSY_LOG_EVERY_S = 10.0
 
 
 @dataclass
@@ -75,11 +78,21 @@ class Router:
         self.allow_users = set(config.limits.allow_users)
         self.allow_chats = set(config.limits.allow_chats)
         self.reset_commands = {c.strip() for c in config.memory.reset_commands}
+        self._busy_unlogged = 0
+        self._busy_logged_at = float("-inf")
 
     def _allowed(self, message: IncomingMessage) -> bool:
         if self.allow_users and message.user_key not in self.allow_users:
             return False
         return not self.allow_chats or message.chat_key in self.allow_chats
+
+    def _log_busy(self, chat_key: str) -> None:
+        self._busy_unlogged += 1
+        now = time.monotonic()
+        if now - self._busy_logged_at >= BUSY_LOG_EVERY_S:
+            log.warning("queue full: answered busy to %d message(s) since the last such line (the latest in %s)",
+                        self._busy_unlogged, chat_key)
+            self._busy_unlogged, self._busy_logged_at = 0, now
 
     async def answer(self, message: IncomingMessage, key: str | None = None) -> str | None:
         """The reply to send, or None to stay quiet. `key` (the inbox's, unique per message) makes memory
@@ -127,7 +140,7 @@ class Router:
             reply = await self.worker.submit(turns, deadline=deadline, received=message.received)
         except QueueFull:
             self.metrics.messages.labels(outcome="busy").inc()
-            log.warning("queue full: answered busy to %s", message.chat_key)
+            self._log_busy(message.chat_key)
             return BUSY_REPLY
         except DeadlineExceeded:
             self.metrics.messages.labels(outcome="expired").inc()

@@ -21,6 +21,7 @@ from fake_line_api import text_event as line_text_event
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import adapters.line as line_module
 from adapters.line import MAX_BODY_BYTES, split_reply, strip_self_mention, utf16_units
 from bot.config import BotConfig
 from bot.daemon import run_daemon
@@ -106,12 +107,12 @@ def logged(caplog, pattern: str, since: int = 0):
 
 
 @asynccontextmanager
-async def running_bot(folder: Path, tiny: Path, fake, caplog, limits=None, **line):
+async def running_bot(folder: Path, tiny: Path, fake, caplog, limits=None, generation=None, **line):
     config = BotConfig.from_dict({
         "limits": limits or {},
         "model": {"base": str(tiny), "device": "cpu"},
         "persona": {"name": PERSONA},
-        "generation": {"max_new_tokens": 8, "temperature": 0.0},
+        "generation": generation or {"max_new_tokens": 8, "temperature": 0.0},
         "memory": {"path": str(folder / "memory.sqlite3")},
         "server": {"port": 0},
         "line": {"enabled": True, "channel_secret_env": SECRET_ENV, "access_token_env": TOKEN_ENV,
@@ -144,7 +145,8 @@ def remembered(folder: Path, chat_key: str) -> list[str]:
 # --- the webhook, end to end --------------------------------------------------------------------
 
 
-async def test_a_one_to_one_message_is_answered_with_its_reply_token(tmp_path, tiny, fake_line, caplog):
+async def test_a_one_to_one_message_is_answered_with_its_reply_token(tmp_path, tiny, fake_line, caplog, monkeypatch):
+    monkeypatch.setattr(line_module, "LOADING_AFTER_S", 0.0)  # every reply is "slow": the animation is shown
     async with running_bot(tmp_path, tiny, fake_line, caplog) as bot:
         event = text_event("ひみつの話なんだけど")
         started = time.monotonic()
@@ -163,6 +165,30 @@ async def test_a_one_to_one_message_is_answered_with_its_reply_token(tmp_path, t
     assert "replied to line:" in caplog.text
     for private in ("ひみつの話", SECRET, TOKEN, messages[0]["text"]):
         assert private not in caplog.text
+
+
+async def test_a_quick_answer_needs_no_loading_animation(tmp_path, tiny, fake_line, caplog, monkeypatch):
+    monkeypatch.setattr(line_module, "LOADING_AFTER_S", 2.0)
+    async with running_bot(tmp_path, tiny, fake_line, caplog, limits={"burst": 1, "messages_per_minute": 1.0}) as bot:
+        quick = text_event("はやい？")  # 8 tokens of the tiny model: milliseconds
+        assert (await bot.post(webhook(quick))).status == 200
+        await wait_for(lambda: replies_to(fake_line, quick["replyToken"]), what="the quick reply")
+        too_fast = text_event("もう一回")  # over the rate limit: answered at once, without the model
+        assert (await bot.post(webhook(too_fast))).status == 200
+        await wait_for(lambda: replies_to(fake_line, too_fast["replyToken"]), what="the rate-limit answer")
+        await asyncio.sleep(2.5)  # past the threshold: a forgotten timer would have fired by now
+    assert fake_line.to(LOADING) == [] and len(fake_line.to(REPLY)) == 2
+
+
+async def test_a_slow_answer_shows_the_loading_animation_before_the_reply(tmp_path, tiny, fake_line, caplog, monkeypatch):
+    monkeypatch.setattr(line_module, "LOADING_AFTER_S", 0.05)
+    async with running_bot(tmp_path, tiny, fake_line, caplog,
+                           generation={"max_new_tokens": 300, "temperature": 0.0, "repetition_penalty": 1.0}) as bot:
+        slow = text_event("ゆっくりでいいよ")
+        assert (await bot.post(webhook(slow))).status == 200
+        (reply,) = await wait_for(lambda: replies_to(fake_line, slow["replyToken"]), what="the slow reply")
+    (loading,) = fake_line.to(LOADING)
+    assert fake_line.calls.index(loading) < fake_line.calls.index(reply)
 
 
 async def test_an_empty_events_list_is_a_connectivity_check(tmp_path, tiny, fake_line, caplog):
@@ -347,32 +373,35 @@ async def test_group_senders_without_a_user_id_are_rate_limited_per_group(tmp_pa
     assert "一つ目" in said and "二つ目" in said and not any("@美咲" in t for t in said)  # its own mention left out
 
 
-class Mentionee:
-    def __init__(self, index: int, length: int, is_self: bool = True):
-        self.index, self.length, self.is_self = index, length, is_self
-
-
-class Mention:
-    def __init__(self, *mentionees: Mentionee):
-        self.mentionees = list(mentionees)
-
-
 def test_the_bots_own_mention_is_cut_by_index_and_length_in_utf16_units():
-    assert strip_self_mention("@美咲 どう？", Mention(Mentionee(0, 3))) == "どう？"
-    assert strip_self_mention("ねえ @美咲 どう？", Mention(Mentionee(3, 3))) == "ねえ どう？"
+    assert strip_self_mention("@美咲 どう？", [(0, 3)]) == "どう？"
+    assert strip_self_mention("ねえ @美咲 どう？", [(3, 3)]) == "ねえ どう？"
     # An emoji before the mention is two UTF-16 units: LINE's index counts both.
-    assert strip_self_mention("😀 @美咲 元気？", Mention(Mentionee(3, 3))) == "😀 元気？"
-    assert strip_self_mention("😀😀@美咲　元気？", Mention(Mentionee(4, 3))) == "😀😀元気？"  # an ideographic space too
-    # Someone else's mention stays; with two mentions of the bot, both go.
-    assert strip_self_mention("@健太 @美咲 来る？", Mention(Mentionee(0, 3, is_self=False), Mentionee(4, 3))) == "@健太 来る？"
-    assert strip_self_mention("@美咲 と @美咲", Mention(Mentionee(0, 3), Mentionee(6, 3))) == "と"
+    assert strip_self_mention("😀 @美咲 元気？", [(3, 3)]) == "😀 元気？"
+    assert strip_self_mention("😀😀@美咲　元気？", [(4, 3)]) == "😀😀元気？"  # an ideographic space too
+    assert strip_self_mention("@美咲 と @美咲", [(0, 3), (6, 3)]) == "と"  # both of them
 
 
 def test_a_mention_span_that_does_not_fit_is_tried_as_code_points_then_left_alone():
-    assert strip_self_mention("😀 @美咲 元気？", Mention(Mentionee(2, 3))) == "😀 元気？"  # code points
-    assert strip_self_mention("おはよう", Mention(Mentionee(1, 3))) == "おはよう"  # no "@" there either way
-    assert strip_self_mention("@美咲", Mention(Mentionee(0, 30))) == "@美咲"  # past the end
-    assert strip_self_mention("@美咲 hi", Mention()) == "@美咲 hi"
+    assert strip_self_mention("😀 @美咲 元気？", [(2, 3)]) == "😀 元気？"  # code points
+    assert strip_self_mention("おはよう", [(1, 3)]) == "おはよう"  # no "@" there either way
+    assert strip_self_mention("@美咲", [(0, 30)]) == "@美咲"  # past the end
+    assert strip_self_mention("@美咲 hi", []) == "@美咲 hi"
+
+
+async def test_only_the_bots_own_mention_is_cut_and_a_bare_mention_still_gets_an_answer(tmp_path, tiny, fake_line, caplog):
+    both = text_event("@健太 @美咲 来る？", group=GROUP)
+    both["message"]["mention"] = {"mentionees": [
+        {"index": 0, "length": 3, "type": "user", "userId": OTHER_USER},
+        {"index": 4, "length": 3, "type": "user", "userId": "Ubot", "isSelf": True},
+        {"index": 0, "length": 3, "type": "all"}]}  # @All: no isSelf
+    bare = text_event("@美咲", group=GROUP, mention_self=True)
+    async with running_bot(tmp_path, tiny, fake_line, caplog) as bot:
+        assert (await bot.post(webhook(both, bare))).status == 200
+        await wait_for(lambda: replies_to(fake_line, both["replyToken"]) and replies_to(fake_line, bare["replyToken"]),
+                       what="both answered")
+    assert remembered(tmp_path, f"line:{GROUP}")[0] == "@健太 来る？"
+    assert "@美咲" in remembered(tmp_path, f"line:{GROUP}")
 
 
 def test_line_config_defaults():

@@ -19,10 +19,9 @@ from conftest import ScriptedRouter, answered_by
 from fake_line_api import serving_fake_line, sign, text_event, webhook_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from linebot.v3.webhooks import MessageEvent
 
 import adapters.line as line_module
-from adapters.line import LineAdapter, WebhookRejected, parse_events
+from adapters.line import LineAdapter, TextEvent, WebhookRejected, parse_events
 from bot.config import BotConfig
 from bot.metrics import BotMetrics
 
@@ -89,10 +88,12 @@ def check_parsed(body: bytes) -> int:
         assert exc.status == 400 and exc.reason
         return 400
     for event in events:
-        assert isinstance(event, MessageEvent)
-        for text in (event.webhook_event_id, event.message.text):
+        assert isinstance(event, TextEvent) and event.kind in ("user", "group", "room") and event.chat_id
+        for text in (event.event_id, event.text, event.chat_id, event.user_id, event.reply_token or ""):
+            assert isinstance(text, str)
             text.encode("utf-8")  # storable in SQLite
-        assert 0 <= event.timestamp < 2**53
+        assert 0 <= event.timestamp_ms < 2**53
+        assert all(type(i) is int and type(n) is int for i, n in event.self_mentions)
     return 200
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 
 import pytest
@@ -54,7 +55,7 @@ class Gate:
         return self.inner.generate(conversations)
 
 
-async def test_a_full_queue_answers_busy_at_once_and_queued_messages_still_get_replies(tmp_path, backend):
+async def test_a_full_queue_answers_busy_at_once_and_queued_messages_still_get_replies(tmp_path, backend, caplog):
     gate = Gate(backend)
     router, worker, memory, metrics = make_router(tmp_path, gate, queue={"max_size": 1, "max_batch": 1})
     await worker.start()
@@ -62,11 +63,16 @@ async def test_a_full_queue_answers_busy_at_once_and_queued_messages_still_get_r
     await asyncio.to_thread(gate.started.wait, 5)  # the first is in flight
     second = asyncio.create_task(router.answer(msg("二つ目", user="b", chat="b")))  # waits in the queue
     await asyncio.sleep(0.05)
-    assert await router.answer(msg("三つ目", user="c", chat="c")) == BUSY_REPLY  # no room: answered at once
+    with caplog.at_level(logging.WARNING, logger="bunshin.router"):
+        for i in range(5):  # no room: answered at once
+            assert await router.answer(msg(f"{i}つ目", user=f"c{i}", chat=f"c{i}")) == BUSY_REPLY
     gate.release.set()
     assert await first not in (BUSY_REPLY, ERROR_REPLY, None)
     assert await second not in (BUSY_REPLY, ERROR_REPLY, None)
-    assert metrics.registry.get_sample_value("bunshin_messages_total", {"outcome": "busy"}) == 1
+    assert metrics.registry.get_sample_value("bunshin_messages_total", {"outcome": "busy"}) == 5
+    # Overload is told once per BUSY_LOG_EVERY_S, not once per message (the metric counts each).
+    busy_lines = [r.getMessage() for r in caplog.records if "queue full" in r.getMessage()]
+    assert busy_lines == ["queue full: answered busy to 1 message(s) since the last such line (the latest in discord:c0)"]
     await worker.stop(5)
     memory.close()
 
