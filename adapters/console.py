@@ -61,7 +61,10 @@ class ConsoleAdapter:
         return contextlib.nullcontext()
 
     async def deliver(self, entry, reply: str, record_attempt) -> str:
-        self._print(f"{self.persona}: {reply}")  # a terminal line cannot be half-sent: nothing to record first
+        if entry.attempted("print") is not None:
+            return "maybe_delivered"  # printed before a crash, most likely: not printed twice
+        await record_attempt("print")
+        self._print(f"{self.persona}: {reply}")
         return "replied"
 
     async def close(self) -> None:

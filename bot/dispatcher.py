@@ -153,7 +153,7 @@ class Dispatcher:
                 log.error("message %s from %s: %s", entry.id, message.chat_key, exc)
 
     async def _finish(self, entry: InboxEntry, outcome: str) -> None:
-        await self.inbox.finish(entry, outcome)
+        self.inbox.finish(entry, outcome)
         self.metrics.deliveries.labels(outcome=outcome).inc()
 
     # --- stopping ---

@@ -14,10 +14,13 @@ What it guarantees:
   attempt and its method (reply token, push, send), so after a crash it can tell "maybe sent" from
   "never tried" and act accordingly (adapters/line.py: a spent reply token is not followed by a push).
 
-Every write is committed with synchronous=FULL (an fsync of the write-ahead log), so an acknowledged
-message survives a power cut, not only a crash of the process. Writes go to one thread that commits
-whatever is waiting in one transaction (group commit): one fsync for many events under load, and the
-event loop never waits on the disk.
+An acceptance and a delivery attempt are committed with synchronous=FULL (an fsync of the write-ahead
+log) before the caller goes on, so an acknowledged message, and the record of a reply about to be
+sent, survive a power cut, not only a crash of the process. Marking an entry finished is not waited
+for and not fsync'd: it is committed with the next writes (or within FINISH_LINGER_S). Losing it to
+a crash costs a second look at the entry after the restart, whose recorded attempts keep that from
+sending anything twice. Writes go to one thread that commits whatever is waiting in one transaction
+(group commit): one fsync for many events under load, and the event loop never waits on the disk.
 
 Answered entries keep only their ids (text, reply and delivery data are cleared), long enough to
 recognise a redelivery, then they are pruned.
@@ -43,6 +46,8 @@ SCHEMA_VERSION = 1
 DONE_KEEP_S = 2 * 24 * 3600  # answered entries kept this long to recognise redeliveries
 DONE_KEEP_MAX = 200_000  # ... and at most this many
 MAX_BATCH = 1024  # operations per group commit
+FINISH_LINGER_S = 0.1  # finished marks alone wait this long for company before they are committed
+DURABLE = frozenset({"accept", "attempt"})  # writes fsync'd before their caller goes on
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -112,6 +117,7 @@ class Inbox:
                              "inbox; messages it held would not be answered)") from None
         self._ops: queue.SimpleQueue = queue.SimpleQueue()
         self._finished_since_prune = 0
+        self._durable = True  # the connection's synchronous setting: FULL
         self._closed = False
         self._writer = threading.Thread(target=self._write_forever, name="bunshin-inbox", daemon=True)
         self._writer.start()
@@ -168,9 +174,12 @@ class Inbox:
         entry.attempts.append((method, time.time()))
         await self._submit("attempt", (entry.id, reply, json.dumps(entry.attempts)))
 
-    async def finish(self, entry: InboxEntry, outcome: str) -> None:
-        """Mark an entry answered (or given up, as `outcome` says); its text and reply are cleared."""
-        await self._submit("finish", (entry.id, outcome))
+    def finish(self, entry: InboxEntry, outcome: str) -> None:
+        """Mark an entry answered (or given up, as `outcome` says); its text and reply are cleared. Not waited for:
+        committed with the next writes, and kept by close()."""
+        if self._closed:
+            raise InboxError(f"{self.path}: the inbox is closed")
+        self._ops.put(("finish", (entry.id, outcome), None))
 
     async def _submit(self, kind: str, args):
         if self._closed:
@@ -182,37 +191,56 @@ class Inbox:
     # --- the writer thread ----------------------------------------------------------------------
 
     def _write_forever(self) -> None:
-        while True:
+        closing = False
+        while not closing:
             op = self._ops.get()
             if op is _CLOSE:
                 return
             batch = [op]
-            closing = False
-            while len(batch) < MAX_BATCH:
+            closing = self._take_waiting(batch)
+            # Nobody waits for finished marks: let them wait a little for other writes to share a commit.
+            lingering_until = time.monotonic() + FINISH_LINGER_S
+            while not closing and all(future is None for _, _, future in batch) and len(batch) < MAX_BATCH:
                 try:
-                    op = self._ops.get_nowait()
+                    op = self._ops.get(timeout=max(0.0, lingering_until - time.monotonic()))
                 except queue.Empty:
                     break
                 if op is _CLOSE:
                     closing = True
                     break
                 batch.append(op)
-            results = self._commit(batch)
+                closing = self._take_waiting(batch)
+            results = self._commit(batch, durable=any(kind in DURABLE for kind, _, _ in batch))
             by_loop: dict = {}
             for (_, _, future), result in zip(batch, results, strict=True):
-                by_loop.setdefault(future.get_loop(), []).append((future, result))
+                if future is not None:
+                    by_loop.setdefault(future.get_loop(), []).append((future, result))
             for loop, settled in by_loop.items():
                 try:
                     loop.call_soon_threadsafe(_settle, settled)
                 except RuntimeError:  # that loop has closed: nobody waits for these
                     pass
-            if closing:
-                return
 
-    def _commit(self, batch: list) -> list:
-        """Runs a batch in one transaction; each op's result, or one InboxError for all if the commit failed."""
+    def _take_waiting(self, batch: list) -> bool:
+        """Adds what is queued already to `batch`; True if close() was asked for."""
+        while len(batch) < MAX_BATCH:
+            try:
+                op = self._ops.get_nowait()
+            except queue.Empty:
+                return False
+            if op is _CLOSE:
+                return True
+            batch.append(op)
+        return False
+
+    def _commit(self, batch: list, durable: bool) -> list:
+        """Runs a batch in one transaction, fsync'd if `durable`; each op's result, or one InboxError for all if the
+        commit failed."""
         db = self._db
         try:
+            if durable != self._durable:
+                db.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+                self._durable = durable
             db.execute("BEGIN IMMEDIATE")
             try:
                 results = [getattr(self, "_do_" + kind)(args) for kind, args, _ in batch]

@@ -28,7 +28,7 @@ async def test_a_message_is_taken_once_and_a_duplicate_is_refused_even_after_reo
     assert first is not None and first.key == "line:E1" and again is None
     (other,) = await inbox.accept([IncomingMessage("discord", "c", "u", "n", "t", True, event_id="E1")])
     assert other is not None  # the same id on another platform is another message
-    await inbox.finish(first, "replied")
+    inbox.finish(first, "replied")
     inbox.close()
 
     inbox = Inbox(path)
@@ -43,7 +43,7 @@ async def test_what_was_left_unfinished_comes_back_in_order_with_its_delivery_da
     await inbox.attempt(entries[1], "reply", "返事1")
     await inbox.attempt(entries[1], "reply", "返事1")  # once per method
     await inbox.attempt(entries[1], "push", "返事1")
-    await inbox.finish(entries[3], "replied")
+    inbox.finish(entries[3], "replied")
     inbox.close()
 
     inbox = Inbox(path)
@@ -63,7 +63,7 @@ async def test_an_answered_entry_keeps_no_text(path):
     inbox = Inbox(path)
     (entry,) = await inbox.accept([line_message("E1", text="ひみつの話")])
     await inbox.attempt(entry, "reply", "ひみつの返事")
-    await inbox.finish(entry, "replied")
+    inbox.finish(entry, "replied")
     assert await inbox.counts() == {"replied": 1}
     inbox.close()
     with sqlite3.connect(path) as db:
@@ -75,7 +75,8 @@ async def test_writes_from_many_tasks_at_once_are_all_committed(path):
     inbox = Inbox(path)
     results = await asyncio.gather(*(inbox.accept([line_message(f"E{i}", chat=f"U{i % 7}")]) for i in range(400)))
     assert all(entry is not None for (entry,) in results)
-    await asyncio.gather(*(inbox.finish(entry, "replied") for (entry,) in results[:100]))
+    for (entry,) in results[:100]:
+        inbox.finish(entry, "replied")
     inbox.close()
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT COUNT(*), COUNT(finished_at) FROM entries").fetchone() == (400, 100)
@@ -92,12 +93,25 @@ def test_every_commit_reaches_the_disk(path):
 async def test_answered_entries_are_pruned_after_their_time(path):
     inbox = Inbox(path, done_keep_s=0)
     entries = await inbox.accept([line_message(f"E{i}") for i in range(1001)])
-    for entry in entries[:1000]:
-        await inbox.finish(entry, "replied")
-    await inbox.finish(entries[1000], "replied")  # the commit after the 1000th finish prunes
-    counts = await inbox.counts()
+    for entry in entries:
+        inbox.finish(entry, "replied")  # the 1000th finish makes its commit prune
     inbox.close()
-    assert sum(counts.values()) < 1001
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM entries").fetchone()[0] < 1001
+
+
+async def test_finished_marks_are_committed_without_being_waited_for_and_kept_by_close(path):
+    inbox = Inbox(path)
+    entries = await inbox.accept([line_message(f"E{i}") for i in range(3)])
+    inbox.finish(entries[0], "replied")
+    assert await inbox.counts() == {"replied": 1, "unfinished": 2}  # queued before the count: committed first
+    inbox.finish(entries[1], "quiet")
+    inbox.close()  # the lingering mark is committed, not lost
+    with sqlite3.connect(path) as db:
+        assert dict(db.execute("SELECT event_id, COALESCE(outcome, '') FROM entries")) == {
+            "E0": "replied", "E1": "quiet", "E2": ""}
+    with pytest.raises(InboxError, match="closed"):
+        inbox.finish(entries[2], "replied")
 
 
 async def test_a_closed_inbox_refuses_writes_by_name(path):

@@ -217,7 +217,6 @@ async def test_the_reply_goes_only_to_the_chat_it_came_from_whatever_the_model_w
     assert sorted(d.to for d in fake.delivered(REPLY)) == sorted([one_to_one["replyToken"], last["replyToken"]])
     sent = [m for c in fake.to(REPLY) + fake.to(PUSH) for m in c["json"]["messages"]]
     assert all(m == {"type": "text", "text": text} for m in sent)  # plain text: no textV2 substitution, no mention
-    assert [c["json"]["chatId"] for c in fake.to("/v2/bot/chat/loading/start")] == [USER, other]  # 1:1 chats only
 
 
 # --- Retry-After ---------------------------------------------------------------------------------------
