@@ -1,4 +1,4 @@
-"""LINE Messaging API: a webhook on the daemon's HTTP server, replies through line-bot-sdk v3.
+"""LINE Messaging API: a webhook on the daemon's HTTP server, replies through LINE's API (line_api.py).
 
     POST [line] webhook_path ─► size cap ─► X-Line-Signature ─► events ─► inbox (on disk) ─► 200
     dispatcher ─► deliver: reply token (while fresh) | push ([line] push_fallback) | drop, with a log line
