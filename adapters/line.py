@@ -39,7 +39,7 @@ from aiohttp import web
 from bot.inbox import InboxError
 from bot.messages import Accept, IncomingMessage
 
-from .line_api import LineApi, RetryPolicy
+from .line_api import LineApi, RetryPolicy, loggable
 
 log = logging.getLogger("bunshin.line")
 
@@ -169,28 +169,28 @@ def _text_message_event(raw) -> TextEvent | None:
     """A text message event we can answer, or None (other events and malformed ones are ignored)."""
     kind = raw.get("type") if isinstance(raw, dict) else None
     if kind != "message":
-        log.debug("%s event ignored", _short(kind))
+        log.debug("%s event ignored", loggable(kind))
         return None
     event_id, message, source = raw.get("webhookEventId"), raw.get("message"), raw.get("source")
     if not isinstance(message, dict) or message.get("type") != "text":
-        log.debug("message event %s that is not text ignored", _short(event_id))
+        log.debug("message event %s that is not text ignored", loggable(event_id))
         return None
     text, timestamp, reply_token = message.get("text"), raw.get("timestamp"), raw.get("replyToken")
     if not (isinstance(event_id, str) and isinstance(text, str) and type(timestamp) is int
             and (reply_token is None or isinstance(reply_token, str))):
-        log.warning("malformed message event ignored (%s)", _short(event_id))
+        log.warning("malformed message event ignored (%s)", loggable(event_id))
         return None
     chat_kind = source.get("type") if isinstance(source, dict) else None
     chat_id = source.get(_SOURCE_IDS[chat_kind]) if isinstance(chat_kind, str) and chat_kind in _SOURCE_IDS else None
     user_id = source.get("userId") if isinstance(source, dict) else None
     if not (isinstance(chat_id, str) and chat_id) or not (user_id is None or isinstance(user_id, str)):
-        log.warning("message event %s without a usable source: ignored", _short(event_id))
+        log.warning("message event %s without a usable source: ignored", loggable(event_id))
         return None
     # What LINE never sends would fail later, in SQLite or in arithmetic on the timestamp, after the webhook
     # has answered: refuse it here instead.
     if not (event_id and _is_utf8(event_id, chat_id, user_id or "", text, reply_token or "")
             and 0 <= timestamp < 2**53):
-        log.warning("message event %s with impossible values ignored", _short(event_id))
+        log.warning("message event %s with impossible values ignored", loggable(event_id))
         return None
     return TextEvent(event_id, timestamp, reply_token, chat_kind, chat_id, user_id or "", text,
                      _self_mentions(message.get("mention")))
@@ -217,11 +217,6 @@ def _is_utf8(*texts: str) -> bool:
 
 
 # --- the adapter ------------------------------------------------------------------------------
-
-
-def _short(value, limit: int = 40) -> str:
-    """An id or event type fit for a log line (the body is the sender's, not ours)."""
-    return str(value)[:limit].encode("ascii", "replace").decode()
 
 
 def strip_self_mention(text: str, spans) -> str:
@@ -283,7 +278,7 @@ class LineAdapter:
             return web.Response(status=500, text="could not store the events")
         for message, entry in zip(messages, taken, strict=True):
             if entry is None:
-                log.info("event %s delivered again: already taken", _short(message.event_id))
+                log.info("event %s delivered again: already taken", loggable(message.event_id))
         return web.Response(status=200, text="OK")
 
     def _incoming(self, event: TextEvent, received: float, received_at: float) -> IncomingMessage:
@@ -316,13 +311,10 @@ class LineAdapter:
         """False, with the log line, for a reply token gone stale while push_fallback is off (and nothing was sent
         yet): making a reply would be for nobody. It happens after a long wait: a restart, or overload."""
         message = entry.message
-        if self.line.push_fallback or entry.attempts:
+        if self.line.push_fallback or entry.attempts or self._token_fresh(message):
             return True
-        age = self._token_age(message)
-        if message.delivery.get("reply_token") and age < self.line.reply_token_margin_s:
-            return True
-        log.warning("reply token stale after %.1fs for %s: reply dropped ([line] push_fallback is off)", age,
-                    message.chat_key)
+        log.warning("reply token stale after %.1fs for %s: reply dropped ([line] push_fallback is off)",
+                    self._token_age(message), message.chat_key)
         return False
 
     @contextlib.asynccontextmanager
@@ -348,20 +340,19 @@ class LineAdapter:
         if not messages:
             return "quiet"
         message = entry.message
-        chat_key, token = message.chat_key, message.delivery.get("reply_token")
-        age = self._token_age(message)
+        chat_key = message.chat_key
         if entry.attempted("push") is not None:
             # Pushed before a restart, maybe delivered: the same retry key makes LINE send it at most once.
             return await self._push(entry, messages, record_attempt)
         if entry.attempted("reply") is not None:
             # Replied before a restart, maybe accepted. A fresh token is safe to try again (a spent one is refused);
             # a push could only double it.
-            if not token or age >= self.line.reply_token_margin_s:
+            if not self._token_fresh(message):
                 log.warning("reply to %s may have been delivered before the restart: not pushed, so it cannot arrive "
                             "twice", chat_key)
                 return "maybe_delivered"
             outcome = await self._reply(entry, messages, record_attempt, retried=True)
-        elif token and age < self.line.reply_token_margin_s:
+        elif self._token_fresh(message):
             outcome = await self._reply(entry, messages, record_attempt)
         else:
             outcome = "stale"
@@ -372,11 +363,16 @@ class LineAdapter:
         if outcome == "unknown":
             log.warning("reply to %s may have been delivered: not pushed, so it cannot arrive twice", chat_key)
             return "maybe_delivered"
-        reason = "reply not accepted in time" if outcome == "unsent" else f"reply token stale after {age:.1f}s"
+        reason = ("reply not accepted in time" if outcome == "unsent"
+                  else f"reply token stale after {self._token_age(message):.1f}s")
         if self.line.push_fallback:
             return await self._push(entry, messages, record_attempt)
         log.warning("%s for %s: reply dropped ([line] push_fallback is off)", reason, chat_key)
         return "dropped"
+
+    def _token_fresh(self, message: IncomingMessage) -> bool:
+        """The event has a reply token young enough to use ([line] reply_token_margin_s)."""
+        return bool(message.delivery.get("reply_token")) and self._token_age(message) < self.line.reply_token_margin_s
 
     def _token_age(self, message: IncomingMessage) -> float:
         """The token lasts about a minute from the event; count from the older of LINE's stamp and our receipt."""
@@ -408,7 +404,7 @@ class LineAdapter:
         for attempt in range(1, policy.attempts + 1):
             result = await self._api.reply(chat_id, token, messages, f"reply (try {attempt}/{policy.attempts})")
             if result.outcome == "sent":
-                log.info("replied to line:%s (%d message(s))", _short(chat_id), len(messages))
+                log.info("replied to line:%s (%d message(s))", loggable(chat_id), len(messages))
                 return "sent"
             if result.outcome == "refused":
                 if result.status == 400:  # "Invalid reply token": spent (by us, if maybe_sent) or expired
@@ -419,7 +415,7 @@ class LineAdapter:
                 break
             wait = policy.wait_before_retry(attempt, result.retry_after)
             if self._token_age(message) + wait >= self.line.reply_token_margin_s:
-                log.warning("reply to line:%s: no retry, the token would be stale", _short(chat_id))
+                log.warning("reply to line:%s: no retry, the token would be stale", loggable(chat_id))
                 break
             await asyncio.sleep(wait)
         return "unknown" if maybe_sent else "unsent"
@@ -434,15 +430,15 @@ class LineAdapter:
         for attempt in range(1, policy.attempts + 1):
             result = await self._api.push(chat_id, messages, key, f"push (try {attempt}/{policy.attempts})")
             if result.outcome in ("sent", "conflict"):
-                log.info("pushed to line:%s (%d message(s))", _short(chat_id), len(messages))
+                log.info("pushed to line:%s (%d message(s))", loggable(chat_id), len(messages))
                 return "replied"
             if not result.retriable or attempt == policy.attempts:
                 break
             if result.retry_after is not None and result.retry_after > policy.max_retry_after_s:
-                log.error("push to line:%s: LINE asks to wait %.0fs: given up", _short(chat_id), result.retry_after)
+                log.error("push to line:%s: LINE asks to wait %.0fs: given up", loggable(chat_id), result.retry_after)
                 return "failed"
             await asyncio.sleep(policy.wait_before_retry(attempt, result.retry_after))
-        log.error("push to line:%s failed for good after %d tries", _short(chat_id), attempt)
+        log.error("push to line:%s failed for good after %d tries", loggable(chat_id), attempt)
         return "failed"
 
     # --- lifecycle ---

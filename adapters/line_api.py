@@ -90,8 +90,8 @@ def proxy_for(url: str) -> str | None:
     return urllib.request.getproxies().get(parts.scheme)
 
 
-def _short(value, limit: int = 40) -> str:
-    """An id or a server's words fit for a log line."""
+def loggable(value, limit: int = 40) -> str:
+    """An id, an event type or a server's words fit for a log line (they come from others, not from us)."""
     return str(value)[:limit].encode("ascii", "replace").decode()
 
 
@@ -135,20 +135,20 @@ class LineApi:
                 return self._refused(what, chat_id, r.status, r.reason, r.headers, answer)
         except aiohttp.ClientConnectorError as exc:  # no connection: the request never left
             self.metrics.errors.labels(kind="line_api").inc()
-            log.warning("LINE %s for %s failed: %s", what, _short(chat_id), type(exc).__name__)
+            log.warning("LINE %s for %s failed: %s", what, loggable(chat_id), type(exc).__name__)
             return Attempt("unsent")
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:  # sent, maybe accepted
             self.metrics.errors.labels(kind="line_api").inc()
-            log.warning("LINE %s for %s failed: %s", what, _short(chat_id), type(exc).__name__)
+            log.warning("LINE %s for %s failed: %s", what, loggable(chat_id), type(exc).__name__)
             return Attempt("unknown")
 
     def _refused(self, what: str, chat_id: str, status: int, reason: str | None, headers, answer: bytes) -> Attempt:
         self.metrics.errors.labels(kind="line_api").inc()
         try:
-            detail = _short(json.loads(answer).get("message", ""), 200)
+            detail = loggable(json.loads(answer).get("message", ""), 200)
         except (ValueError, AttributeError):  # not a JSON object
             detail = ""
-        log.warning("LINE %s for %s failed: HTTP %s %s %s", what, _short(chat_id), status, reason or "", detail)
+        log.warning("LINE %s for %s failed: HTTP %s %s %s", what, loggable(chat_id), status, reason or "", detail)
         if status == 409:
             return Attempt("conflict", 409)
         if status == 429:
