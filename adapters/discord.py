@@ -191,9 +191,7 @@ class DiscordAdapter:
         if message is not None:
             channel = message.channel
             reference = message.to_reference(fail_if_not_exists=False)
-        else:  # accepted by an earlier run
-            if not self.can_deliver(entry):
-                return "dropped"
+        else:  # accepted by an earlier run (the dispatcher asked can_deliver first)
             guild_id = int(incoming.delivery["guild_id"]) if incoming.delivery.get("guild_id") else None
             channel = await self._channel(int(incoming.delivery["channel_id"]), guild_id)
             if channel is None:

@@ -116,31 +116,31 @@ class Dispatcher:
             if adapter is None:
                 log.warning("message %s from %s dropped: the %s platform is not enabled now", entry.id,
                             message.chat_key, message.platform)
-                return await self._finish(entry, "dropped")
-            if entry.recovered and entry.recoveries > MAX_RECOVERIES:
+                return self._finish(entry, "dropped")
+            if entry.recoveries > MAX_RECOVERIES:
                 log.error("message %s from %s dropped: %d starts did not get it answered", entry.id, message.chat_key,
                           entry.recoveries)
-                return await self._finish(entry, "dropped")
+                return self._finish(entry, "dropped")
+            if message.addressed and not adapter.can_deliver(entry):
+                # Too late to answer (the platform adapter said why): remembered as part of the conversation,
+                # and no reply is made for nobody.
+                if entry.reply is None:
+                    await self.router.answer(replace(message, addressed=False), entry.key)
+                return self._finish(entry, "dropped")
             reply = entry.reply
             if reply is None:
                 # A message that waited for the model to load (or for a restart) gets its full deadline from now.
                 if self._serving_since is not None and message.received < self._serving_since:
                     message = replace(message, received=self._serving_since)
-                if message.addressed and not adapter.can_deliver(entry):
-                    # Too late to answer (the platform adapter said why): remembered as part of the conversation,
-                    # and no reply is made for nobody.
-                    await self.router.answer(replace(message, addressed=False), entry.key)
-                    return await self._finish(entry, "dropped")
                 async with adapter.working(entry):
-                    reply = await self.router.answer(message, entry.key)
+                    reply = await self.router.answer(message, entry.key, again=entry.recovered)
             if not reply:
-                return await self._finish(entry, "quiet")
+                return self._finish(entry, "quiet")
 
             async def record_attempt(method: str) -> None:
                 await self.inbox.attempt(entry, method, reply)
 
-            outcome = await adapter.deliver(entry, reply, record_attempt)
-            await self._finish(entry, outcome)
+            self._finish(entry, await adapter.deliver(entry, reply, record_attempt))
         except InboxError as exc:  # the disk failed: the entry stays unfinished and is tried again at the next start
             log.error("message %s from %s: %s", entry.id, message.chat_key, exc)
         except asyncio.CancelledError:
@@ -148,11 +148,11 @@ class Dispatcher:
         except Exception:  # noqa: BLE001 - a bug must cost one message, not the chat
             log.exception("message %s from %s failed", entry.id, message.chat_key)
             try:
-                await self._finish(entry, "failed")
+                self._finish(entry, "failed")
             except InboxError as exc:
                 log.error("message %s from %s: %s", entry.id, message.chat_key, exc)
 
-    async def _finish(self, entry: InboxEntry, outcome: str) -> None:
+    def _finish(self, entry: InboxEntry, outcome: str) -> None:
         self.inbox.finish(entry, outcome)
         self.metrics.deliveries.labels(outcome=outcome).inc()
 

@@ -85,8 +85,12 @@ class InboxEntry:
     message: IncomingMessage
     reply: str | None = None  # the reply decided before a delivery was attempted
     attempts: list[tuple[str, float]] = field(default_factory=list)  # (method, wall time) before each first try
-    recovered: bool = False  # left unfinished by an earlier run
     recoveries: int = 0  # how many starts found it unfinished
+
+    @property
+    def recovered(self) -> bool:
+        """Left unfinished by an earlier run."""
+        return self.recoveries > 0
 
     @property
     def key(self) -> str:
@@ -154,8 +158,7 @@ class Inbox:
             message = IncomingMessage(platform, chat_id, user_id, user_name, text, bool(addressed),
                                       received=now, event_id=event_id, received_at=received_at,
                                       delivery=json.loads(delivery))
-            entries.append(InboxEntry(id_, message, reply, [tuple(a) for a in json.loads(attempts)], recovered=True,
-                                      recoveries=recoveries))
+            entries.append(InboxEntry(id_, message, reply, [tuple(a) for a in json.loads(attempts)], recoveries))
         return entries
 
     # --- writes: queued to the writer thread, awaited until committed -------------------------

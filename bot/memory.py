@@ -14,7 +14,7 @@ fewer than 2 * keep turns; the bot passes keep = 4 * [memory] max_turns.
 
 Appends are idempotent when they carry an `event` key (the inbox's id of the message they came
 from, or of the reply to it): a message answered again after a crash is not remembered twice,
-and a reply already generated for it is found again (`reply_for`) instead of being regenerated.
+and a reply already generated for it is found again (`text_of`) instead of being regenerated.
 
 Faults are loud, never silent: a file that is not ours or is damaged (checked at open with
 `PRAGMA quick_check`, cheap on a pruned file) stops the bot at start naming the file and is left
@@ -50,10 +50,10 @@ CREATE INDEX IF NOT EXISTS turns_by_chat ON turns (chat_key, id);
 CREATE UNIQUE INDEX IF NOT EXISTS turns_by_event ON turns (event) WHERE event IS NOT NULL;
 """
 # A version 1 file (no event keys) gains the column and its index; its turns keep event NULL.
-_MIGRATE_FROM_1 = """
-ALTER TABLE turns ADD COLUMN event TEXT;
-CREATE UNIQUE INDEX IF NOT EXISTS turns_by_event ON turns (event) WHERE event IS NOT NULL;
-"""
+_MIGRATE_FROM_1 = (
+    "ALTER TABLE turns ADD COLUMN event TEXT",
+    "CREATE UNIQUE INDEX IF NOT EXISTS turns_by_event ON turns (event) WHERE event IS NOT NULL",
+)
 
 
 def _damaged(path: str, why: str) -> str:
@@ -128,7 +128,7 @@ class ConversationMemory:
             db.execute("BEGIN IMMEDIATE")
             try:  # statement by statement: executescript() would commit first; another process may have migrated meanwhile
                 if db.execute("PRAGMA user_version").fetchone()[0] == 1:
-                    for statement in filter(str.strip, _MIGRATE_FROM_1.split(";")):
+                    for statement in _MIGRATE_FROM_1:
                         db.execute(statement)
                     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 db.execute("COMMIT")

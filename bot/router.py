@@ -94,11 +94,12 @@ class Router:
                         self._busy_unlogged, chat_key)
             self._busy_unlogged, self._busy_logged_at = 0, now
 
-    async def answer(self, message: IncomingMessage, key: str | None = None) -> str | None:
+    async def answer(self, message: IncomingMessage, key: str | None = None, again: bool = False) -> str | None:
         """The reply to send, or None to stay quiet. `key` (the inbox's, unique per message) makes memory
-        writes idempotent."""
+        writes idempotent; `again`: the message is answered a second time (after a restart), so a reply made
+        the first time may be in memory already."""
         try:
-            return await self._answer(message, key)
+            return await self._answer(message, key, again)
         except MemoryStoreError as exc:
             # Locked or damaged memory: the operator reads which file and why; the user hears that it failed
             # (so they can resend) instead of getting an answer given without the conversation.
@@ -106,7 +107,7 @@ class Router:
             log.error("%s", exc)
             return ERROR_REPLY if message.addressed else None
 
-    async def _answer(self, message: IncomingMessage, key: str | None) -> str | None:
+    async def _answer(self, message: IncomingMessage, key: str | None, again: bool) -> str | None:
         if not self._allowed(message):
             self.metrics.messages.labels(outcome="ignored").inc()
             return None
@@ -127,7 +128,7 @@ class Router:
             self.metrics.messages.labels(outcome="ignored").inc()
             return None
         reply_key = f"reply:{key}" if key else None
-        if reply_key and (earlier := self.memory.text_of(reply_key)) is not None:
+        if again and reply_key and (earlier := self.memory.text_of(reply_key)) is not None:
             self.metrics.messages.labels(outcome="replied").inc()
             return earlier  # generated before a crash, not delivered: the same words, not new ones
         if not self.limiter.allow(message.user_key):

@@ -39,7 +39,7 @@ class ScriptedRouter:
         self.reply = reply
         self.seen = []
 
-    async def answer(self, message, key=None):
+    async def answer(self, message, key=None, again=False):
         self.seen.append(message)
         result = self.reply(message)
         return await result if hasattr(result, "__await__") else result

@@ -182,7 +182,7 @@ class StubRouter:
         self.seen = []
         self.answered = asyncio.Event()
 
-    async def answer(self, message, key=None):
+    async def answer(self, message, key=None, again=False):
         self.seen.append(message)
         if message.addressed:
             self.answered.set()
