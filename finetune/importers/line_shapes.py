@@ -105,7 +105,7 @@ def classify(name: str, body: str) -> str:
         return PLACEHOLDER  # an attributed line with nothing typed: some media LINE cannot render as text
     first = body[0]
     if first == "[":
-        return PLACEHOLDER if _is_tagged_item(body) else TEXT
+        return PLACEHOLDER if _tagged_item(body) is not None else TEXT
     if first == "☎":
         return PLACEHOLDER  # call lines: 通話時間, 不在着信, Missed call, Canceled call, No answer ...
     if (first == "ⓘ" or body.rstrip().endswith(NOTICE_ENDINGS)) and _NAMED_NOTICE.match(body.rstrip()):
@@ -113,18 +113,19 @@ def classify(name: str, body: str) -> str:
     return TEXT
 
 
-def _is_tagged_item(body: str) -> bool:
-    """Whether a body starting with `[` is one of LINE's tagged items rather than typed text."""
+def _tagged_item(body: str) -> str | None:
+    """What a body starting with `[` is: "exact" (a tag alone, `[スタンプ]`), "titled" (a tag and what it
+    refers to, `[投票] 旅行先`), or None: typed text."""
     close = body.find("]")
     if close <= 0:
-        return False
+        return None
     tag = body[: close + 1]
     after = body[close + 1 :]
     if tag in _EXACT_TAGS:
-        return not after.strip()
+        return "exact" if not after.strip() else None
     if tag in _TITLED_TAGS or _SHARE_TAG.match(tag):
-        return not after or after[0].isspace()
-    return False
+        return "titled" if not after or after[0].isspace() else None
+    return None
 
 
 def is_titled_item(body: str) -> bool:
@@ -133,11 +134,7 @@ def is_titled_item(body: str) -> bool:
     Such an item can run over several lines (a note share quoted in a mobile export, a title
     followed by unquoted lines in a PC one), so the parsers ask this of whole multi-line bodies.
     """
-    if not body.startswith("["):
-        return False
-    close = body.find("]")
-    tag = body[: close + 1]
-    return close > 0 and (tag in _TITLED_TAGS or bool(_SHARE_TAG.match(tag))) and _is_tagged_item(body)
+    return body.startswith("[") and _tagged_item(body) == "titled"
 
 
 # The PC / Mac app ("save chat") writes no tags: media and calls are bare words in the app's UI
