@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -24,6 +25,16 @@ def run_cli(*args: str, module: str = "finetune", timeout: float = 300) -> subpr
         stdin=subprocess.DEVNULL,
         timeout=timeout,
     )
+
+
+def write_toml(path: Path, table: dict) -> Path:
+    """A config file from {section: {key: value}} (JSON's scalars and lists are TOML's too)."""
+    lines = []
+    for name, values in table.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {json.dumps(v, ensure_ascii=False)}" for k, v in values.items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
 
 
 @pytest.fixture

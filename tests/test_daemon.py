@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, write_toml
 
 from finetune.tiny_model import build_tiny_model
 
@@ -36,13 +36,7 @@ def write_config(folder: Path, tiny: Path, **sections) -> Path:
     }
     for name, values in sections.items():
         table.setdefault(name, {}).update(values)
-    lines = []
-    for name, values in table.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {json.dumps(v, ensure_ascii=False)}" for k, v in values.items()]
-    path = folder / "bot.toml"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return write_toml(folder / "bot.toml", table)
 
 
 def start_bot(config: Path, *extra: str) -> subprocess.Popen:

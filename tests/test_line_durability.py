@@ -7,7 +7,6 @@ delivery, then started again on the same files. The fake LINE API (tests/fake_li
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import signal
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import REPO
+from conftest import REPO, write_toml
 from fake_line_api import PUSH, REPLY, Fault, serving_fake_line, sign, text_event, webhook_bytes
 
 from adapters.line import PUSH_KEYS
@@ -47,13 +46,7 @@ def write_config(folder: Path, tiny: Path, fake_url: str, **sections) -> Path:
     }
     for name, values in sections.items():
         table.setdefault(name, {}).update(values)
-    lines = []
-    for name, values in table.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {json.dumps(v, ensure_ascii=False)}" for k, v in values.items()]
-    path = folder / "bot.toml"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return write_toml(folder / "bot.toml", table)
 
 
 class Daemon:
