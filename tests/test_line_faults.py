@@ -256,3 +256,32 @@ def test_the_proxy_comes_from_the_environment_once(monkeypatch):
     monkeypatch.delenv("HTTPS_PROXY")
     monkeypatch.delenv("https_proxy", raising=False)
     assert proxy_for("https://api.line.me") is None
+
+
+async def test_request_bodies_are_what_lines_own_sdk_would_send(tmp_path, caplog):
+    """The JSON the adapter posts, against line-bot-sdk's own serialisation of the same requests (the SDK adds
+    only `notificationDisabled: false`, LINE's documented default)."""
+    from linebot.v3.messaging import PushMessageRequest, ReplyMessageRequest, ShowLoadingAnimationRequest, TextMessage
+
+    from adapters.line_api import LineApi
+
+    def sdk(request) -> dict:
+        body = request.to_dict()
+        assert body.pop("notificationDisabled", False) is False
+        return body
+
+    async with serving_fake_line(TOKEN) as fake, serving_adapter(tmp_path, caplog, fake, reply="返事だよ",
+                                                                 push_fallback=True) as line:
+        fresh, late = text_event("もしもし", user=USER), stale(user="U" + "6" * 32)
+        assert await line.post(fresh, late) == 200
+        await asyncio.wait_for(_until(lambda: len(fake.deliveries) == 2), 15)
+        api = LineApi(fake.url, TOKEN, 1.0, BotMetrics())
+        api.open()
+        assert (await api.show_loading(USER, 20)).outcome == "sent"
+        await api.close()
+    (reply,), (push,), (loading,) = fake.to(REPLY), fake.to(PUSH), fake.to("/v2/bot/chat/loading/start")
+    text = [TextMessage(text="返事だよ")]
+    assert reply["json"] == sdk(ReplyMessageRequest(reply_token=fresh["replyToken"], messages=text))
+    assert push["json"] == sdk(PushMessageRequest(to="U" + "6" * 32, messages=text))
+    assert loading["json"] == sdk(ShowLoadingAnimationRequest(chat_id=USER, loading_seconds=20))
+    assert reply["headers"]["Content-Type"].startswith("application/json")

@@ -225,3 +225,57 @@ def test_bodies_over_the_cap_are_refused_before_reading_or_verifying(webhook_url
     assert post(url, huge, sign(huge, SECRET))[0] == 413
     just_fits = webhook_bytes() + b" " * (line_module.MAX_BODY_BYTES - len(webhook_bytes()))
     assert post(url, just_fits, sign(just_fits, SECRET))[0] == 200
+
+
+def test_events_serialised_by_lines_own_sdk_read_as_the_sdk_reads_them():
+    """The parser against what LINE's official SDK (line-bot-sdk, a dev dependency) writes and reads: the SDK
+    builds each event and serialises it; our parse_events and the SDK's Event.from_dict must agree on every field
+    the bot uses, and non-text messages are skipped by both."""
+    from linebot.v3.webhooks import (
+        AllMentionee,
+        ContentProvider,
+        DeliveryContext,
+        Event,
+        GroupSource,
+        ImageMessageContent,
+        Mention,
+        MessageEvent,
+        RoomSource,
+        TextMessageContent,
+        UserMentionee,
+        UserSource,
+    )
+
+    def event(source, message, event_id: str) -> dict:
+        built = MessageEvent(type="message", mode="active", timestamp=1462629479859, source=source,
+                             webhook_event_id=event_id, delivery_context=DeliveryContext(is_redelivery=False),
+                             reply_token=f"token-{event_id}", message=message)
+        return json.loads(built.to_json())
+
+    mention = Mention(mentionees=[UserMentionee(type="user", index=3, length=3, user_id="Ubot", is_self=True),
+                                  UserMentionee(type="user", index=0, length=1, user_id=USER, is_self=False),
+                                  AllMentionee(type="all", index=0, length=1)])
+    raw = [
+        event(UserSource(type="user", user_id=USER), TextMessageContent(type="text", id="1", text="Hello, world",
+                                                                        quote_token="q"), "E1"),
+        event(GroupSource(type="group", group_id="C" + "1" * 32, user_id=USER),
+              TextMessageContent(type="text", id="2", text="😀 @美咲 元気？", quote_token="q", mention=mention), "E2"),
+        event(GroupSource(type="group", group_id="C" + "2" * 32),  # a member who does not share a profile
+              TextMessageContent(type="text", id="3", text="だれ？", quote_token="q"), "E3"),
+        event(RoomSource(type="room", room_id="R" + "3" * 32, user_id=USER),
+              TextMessageContent(type="text", id="4", text="部屋", quote_token="q"), "E4"),
+        event(UserSource(type="user", user_id=USER), ImageMessageContent(
+            type="image", id="5", quote_token="q", content_provider=ContentProvider(type="line")), "E5"),
+    ]
+    ours = parse_events(as_json({"destination": "U0", "events": raw}))
+    theirs = [e for e in map(Event.from_dict, raw) if isinstance(e.message, TextMessageContent)]
+    assert [e.event_id for e in ours] == [e.webhook_event_id for e in theirs] == ["E1", "E2", "E3", "E4"]
+    for mine, sdk in zip(ours, theirs, strict=True):
+        source = sdk.source
+        assert (mine.kind, mine.chat_id) == (source.type, getattr(source, f"{source.type}_id"))
+        assert mine.user_id == (getattr(source, "user_id", None) or "")
+        assert (mine.text, mine.timestamp_ms, mine.reply_token) == (sdk.message.text, sdk.timestamp, sdk.reply_token)
+        sdk_self = tuple((m.index, m.length) for m in (sdk.message.mention.mentionees if sdk.message.mention else ())
+                         if getattr(m, "is_self", False))
+        assert mine.self_mentions == sdk_self
+    assert ours[1].self_mentions == ((3, 3),)
