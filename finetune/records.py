@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import NamedTuple
 
-# What a record is, as FORMATS.md counts them.
+# What a record is, as `finetune inspect` counts them (README, "See who said what").
 TEXT = "text"  # something a person typed
 PLACEHOLDER = "placeholder"  # attributed non-text item: sticker, photo, call, attachment-only ...
 SYSTEM = "system"  # a notice nobody said: join, leave, unsend, pin ...
@@ -28,5 +28,5 @@ class ChatRecord(NamedTuple):
 
 
 def is_multiline(record: ChatRecord) -> bool:
-    """FORMATS.md: a text message whose body still has a newline once trailing ones are stripped."""
+    """A text message whose body still has a newline once trailing ones are stripped (inspect's "multiline")."""
     return record.kind == TEXT and "\n" in record.text.rstrip("\r\n")

@@ -1,4 +1,4 @@
-"""`finetune inspect`: who said what in an export, counted as FORMATS.md says."""
+"""`finetune inspect`: who said what in an export, counted as finetune/records.py defines the kinds."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ class ExportSummary:
     last: datetime | None = None
 
     def as_json(self) -> dict:
-        """The stable contract of `inspect --json` (DESIGN.md): keep these keys exactly."""
+        """The stable contract of `inspect --json` (the README shows it): keep these keys exactly."""
         return {
             "format": self.format,
             "speakers": {name: {"text": c.text, "placeholder": c.placeholder} for name, c in self.speakers.items()},

@@ -1,7 +1,7 @@
 """The tokenizer the project trains and serves with gives raw SentencePiece's ids, for every input.
 
 A tiny rinna-shaped model is built once per module (finetune/tiny_model.py); the trap that
-DESIGN.md describes (transformers 5 re-tokenizing rinna's SentencePiece model) is shown on it.
+finetune/tokenization.py describes (transformers 5 re-tokenizing rinna's SentencePiece model) is shown on it.
 """
 
 from __future__ import annotations
