@@ -28,12 +28,18 @@ class Stepper(Protocol):
 
     def abort(self) -> list: ...  # after a failed step: forget every admitted request, return their keys
 
+    def release(self) -> None: ...  # done with it: the model goes back to how it was before
+
 
 class BatchStepper:
-    def __init__(self, backend, capacity: int) -> None:
+    def __init__(self, backend, capacity: int, seed: int | None = None) -> None:
         self.backend = backend
         self.capacity = capacity
         self._admitted: list[tuple[object, list[ChatTurn]]] = []
+        if seed is not None:  # generate() draws from torch's global generator
+            import torch
+
+            torch.manual_seed(seed)
 
     @property
     def busy(self) -> int:
@@ -54,6 +60,9 @@ class BatchStepper:
         keys = [key for key, _ in self._admitted]
         self._admitted = []
         return keys
+
+    def release(self) -> None:
+        self._admitted = []
 
 
 class EngineStepper:
@@ -76,3 +85,6 @@ class EngineStepper:
 
     def abort(self) -> list:
         return self.engine.abort()
+
+    def release(self) -> None:
+        self.engine.detach()

@@ -128,13 +128,14 @@ class ModelBackend:
             raise ValueError(f"unknown engine {engine!r}; choose slots or plain")
         return cls(loaded, persona, template, settings, speakers, budget, engine, cuda_graphs, compile)
 
-    def make_stepper(self, capacity: int):
+    def make_stepper(self, capacity: int, seed: int | None = None):
         """The slot engine with `capacity` slots, warmed up (CUDA graphs captured) and checked against
-        plain generation; plain batched generate() when the engine is off or cannot serve this model."""
+        plain generation; plain batched generate() when the engine is off or cannot serve this model.
+        `seed` fixes the sampling (`finetune eval` compares systems on the same draws)."""
         from .steppers import BatchStepper, EngineStepper
 
         if self.engine == "plain":
-            return BatchStepper(self, capacity)
+            return BatchStepper(self, capacity, seed)
         from .slot_attention import UnsupportedModel
         from .slot_engine import SlotEngine
 
@@ -144,7 +145,7 @@ class ModelBackend:
         try:
             engine = SlotEngine(model, tokenizer, self.settings, slots=capacity,
                                 length=self.max_prompt_tokens + self.settings.max_new_tokens, cuda_graphs=self.cuda_graphs,
-                                compile=self.compile)
+                                compile=self.compile, seed=seed)
             probe = tokenizer.encode(tokenizer.to_model_text("おはよう。今日は何する?\n"))[:32] or [tokenizer.pad_id]
             difference = engine.self_check(probe)
             # fp32 agrees to rounding; bf16/fp16 (and k-bit bases computing in them) much less closely.
@@ -155,7 +156,7 @@ class ModelBackend:
             if engine is not None:
                 engine.detach()
             log.warning("worker: the slot engine cannot serve this model (%s); using plain batched generate()", exc)
-            return BatchStepper(self, capacity)
+            return BatchStepper(self, capacity, seed)
         log.info("worker: slot engine ready in %.1fs: %d slots x %d tokens, %.2f GB of cache, %d CUDA graphs",
                  time.monotonic() - started, engine.slots, engine.length, engine.cache.nbytes / 1e9, engine.graph_count)
         return EngineStepper(self, engine)
