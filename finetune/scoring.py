@@ -73,14 +73,12 @@ def stock_phrases(replies: Sequence[str]) -> tuple[list[dict], float]:
     return [{"reply": reply, "count": count} for reply, count in phrases], rate
 
 
-def verbatim_repeats(replies: Sequence[str], ids: Sequence[str], index: TrainIndex | None, min_chars: int) -> dict | None:
-    """Replies that share `min_chars`+ characters with a training text; None when there is no index to check."""
-    if index is None:
-        return None
+def verbatim_repeats(replies: Sequence[str], ids: Sequence[str], index: TrainIndex | None, min_chars: int) -> dict:
+    """Replies that share `min_chars`+ characters with a training text (`index` None: there is none to repeat)."""
     count = 0
     examples = []
     for sample_id, reply in zip(ids, replies, strict=True):
-        match = index.find(reply, min_chars)
+        match = index.find(reply, min_chars) if index is not None else None
         if match is None:
             continue
         count += 1
@@ -121,7 +119,7 @@ def score_systems(
     """-> {"features": {...}, "real": {...}, "systems": {NAME: {...}}} as docs/evaluation.md describes.
 
     `real[i]`, `systems[name][i]`, `contexts[i]` (the turns before the reply) and `ids[i]` are one sample.
-    `verbatim` is None where `train_index` is None.
+    `train_index` None means no training text: every verbatim rate is then 0.
     """
     n = len(real)
     if len(contexts) != n or len(ids) != n:

@@ -70,7 +70,7 @@ def test_the_persona_style_beats_another_style_and_stock_replies(scored):
     # Not only on average: the features that tell a casual voice from a polite one each point the right way.
     for key in ("length", "endings", "laughter", "emoji", "punctuation", "script", "ngrams"):
         assert persona["style"][key]["distance"] < systems["friend_style"]["style"][key]["distance"], key
-    assert persona["style_distance"] < 0.15
+    assert persona["style_distance"] < 0.2  # at most 0.13 over seeds 0-39
     assert systems["friend_style"]["style_distance"] > 0.4
 
 
@@ -119,7 +119,7 @@ def test_the_real_replies_against_themselves_score_perfectly():
     assert copy["style_distance"] == 0
     assert all(feature["distance"] == 0 for feature in copy["style"].values())
     assert copy["chrf"] == pytest.approx(100) and copy["chrf_corpus"] == pytest.approx(100)
-    assert copy["verbatim"] is None and report["real"]["verbatim"] is None
+    assert copy["verbatim"] == report["real"]["verbatim"] == {"rate": 0.0, "count": 0, "examples": []}
 
 
 def test_a_friends_message_is_found_and_attributed_to_the_friend():
