@@ -16,6 +16,10 @@ so the index keeps no text-by-window table, only:
 - all texts joined into one string, searched (at C speed) only for the seeds of the few replies
   that hit, to find the text, extend the match and confirm it is `min_chars` long. A seed hit that
   does not extend that far (a shorter common phrase, a hash collision) is no repeat.
+
+Measured (one core of a shared machine): 200,000 distinct texts of median 18 characters index in
+about 1.1 s into 23 MiB (47 MiB at the peak of building); of median 54 characters, 2.5 s and 85 MiB
+(155 MiB peak), most of it the joined text itself. Checking 256 replies takes under half a second.
 """
 
 from __future__ import annotations
