@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, help_text in (
         ("train", "train", "train a LoRA adapter on a prepared dataset"),
         ("chat", "chat", "talk to a trained adapter in the terminal"),
+        ("eval", "evaluate", "score how closely a tuned model (or any replies) talks like the persona"),
         ("merge", "merge", "fold an adapter into a full model for other serving engines"),
         ("tiny-model", "tiny_model", "build an offline tiny base model (tests, demos)"),
     ):

@@ -23,6 +23,16 @@ DEFAULT_GENERATION = {
 }
 
 
+def bunshin_version() -> str:
+    """The installed package's version, for the records an output keeps of what made it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bunshin")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 class ManifestError(Exception):
     pass
 
@@ -42,6 +52,9 @@ class AdapterManifest:
     dataset_fingerprint: str = ""
     dataset: dict = field(default_factory=dict)  # samples used, skipped, source folder
     eval_loss: dict = field(default_factory=dict)  # {"base": float, "tuned": float} on eval.jsonl
+    # The short eval at the end of training (evaluate.short_summary): style distance, chrF, stock and
+    # verbatim rates of base and tuned replies to held-out conversations. Empty when skipped.
+    style_eval: dict = field(default_factory=dict)
     lora: dict = field(default_factory=dict)  # r, alpha, dropout, target modules
     training: dict = field(default_factory=dict)  # steps, epochs, lr, seconds, tokens/s, device ...
     speakers: list = field(default_factory=list)  # names in the training contexts, to spot a new turn

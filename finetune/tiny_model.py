@@ -165,11 +165,17 @@ def build_tiny_model(
     seed: int = 0,
     *,
     replace: bool = False,
+    head_std: float | None = None,
 ) -> Path:
     """Writes a loadable random GPT-NeoX + rinna-style SentencePiece tokenizer into `out_dir`.
 
     The folder appears complete or not at all. `vocab_size` is an upper bound: the tokenizer
     gets what the corpus supports (at least the 256 byte pieces and the special pieces).
+
+    `head_std` re-draws the output layer with that standard deviation. At the default init (0.02) a
+    64-wide model's logits stay within about ±1.3 whatever its hidden state, so no LoRA on the layers
+    below can make it sure of a token and training stalls near a uniform guess; a real LM's head is
+    far larger. 0.5 gives a model that can learn a persona's catchphrase in seconds (tests/test_evaluate.py).
     """
     import torch  # heavy: only when a model is built, not when the CLI parser is made
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
@@ -188,6 +194,9 @@ def build_tiny_model(
     with torch.random.fork_rng(devices=[]):  # seed the weights without disturbing the caller's RNG
         torch.manual_seed(seed)
         model = GPTNeoXForCausalLM(config)
+        if head_std is not None:
+            with torch.no_grad():
+                model.get_output_embeddings().weight.normal_(0.0, head_std)
 
     with atomic_directory(out, replace=replace) as staging:
         (staging / "spiece.model").write_bytes(spiece)

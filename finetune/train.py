@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import packed_attention
 from .atomic_output import atomic_directory
-from .manifest import DEFAULT_GENERATION, AdapterManifest
+from .manifest import DEFAULT_GENERATION, AdapterManifest, bunshin_version
 from .model_loading import (
     QUANTIZE_CHOICES,
     ModelLoadError,
@@ -77,6 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=100, help="evaluate on eval.jsonl every N steps (0: only at the end)")
     p.add_argument("--save-every", type=int, default=100, help="write a checkpoint every N steps")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--style-eval-samples", type=int, default=64,
+                   help="held-out replies the short eval at the end generates and scores (default 64; "
+                   "`finetune eval` makes the full report)")
+    p.add_argument("--no-style-eval", action="store_true", help="skip the short eval at the end")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of an interrupted run")
     p.add_argument("--force", action="store_true", help="replace an existing adapter folder and its checkpoints")
     p.add_argument("--no-progress", action="store_true")
@@ -422,6 +426,9 @@ def _train(args: argparse.Namespace) -> int:
     if not trainer.is_world_process_zero():
         return 0
     speakers = sorted({c["speaker"] for s in train_samples for c in s["context"]} | {persona})
+    style_eval = {}
+    if eval_samples and not args.no_style_eval and args.style_eval_samples > 0:
+        style_eval = _short_style_eval(loaded, model, persona, args, speakers, max_length, train_samples, eval_samples)
     manifest = AdapterManifest(
         base_model=base,
         base_revision=loaded.revision,
@@ -443,6 +450,7 @@ def _train(args: argparse.Namespace) -> int:
             "useful_tokens_per_epoch": useful_tokens,
         },
         eval_loss={"base": base_eval_loss, "tuned": tuned_eval_loss},
+        style_eval=style_eval,
         lora={"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout, "targets": targets},
         training={
             "steps": result.global_step,
@@ -470,7 +478,7 @@ def _train(args: argparse.Namespace) -> int:
         },
         speakers=speakers,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        bunshin_version=_version(),
+        bunshin_version=bunshin_version(),
     )
     with atomic_directory(out, replace=args.force) as staging:
         model.save_pretrained(str(staging))
@@ -484,7 +492,30 @@ def _train(args: argparse.Namespace) -> int:
         f"{out}: {result.global_step} steps, eval loss {base_txt} (base) -> {tuned_txt} (tuned), "
         f"{sum(rates):,.0f} useful tokens/s{each}"
     )
+    if style_eval:
+        base_s, tuned_s = style_eval["systems"]["base"], style_eval["systems"]["tuned"]
+        print(
+            f"{out}: on {style_eval['samples']} held-out replies, style distance {base_s['style_distance']:.3f} (base) -> "
+            f"{tuned_s['style_distance']:.3f} (tuned), chrF {base_s['chrf']:.1f} -> {tuned_s['chrf']:.1f}; the full report: "
+            f"python -m finetune eval {out} --data {args.data} --out REPORT"
+        )
     return 0
+
+
+def _short_style_eval(loaded, model, persona, args, speakers, max_length, train_samples, eval_samples) -> dict:
+    """Base and tuned replies to a few held-out conversations, scored as `finetune eval` scores them."""
+    from .eval_inputs import choose_samples
+    from .eval_models import base_and_tuned, with_model
+    from .evaluate import build_report, short_summary
+    from .generation import GenerationSettings
+
+    chosen = choose_samples(eval_samples, args.style_eval_samples, args.seed)
+    made = base_and_tuned(with_model(loaded, model), persona=persona, template=args.template,
+                          settings=GenerationSettings.from_manifest(DEFAULT_GENERATION), speakers=speakers,
+                          max_length=max_length, samples=chosen, seed=args.seed)
+    report = build_report(chosen, {n: s.replies for n, s in made.items()}, {n: s.loss for n, s in made.items()},
+                          train_samples, seed=args.seed)
+    return short_summary(report)
 
 
 class _RowDataset:
@@ -623,12 +654,3 @@ def _packed_trainer_class(trainer_base, callback_base):
             self.trainer.stop_if_nonfinite()
 
     return PackedTrainer
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("bunshin")
-    except Exception:
-        return "unknown"

@@ -1,0 +1,265 @@
+"""`finetune eval [ADAPTER] --data DATASET --out REPORT`: does the clone talk like the person?
+
+    eval.jsonl (held-out conversations) ─► replies per system: base and tuned (eval_models.py), any
+        --system NAME=FILE (eval_inputs.py) ─► scores against the real replies (scoring.py: style,
+        chrF, stock phrases, verbatim repeats of training text) + loss ─► REPORT/report.json,
+        report.html (report_html.py), replies/NAME.jsonl
+
+The loss alone says how surprised a model is by the person's words, not whether its own replies
+sound like them: a model can lower the loss and still answer everyone with the same stock phrase.
+So the report scores what the model actually says, in the situations the person was in, against
+what the person actually said there, feature by feature (docs/evaluation.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .atomic_output import atomic_directory, check_writable
+from .eval_inputs import EvalError, check_names, choose_samples, parse_system_arg, read_samples, read_system_replies
+from .manifest import bunshin_version
+from .model_loading import QUANTIZE_CHOICES, ModelLoadError
+
+BLIND_PAIRS = 40  # enough for a score that means something, few enough to finish over a coffee
+TRAIN_EVAL_SAMPLES = 64  # the short eval at the end of `finetune train`
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", nargs="?", type=Path, metavar="ADAPTER",
+                   help="folder written by `finetune train`: scores its base and tuned model (optional)")
+    p.add_argument("--data", type=Path, required=True, metavar="DATASET", help="folder written by `finetune prepare`")
+    p.add_argument("--out", type=Path, required=True, metavar="REPORT", help="folder to write report.json and report.html in")
+    p.add_argument("--system", action="append", default=[], metavar="NAME=REPLIES.jsonl",
+                   help='more replies to score: one {"id": SAMPLE_ID, "reply": TEXT} per line (repeatable)')
+    p.add_argument("--samples", type=int, default=256, help="held-out samples to score, picked with --seed (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="picks the samples, seeds generation and the blind test")
+    p.add_argument("--verbatim-chars", type=int, default=20,
+                   help="a reply sharing this many characters with a training message repeats it (default 20)")
+    p.add_argument("--batch", type=int, default=32, help="chats generated at once (slot engine rows)")
+    p.add_argument("--base", default=None, help="load the base model from here instead of the manifest's id (same model)")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    p.add_argument("--force", action="store_true", help="replace an existing REPORT folder")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _evaluate(args)
+    except (EvalError, ModelLoadError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    check_writable(args.out, replace=args.force)  # before minutes of generation, not after
+    if args.samples < 0:
+        raise EvalError("--samples must be >= 0")
+    if args.verbatim_chars < 5:
+        raise EvalError("--verbatim-chars must be at least 5")
+    systems_given = [parse_system_arg(s) for s in args.system]
+    check_names(systems_given, with_adapter=args.adapter is not None)
+    if args.adapter is None and not systems_given:
+        raise EvalError("nothing to score: give an ADAPTER, one or more --system NAME=FILE, or both")
+    every_sample = read_samples(args.data / "eval.jsonl")
+    if not every_sample:
+        raise EvalError(f"{args.data / 'eval.jsonl'} holds no samples (prepare puts the latest conversations there)")
+    samples = choose_samples(every_sample, args.samples, args.seed)
+    ids = [s["id"] for s in samples]
+    known = {s["id"] for s in every_sample}
+    replies: dict[str, list[str]] = {}
+    for system in systems_given:
+        by_id = read_system_replies(system, known, ids)
+        replies[system.name] = [by_id[i] for i in ids]
+    train_samples = read_samples(args.data / "train.jsonl") if (args.data / "train.jsonl").is_file() else []
+
+    losses: dict[str, float | None] = {}
+    adapter_info = generation = None
+    if args.adapter is not None:
+        from .eval_models import base_and_tuned
+        from .generation import GenerationSettings
+        from .model_loading import load_adapter
+
+        loaded = load_adapter(args.adapter, base=args.base, quantize=args.quantize, device=args.device, dtype=args.dtype)
+        manifest = loaded.manifest
+        persona = samples[0]["persona"]
+        if persona != manifest.persona:
+            raise EvalError(f"{args.data} is {persona}'s data but {args.adapter} was trained as {manifest.persona}")
+        settings = GenerationSettings.from_manifest(manifest.generation)
+        with _Progress(len(samples), enabled=not args.no_progress) as progress:
+            made = base_and_tuned(loaded, persona=manifest.persona, template=manifest.template, settings=settings,
+                                  speakers=list(manifest.speakers), max_length=manifest.max_length, samples=samples,
+                                  seed=args.seed, slots=args.batch, progress=progress.advance)
+        for name, system in made.items():
+            replies[name] = system.replies
+            losses[name] = system.loss
+        adapter_info = {"path": str(args.adapter), "base_model": manifest.base_model, "merged": manifest.merged}
+        generation = vars(settings).copy()
+        # Model systems first in the report, in the order base, tuned.
+        replies = {**{n: replies[n] for n in made}, **{n: r for n, r in replies.items() if n not in made}}
+
+    report = build_report(samples, replies, losses, train_samples, seed=args.seed, verbatim_chars=args.verbatim_chars)
+    report["dataset"] = _dataset_info(args.data, samples, len(every_sample))
+    report["adapter"] = adapter_info
+    report["generation"] = generation
+    report["seconds"] = round(time.monotonic() - started, 1)
+    write_report(args.out, report, replies, ids, replace=args.force)
+    print(summary_lines(report, args.out))
+    return 0
+
+
+def build_report(samples: list[dict], replies: dict[str, list[str]], losses: dict[str, float | None],
+                 train_samples: list[dict], *, seed: int, verbatim_chars: int = 20) -> dict:
+    """report.json's content (docs/evaluation.md) for `replies` per system on `samples`."""
+    from .eval_models import perplexity
+    from .scoring import score_systems
+    from .verbatim import TrainIndex
+
+    index = TrainIndex.from_samples(train_samples, verbatim_chars) if train_samples else None
+    real = [s["target"] for s in samples]
+    ids = [s.get("id") or f"sample-{i}" for i, s in enumerate(samples)]
+    scored = score_systems(real, replies, [s["context"] for s in samples], ids, index, verbatim_chars)
+    for name, loss in losses.items():
+        scored["systems"][name]["loss"] = loss
+        scored["systems"][name]["perplexity"] = perplexity(loss)
+    examples = [{"id": ids[i], "context": s["context"], "real": s["target"],
+                 "replies": {name: replies[name][i] for name in replies}} for i, s in enumerate(samples)]
+    return {
+        "samples": len(samples),
+        "seed": seed,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "bunshin_version": bunshin_version(),
+        "verbatim_chars": verbatim_chars,
+        **scored,
+        "examples": examples,
+        "blind": blind_pairs(samples, replies, seed),
+    }
+
+
+def blind_pairs(samples: list[dict], replies: dict[str, list[str]], seed: int, limit: int = BLIND_PAIRS) -> list[dict]:
+    """The real reply and one system's, in random order, for contexts picked at random; systems take turns.
+
+    A pair whose generated reply equals the real one is skipped: there is nothing to tell apart."""
+    rng = random.Random(f"blind-{seed}")
+    order = list(range(len(samples)))
+    rng.shuffle(order)
+    names = list(replies)
+    pairs: list[dict] = []
+    turn = 0
+    for i in order:
+        if len(pairs) >= limit or not names:
+            break
+        name = names[turn % len(names)]
+        generated, real = replies[name][i], samples[i]["target"]
+        if generated.strip() == real.strip():
+            continue
+        turn += 1
+        real_first = rng.random() < 0.5
+        pairs.append({
+            "id": samples[i].get("id") or f"sample-{i}", "system": name, "context": samples[i]["context"],
+            "first": real if real_first else generated, "second": generated if real_first else real,
+            "real_is": "first" if real_first else "second",
+        })
+    return pairs
+
+
+def write_report(out: Path, report: dict, replies: dict[str, list[str]], ids: list[str], *, replace: bool) -> None:
+    """report.json, report.html and replies/NAME.jsonl, all or nothing."""
+    from .report_html import render_report
+
+    page = render_report(report)
+    with atomic_directory(out, replace=replace) as staging:
+        (staging / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        (staging / "report.html").write_text(page, encoding="utf-8")
+        folder = staging / "replies"
+        folder.mkdir()
+        for name, texts in replies.items():
+            lines = (json.dumps({"id": i, "reply": t}, ensure_ascii=False) for i, t in zip(ids, texts, strict=True))
+            (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def short_summary(report: dict) -> dict:
+    """What `train` keeps in the adapter manifest: the headline figures per system."""
+    keep = ("style_distance", "chrf", "stock_rate")
+    return {
+        "samples": report["samples"],
+        "seed": report["seed"],
+        "systems": {name: {k: _rounded(s.get(k)) for k in keep} | {"verbatim_rate": _rounded(s["verbatim"]["rate"])}
+                    for name, s in report["systems"].items()},
+    }
+
+
+def summary_lines(report: dict, out: Path | None = None) -> str:
+    """A small table of the headline figures, for the terminal."""
+    header = f"{'system':<12} {'style dist.':>11} {'chrF':>6} {'loss':>7} {'perplexity':>10} {'stock':>6} {'verbatim':>8}"
+    rows = [header]
+    for name, s in report["systems"].items():
+        loss = s.get("loss")
+        ppl = s.get("perplexity")
+        rows.append(
+            f"{name:<12} {s['style_distance']:>11.3f} {s['chrf']:>6.1f} "
+            f"{(f'{loss:.3f}' if loss is not None else '-'):>7} {(f'{ppl:.1f}' if ppl is not None else '-'):>10} "
+            f"{s['stock_rate']:>6.0%} {s['verbatim']['rate']:>8.0%}"
+        )
+    where = f"{out}: " if out is not None else ""
+    lead = (f"{where}{report['samples']} held-out replies of {report['dataset']['persona']} scored "
+            f"(style distance: lower is closer; chrF: higher is closer)" if "dataset" in report
+            else f"{where}{report['samples']} held-out replies scored")
+    return "\n".join([lead, *rows])
+
+
+def _dataset_info(folder: Path, samples: list[dict], total: int) -> dict:
+    stats_path = folder / "stats.json"
+    fingerprint = ""
+    if stats_path.is_file():
+        try:
+            fingerprint = json.loads(stats_path.read_text(encoding="utf-8")).get("fingerprint", "")
+        except (OSError, json.JSONDecodeError):
+            fingerprint = ""
+    return {"path": str(folder), "persona": samples[0]["persona"], "fingerprint": fingerprint, "eval_samples": total}
+
+
+def _rounded(value):
+    return round(value, 4) if isinstance(value, float) else value
+
+
+class _Progress:
+    """A rich progress bar per model system while replies are generated, when a person is watching."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total = total
+        self.bar = None
+        self.tasks: dict[str, int] = {}
+        if enabled and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("generating {task.fields[name]:>5}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), console=Console(stderr=True))
+
+    def advance(self, name: str, count: int) -> None:
+        if self.bar is None:
+            return
+        if name not in self.tasks:
+            self.tasks[name] = self.bar.add_task(name, total=self.total, name=name)
+        self.bar.advance(self.tasks[name], count)
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
