@@ -9,6 +9,11 @@ else it is allowed to see is handed to the router with addressed=False, so the c
 replies to another, the replied-to message goes to the router first as an unaddressed message,
 unless the adapter handed it over or sent it itself recently (then it is in memory already).
 
+People are named as DiscordChatExporter's exports, and so the training data, name them: by the
+account's `name` (the unique username), not a server nickname or global display name, which change
+and are not what the persona learned; `[people]` names someone otherwise. The persona's name is the
+bot's own messages' alone (bot/names.py).
+
 Rate limits, reconnects and resumes are discord.py's job. A reply that cannot be sent is logged,
 and the next message is answered as usual.
 
@@ -31,6 +36,7 @@ import aiohttp
 import discord
 
 from bot.messages import Accept, IncomingMessage
+from bot.names import apart_from_persona
 
 log = logging.getLogger("bunshin.discord")
 
@@ -70,6 +76,7 @@ class DiscordAdapter:
         self.allow_users = {int(i) for i in self.config.allow_users}
         self.reset_commands = {c.strip() for c in config.memory.reset_commands}
         self.is_admin = config.is_admin
+        self.people = config.people
         # Per channel, the ids of messages already in the router's memory (handed over or sent by us).
         self._recent: defaultdict[int, deque[int]] = defaultdict(lambda: deque(maxlen=config.memory.max_turns))
         self._live: dict[str, discord.Message] = {}  # addressed messages of this run, until their reply is sent
@@ -146,16 +153,22 @@ class DiscordAdapter:
         taken = []
         replied_to = message.reference.resolved if message.reference else None
         if isinstance(replied_to, discord.Message) and replied_to.id not in recent:
-            speaker = self.persona if replied_to.author.id == me.id else replied_to.author.display_name
-            taken.append(self._incoming(replied_to, speaker, self._readable(replied_to), addressed=False))
+            taken.append(self._incoming(replied_to, self._name_of(replied_to.author), self._readable(replied_to),
+                                        addressed=False))
             recent.append(replied_to.id)
-        taken.append(self._incoming(message, author.display_name, text, addressed))
+        taken.append(self._incoming(message, self._name_of(author), text, addressed))
         recent.append(message.id)
         if addressed:
             self._live[str(message.id)] = message  # for the typing indicator and the reply, until it is sent
         entries = await accept(taken)
         if addressed and entries[-1] is None:
             self._live.pop(str(message.id), None)  # seen before: answered (or being answered) already
+
+    def _name_of(self, user: discord.abc.User) -> str:
+        """What the persona calls a user: the bot itself the persona, others as [people] says, else by account name."""
+        if user.id == self.client.user.id:
+            return self.persona
+        return apart_from_persona(self.people.get(f"discord:{user.id}") or user.name, self.persona)
 
     def _incoming(self, message: discord.Message, speaker: str, text: str, addressed: bool) -> IncomingMessage:
         return IncomingMessage(
@@ -244,7 +257,7 @@ class DiscordAdapter:
         """The text as a person reads it: the bot's own mention removed, other mentions as names."""
         me = self.client.user
         guild = message.guild
-        users = {user.id: user.display_name for user in message.mentions}
+        users = {user.id: self._name_of(user) for user in message.mentions}
         own_role = guild.self_role if guild is not None else None
         text = re.sub(rf"\s*<@!?{me.id}>\s*", " ", message.content)
         if own_role is not None:

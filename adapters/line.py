@@ -17,7 +17,12 @@ rules: a reply that may have gone out is not followed by a push, and a push is r
 X-Line-Retry-Key (derived from the event), which LINE sends once and answers 409 to after that.
 429 waits for Retry-After; everything else backs off exponentially with jitter.
 
-Logs name chats and event ids, never message text or secrets.
+Senders are named as LINE's exports name them, by their LINE display name, which the persona learned
+them by. A webhook does not carry it, and the webhook answers before anything is asked of LINE: the
+name is looked up when the message is answered (`speaker_name`, asked by the dispatcher before the
+router) and cached on disk (bot/names.py). `[people]` names someone without a lookup.
+
+Logs name chats, senders and event ids by their ids, never message text, display names or secrets.
 """
 
 from __future__ import annotations
@@ -38,8 +43,9 @@ from aiohttp import web
 
 from bot.inbox import InboxError
 from bot.messages import Accept, IncomingMessage
+from bot.names import NameCache, apart_from_persona
 
-from .line_api import LineApi, RetryPolicy, loggable
+from .line_api import LINE_ID, PROFILE, LineApi, RetryPolicy, loggable
 
 log = logging.getLogger("bunshin.line")
 
@@ -49,6 +55,8 @@ MAX_MESSAGES = 5  # message objects per reply or push call
 LOADING_AFTER_S = 1.0  # a reply not ready by then shows LINE's loading animation in a 1:1 chat
 PUSH_KEYS = uuid.UUID("6f1c1d0e-8a4b-4f1e-9a53-6b756e736869")  # namespace of the X-Line-Retry-Keys derived from events
 SENTENCE_ENDS = "。！？!?."
+NAME_REFRESH_S = 24 * 3600  # a display name found is used this long, then asked again: people rename themselves
+NAME_RETRY_S = 10 * 60  # after a failed lookup, the name known before (or the placeholder) is used this long
 
 
 # --- splitting a reply to LINE's limits -------------------------------------------------------
@@ -250,6 +258,9 @@ class LineAdapter:
         self._token = config.secret(self.line.access_token_env)
         self._accept: Accept | None = None  # set by run(); until then, and after close(), the webhook answers 503
         self._api = LineApi(self.line.api_host, self._token, self.line.api_timeout_s, metrics)
+        self.people = config.people
+        # Opened now, so a file that cannot be used stops the daemon before the model loads (NameCacheError says why).
+        self._names = NameCache(NameCache.path_for(config.memory.path))
 
     def web_routes(self) -> list:
         return [web.post(self.line.webhook_path, self.webhook)]
@@ -288,7 +299,8 @@ class LineAdapter:
             # A group member who has not agreed to share their profile comes without a userId: such senders
             # share one rate-limit bucket per chat, not one for every chat the bot is in.
             user_id=event.user_id or f"unknown-in-{event.chat_id}",
-            # A profile lookup would cost an API call per new speaker; the id's tail tells speakers apart.
+            # Until speaker_name finds the real name (the webhook does not wait for LINE's API), and when it cannot:
+            # the id's tail tells speakers apart.
             user_name=f"LINE user {event.user_id[-4:]}" if event.user_id else "LINE user",
             # Its own @mention is not part of what was said (as Discord's platform adapter drops its own); a bare
             # mention, with nothing else, is kept, so that being called still gets an answer.
@@ -306,6 +318,33 @@ class LineAdapter:
         return self.line.call_by_name and bool(self.persona) and self.persona in event.text
 
     # --- answering an entry of the inbox ---
+
+    async def speaker_name(self, message: IncomingMessage) -> str:
+        """The sender's name as the persona learned it: [people], else their LINE display name, cached; never the
+        persona's own (bot/names.py). Asked by the dispatcher before the router, so the reply waits for a lookup, at
+        most [line] api_timeout_s.
+
+        A display name found is used for NAME_REFRESH_S, then asked again. A failed lookup keeps the name found
+        before, else the placeholder (`LINE user 1a2b`), for NAME_RETRY_S: not asked again on every message."""
+        return apart_from_persona(await self._name(message), self.persona)
+
+    async def _name(self, message: IncomingMessage) -> str:
+        mapped = self.people.get(message.user_key)
+        if mapped is not None:
+            return mapped
+        chat_kind = message.delivery.get("kind")
+        if chat_kind not in PROFILE or not (LINE_ID.fullmatch(message.user_id) and LINE_ID.fullmatch(message.chat_id)):
+            return message.user_name  # no userId (a member who does not share a profile), or not an id of LINE's
+        cached = self._names.get(message.user_key)
+        if cached is not None and not cached.due(time.time()):
+            return cached.name or message.user_name
+        name = await self._api.display_name(chat_kind, message.chat_id, message.user_id)
+        if name is not None:
+            self._names.put(message.user_key, name, time.time() + NAME_REFRESH_S)
+            return name
+        known = cached.name if cached is not None else None
+        self._names.put(message.user_key, known, time.time() + NAME_RETRY_S)
+        return known or message.user_name
 
     def can_deliver(self, entry) -> bool:
         """False, with the log line, for a reply token gone stale while push_fallback is off (and nothing was sent
@@ -454,6 +493,7 @@ class LineAdapter:
     async def close(self) -> None:
         self._accept = None  # new webhooks get 503 from here on
         await self._api.close()
+        self._names.close()
 
 
 async def _read_capped(request: web.Request, limit: int) -> bytes | None:

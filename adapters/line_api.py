@@ -1,4 +1,5 @@
-"""Calling LINE's Messaging API: reply, push and the loading animation, each call's outcome classified.
+"""Calling LINE's Messaging API: reply, push, the loading animation and profile lookups, each call's outcome
+classified.
 
 The calls are plain JSON POSTs over one shared aiohttp session. line-bot-sdk's client does the same
 with more on the way: its models, serialisation and a session that reads the proxy settings on every
@@ -7,7 +8,8 @@ reply against 87 µs here (`bench/line_event_cost.py`), and its small pool made 
 connection until they timed out. The proxy (HTTPS_PROXY, NO_PROXY) is read once, at start.
 
 Timeouts bound connecting and each read (`[line] api_timeout_s`), not the wait for a free
-connection: a busy bot queues its calls, it does not fail them.
+connection: a busy bot queues its calls, it does not fail them. A profile lookup is the exception:
+the reply waits for it, and a name is not worth more than the timeout, so it is bounded as a whole.
 """
 
 from __future__ import annotations
@@ -16,18 +18,25 @@ import asyncio
 import json
 import logging
 import random
+import re
 import time
 import urllib.request
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 
 log = logging.getLogger("bunshin.line")
 
 REPLY, PUSH, LOADING = "/v2/bot/message/reply", "/v2/bot/message/push", "/v2/bot/chat/loading/start"
+# Who someone is, asked where they wrote: a 1:1 chat's user, or a member of the group or room (which needs no
+# friendship with the bot). Each answers 404 for someone who blocked the bot or left.
+PROFILE = {"user": "/v2/bot/profile/{user}", "group": "/v2/bot/group/{chat}/member/{user}",
+           "room": "/v2/bot/room/{chat}/member/{user}"}
+LINE_ID = re.compile(r"[UCR][0-9a-f]{32}")  # a user's, group's or room's id as LINE gives them (fullmatch)
 CONNECTIONS = 64  # to LINE's API at once; more calls wait for one of these
+MAX_NAME_CHARS = 50  # LINE allows 20; anything longer is not a name worth a line of the prompt
 
 
 @dataclass(frozen=True)
@@ -99,8 +108,10 @@ class LineApi:
     def __init__(self, host: str, access_token: str, timeout_s: float, metrics):
         self.host = host.rstrip("/")
         self.metrics = metrics
-        self._headers = {"Authorization": f"Bearer {access_token}", "Content-Type": "application/json"}
+        self._auth = {"Authorization": f"Bearer {access_token}"}
+        self._headers = {**self._auth, "Content-Type": "application/json"}
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
+        self._lookup_timeout = aiohttp.ClientTimeout(total=timeout_s)  # the wait for a connection included
         self._proxy = proxy_for(self.host)
         self._session: aiohttp.ClientSession | None = None
 
@@ -122,6 +133,34 @@ class LineApi:
 
     async def show_loading(self, chat_id: str, seconds: int) -> Attempt:
         return await self._post("loading animation", chat_id, LOADING, {"chatId": chat_id, "loadingSeconds": seconds})
+
+    async def display_name(self, chat_kind: str, chat_id: str, user_id: str) -> str | None:
+        """`user_id`'s LINE display name (on one line), asked in the chat they wrote in (`chat_kind`: "user", "group"
+        or "room"); None after a failure, logged: 404 (blocked the bot, left), 429, 5xx, a timeout, an answer without
+        a name. One try: the caller keeps the name it had and asks again later."""
+        path = PROFILE[chat_kind].format(chat=quote(chat_id, safe=""), user=quote(user_id, safe=""))
+        try:
+            async with self._session.get(self.host + path, proxy=self._proxy, headers=self._auth,
+                                         timeout=self._lookup_timeout) as r:
+                answer = await r.read()
+                if r.status != 200:
+                    self._refused("profile lookup", user_id, r.status, r.reason, r.headers, answer)
+                    return None
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            self.metrics.errors.labels(kind="line_api").inc()
+            log.warning("LINE profile lookup for %s failed: %s", loggable(user_id), type(exc).__name__)
+            return None
+        try:
+            name = json.loads(answer).get("displayName")
+        except (ValueError, AttributeError):  # not a JSON object
+            name = None
+        # Whitespace as single spaces: a line break in a name would start a new line of the prompt.
+        name = " ".join(name.split())[:MAX_NAME_CHARS] if isinstance(name, str) else ""
+        if not name:
+            self.metrics.errors.labels(kind="line_api").inc()
+            log.warning("LINE profile lookup for %s failed: the answer holds no displayName", loggable(user_id))
+            return None
+        return name
 
     async def _post(self, what: str, chat_id: str, path: str, body: dict, headers: dict | None = None) -> Attempt:
         """One call, its failure logged and classified (never raised)."""

@@ -14,6 +14,7 @@ of pasting the token itself there before anything echoes it.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -202,6 +203,38 @@ class LineConfig(_Section):
     api_timeout_s: float = Field(10.0, gt=0, le=120)  # per call to LINE's API (the SDK's own default is 300 s)
 
 
+# [people] keys: exactly what the platform adapters' user keys look like, so that a typo cannot silently match nobody.
+_LINE_USER_ID = re.compile(r"^U[0-9a-f]{32}$")
+_DISCORD_USER_ID = re.compile(r"^[0-9]{1,20}$")
+
+
+def _person_key(value: str) -> str:
+    platform, sep, ident = value.partition(":")
+    if platform == "line" and sep:
+        if not _LINE_USER_ID.match(ident):
+            raise ValueError('a LINE user id is "U" and 32 lowercase hex digits, as LINE\'s webhooks give it '
+                             "(not a group or room id, nor a display name)")
+    elif platform == "discord" and sep:
+        if not _DISCORD_USER_ID.match(ident):
+            raise ValueError('a Discord user id is digits, as "Copy User ID" gives it (Developer Mode), not a username')
+    else:
+        raise ValueError('must be "line:" and a LINE user id or "discord:" and a Discord user id, e.g. '
+                         '"line:U4af4980629..." or "discord:123456789012345678"')
+    return value
+
+
+def _speaker_name(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    if any(ch in value for ch in "\r\n"):
+        raise ValueError("must be one line (a name starts a line of the conversation the model reads)")
+    return value
+
+
+PersonKey = Annotated[str, AfterValidator(_person_key)]
+SpeakerName = Annotated[str, AfterValidator(_speaker_name)]
+
+
 class LoggingConfig(_Section):
     level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(_upper)] = "INFO"
     log_message_text: bool = False
@@ -222,6 +255,9 @@ class BotConfig(_Section):
     console: ConsoleConfig = ConsoleConfig()
     discord: DiscordConfig = DiscordConfig()
     line: LineConfig = LineConfig()
+    # "platform:id" -> the name the training export gives that person: the platform adapters name them so, and
+    # LINE's profile is not asked. The same name under two ids makes one speaker of them.
+    people: dict[PersonKey, SpeakerName] = Field(default_factory=dict)
     logging: LoggingConfig = LoggingConfig()
     prepare: dict[str, Any] = Field(default_factory=dict)  # `finetune prepare`'s table, not checked here
     _source: str = PrivateAttr("<defaults>")  # the file it came from, for messages
@@ -328,6 +364,7 @@ _TYPE_WORDS = {
 }
 _TOML_TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a table"}
 _BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+_KEYED_TABLES = ("people",)  # tables whose keys are the user's data (ids), not names of settings
 
 
 def _sections() -> list[str]:
@@ -335,7 +372,10 @@ def _sections() -> list[str]:
 
 
 def _where(loc: tuple) -> tuple[str, str]:
-    """('limits', 'allow_users', 0) -> ('[limits]', 'allow_users[0]'); ('a', 'b', 'c') -> ('[a.b]', 'c')."""
+    """('limits', 'allow_users', 0) -> ('[limits]', 'allow_users[0]'); ('a', 'b', 'c') -> ('[a.b]', 'c');
+    ('people', 'line:x', '[key]') -> ('[people]', '"line:x"'): a table whose keys are data, not names, quotes them."""
+    if len(loc) >= 2 and loc[0] in _KEYED_TABLES:
+        return f"[{loc[0]}]", json.dumps(str(loc[1]), ensure_ascii=False)
     names = [str(part) for part in loc if isinstance(part, str)]
     index = "".join(f"[{part}]" for part in loc if isinstance(part, int))
     if len(names) <= 1:

@@ -5,7 +5,9 @@
                                                                 └─► /healthz, /metrics
 
 Platform adapters start before the model loads: what they accept meanwhile waits in the inbox (on
-disk), with whatever the last run left unanswered, and is answered once serving starts.
+disk), with whatever the last run left unanswered, and is answered once serving starts. Files live
+next to [memory] path: the memory, the inbox, and with LINE the names its profiles gave (bot/names.py,
+opened and closed by the LINE platform adapter).
 
 Shutdown (SIGINT, SIGTERM, or the console's end of input): every message accepted before it is
 answered and delivered, up to [queue] drain_timeout_s (the worker keeps generating meanwhile); what
@@ -28,6 +30,7 @@ from .dispatcher import Dispatcher
 from .inbox import Inbox, InboxError
 from .memory import ConversationMemory, MemoryStoreError
 from .metrics import BotMetrics
+from .names import NameCacheError
 from .router import Router
 from .server import build_app, start_server
 from .worker import ModelBackend, Worker
@@ -104,7 +107,10 @@ async def run_daemon(config, stop: asyncio.Event | None = None, backend=None) ->
     stopping = stop or asyncio.Event()
     tasks: list[asyncio.Task] = []
     try:
-        adapters = build_adapters(config, configured_persona(config), metrics)
+        try:
+            adapters = build_adapters(config, configured_persona(config), metrics)
+        except NameCacheError as exc:
+            raise SystemExit(f"error: {exc}") from None
         dispatcher = Dispatcher(inbox, {a.name: a for a in adapters}, metrics, max_active=config.queue.max_active)
         dispatcher.recover(inbox.recovered)
 

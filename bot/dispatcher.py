@@ -1,6 +1,6 @@
 """The path of one accepted message: inbox ─► router ─► platform adapter's deliver ─► inbox finished.
 
-    accept(messages) ─► inbox (on disk) ─► per chat, in order ─► router.answer ─► deliver ─► finish
+    accept(messages) ─► inbox (on disk) ─► per chat, in order ─► speaker named ─► router.answer ─► deliver ─► finish
                                                ▲
         left unfinished by the last run ───────┘ (queued first, at start)
 
@@ -15,6 +15,10 @@ at the next start. Both are counted in the log, never dropped in silence.
 Under overload the number of messages being answered at once is capped (`max_active`): the rest wait
 in order, cheaply, and the event loop stays free to acknowledge webhooks quickly; the router answers
 "busy" when the model's queue is full, so a backlog drains at the speed of those short answers.
+
+A platform adapter that can name a sender only at some cost has `speaker_name(message)`, asked here,
+just before the router, for the name the persona sees and memory keeps (LINE: a profile lookup,
+which its webhook must not wait for). Other platform adapters name senders as they take messages.
 """
 
 from __future__ import annotations
@@ -125,6 +129,7 @@ class Dispatcher:
                 # Too late to answer (the platform adapter said why): remembered as part of the conversation,
                 # and no reply is made for nobody.
                 if entry.reply is None:
+                    message = await _named(adapter, message)
                     await self.router.answer(replace(message, addressed=False), entry.key)
                 return self._finish(entry, "dropped")
             reply = entry.reply
@@ -132,7 +137,8 @@ class Dispatcher:
                 # A message that waited for the model to load (or for a restart) gets its full deadline from now.
                 if self._serving_since is not None and message.received < self._serving_since:
                     message = replace(message, received=self._serving_since)
-                async with adapter.working(entry):
+                async with adapter.working(entry):  # a slow lookup of the name shows the typing indicator too
+                    message = await _named(adapter, message)
                     reply = await self.router.answer(message, entry.key, again=entry.recovered)
             if not reply:
                 return self._finish(entry, "quiet")
@@ -185,3 +191,12 @@ class Dispatcher:
             log.warning("%d message(s) accepted during shutdown: kept in the inbox, answered at the next start",
                         self._held)
         return left + self._held
+
+
+async def _named(adapter, message: IncomingMessage) -> IncomingMessage:
+    """`message` with its sender named by the platform adapter's `speaker_name`, if it has one."""
+    speaker_name = getattr(adapter, "speaker_name", None)
+    if speaker_name is None:
+        return message
+    name = await speaker_name(message)
+    return message if name == message.user_name else replace(message, user_name=name)

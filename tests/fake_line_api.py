@@ -9,8 +9,13 @@ The fake is a real aiohttp server that keeps LINE's delivery rules, so a duplica
 - a wrong Authorization header answers 401.
 Every accepted message request is a Delivery; what failed is in `calls` only.
 
-Faults: `script[path]` lists Faults for the next calls to that path, in order; `fault_for(path, identity,
-tries)` (a function) picks one per call, for load runs. A Fault answers `status`, after delivering first
+Profiles: GET PROFILE, GROUP_MEMBER and ROOM_MEMBER answer `profiles[userId]` as LINE's displayName,
+and 404 for anyone not in it (LINE: a user who blocked the bot, or left the group). A scripted Fault
+answers its status after `hang_s`; Fault(200, hang_s=...) answers the profile, late.
+
+Faults: `script[path]` lists Faults for the next calls to that path (for a profile, to that route:
+PROFILE, GROUP_MEMBER or ROOM_MEMBER), in order; `fault_for(path, identity, tries)` (a function)
+picks one per call, for load runs. A Fault answers `status`, after delivering first
 when `deliver` (LINE took it but the answer was lost), and can hang for `hang_s` before answering, so a
 client with a shorter timeout gives up. Only message-sending paths get faults from `fault_for`.
 
@@ -35,6 +40,9 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 REPLY, PUSH, LOADING = "/v2/bot/message/reply", "/v2/bot/message/push", "/v2/bot/chat/loading/start"
+PROFILE = "/v2/bot/profile/{userId}"
+GROUP_MEMBER = "/v2/bot/group/{groupId}/member/{userId}"
+ROOM_MEMBER = "/v2/bot/room/{roomId}/member/{userId}"
 
 
 @dataclass(frozen=True)
@@ -58,12 +66,13 @@ class FakeLineApi:
     def __init__(self, access_token: str):
         self.access_token = access_token
         self.url = ""
-        self.calls: list[dict] = []  # every request: path, headers, json, status answered
+        self.calls: list[dict] = []  # every request: path, route (a profile's), headers, json, status answered
         self.deliveries: list[Delivery] = []
         self.script: dict[str, list[Fault]] = {}
         self.fault_for = None  # (path, identity, tries so far) -> Fault | None
         self.spent_tokens: set[str] = set()
         self.accepted_keys: set[str] = set()
+        self.profiles: dict[str, str] = {}  # userId -> displayName; anyone else is not found (404)
         self.tries: Counter = Counter()  # per reply token / retry key
         self.in_flight = 0
         self.latency_s = 0.0  # every call waits this long before it is handled (LINE is ~100 ms away, not 0)
@@ -71,7 +80,12 @@ class FakeLineApi:
     # --- what tests ask ---
 
     def to(self, path: str) -> list[dict]:
-        return [c for c in self.calls if c["path"] == path]
+        """The calls to `path`, or to a profile route (PROFILE, GROUP_MEMBER, ROOM_MEMBER)."""
+        return [c for c in self.calls if path in (c["path"], c.get("route"))]
+
+    def lookups(self) -> list[dict]:
+        """Every profile call, whichever route."""
+        return [c for c in self.calls if c.get("route")]
 
     def delivered(self, path: str | None = None) -> list[Delivery]:
         return [d for d in self.deliveries if path is None or d.path == path]
@@ -149,6 +163,43 @@ class FakeLineApi:
         return answer(200, {"sentMessages": [{"id": str(uuid.uuid4().int)[:18], "quoteToken": "q"}
                                              for _ in body["messages"]]})
 
+    async def profile(self, request: web.Request) -> web.Response:
+        self.in_flight += 1
+        try:
+            if self.latency_s:
+                await asyncio.sleep(self.latency_s)
+            return await self._profile(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _profile(self, request: web.Request) -> web.Response:
+        route = request.match_info.route.resource.canonical
+        call = {"path": request.path, "route": route, "headers": dict(request.headers), "json": None,
+                "at": time.monotonic()}
+        self.calls.append(call)
+
+        def answer(status: int, data: dict, headers: dict | None = None) -> web.Response:
+            call["status"] = status
+            return web.json_response(data, status=status, headers=headers)
+
+        if request.headers.get("Authorization") != f"Bearer {self.access_token}":
+            return answer(401, {"message": "Authentication failed. Confirm that the access token in the "
+                                           "authorization header is valid."})
+        if self.script.get(route):
+            fault = self.script[route].pop(0)
+            await asyncio.sleep(fault.hang_s)
+            if fault.status != 200:  # a Fault(200, hang_s=...) is a slow answer, the profile after all
+                headers = {"Retry-After": fault.retry_after} if fault.retry_after else None
+                return answer(fault.status, {"message": "fake failure"}, headers)
+        user_id = request.match_info["userId"]
+        if user_id not in self.profiles:
+            return answer(404, {"message": "Not found"})
+        profile = {"displayName": self.profiles[user_id], "userId": user_id,
+                   "pictureUrl": f"https://profile.line-scdn.net/{user_id}"}
+        if route == PROFILE:  # a member profile has no language or status message
+            profile |= {"language": "ja", "statusMessage": ""}
+        return answer(200, profile)
+
     def _deliver(self, path: str, body: dict, key: str | None) -> None:
         if path == REPLY:
             self.spent_tokens.add(body["replyToken"])
@@ -166,6 +217,8 @@ async def serving_fake_line(access_token: str, *, control: bool = False, port: i
     With `control`, GET /_fake/state serves `state_since` to a FakeLineMirror in another process."""
     fake = FakeLineApi(access_token)
     app = web.Application()
+    for route in (PROFILE, GROUP_MEMBER, ROOM_MEMBER):
+        app.router.add_get(route, fake.profile)
     app.router.add_post("/{path:.*}", fake.handle)
     if control:
         async def state(request: web.Request) -> web.Response:
@@ -223,7 +276,8 @@ def sign(raw: bytes, secret: str) -> str:
     return base64.b64encode(hmac.new(secret.encode(), raw, hashlib.sha256).digest()).decode()
 
 
-def text_event(text: str, *, user: str, group: str | None = None, mention_self: bool | None = None,
+def text_event(text: str, *, user: str, group: str | None = None, room: str | None = None,
+               mention_self: bool | None = None,
                event_id: str | None = None, token: str | None = None, redelivery: bool = False,
                timestamp_ms: int | None = None, other_user: str = "U" + "a" * 32) -> dict:
     message = {"type": "text", "id": str(uuid.uuid4().int)[:18], "text": text, "quoteToken": "qt-" + uuid.uuid4().hex}
@@ -231,7 +285,12 @@ def text_event(text: str, *, user: str, group: str | None = None, mention_self: 
         message["mention"] = {"mentionees": [
             {"index": 0, "length": 3, "type": "user", "userId": "Ubot" if mention_self else other_user,
              **({"isSelf": True} if mention_self else {})}]}
-    source = {"type": "group", "groupId": group, "userId": user} if group else {"type": "user", "userId": user}
+    if group:
+        source = {"type": "group", "groupId": group, "userId": user}
+    elif room:
+        source = {"type": "room", "roomId": room, "userId": user}
+    else:
+        source = {"type": "user", "userId": user}
     return {
         "type": "message", "mode": "active", "timestamp": timestamp_ms or int(time.time() * 1000), "source": source,
         "webhookEventId": event_id or uuid.uuid4().hex.upper()[:26], "deliveryContext": {"isRedelivery": redelivery},

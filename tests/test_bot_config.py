@@ -114,6 +114,49 @@ def test_bad_value_names_section_key_and_why(tmp_path, toml, expected):
     assert problem.startswith(expected), problem
 
 
+LINE_ID = "U4af4980629" + "0" * 22
+
+
+def test_people_maps_platform_ids_to_names(tmp_path):
+    config = load_config(_write(tmp_path, f"""
+[people]
+"line:{LINE_ID}" = "健太"
+"discord:123456789012345678" = "健太"
+"discord:42" = "ゆい"
+"""))
+    assert config.people == {f"line:{LINE_ID}": "健太", "discord:123456789012345678": "健太", "discord:42": "ゆい"}
+    assert BotConfig.default().people == {}
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        ('"123456789012345678" = "健太"', '[people] "123456789012345678": must be "line:" and a LINE user id or '
+                                          '"discord:" and a Discord user id'),
+        ('"健太" = "健太"', '[people] "健太": must be "line:" and a LINE user id'),
+        ('"slack:U123" = "健太"', '[people] "slack:U123": must be "line:"'),
+        ('"line:" = "健太"', '[people] "line:": a LINE user id is "U" and 32 lowercase hex digits'),
+        ('"line:C4af4980629' + "0" * 22 + '" = "健太"', '[people] "line:C4af'),  # a group's id
+        (f'"line:{LINE_ID.upper()}" = "健太"', "a LINE user id is"),  # ids are lowercase: this would match nobody
+        (f'"line:{LINE_ID[:-1]}" = "健太"', "a LINE user id is"),
+        ('"discord:kenta#1234" = "健太"', '[people] "discord:kenta#1234": a Discord user id is digits'),
+        ('"discord:<@123>" = "健太"', "a Discord user id is digits"),
+        ('"discord:" = "健太"', "a Discord user id is digits"),
+        ('"discord:123" = ""', '[people] "discord:123": must not be empty'),
+        ('"discord:123" = "健\\n太"', '[people] "discord:123": must be one line'),
+        ('"discord:123" = 5', '[people] "discord:123": expected a string, got an integer'),
+    ],
+)
+def test_bad_people_keys_and_names_name_the_key_and_why(tmp_path, toml, expected):
+    (problem,) = _problems(tmp_path, "[people]\n" + toml + "\n")
+    assert expected in problem and problem.startswith("[people] "), problem
+
+
+def test_people_must_be_a_table(tmp_path):
+    (problem,) = _problems(tmp_path, 'people = ["discord:123"]\n')
+    assert problem == "[people]: expected a table, got a list"
+
+
 def test_nested_table_is_named_with_a_dot(tmp_path):
     (problem,) = _problems(tmp_path, "[discord.intents]\nmembers = true\n")
     assert problem.startswith("[discord] intents: unknown key")

@@ -60,23 +60,25 @@ def guild_payload(guild_id: int = GUILD_ID, channels=((CHANNEL_ID, "general"), (
 _ids = itertools.count(1500000000000000001)
 
 
-def member() -> dict:
-    return {"roles": [], "joined_at": TIMESTAMP, "deaf": False, "mute": False, "flags": 0, "nick": None}
+def member(nick: str | None = None) -> dict:
+    return {"roles": [], "joined_at": TIMESTAMP, "deaf": False, "mute": False, "flags": 0, "nick": nick}
 
 
 def message_payload(content: str, *, author: dict = ALICE, channel_id: int = CHANNEL_ID, guild_id: int | None = GUILD_ID,
-                    mentions=(), mention_everyone: bool = False, replying_to: dict | None = None) -> dict:
-    """A MESSAGE_CREATE event's `d`, shaped as Discord sends it."""
+                    mentions=(), mention_everyone: bool = False, replying_to: dict | None = None,
+                    nicks: dict[str, str] | None = None) -> dict:
+    """A MESSAGE_CREATE event's `d`, shaped as Discord sends it; `nicks`: server nicknames by user id."""
+    nicks = nicks or {}
     data = {
         "id": str(next(_ids)), "channel_id": str(channel_id), "author": author, "content": content,
         "timestamp": TIMESTAMP, "edited_timestamp": None, "tts": False, "mention_everyone": mention_everyone,
-        "mentions": [{**user, "member": member()} if guild_id else user for user in mentions],
+        "mentions": [{**user, "member": member(nicks.get(user["id"]))} if guild_id else user for user in mentions],
         "mention_roles": [], "attachments": [], "embeds": [], "components": [], "pinned": False,
         "type": 0, "flags": 0, "nonce": str(next(_ids)),
     }
     if guild_id:
         data["guild_id"] = str(guild_id)
-        data["member"] = member()
+        data["member"] = member(nicks.get(author["id"]))
     if replying_to is not None:
         data["type"] = 19
         data["message_reference"] = {"type": 0, "message_id": replying_to["id"], "channel_id": replying_to["channel_id"],
@@ -229,8 +231,9 @@ async def fake_discord(monkeypatch):
     await runner.cleanup()
 
 
-def make_config(**discord_keys) -> BotConfig:
-    return BotConfig.from_dict({"persona": {"name": "美咲"}, "discord": {"enabled": True, **discord_keys}}, source="test.toml")
+def make_config(people: dict[str, str] | None = None, **discord_keys) -> BotConfig:
+    return BotConfig.from_dict({"persona": {"name": "美咲"}, "discord": {"enabled": True, **discord_keys},
+                                "people": people or {}}, source="test.toml")
 
 
 @pytest.fixture
@@ -238,8 +241,8 @@ async def connect(fake_discord):
     """An adapter logged in to the fake over REST, with the test guild in its cache (as after GUILD_CREATE)."""
     adapters = []
 
-    async def make(**discord_keys) -> DiscordAdapter:
-        adapter = DiscordAdapter(make_config(**discord_keys), BotMetrics(), "美咲")
+    async def make(people: dict[str, str] | None = None, **discord_keys) -> DiscordAdapter:
+        adapter = DiscordAdapter(make_config(people, **discord_keys), BotMetrics(), "美咲")
         await adapter.client.login("test-token")
         adapter.client._connection._add_guild_from_data(guild_payload())
         adapters.append(adapter)
@@ -274,8 +277,8 @@ async def test_mention_is_answered_as_a_reply_with_the_mention_stripped(connect,
 
     (incoming,) = router.seen
     assert incoming.addressed and incoming.platform == "discord"
-    assert incoming.text == "hello @Bob, see #random"
-    assert (incoming.chat_id, incoming.user_id, incoming.user_name) == (str(CHANNEL_ID), str(ALICE_ID), "Alice")
+    assert incoming.text == "hello @bob, see #random"  # people by account name, as the exports name them
+    assert (incoming.chat_id, incoming.user_id, incoming.user_name) == (str(CHANNEL_ID), str(ALICE_ID), "alice")
     assert fake_discord.requests[-2][:2] == ("POST", f"/channels/{CHANNEL_ID}/typing")
     (sent,) = fake_discord.posts("messages")
     assert sent["content"] == "やっほー"
@@ -323,7 +326,36 @@ async def test_replied_message_already_remembered_is_not_handed_over_twice(conne
     # A reply to a human's message the bot never saw brings that message in first.
     unseen = message_payload("映画いこう", author=BOB)
     await deliver(adapter, router, message_payload(f"<@{BOT_ID}> 行く？", replying_to=unseen, mentions=[BOT_USER]))
-    assert [(m.user_name, m.text, m.addressed) for m in router.seen[2:]] == [("Bob", "映画いこう", False), ("Alice", "行く？", True)]
+    assert [(m.user_name, m.text, m.addressed) for m in router.seen[2:]] == [("bob", "映画いこう", False), ("alice", "行く？", True)]
+
+
+async def test_people_are_named_by_account_name_not_by_server_nickname_or_global_name(connect, fake_discord):
+    """DiscordChatExporter's exports, which the persona was trained on, name people by `name` (the username)."""
+    adapter, router = await connect(), StubRouter()
+    nicks = {str(ALICE_ID): "アリス姫", str(BOB_ID): "ボブ隊長"}
+    earlier = message_payload("明日ひま？", author=BOB, nicks=nicks)
+    question = message_payload(f"<@{BOT_ID}> <@{BOB_ID}> に聞いて", replying_to=earlier, mentions=[BOT_USER, BOB],
+                               nicks=nicks)
+    parsed = parse(adapter, question)
+    # discord.py sees all three names: the nickname is what the server shows.
+    assert (parsed.author.nick, parsed.author.global_name, parsed.author.name) == ("アリス姫", "Alice", "alice")
+    assert parsed.author.display_name == "アリス姫"
+    await adapter.on_message(parsed, bot_for(adapter, router).accept)
+    await bot_for(adapter, router).idle()
+    assert [(m.user_name, m.text) for m in router.seen] == [("bob", "明日ひま？"), ("alice", "@bob に聞いて")]
+
+
+async def test_people_names_a_discord_user_and_the_bot_keeps_the_persona_name(connect, fake_discord):
+    adapter = await connect(people={f"discord:{ALICE_ID}": "健太", f"discord:{BOB_ID}": "美咲",
+                                    f"discord:{BOT_ID}": "ボット"})
+    router = StubRouter()
+    earlier = message_payload("昨日のカレー美味しかった", author=BOT_USER)
+    await deliver(adapter, router, message_payload(f"<@{BOT_ID}> <@{BOB_ID}> もそう言ってた", replying_to=earlier,
+                                                   mentions=[BOT_USER, BOB]))
+    await deliver(adapter, router, message_payload("ほんとに？", author=BOB))
+    # The bot's own message is the persona's whatever [people] says; a person named like the persona is told apart.
+    assert [(m.user_name, m.text) for m in router.seen] == [
+        ("美咲", "昨日のカレー美味しかった"), ("健太", "@美咲 (user) もそう言ってた"), ("美咲 (user)", "ほんとに？")]
 
 
 async def test_bots_are_not_answered_and_its_own_messages_not_handed_over(connect, fake_discord):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from fake_line_api import LOADING, PUSH, REPLY, Fault, serving_fake_line, webhook
+from fake_line_api import LOADING, PROFILE, PUSH, REPLY, Fault, serving_fake_line, webhook
 from fake_line_api import sign as line_sign
 from fake_line_api import text_event as line_text_event
 from hypothesis import given, settings
@@ -243,6 +243,31 @@ async def test_a_redelivered_event_is_answered_once_even_across_a_restart(tmp_pa
     assert remembered(tmp_path, f"line:{USER}").count("届いてる？") == 1
     assert "delivered again" in caplog.text
     assert (tmp_path / "memory.inbox.sqlite3").is_file()
+
+
+def speakers(folder: Path, chat_key: str) -> list[str]:
+    with sqlite3.connect(folder / "memory.sqlite3") as db:
+        return [s for (s,) in db.execute("SELECT speaker FROM turns WHERE chat_key = ? ORDER BY id", (chat_key,))]
+
+
+async def test_the_bot_remembers_senders_by_their_line_display_name_also_after_a_restart(tmp_path, tiny, fake_line,
+                                                                                          caplog):
+    """The persona learned people by their LINE display names (LINE's exports use them): memory keeps the
+    sender's, the persona's own for its replies, and a restart finds the name on disk instead of asking again."""
+    fake_line.profiles = {USER: "健太"}
+
+    async def answered_in_a_run_of_its_own(text: str) -> None:
+        async with running_bot(tmp_path, tiny, fake_line, caplog) as bot:
+            event = text_event(text)
+            assert (await bot.post(webhook(event))).status == 200
+            await wait_for(lambda: replies_to(fake_line, event["replyToken"]), what="the reply")
+
+    await answered_in_a_run_of_its_own("久しぶり")
+    assert speakers(tmp_path, f"line:{USER}") == ["健太", PERSONA]
+    await answered_in_a_run_of_its_own("また来たよ")  # the second run: the same files
+    assert speakers(tmp_path, f"line:{USER}") == ["健太", PERSONA, "健太", PERSONA]
+    assert len(fake_line.to(PROFILE)) == 1
+    assert (tmp_path / "memory.names.sqlite3").is_file()
 
 
 async def test_forged_or_missing_signatures_are_refused_and_nothing_is_processed(tmp_path, tiny, fake_line, caplog):
