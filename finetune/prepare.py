@@ -21,7 +21,7 @@ from pathlib import Path
 from .atomic_output import atomic_directory, check_writable
 from .importers import ReadOptions, open_export
 from .records import ChatRecord
-from .redact import Redactor
+from .redact import KINDS, Redactor
 from .samples import (
     BuildStats,
     Conversation,
@@ -212,7 +212,7 @@ def _run(args: argparse.Namespace, read_options: Callable) -> int:
         "excluded_messages": stats.excluded_messages,
         "system_lines": stats.system_lines,
         "package_messages_also_in_exports": overlap,
-        "redactions": {k: redactor.counts.get(k, 0) for k in ("url", "email", "phone", "postal_code")},
+        "redactions": {k: redactor.counts.get(k, 0) for k in KINDS},
         "split": {
             "train_last": max((s.time for s in train), default=None),
             "eval_first": min((s.time for s in held_out), default=None),
@@ -228,7 +228,8 @@ def _run(args: argparse.Namespace, read_options: Callable) -> int:
     red = report["redactions"]
     print(
         f"{args.out}: {len(train)} train / {len(held_out)} eval samples from {len(conversations)} conversations; "
-        f"redacted {red['url']} URLs, {red['email']} e-mails, {red['phone']} phone numbers, {red['postal_code']} postal codes"
+        f"redacted {red['url']} URLs, {red['email']} e-mails, {red['phone']} phone numbers, {red['postal_code']} postal codes, "
+        f"{red['address']} addresses, {red['card']} card numbers, {red['my_number']} My Numbers"
     )
     if not held_out:
         print("note: eval.jsonl is empty (too few conversations to hold any out)", file=sys.stderr)

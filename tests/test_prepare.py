@@ -83,7 +83,9 @@ def test_personal_data_is_redacted_and_counted(dataset):
     by_target = _by_target(train + held_out)
     assert "でしょ〜笑 連絡は <EMAIL> まで" in by_target
     assert "おはよー！えっとね\n<POSTCODE> の近くのとこ。電話は<PHONE>だって" in by_target
-    assert stats["redactions"] == {"url": 1, "email": 1, "phone": 1, "postal_code": 1}
+    assert stats["redactions"] == {
+        "url": 1, "email": 1, "phone": 1, "postal_code": 1, "address": 0, "card": 0, "my_number": 0,
+    }
 
 
 def test_split_is_by_time_with_whole_conversations(dataset):
