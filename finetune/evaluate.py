@@ -85,13 +85,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     train_samples = read_samples(args.data / "train.jsonl") if (args.data / "train.jsonl").is_file() else []
 
     losses: dict[str, float | None] = {}
+    timing: dict[str, float] = {}
     adapter_info = generation = None
     if args.adapter is not None:
         from .eval_models import base_and_tuned
         from .generation import GenerationSettings
         from .model_loading import load_adapter
 
+        loading = time.monotonic()
         loaded = load_adapter(args.adapter, base=args.base, quantize=args.quantize, device=args.device, dtype=args.dtype)
+        timing["load_s"] = round(time.monotonic() - loading, 2)
         manifest = loaded.manifest
         persona = samples[0]["persona"]
         if persona != manifest.persona:
@@ -104,16 +107,19 @@ def _evaluate(args: argparse.Namespace) -> int:
         for name, system in made.items():
             replies[name] = system.replies
             losses[name] = system.loss
+            timing[f"{name}_s"] = round(system.seconds, 2)  # its loss, warm-up and generation
         adapter_info = {"path": str(args.adapter), "base_model": manifest.base_model, "merged": manifest.merged}
         generation = vars(settings).copy()
         # Model systems first in the report, in the order base, tuned.
         replies = {**{n: replies[n] for n in made}, **{n: r for n, r in replies.items() if n not in made}}
 
+    scoring = time.monotonic()
     report = build_report(samples, replies, losses, train_samples, seed=args.seed, verbatim_chars=args.verbatim_chars)
+    timing["score_s"] = round(time.monotonic() - scoring, 2)
     report["dataset"] = _dataset_info(args.data, samples, len(every_sample))
     report["adapter"] = adapter_info
     report["generation"] = generation
-    report["seconds"] = round(time.monotonic() - started, 1)
+    report["timing"] = {**timing, "total_s": round(time.monotonic() - started, 2)}
     write_report(args.out, report, replies, ids, replace=args.force)
     print(summary_lines(report, args.out))
     return 0
