@@ -54,7 +54,11 @@ class PlatformAdapter(Protocol):
 
     It never answers by itself: what it accepts is answered by the bot's dispatcher, which calls
     `deliver` once per accepted message that has a reply, also for messages left unanswered by an
-    earlier run (entry.recovered)."""
+    earlier run (entry.recovered).
+
+    Optional: `async def speaker_name(self, message) -> str`, for a platform that can name a sender
+    only at a cost (LINE's profile API). The dispatcher asks it just before the message is answered,
+    never while the platform waits for an acknowledgement."""
 
     name: str
 

@@ -1,9 +1,10 @@
 """A full-page PNG of a report.html, for putting a picture of a real report into docs/.
 
-    python docs/screenshot.py out/eval/report.html docs/report.png [--width 1280]
+    python docs/screenshot.py out/eval/report.html docs/report.png [--width 1280] [--max-height 2400]
 
 Uses headless chromium and the chromedriver on PATH (Debian: apt-get install chromium chromium-driver),
-through selenium (the dev extras).
+through selenium (the dev extras). Japanese text needs a CJK font on the machine that takes the picture
+(Debian: fonts-ipafont-gothic, fonts-noto-color-emoji for emoji), or it is drawn as empty boxes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
 
-def screenshot(report: Path, out: Path, width: int = 1280) -> None:
+def screenshot(report: Path, out: Path, width: int = 1280, max_height: int | None = None) -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     chromedriver = shutil.which("chromedriver")
     if not chromium or not chromedriver:
@@ -29,6 +30,8 @@ def screenshot(report: Path, out: Path, width: int = 1280) -> None:
     try:
         driver.get(report.resolve().as_uri())
         height = driver.execute_script("return document.documentElement.scrollHeight")
+        if max_height:
+            height = min(height, max_height)  # the top of a long report: summary, distances, the first plots
         # a viewport as tall as the page: one capture, no stitching, sticky boxes drawn once
         driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
                                {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
@@ -42,8 +45,9 @@ def main() -> None:
     parser.add_argument("report", type=Path, help="report.html")
     parser.add_argument("out", type=Path, help="the PNG to write")
     parser.add_argument("--width", type=int, default=1280, help="page width in CSS pixels (default 1280)")
+    parser.add_argument("--max-height", type=int, default=None, help="keep only the top of the page (CSS pixels)")
     args = parser.parse_args()
-    screenshot(args.report, args.out, args.width)
+    screenshot(args.report, args.out, args.width, args.max_height)
 
 
 if __name__ == "__main__":

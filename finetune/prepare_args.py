@@ -52,7 +52,7 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip replies with fewer earlier turns than this (default 0: openers are kept)")
     p.add_argument("--eval-fraction", type=_fraction, default=0.05, metavar="F",
                    help="share of samples, taken from the latest conversations, held out for eval (default 0.05)")
-    p.add_argument("--no-redact", action="store_true", help="keep URLs, e-mail addresses, phone numbers and postal codes")
+    p.add_argument("--no-redact", action="store_true", help="keep URLs, e-mail addresses, phone numbers, postal codes, street addresses, card numbers and My Numbers")
     p.add_argument("--timezone", default=None, metavar="TZ",
                    help="zone of exports without an offset (LINE), e.g. Asia/Tokyo; default: this machine's")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
