@@ -1,8 +1,11 @@
-"""A random-weight model with rinna/japanese-gpt-neox-3.6b's shape, and a chat-like dataset.
+"""Random-weight models with real models' shapes, and a chat-like dataset.
 
-Random weights run exactly as fast as the real ones, so speed and memory measured on this
-model are the real model's. The tokenizer is the tiny model's rinna-style SentencePiece (the
-model's vocabulary is still 32,000 wide, so the output layer costs what rinna's does).
+RINNA_3_6B is rinna/japanese-gpt-neox-3.6b (GPT-NeoX); LLAMA_3B is sbintuitions/sarashina2.2-3b
+(Llama with grouped-query attention, the architecture of the newer Japanese bases). Random
+weights run exactly as fast as the real ones, so speed and memory measured on these models are
+the real models'. The tokenizer is the tiny model's rinna-style SentencePiece for every shape
+(the model's vocabulary stays as wide as the real one's, so the output layer costs what it does
+there; prompts never contain ids beyond the tokenizer's 1,000).
 """
 
 from __future__ import annotations
@@ -35,10 +38,45 @@ RINNA_3_6B = dict(
 )
 TINY = dict(RINNA_3_6B, hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=2)
 
+# sbintuitions/sarashina2.2-3b's config.json (https://huggingface.co/sbintuitions/sarashina2.2-3b/blob/main/config.json):
+# LlamaForCausalLM, hidden 2560, 32 layers, 16 attention heads over 8 KV heads (head_dim 160), MLP 8960,
+# vocab 102400, untied output layer, rope_theta 500000, 8192 positions: 3.36B parameters. Its bos/eos
+# are 1/2; here they are the bench tokenizer's (2/3) so generation stops where the tokenizer says.
+LLAMA_3B = dict(
+    model_type="llama",  # build_model's switch to LlamaForCausalLM (not a config field it passes on)
+    vocab_size=102400,
+    hidden_size=2560,
+    intermediate_size=8960,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    num_hidden_layers=32,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    hidden_act="silu",
+    attention_bias=False,
+    mlp_bias=False,
+    tie_word_embeddings=False,
+    bos_token_id=2,
+    eos_token_id=3,
+    pad_token_id=0,
+)
+LLAMA_TINY = dict(LLAMA_3B, hidden_size=64, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                  num_hidden_layers=2)
+SHAPES = {"rinna": RINNA_3_6B, "tiny": TINY, "llama3b": LLAMA_3B, "llama-tiny": LLAMA_TINY}
+
+
+def describe(shape: dict) -> str:
+    """One line naming the architecture and its sizes."""
+    arch = "Llama" if shape.get("model_type") == "llama" else "GPT-NeoX"
+    heads, kv = shape["num_attention_heads"], shape.get("num_key_value_heads", shape["num_attention_heads"])
+    return (f"{arch}: {shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}, {heads} attention heads / "
+            f"{kv} KV heads, MLP {shape['intermediate_size']}, vocab {shape['vocab_size']}")
+
 
 def build_model(out: Path, shape: dict, seed: int = 0) -> Path:
     import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
     out.mkdir(parents=True, exist_ok=True)
     spiece = train_sentencepiece([], vocab_size=1000)
@@ -48,7 +86,10 @@ def build_model(out: Path, shape: dict, seed: int = 0) -> Path:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(seed)
     with torch.device(device):
-        model = GPTNeoXForCausalLM(GPTNeoXConfig(**shape)).to(dtype)
+        if shape.get("model_type") == "llama":
+            model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in shape.items() if k != "model_type"})).to(dtype)
+        else:
+            model = GPTNeoXForCausalLM(GPTNeoXConfig(**shape)).to(dtype)
     model.save_pretrained(out)
     return out
 
