@@ -169,17 +169,21 @@ class ConversationMemory:
             row = self._db.execute("SELECT text FROM turns WHERE event = ?", (event,)).fetchone()
         return row[0] if row else None
 
-    def recent(self, chat_key: str, limit: int) -> list[ChatRecord]:
-        """The last `limit` turns of a chat, oldest first."""
+    def recent(self, chat_key: str, limit: int, slack: int = 0) -> list[ChatRecord]:
+        """The last turns of a chat, oldest first: `limit` of them, or with `slack`, between `limit - slack`
+        and `limit`, from a start that stays put for several messages (window_start)."""
         if limit <= 0:
             return []
+        slack = max(0, min(slack, limit - 1))
         with self._lock, self._errors("read the conversation"):
             rows = self._db.execute(
-                "SELECT speaker, time, text, kind FROM turns WHERE chat_key = ? ORDER BY id DESC LIMIT ?",
-                (chat_key, limit),
+                "SELECT id, speaker, time, text, kind FROM turns WHERE chat_key = ? ORDER BY id DESC LIMIT ?",
+                (chat_key, limit + slack),
             ).fetchall()
+        rows.reverse()
+        rows = rows[window_start([row[0] for row in rows], limit, slack):]
         return [ChatRecord(speaker, datetime.fromisoformat(time), text, kind, chat=chat_key)
-                for speaker, time, text, kind in reversed(rows)]
+                for _, speaker, time, text, kind in rows]
 
     def reset(self, chat_key: str) -> int:
         """Forget a chat (the rows are deleted, not hidden); returns how many turns went."""
@@ -216,3 +220,20 @@ class ConversationMemory:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def window_start(ids: list[int], limit: int, slack: int) -> int:
+    """Where the remembered window starts among a chat's latest turns `ids` (oldest first).
+
+    The worker reuses a chat's cached prompt when the next prompt starts the same way, so the window's
+    first turn should not move with every message, as "the last `limit` turns" does. Among the turns that
+    may start the window (those leaving between `limit - slack` and `limit` turns), the start is the one
+    whose id hashes lowest: it stays the start until it leaves the range or a new candidate hashes lower,
+    on average for about `slack / 2` messages. No state is kept: the same turns give the same start,
+    across restarts and after pruning.
+    """
+    if len(ids) <= limit:
+        return 0
+    first = len(ids) - limit
+    candidates = range(first, min(len(ids), first + max(1, slack)))
+    return min(candidates, key=lambda i: (ids[i] * 0x9E3779B1) & 0xFFFFFFFF)

@@ -36,6 +36,7 @@ NOT_ADMIN_REPLY = "記憶のリセットは管理者だけができます。"
 STOPPING_REPLY = "いまは停止中です。あとでまた話しかけてね。"
 # Under overload every message is answered busy: one log line per message would add work exactly when the
 # bot has none to spare. A line at most this often counts them (the metric counts each).
+WINDOW_SLACK = 8  # the prompt remembers between max_turns - 8 and max_turns turns
 BUSY_LOG_EVERY_S = 10.0
 
 
@@ -135,7 +136,10 @@ class Router:
             self.metrics.messages.labels(outcome="rate_limited").inc()
             return RATE_LIMIT_REPLY
 
-        turns = [ChatTurn(r.speaker, r.text) for r in self.memory.recent(message.chat_key, self.config.memory.max_turns)]
+        # A start that moves in jumps, not by one turn per message: the worker reuses what it computed for
+        # this chat's last prompt when the next one begins the same way.
+        window = self.memory.recent(message.chat_key, self.config.memory.max_turns, slack=WINDOW_SLACK)
+        turns = [ChatTurn(r.speaker, r.text) for r in window]
         deadline = message.received + self.config.queue.deadline_s
         try:
             reply = await self.worker.submit(turns, deadline=deadline, received=message.received)

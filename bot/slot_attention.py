@@ -8,9 +8,11 @@ each attention layer hands this function its new keys and values (rotary already
 the function writes them into the layer's rows of a preallocated cache at each row's own
 positions, then attends over the cache with a mask built from those positions.
 
-Everything the function needs for one forward pass is in a `SlotStep` set by `active_step()`.
-Inside a CUDA graph the Python runs once at capture; the step's tensors are the graph's static
-buffers, so each replay reads whatever positions were copied into them.
+Everything the function needs for one forward pass is in a `SlotStep`, passed as the model call's
+`slot_step` keyword (transformers hands unknown keywords down to the attention function; that also
+keeps a torch.compile'd step free of module globals). Inside a CUDA graph the Python runs once at
+capture; the step's tensors are the graph's static buffers, so each replay reads whatever positions
+were copied into them. `active_step()` sets one for calls that cannot pass it (the start-up probe).
 
 Without an active step the function is plain SDPA, so `model.generate()` keeps working on a
 model switched to this implementation (tests and benchmarks compare the two on one model).
@@ -65,6 +67,8 @@ class SlotStep:
     # Prefill: the rows' caches start empty, so the new tokens attend causally to each other only
     # (no cache read, no mask: the flash kernel). Right padding comes after every real token.
     prefill: bool = False
+    # The batch rows are arbitrary slots (row_index), not slots 0..batch-1: read those cache rows.
+    gather: bool = False
 
 
 @dataclass
@@ -109,8 +113,12 @@ def register() -> str:
         if step.prefill:
             out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, **gqa)
             return out.transpose(1, 2).contiguous(), None
-        k = cache_k[: query.shape[0], :, : step.kv_length]
-        v = cache_v[: query.shape[0], :, : step.kv_length]
+        if step.gather:
+            rows = step.row_index.view(-1)
+            k, v = cache_k[rows, :, : step.kv_length], cache_v[rows, :, : step.kv_length]
+        else:
+            k = cache_k[: query.shape[0], :, : step.kv_length]
+            v = cache_v[: query.shape[0], :, : step.kv_length]
         out = torch.nn.functional.scaled_dot_product_attention(
             query, k.to(query.dtype), v.to(query.dtype), attn_mask=step.mask, scale=scaling, **gqa
         )

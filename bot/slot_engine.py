@@ -31,11 +31,18 @@ from finetune.prompt import turn_end
 from . import slot_attention
 from .sampling import next_tokens
 from .slot_attention import ProbeStep, SlotStep, UnsupportedModel, active_step, allocate_cache
+from .slot_reuse import place
 
 log = logging.getLogger(__name__)
 
 _MIN_LENGTH_BUCKET = 64
+# Of the GPU memory free once the model is loaded, what the KV cache may take; the rest is for the
+# activations of the largest prefill, the CUDA graphs' memory pool and the allocator's slack.
+CACHE_SHARE_OF_FREE = 0.6
 _MAX_PREFILL_ROWS = 8  # prompts prefilled in one forward pass (more wait for the next step)
+# New tokens of a prompt that extends a slot's cached prefix (a follow-up message: the reply and a new
+# turn), in captured buckets; a longer extension is computed without a graph.
+_EXTEND_BUCKETS = (16, 32, 64, 128, 256)
 
 
 @dataclass
@@ -87,6 +94,7 @@ class SlotEngine:
 
         try:
             shapes, vocab = self._probe()
+            slots, self.cache_report = _size_cache(torch, self.device, shapes, slots, length)
         except UnsupportedModel:
             if self._previous_attention:  # plain generate() takes over: it needs the model as it was
                 model.set_attn_implementation(self._previous_attention)
@@ -119,6 +127,16 @@ class SlotEngine:
         self._p_last = torch.zeros((prefill_rows,), dtype=torch.long, device=dev)
         self._p_host = torch.zeros((3, prefill_rows, length), dtype=torch.long, pin_memory=pin)
         self._causal = torch.ones((length, length), dtype=torch.bool, device=dev).tril().view(1, 1, length, length)
+        self.extend_buckets = [b for b in _EXTEND_BUCKETS if b < length] or [max(1, length - 1)]
+        longest_extension = self.extend_buckets[-1]
+        self._e_ids = torch.zeros((prefill_rows, longest_extension), dtype=torch.long, device=dev)
+        self._e_pos = torch.zeros((prefill_rows, longest_extension), dtype=torch.long, device=dev)
+        self._e_host = torch.zeros((3, prefill_rows, longest_extension), dtype=torch.long, pin_memory=pin)
+        # Per slot, the tokens whose keys and values its cache row holds from position 0 (what a finished
+        # reply leaves behind for the chat's next message), and how much prompt work reuse has saved.
+        self._cached: list[list[int]] = [[] for _ in range(slots)]
+        self.prefilled_tokens = 0
+        self.reused_tokens = 0
         self._generator = torch.Generator(device=dev)
         if seed is not None:
             self._generator.manual_seed(seed)
@@ -129,6 +147,7 @@ class SlotEngine:
         self._pending: list[_Row] = []  # admitted, prefilled at the next step
         self._graphs: dict[tuple[int, int], tuple] = {}  # (rows, cache length) -> decode graph, its logits
         self._prefill_graphs: dict[tuple[int, int], tuple] = {}  # (rows, prompt length) -> graph, logits
+        self._extend_graphs: dict[tuple[int, int], tuple] = {}  # (rows, new tokens) -> graph, logits
         self._decode_fn = self._decode_forward
         if compile and dev.type == "cuda":
             # Fuses the ~30 small kernels per layer (norms, rotary, residuals) that cost a batch-1
@@ -141,6 +160,7 @@ class SlotEngine:
             except Exception as exc:  # e.g. a quantization kernel that syncs with the CPU: decode eagerly
                 self._graphs.clear()
                 self._prefill_graphs.clear()
+                self._extend_graphs.clear()
                 torch.cuda.synchronize()
                 log.warning("slot engine: CUDA graphs cannot be captured for this model (%s: %s); decoding without them",
                             type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
@@ -159,7 +179,15 @@ class SlotEngine:
 
     @property
     def graph_count(self) -> int:
-        return len(self._graphs) + len(self._prefill_graphs)
+        return len(self._graphs) + len(self._prefill_graphs) + len(self._extend_graphs)
+
+    def describe_cache(self) -> str:
+        r = self.cache_report
+        text = f"{self.slots} chats x {self.length} tokens, {self.cache.nbytes / 1e9:.2f} GB of cache"
+        if r.get("free_gb") is not None:
+            text += f" ({r['per_slot_gb']:.2f} GB a chat; {r['free_gb']:.1f} GB were free"
+            text += ", fewer chats than asked for fit)" if r["limited_by"] == "memory" else ")"
+        return text
 
     @property
     def busy(self) -> int:
@@ -194,12 +222,14 @@ class SlotEngine:
             self.model.set_attn_implementation(self._previous_attention)
         self._graphs.clear()
         self._prefill_graphs.clear()
+        self._extend_graphs.clear()
 
     def abort(self) -> list:
         """Drop every row (after a failed step: the cache rows may be half-written); returns their keys."""
         keys = [r.key for r in self._pending] + [r.key for r in self._rows.values()]
         self._pending.clear()
         self._rows.clear()
+        self._cached = [[] for _ in self._cached]  # nothing half-written may be reused
         return keys
 
     # -- prefill and decode -----------------------------------------------------------------
@@ -209,8 +239,24 @@ class SlotEngine:
         limit = self.prefill_buckets[-1]
         rows, self._pending = self._pending[:limit], self._pending[limit:]
         free = [s for s in range(self.slots) if s not in self._rows]
-        slots = free[: len(rows)]
-        logits = self._prefill_logits(rows, slots)
+        placements = place([r.prompt for r in rows], free, self._cached, max_new=self.extend_buckets[-1])
+        slots = [p.slot for p in placements]
+        fresh = [i for i, p in enumerate(placements) if p.reused == 0]
+        extended = [i for i, p in enumerate(placements) if p.reused > 0]
+        parts, order = [], []
+        if fresh:
+            parts.append(self._prefill_logits([rows[i] for i in fresh], [slots[i] for i in fresh]))
+            order += fresh
+        if extended:
+            parts.append(self._extend_logits([rows[i] for i in extended], [placements[i] for i in extended]))
+            order += extended
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if order != list(range(len(rows))):
+            logits = logits[torch.tensor([order.index(i) for i in range(len(rows))], device=logits.device)]
+        for row, placement in zip(rows, placements, strict=True):
+            self._cached[placement.slot] = list(row.prompt)
+            self.reused_tokens += placement.reused
+            self.prefilled_tokens += len(row.prompt) - placement.reused
         dev = self.device
         # Every prompt token counts as seen (repetition penalty); padding repeats the first token.
         longest = max(len(r.prompt) for r in rows)
@@ -256,6 +302,55 @@ class SlotEngine:
             logits = self._forward_prefill(count, length)
         return logits[: len(rows)].float()
 
+    def _extend_logits(self, rows: list[_Row], placements: list):
+        """Write the prompts' tokens past each slot's cached prefix into their slots, attending to that
+        prefix; the float32 logits after each prompt. The follow-up message of a chat costs its new tokens."""
+        new = [len(r.prompt) - p.reused for r, p in zip(rows, placements, strict=True)]
+        graphed = bool(self._extend_graphs) and max(new) <= self.extend_buckets[-1]
+        count = _bucket(len(rows), self.prefill_buckets) if graphed else len(rows)
+        width = _bucket(max(new), self.extend_buckets) if graphed else max(new)
+        kv_length = self.length if graphed else _bucket(max(len(r.prompt) for r in rows), self.length_buckets)
+        host = self._e_host[:, :count, :width] if graphed else self._torch.zeros((3, count, width), dtype=self._torch.long)
+        ids_np, pos_np, rows_np = host[0].numpy(), host[1].numpy(), host[2, :, 0].numpy()
+        ids_np[:] = self.tokenizer.pad_id
+        pos_np[:] = range(width)  # padding rows write into the scratch row
+        rows_np[:] = self._scratch
+        last = [0] * count
+        for i, (row, placement) in enumerate(zip(rows, placements, strict=True)):
+            start, end = placement.reused, len(row.prompt)
+            ids_np[i, : end - start] = row.prompt[start:end]
+            # Padding past the prompt writes where decoding will overwrite before any query sees it.
+            pos_np[i] = [min(start + j, self.length - 1) for j in range(width)]
+            rows_np[i] = placement.slot
+            last[i] = end - start - 1
+        if graphed:
+            self._e_ids[:count, :width].copy_(host[0], non_blocking=True)
+            self._e_pos[:count, :width].copy_(host[1], non_blocking=True)
+            self._p_rows[:count].copy_(host[2, :, 0], non_blocking=True)
+            self._p_last[:count].copy_(self._torch.tensor(last), non_blocking=True)
+            graph = self._extend_graphs[(count, width)]
+            graph[0].replay()
+            return graph[1][: len(rows)].float()
+        dev = self.device
+        out = self._forward_extend_from(host[0].to(dev), host[1].to(dev), host[2, :, 0].to(dev),
+                                        self._torch.tensor(last, device=dev), kv_length)
+        return out[: len(rows)].float()
+
+    def _forward_extend(self, count: int, width: int):
+        """The body of each extension graph: `width` new tokens for `count` rows from the static buffers."""
+        return self._forward_extend_from(self._e_ids[:count, :width], self._e_pos[:count, :width], self._p_rows[:count],
+                                         self._p_last[:count], self.length)
+
+    def _forward_extend_from(self, ids, positions, slots, last, kv_length: int):
+        count, width = ids.shape
+        # Each new token sees its row's cache up to its own position: the cached prefix and the new tokens before it.
+        mask = self._positions[:kv_length].view(1, 1, 1, kv_length) <= positions.view(count, 1, width, 1)
+        step = SlotStep(self.cache, slots.view(count, 1), positions, kv_length, mask, gather=True)
+        out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False, slot_step=step,
+                         logits_to_keep=last)
+        arange = self._row_index[:count, 0]
+        return out.logits[arange, arange]
+
     def _forward_prefill(self, count: int, length: int):
         """Prompts of `length` tokens for `count` rows from the static buffers; logits at each row's
         last prompt token. The body of each prefill CUDA graph."""
@@ -263,10 +358,9 @@ class SlotEngine:
         positions = self._positions[:length].expand(count, length)
         mask = self._causal[:, :, :length, :length]  # transformers takes a 4D mask as given
         step = SlotStep(self.cache, slots.view(count, 1), positions, prefill=True)
-        with active_step(step):
-            # logits_to_keep as indices: only each row's last prompt position reaches the LM head.
-            out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False,
-                             logits_to_keep=last)
+        # logits_to_keep as indices: only each row's last prompt position reaches the LM head.
+        out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False,
+                         logits_to_keep=last, slot_step=step)
         arange = self._row_index[:count, 0]
         return out.logits[arange, arange]  # row i's logits at its own last prompt token
 
@@ -291,7 +385,8 @@ class SlotEngine:
         kv_length = _bucket(max(r.position for r in self._rows.values()) + 1, self.length_buckets)
         ids_np, pos_np = self._ids_np, self._pos_np
         ids_np[:batch] = self.tokenizer.pad_id
-        pos_np[:batch] = 0  # free slots in the batch write garbage at position 0 of their own row
+        # Free slots in the batch write garbage at their row's last position, which no kept prefix covers.
+        pos_np[:batch] = self.length - 1
         for slot, row in self._rows.items():
             ids_np[slot, 0] = row.tokens[-1]
             pos_np[slot] = row.position
@@ -334,6 +429,9 @@ class SlotEngine:
 
     def _finish(self, slot: int) -> Finished:
         row = self._rows.pop(slot)
+        # What the row's cache holds now: the prompt and every generated token fed back so far (the last
+        # token chosen was never fed). The chat's next message starts with most of it.
+        self._cached[slot] = (row.prompt + row.tokens[: row.position - len(row.prompt)])[: self.length - 1]
         return Finished(row.key, reply_text(self.tokenizer, row.tokens, row.speakers), row.tokens)
 
     # -- start-up ---------------------------------------------------------------------------
@@ -359,6 +457,8 @@ class SlotEngine:
         for count in self.prefill_buckets:
             for length in self.prompt_buckets:
                 self._prefill_graphs[(count, length)] = self._capture(pool, partial(self._forward_prefill, count, length))
+            for width in self.extend_buckets:
+                self._extend_graphs[(count, width)] = self._capture(pool, partial(self._forward_extend, count, width))
         torch.cuda.synchronize()
 
     def _capture(self, pool, forward):
@@ -398,6 +498,25 @@ class SlotEngine:
         finally:
             self.abort()
         return worst
+
+
+def _size_cache(torch, device, shapes: dict, slots: int, length: int) -> tuple[int, dict]:
+    """How many chats' cache rows fit: `slots` asked for, fewer if the GPU's free memory says so."""
+    per_slot = sum(2 * heads * dim * length * torch.empty((), dtype=dtype).element_size()
+                   for heads, dim, dtype in shapes.values())
+    report = {"asked": slots, "positions": length, "per_slot_gb": round(per_slot / 1e9, 4), "free_gb": None,
+              "limited_by": "asked"}
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        affordable = int(free * CACHE_SHARE_OF_FREE // per_slot) - 1  # one row is the scratch row
+        report["free_gb"] = round(free / 1e9, 2)
+        if affordable < 1:
+            raise UnsupportedModel(f"{free / 1e9:.1f} GB of GPU memory are free, too little for one chat's cache of "
+                                   f"{length} tokens ({per_slot / 1e9:.2f} GB)")
+        if affordable < slots:
+            slots, report["limited_by"] = affordable, "memory"
+    report["slots"] = slots
+    return slots, report
 
 
 def _use_slot_attention(model) -> str | None:

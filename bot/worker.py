@@ -35,6 +35,14 @@ from .metrics import BotMetrics
 log = logging.getLogger(__name__)
 
 
+# Tokens of a chat (prompt + reply) served at most. rinna has 2048; newer bases declare 8192 to 128k,
+# which no chat memory of 20 turns needs, while every cache row and warm-up graph would grow with it.
+MAX_SERVED_CONTEXT = 4096
+# Old turns that no longer fit the prompt go 4 at a time, so its start (and the engine's reuse of the
+# chat's cached prompt) holds for several messages.
+DROP_BLOCK = 4
+
+
 class QueueFull(Exception):
     """The queue holds `max_queue` requests already: answer "busy" now instead of replying late."""
 
@@ -107,7 +115,10 @@ class ModelBackend:
             persona, template = manifest.persona, manifest.template
             settings = GenerationSettings.from_manifest(manifest.generation, **overrides)
             speakers = tuple(manifest.speakers)
-            max_length = manifest.max_length
+            # The whole context the model has (2048 for rinna), not only the length of the training samples:
+            # a long chat keeps more of itself in the prompt. The cache is sized for it from free GPU memory.
+            context = getattr(loaded.model.config, "max_position_embeddings", None)
+            max_length = min(context, MAX_SERVED_CONTEXT) if context else manifest.max_length
         else:
             if not persona:
                 raise ValueError("a base model without an adapter needs a persona name")
@@ -157,8 +168,8 @@ class ModelBackend:
                 engine.detach()
             log.warning("worker: the slot engine cannot serve this model (%s); using plain batched generate()", exc)
             return BatchStepper(self, capacity, seed)
-        log.info("worker: slot engine ready in %.1fs: %d slots x %d tokens, %.2f GB of cache, %d CUDA graphs",
-                 time.monotonic() - started, engine.slots, engine.length, engine.cache.nbytes / 1e9, engine.graph_count)
+        log.info("worker: slot engine ready in %.1fs: %s, %d CUDA graphs", time.monotonic() - started,
+                 engine.describe_cache(), engine.graph_count)
         return EngineStepper(self, engine)
 
     def generate(self, conversations: list[list[ChatTurn]]) -> list[tuple[str, int]]:
@@ -171,7 +182,8 @@ class ModelBackend:
 
     def prompt_ids(self, turns: Sequence[ChatTurn]) -> list[int]:
         """The prompt for a conversation: its latest turns that leave room for the reply."""
-        return fit_context(self.loaded.tokenizer, turns, self.persona, self.template, self.max_prompt_tokens)
+        return fit_context(self.loaded.tokenizer, turns, self.persona, self.template, self.max_prompt_tokens,
+                           block=DROP_BLOCK)
 
     def speakers_in(self, turns: Sequence[ChatTurn]) -> list[str]:
         """Names whose `name: ` line ends a reply: the training's, and the people in these turns

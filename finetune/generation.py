@@ -32,14 +32,26 @@ class GenerationSettings:
         return cls(**known)
 
 
-def fit_context(tokenizer, turns: Sequence[ChatTurn], persona: str, template: str, budget: int) -> list[int]:
-    """Prompt ids for the latest turns that fit `budget` tokens (the oldest are dropped first)."""
+def fit_context(tokenizer, turns: Sequence[ChatTurn], persona: str, template: str, budget: int,
+                block: int = 1) -> list[int]:
+    """Prompt ids for the latest turns that fit `budget` tokens (the oldest are dropped first).
+
+    `block` > 1 drops old turns in multiples of `block`: the prompt then keeps its start for several
+    messages as the conversation grows, so the serving engine can reuse what it computed for the last
+    one (dropping one turn per message would change the start, and the whole prompt, every time)."""
     turns = list(turns)
+    dropped = 0
     while True:
-        ids = encode_prompt(tokenizer, turns, persona, template)
-        if len(ids) <= budget or not turns:
-            return ids[-budget:] if len(ids) > budget else ids
-        turns.pop(0)
+        ids = encode_prompt(tokenizer, turns[dropped:], persona, template)
+        if len(ids) <= budget or dropped >= len(turns):
+            break
+        dropped += 1
+    if block > 1 and 0 < dropped < len(turns):
+        rounded = min(len(turns) - 1, -(-dropped // block) * block)
+        if rounded != dropped:
+            dropped = rounded
+            ids = encode_prompt(tokenizer, turns[dropped:], persona, template)
+    return ids[-budget:] if len(ids) > budget else ids
 
 
 def generate_replies(

@@ -224,3 +224,34 @@ def test_a_row_ends_as_soon_as_the_model_starts_another_speakers_turn(loaded):
     assert text.endswith(": ") or text.endswith(":")  # it stops at the turn's colon, not later
     finished = engine._finish(0)
     assert finished.text == "ひまだよ!"
+
+
+def test_a_follow_up_message_reuses_its_chats_cache_and_still_gives_generates_tokens(loaded):
+    """A chat's next prompt is its last prompt + the reply + a new turn: only the new part is computed,
+    while other chats come and go in the other slots, and the tokens are still generate()'s."""
+    tokenizer, model = loaded.tokenizer, loaded.model
+    settings = GenerationSettings(max_new_tokens=12, temperature=0.0, repetition_penalty=1.3)
+    engine = SlotEngine(model, tokenizer, settings, slots=3, length=192)
+    encode = lambda text: tokenizer.encode(tokenizer.to_model_text(text))  # noqa: E731
+    firsts = [encode(f"翔太: {p}\n美咲: ") for p in PROMPTS[:3]]
+    replies = run_staggered(engine, firsts, join_every=2)
+    follow_ups = [firsts[i] + replies[i] + encode(f"\n翔太: {PROMPTS[3 + i]}\n美咲: ") for i in range(3)]
+    prefilled_before = engine.prefilled_tokens
+    got = run_staggered(engine, follow_ups, join_every=2)
+    assert [got[i] for i in range(3)] == [plain_greedy(model, tokenizer, p, settings) for p in follow_ups]
+    new_tokens = sum(len(f) - len(firsts[i]) - len(replies[i]) for i, f in enumerate(follow_ups))
+    # Each follow-up computed its new turn and the one reply token that was never fed back, nothing more.
+    assert engine.prefilled_tokens - prefilled_before <= new_tokens + 3
+    assert engine.reused_tokens >= sum(len(f) for f in firsts)
+
+
+def test_a_prompt_that_changed_at_the_start_is_computed_whole(loaded):
+    tokenizer, model = loaded.tokenizer, loaded.model
+    settings = GenerationSettings(max_new_tokens=8, temperature=0.0, repetition_penalty=1.0)
+    engine = SlotEngine(model, tokenizer, settings, slots=2, length=160)
+    first = tokenizer.encode(tokenizer.to_model_text("翔太: " + PROMPTS[3] + "\n美咲: "))
+    run_staggered(engine, [first])
+    changed = [first[1]] + first  # memory dropped or added something before: no common prefix
+    got = run_staggered(engine, [changed])
+    assert got[0] == plain_greedy(model, tokenizer, changed, settings)
+    assert engine.reused_tokens == 0

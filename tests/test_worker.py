@@ -331,7 +331,8 @@ def test_backend_defaults_for_a_base_model_and_from_an_adapter_manifest(loaded, 
     from_manifest = ModelBackend.from_loaded(adapter, generation_overrides={"max_new_tokens": 20})
     assert (from_manifest.persona, from_manifest.template, from_manifest.speakers) == ("健太", "instruction", ("美咲", "健太"))
     assert (from_manifest.settings.temperature, from_manifest.settings.max_new_tokens) == (0.0, 20)
-    assert from_manifest.max_prompt_tokens == 256 - 20
+    # The model's whole context, not the manifest's training length (256): long chats keep more of themselves.
+    assert from_manifest.max_prompt_tokens == loaded.model.config.max_position_embeddings - 20
     with pytest.raises(ValueError, match="trained with persona"):
         ModelBackend.from_loaded(adapter, persona=PERSONA)
     # Greedy (the manifest's temperature 0) through the real model: one reply per conversation.
