@@ -467,7 +467,7 @@ def copy_bandwidth_gbs() -> float | None:
 
 def run_configuration(name: str, adapter: Path, args) -> dict:
     """One way of loading the model: its single-stream, first-token and concurrent-chat figures."""
-    from bot.worker import ModelBackend
+    from bot.backend import ModelBackend
     from finetune.model_loading import load_adapter
     from finetune.prompt import encode_prompt
 

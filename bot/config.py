@@ -235,13 +235,27 @@ PersonKey = Annotated[str, AfterValidator(_person_key)]
 SpeakerName = Annotated[str, AfterValidator(_speaker_name)]
 
 
+class ApiConfig(_Section):
+    """bunshin as an OpenAI-compatible server (bot/api.py), on the daemon's HTTP server ([server] host and port)."""
+
+    enabled: bool = False
+    key_env: EnvName = "BUNSHIN_API_KEY"  # clients send its value as `Authorization: Bearer ...`
+    model_id: str = ""  # the one model /v1/models lists; "" = the persona's name
+    user_name: SpeakerName = "あなた"  # the speaker of a `user` message that has no `name`
+    system_messages: Literal["ignore", "reject"] = "ignore"  # the persona was never trained with a system prompt
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # Per client address (token bucket), before the queue: one script cannot take every place in it.
+    requests_per_minute: float = Field(60.0, gt=0)
+    burst: int = Field(10, gt=0)
+
+
 class LoggingConfig(_Section):
     level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(_upper)] = "INFO"
     log_message_text: bool = False
 
 
-# Platform -> the *_env keys it needs when enabled.
-_SECRET_KEYS = {"discord": ("token_env",), "line": ("channel_secret_env", "access_token_env")}
+# Platform (or [api]) -> the *_env keys it needs when enabled.
+_SECRET_KEYS = {"discord": ("token_env",), "line": ("channel_secret_env", "access_token_env"), "api": ("key_env",)}
 
 
 class BotConfig(_Section):
@@ -255,6 +269,7 @@ class BotConfig(_Section):
     console: ConsoleConfig = ConsoleConfig()
     discord: DiscordConfig = DiscordConfig()
     line: LineConfig = LineConfig()
+    api: ApiConfig = ApiConfig()
     # "platform:id" -> the name the training export gives that person: the platform adapters name them so, and
     # LINE's profile is not asked. The same name under two ids makes one speaker of them.
     people: dict[PersonKey, SpeakerName] = Field(default_factory=dict)
@@ -296,9 +311,9 @@ class BotConfig(_Section):
         return value
 
     def check_secrets(self, environ: Mapping[str, str] | None = None) -> None:
-        """Every enabled platform's secrets are set (disabled ones are not asked for)."""
+        """Every enabled platform's secrets, and [api]'s key, are set (disabled ones are not asked for)."""
         problems = []
-        for platform in self.enabled_platforms():
+        for platform in self.enabled_platforms() + (["api"] if self.api.enabled else []):
             for key in _SECRET_KEYS.get(platform, ()):
                 try:
                     self.secret(getattr(getattr(self, platform), key), environ)
@@ -313,6 +328,11 @@ class BotConfig(_Section):
         if not self.model.adapter and not self.persona.name:
             problems.append(f"{self.source}: [persona] name: required when [model] adapter is empty "
                             "(an adapter's manifest names its persona; the base model alone has none)")
+        if self.api.enabled and not self.server.enabled:
+            problems.append(f"{self.source}: [api] enabled: needs [server] enabled (the API is served on that server)")
+        if self.api.enabled and self.line.enabled and self.line.webhook_path.startswith("/v1/"):
+            problems.append(f"{self.source}: [line] webhook_path: must not start with /v1/ while [api] is enabled "
+                            "(the API's paths)")
         try:
             self.check_secrets(environ)
         except ConfigError as exc:

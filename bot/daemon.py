@@ -26,6 +26,7 @@ from pathlib import Path
 
 from finetune.model_loading import ModelLoadError, load_adapter, load_base_model, read_adapter_manifest
 
+from .backend import ModelBackend
 from .dispatcher import Dispatcher
 from .inbox import Inbox, InboxError
 from .memory import ConversationMemory, MemoryStoreError
@@ -33,7 +34,7 @@ from .metrics import BotMetrics
 from .names import NameCacheError
 from .router import Router
 from .server import build_app, start_server
-from .worker import ModelBackend, Worker
+from .worker import Worker
 
 log = logging.getLogger("bunshin.daemon")
 

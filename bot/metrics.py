@@ -45,6 +45,10 @@ class BotMetrics:
         self.recovered = Counter("bunshin_inbox_recovered", "Messages left unanswered by an earlier run, taken up at start",
                                  registry=r)
         self.inbox_waiting = Gauge("bunshin_inbox_waiting", "Accepted messages not finished yet", registry=r)
+        # The OpenAI-compatible API (bot/api.py): every answer by status, refusals (401, 400, 413) included; the
+        # requests that reach the model are counted in bunshin_messages as well, with the platforms' outcomes.
+        self.api_responses = Counter("bunshin_api_responses", "OpenAI-compatible API answers by HTTP status", ["status"],
+                                     registry=r)
         for outcome in OUTCOMES:
             self.messages.labels(outcome)
         for outcome in DELIVERY_OUTCOMES:

@@ -83,7 +83,7 @@ def generate(
     on_reply: Callable[[], None] | None = None,
 ) -> list[str]:
     """One reply per context, as the bot's worker makes them: every admitted chat decodes in the same step."""
-    from bot.worker import ModelBackend
+    from bot.backend import ModelBackend
 
     if not contexts:
         return []

@@ -15,10 +15,11 @@ import time
 import pytest
 import torch
 
+from bot.backend import ModelBackend
 from bot.metrics import BotMetrics
 from bot.slot_engine import SlotEngine
 from bot.steppers import BatchStepper, EngineStepper
-from bot.worker import ModelBackend, Worker
+from bot.worker import Worker
 from finetune.generation import GenerationSettings, generate_replies
 from finetune.model_loading import LoadedModel, load_adapter, load_base_model
 from finetune.prompt import ChatTurn

@@ -17,12 +17,12 @@ import time
 import pytest
 import torch
 
+from bot.backend import ModelBackend
 from bot.metrics import BotMetrics
 from bot.worker import (
     DeadlineExceeded,
     GeneratedReply,
     GenerationFailed,
-    ModelBackend,
     QueueFull,
     Worker,
     WorkerStopped,

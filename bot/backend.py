@@ -1,0 +1,146 @@
+"""How the bot prompts its model: the persona, template, generation settings, context budget, and the stepper.
+
+The worker (worker.py) owns the queue and the thread; this owns what a request becomes for the model:
+the conversation's turns fitted into the prompt budget (finetune.generation.fit_context, the renderer
+training used), and the stepper that generates (the slot engine, warmed up and checked against plain
+generation at start, or plain batched `generate()` where the engine cannot serve the model).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from finetune.generation import GenerationSettings, fit_context, generate_replies
+from finetune.model_loading import LoadedModel
+from finetune.prompt import TEMPLATES, ChatTurn
+
+log = logging.getLogger(__name__)
+
+
+# Tokens of a chat (prompt + reply) served at most. rinna has 2048; newer bases declare 8192 to 128k,
+# which no chat memory of 20 turns needs, while every cache row and warm-up graph would grow with it.
+MAX_SERVED_CONTEXT = 4096
+# Old turns that no longer fit the prompt go 4 at a time, so its start (and the engine's reuse of the
+# chat's cached prompt) holds for several messages.
+DROP_BLOCK = 4
+
+
+
+@dataclass
+class ModelBackend:
+    """A loaded model and how to prompt it. `generate` blocks: the worker calls it in a thread."""
+
+    loaded: LoadedModel
+    persona: str
+    template: str
+    settings: GenerationSettings
+    speakers: tuple[str, ...]  # names seen in training: a line starting with one ends the reply
+    max_prompt_tokens: int  # the oldest turns are dropped to fit; room is left for the reply
+    engine: str = "slots"  # "slots": continuous batching (slot_engine.py); "plain": batched generate()
+    cuda_graphs: bool = True
+    compile: bool = False  # torch.compile the decode step (GPU): faster steps after a longer warm-up
+
+    @classmethod
+    def from_loaded(
+        cls,
+        loaded: LoadedModel,
+        persona: str | None = None,
+        template: str | None = None,
+        generation_overrides: dict | None = None,
+        engine: str = "slots",
+        cuda_graphs: bool = True,
+        compile: bool = False,
+    ) -> ModelBackend:
+        """An adapter (or merged model) brings persona, template and generation defaults in its manifest;
+        a bare base model needs them given (persona at least)."""
+        manifest = loaded.manifest
+        overrides = dict(generation_overrides or {})
+        unknown = set(overrides) - set(GenerationSettings.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown generation settings: {', '.join(sorted(unknown))}")
+        if manifest is not None:
+            # The adapter learned one voice in one layout: another persona or template would be
+            # a prompt it never saw, so a conflicting argument is an error rather than ignored.
+            for name, given, learned in (("persona", persona, manifest.persona), ("template", template, manifest.template)):
+                if given is not None and given != learned:
+                    raise ValueError(f"the adapter was trained with {name} {learned!r}, not {given!r}")
+            persona, template = manifest.persona, manifest.template
+            settings = GenerationSettings.from_manifest(manifest.generation, **overrides)
+            speakers = tuple(manifest.speakers)
+            # The whole context the model has (2048 for rinna), not only the length of the training samples:
+            # a long chat keeps more of itself in the prompt. The cache is sized for it from free GPU memory.
+            context = getattr(loaded.model.config, "max_position_embeddings", None)
+            max_length = min(context, MAX_SERVED_CONTEXT) if context else manifest.max_length
+        else:
+            if not persona:
+                raise ValueError("a base model without an adapter needs a persona name")
+            template = template or "transcript"
+            settings = GenerationSettings.from_manifest({}, **overrides)
+            speakers = ()
+            max_length = getattr(loaded.model.config, "max_position_embeddings", None)
+            if not max_length:
+                raise ValueError("the model's config does not say its context length (max_position_embeddings)")
+        if template not in TEMPLATES:
+            raise ValueError(f"unknown prompt template {template!r}; known: {', '.join(TEMPLATES)}")
+        budget = max_length - settings.max_new_tokens
+        if budget < 16:
+            raise ValueError(
+                f"max_new_tokens {settings.max_new_tokens} leaves {budget} of {max_length} tokens for the prompt"
+            )
+        if engine not in ("slots", "plain"):
+            raise ValueError(f"unknown engine {engine!r}; choose slots or plain")
+        return cls(loaded, persona, template, settings, speakers, budget, engine, cuda_graphs, compile)
+
+    def make_stepper(self, capacity: int, seed: int | None = None):
+        """The slot engine with `capacity` slots, warmed up (CUDA graphs captured) and checked against
+        plain generation; plain batched generate() when the engine is off or cannot serve this model.
+        `seed` fixes the sampling (`finetune eval` compares systems on the same draws)."""
+        from .steppers import BatchStepper, EngineStepper
+
+        if self.engine == "plain":
+            return BatchStepper(self, capacity, seed)
+        from .slot_attention import UnsupportedModel
+        from .slot_engine import SlotEngine
+
+        model, tokenizer = self.loaded.model, self.loaded.tokenizer
+        started = time.monotonic()
+        engine = None
+        try:
+            engine = SlotEngine(model, tokenizer, self.settings, slots=capacity,
+                                length=self.max_prompt_tokens + self.settings.max_new_tokens, cuda_graphs=self.cuda_graphs,
+                                compile=self.compile, seed=seed)
+            probe = tokenizer.encode(tokenizer.to_model_text("おはよう。今日は何する?\n"))[:32] or [tokenizer.pad_id]
+            difference = engine.self_check(probe)
+            # fp32 agrees to rounding; bf16/fp16 (and k-bit bases computing in them) much less closely.
+            tolerance = 1e-3 if engine.cache.keys[0].element_size() >= 4 else 5e-2
+            if difference > tolerance:
+                raise UnsupportedModel(f"its logits differ from plain generation by {difference:.2g} (allowed {tolerance:g})")
+        except UnsupportedModel as exc:
+            if engine is not None:
+                engine.detach()
+            log.warning("worker: the slot engine cannot serve this model (%s); using plain batched generate()", exc)
+            return BatchStepper(self, capacity, seed)
+        log.info("worker: slot engine ready in %.1fs: %s, %d CUDA graphs", time.monotonic() - started,
+                 engine.describe_cache(), engine.graph_count)
+        return EngineStepper(self, engine)
+
+    def generate(self, conversations: list[list[ChatTurn]]) -> list[tuple[str, int]]:
+        """(reply text, tokens generated) for each conversation, generated as one batch."""
+        if not conversations:
+            return []
+        prompts = [self.prompt_ids(turns) for turns in conversations]
+        speakers = self.speakers_in([t for turns in conversations for t in turns])
+        return generate_replies(self.loaded.model, self.loaded.tokenizer, prompts, self.settings, speakers)
+
+    def prompt_ids(self, turns: Sequence[ChatTurn]) -> list[int]:
+        """The prompt for a conversation: its latest turns that leave room for the reply."""
+        return fit_context(self.loaded.tokenizer, turns, self.persona, self.template, self.max_prompt_tokens,
+                           block=DROP_BLOCK)
+
+    def speakers_in(self, turns: Sequence[ChatTurn]) -> list[str]:
+        """Names whose `name: ` line ends a reply: the training's, and the people in these turns
+        (the model may start a turn in their name)."""
+        return sorted({*self.speakers, *(t.speaker for t in turns)})
