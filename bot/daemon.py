@@ -27,6 +27,7 @@ from pathlib import Path
 from finetune.model_loading import ModelLoadError, load_adapter, load_base_model, read_adapter_manifest
 
 from .backend import ModelBackend
+from .config import ConfigError
 from .dispatcher import Dispatcher
 from .inbox import Inbox, InboxError
 from .memory import ConversationMemory, MemoryStoreError
@@ -105,6 +106,7 @@ async def run_daemon(config, stop: asyncio.Event | None = None, backend=None) ->
     worker: Worker | None = None
     adapters = []
     runner = None
+    api = None
     stopping = stop or asyncio.Event()
     tasks: list[asyncio.Task] = []
     try:
@@ -123,12 +125,23 @@ async def run_daemon(config, stop: asyncio.Event | None = None, backend=None) ->
                 details["queue_depth"] = worker.queue_depth
             return ok, details
 
+        if config.api.enabled:
+            from .api import OpenAIApi
+
+            try:  # the key is read once, now: a missing variable stops the start, naming it
+                api = OpenAIApi(config, metrics, configured_persona(config), config.secret(config.api.key_env))
+            except ConfigError as exc:
+                raise SystemExit(f"error: {exc}") from None
         if config.server.enabled:
             app = build_app(metrics, health)
             for adapter in adapters:
                 app.router.add_routes(adapter.web_routes())
+            if api is not None:
+                app.router.add_routes(api.web_routes())
             runner, port = await start_server(app, config.server.host, config.server.port)
             log.info("health and metrics on http://%s:%d/healthz and /metrics", config.server.host, port)
+            if api is not None:
+                log.info("OpenAI-compatible API on http://%s:%d/v1 as model %r", config.server.host, port, api.model_id)
             state["port"] = port
         # Messages are taken from now on, while the model loads too: they wait in the inbox.
         tasks = [asyncio.create_task(a.run(dispatcher.accept, stopping), name=a.name) for a in adapters]
@@ -160,6 +173,8 @@ async def run_daemon(config, stop: asyncio.Event | None = None, backend=None) ->
         # 2-core CI machine, which alone put LINE's webhook p99 over 50 ms (bench/line_load.py).
         gc.freeze()
         router = Router(config, memory, worker, metrics, backend.persona)
+        if api is not None:
+            api.attach(worker, backend)
         if not adapters:
             log.warning("no platform adapter is enabled: only /healthz and /metrics are served")
         dispatcher.start(router)
