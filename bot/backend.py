@@ -72,8 +72,7 @@ class ModelBackend:
             speakers = tuple(manifest.speakers)
             # The whole context the model has (2048 for rinna), not only the length of the training samples:
             # a long chat keeps more of itself in the prompt. The cache is sized for it from free GPU memory.
-            context = getattr(loaded.model.config, "max_position_embeddings", None)
-            max_length = min(context, MAX_SERVED_CONTEXT) if context else manifest.max_length
+            max_length = served_context(loaded.model, manifest.max_length)
         else:
             if not persona:
                 raise ValueError("a base model without an adapter needs a persona name")
@@ -94,10 +93,11 @@ class ModelBackend:
             raise ValueError(f"unknown engine {engine!r}; choose slots or plain")
         return cls(loaded, persona, template, settings, speakers, budget, engine, cuda_graphs, compile)
 
-    def make_stepper(self, capacity: int, seed: int | None = None):
+    def make_stepper(self, capacity: int, seed: int | None = None, length: int | None = None):
         """The slot engine with `capacity` slots, warmed up (CUDA graphs captured) and checked against
         plain generation; plain batched generate() when the engine is off or cannot serve this model.
-        `seed` fixes the sampling (`finetune eval` compares systems on the same draws)."""
+        `seed` fixes the sampling (`finetune eval` compares systems on the same draws); `length` caps the
+        cache rows where every prompt is known to be shorter (the eval's), for fewer graphs to capture."""
         from .steppers import BatchStepper, EngineStepper
 
         if self.engine == "plain":
@@ -110,7 +110,8 @@ class ModelBackend:
         engine = None
         try:
             engine = SlotEngine(model, tokenizer, self.settings, slots=capacity,
-                                length=self.max_prompt_tokens + self.settings.max_new_tokens, cuda_graphs=self.cuda_graphs,
+                                length=length or self.max_prompt_tokens + self.settings.max_new_tokens,
+                                cuda_graphs=self.cuda_graphs,
                                 compile=self.compile, seed=seed)
             probe = tokenizer.encode(tokenizer.to_model_text("おはよう。今日は何する?\n"))[:32] or [tokenizer.pad_id]
             difference = engine.self_check(probe)
@@ -144,3 +145,10 @@ class ModelBackend:
         """Names whose `name: ` line ends a reply: the training's, and the people in these turns
         (the model may start a turn in their name)."""
         return sorted({*self.speakers, *(t.speaker for t in turns)})
+
+
+def served_context(model, fallback: int) -> int:
+    """Tokens of a chat (prompt + reply) the bot serves on `model`: its whole context, at most
+    MAX_SERVED_CONTEXT; `fallback` (the training length) where the config does not say."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    return min(context, MAX_SERVED_CONTEXT) if context else fallback

@@ -83,16 +83,20 @@ def generate(
     on_reply: Callable[[], None] | None = None,
 ) -> list[str]:
     """One reply per context, as the bot's worker makes them: every admitted chat decodes in the same step."""
-    from bot.backend import ModelBackend
+    from bot.backend import ModelBackend, served_context
 
     if not contexts:
         return []
-    budget = max_length - settings.max_new_tokens
+    # The prompt budget the bot has on this model (its whole context), not the training length.
+    budget = served_context(loaded.model, max_length) - settings.max_new_tokens
     if budget < 16:
         raise ValueError(f"max_new_tokens {settings.max_new_tokens} leaves {budget} of {max_length} tokens for the prompt")
     backend = ModelBackend(loaded, persona, template, settings, tuple(speakers), budget,
                            cuda_graphs=loaded.device.startswith("cuda"))
-    stepper = backend.make_stepper(max(1, min(slots, len(contexts))), seed=seed)
+    # The prompts are the bot's (its budget), but the cache need only hold the longest of them and a reply.
+    longest = max(len(backend.prompt_ids(as_turns(c))) for c in contexts) + settings.max_new_tokens
+    length = min(budget + settings.max_new_tokens, -(-longest // 64) * 64)
+    stepper = backend.make_stepper(max(1, min(slots, len(contexts))), seed=seed, length=length)
     replies: list[str | None] = [None] * len(contexts)
     waiting = iter(range(len(contexts)))
     next_index = next(waiting, None)
