@@ -1,0 +1,342 @@
+"""bunshin's OpenAI-compatible API, driven by the official `openai` client against the real daemon.
+
+The daemon (bot.daemon.run_daemon) runs in a thread of this process with the real worker and the tiny
+model's real backend, serving on 127.0.0.1 at a port it picks; the clients talk to it over HTTP as any tool
+would. The backend is wrapped only to hold a generation in the worker's thread (a full queue, a deadline),
+to fail one, and to record the turns it was given: the replies are the tiny model's, greedy, so a reply can
+be compared with what the same backend generates for the same turns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+from conftest import run_cli, write_toml
+
+from bot.backend import ModelBackend
+from bot.config import BotConfig
+from bot.daemon import run_daemon
+from finetune.model_loading import load_base_model
+from finetune.prompt import ChatTurn
+from finetune.tiny_model import build_tiny_model
+
+PERSONA = "美咲"
+KEY_ENV = "BUNSHIN_TEST_API_KEY"
+KEY = "sk-test-3f9a1c0e7b"
+
+
+@pytest.fixture(scope="module")
+def inner(tmp_path_factory):
+    loaded = load_base_model(str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")), device="cpu")
+    return ModelBackend.from_loaded(loaded, persona=PERSONA, template="transcript",
+                                    generation_overrides={"max_new_tokens": 12, "temperature": 0.0})
+
+
+class HeldBackend:
+    """The real backend behind a gate (closed: generation waits in the worker's thread), recording each
+    conversation it is given; `fail` makes the next generation raise it."""
+
+    def __init__(self, inner: ModelBackend) -> None:
+        self.inner = inner
+        self.persona = inner.persona
+        self.settings = inner.settings
+        self.gate = threading.Event()
+        self.gate.set()
+        self.generating = threading.Event()
+        self.seen: list[list[ChatTurn]] = []
+        self.fail: Exception | None = None
+
+    def prompt_ids(self, turns):
+        return self.inner.prompt_ids(turns)
+
+    def generate(self, conversations):
+        self.seen += conversations
+        self.generating.set()
+        assert self.gate.wait(20), "the test never opened the gate"
+        if self.fail is not None:
+            failure, self.fail = self.fail, None
+            raise failure
+        return self.inner.generate(conversations)
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def serving(folder, backend, **sections):
+    """The daemon with [api] enabled and no platform: yields its /v1 URL once /healthz says serving."""
+    table = {
+        "persona": {"name": PERSONA},
+        "memory": {"path": str(folder / "memory.sqlite3")},
+        "server": {"host": "127.0.0.1", "port": 0},
+        "api": {"enabled": True, "key_env": KEY_ENV, "requests_per_minute": 6000.0, "burst": 1000},
+    }
+    for name, values in sections.items():
+        table.setdefault(name, {}).update(values)
+    config = BotConfig.from_dict(table, source="test")
+    lines, logger = _Lines(), logging.getLogger("bunshin.daemon")
+    logger.addHandler(lines)
+    level, logger.level = logger.level, logging.INFO
+    loop, stop, ended = asyncio.new_event_loop(), asyncio.Event(), []
+    os.environ[KEY_ENV] = KEY
+    thread = threading.Thread(target=lambda: ended.append(loop.run_until_complete(run_daemon(config, stop, backend))))
+    thread.start()
+    try:
+        url = None
+        deadline = time.monotonic() + 30
+        while url is None:
+            assert time.monotonic() < deadline and thread.is_alive(), f"the API never started: {lines.lines}"
+            url = next((line.split(" on ", 1)[1].split(" ")[0] for line in lines.lines if "OpenAI-compatible" in line),
+                       None)
+            time.sleep(0.02)
+        while get_json(url.replace("/v1", "/healthz"))[0] != 200:
+            assert time.monotonic() < deadline, "the daemon never served"
+            time.sleep(0.02)
+        yield url
+    finally:
+        if isinstance(backend, HeldBackend):
+            backend.gate.set()
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(30)
+        loop.close()
+        logger.removeHandler(lines)
+        logger.level = level
+        os.environ.pop(KEY_ENV, None)
+    assert ended == [0]
+
+
+def get_json(url: str, data: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=data, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:  # noqa: S310 - loopback
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def client(url: str, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def held(inner):
+    return HeldBackend(inner)
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory, held):
+    with serving(tmp_path_factory.mktemp("api"), held, queue={"max_batch": 1, "max_size": 1}) as url:
+        yield url
+
+
+CONVERSATION = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "name": "健太", "content": "おはよう、今日ひま?"},
+    {"role": "assistant", "content": "ひまだよ"},
+    {"role": "user", "content": [{"type": "text", "text": "じゃあ駅前のラーメン行こう"}]},
+]
+# What the persona reads: the system message dropped, the names as the prompt renderer takes them.
+TURNS = [ChatTurn("健太", "おはよう、今日ひま?"), ChatTurn(PERSONA, "ひまだよ"), ChatTurn("あなた", "じゃあ駅前のラーメン行こう")]
+
+
+def test_models_lists_the_persona(api):
+    models = client(api).models.list()
+    assert [(m.id, m.owned_by, m.object) for m in models.data] == [(PERSONA, "bunshin", "model")]
+    assert client(api).models.retrieve(PERSONA).id == PERSONA
+    with pytest.raises(openai.NotFoundError):
+        client(api).models.retrieve("gpt-4o")
+
+
+def test_a_reply_is_what_the_worker_generates_for_the_same_turns(api, held, inner):
+    held.seen.clear()
+    raw = client(api).chat.completions.with_raw_response.create(model=PERSONA, messages=CONVERSATION, temperature=1.3,
+                                                                 max_tokens=50)
+    completion = raw.parse()
+    assert held.seen == [TURNS]
+    [(text, tokens)] = inner.generate([TURNS])
+    assert completion.object == "chat.completion" and completion.model == PERSONA
+    assert completion.choices[0].message.role == "assistant" and completion.choices[0].message.content == text
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    assert completion.usage.completion_tokens == tokens
+    assert completion.usage.prompt_tokens == len(inner.prompt_ids(TURNS))
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + tokens
+    # Not applied, and said so: the system message and the sampling fields.
+    ignored = raw.headers["x-bunshin-ignored"]
+    assert "messages[0] (system)" in ignored and "temperature" in ignored and "max_tokens" in ignored
+
+
+def test_streaming_sends_the_same_reply_as_chunks(api, inner):
+    [(text, tokens)] = inner.generate([TURNS])
+    stream = client(api).chat.completions.create(model=PERSONA, messages=CONVERSATION, stream=True,
+                                                 stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert len({c.id for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    with_choices = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in with_choices) == text
+    assert with_choices[-1].choices[0].finish_reason in ("stop", "length")
+    assert all(c.choices[0].finish_reason is None for c in with_choices[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == tokens
+
+
+def test_the_async_client_streams_and_not(api, inner):
+    [(text, _)] = inner.generate([TURNS])
+
+    async def talk():
+        async with openai.AsyncOpenAI(base_url=api, api_key=KEY, max_retries=0, timeout=30) as aclient:
+            whole = await aclient.chat.completions.create(model=PERSONA, messages=CONVERSATION)
+            parts = [c.choices[0].delta.content or "" async for c in
+                     await aclient.chat.completions.create(model=PERSONA, messages=CONVERSATION, stream=True)
+                     if c.choices]
+            return whole.choices[0].message.content, "".join(parts)
+
+    assert asyncio.run(talk()) == (text, text)
+
+
+def test_a_wrong_or_missing_key_is_refused_in_openais_shape(api):
+    with pytest.raises(openai.AuthenticationError) as refused:
+        client(api, key="sk-wrong").chat.completions.create(model=PERSONA, messages=CONVERSATION)
+    assert refused.value.status_code == 401 and refused.value.code == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        client(api, key=KEY + "x").models.list()
+    status, body = get_json(api + "/models")
+    assert status == 401 and set(body["error"]) == {"message", "type", "param", "code"}
+    assert KEY not in json.dumps(body)
+
+
+def test_malformed_requests_are_400_naming_the_field(api, held):
+    held.seen.clear()
+    with pytest.raises(openai.BadRequestError) as bad:
+        client(api).chat.completions.create(model=PERSONA, messages=CONVERSATION, n=2)
+    assert bad.value.param == "n"
+    with pytest.raises(openai.BadRequestError) as bad:
+        client(api).chat.completions.create(model=PERSONA, messages=[])
+    assert bad.value.param == "messages"
+    with pytest.raises(openai.BadRequestError) as bad:
+        client(api).chat.completions.create(model=PERSONA, messages=[{"role": "tool", "content": "42",
+                                                                      "tool_call_id": "x"}])
+    assert bad.value.param == "messages[0].role"
+    with pytest.raises(openai.BadRequestError) as bad:
+        client(api).chat.completions.create(model=PERSONA, messages=CONVERSATION, temperature=5)
+    assert bad.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError) as bad:
+        client(api).chat.completions.create(model=PERSONA, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}])
+    assert bad.value.param == "messages[0].content[0]"
+    with pytest.raises(openai.BadRequestError) as bad:
+        client(api).chat.completions.create(model=PERSONA, messages=[{"role": "user", "name": "健太\n美咲",
+                                                                      "content": "a"}])
+    assert bad.value.param == "messages[0].name"
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    status, body = get_json(api + "/chat/completions", b'{"model": "x", "messages": [', auth)
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    status, body = get_json(api + "/chat/completions", json.dumps({"model": PERSONA}).encode(), auth)
+    assert status == 400 and body["error"]["param"] == "messages"
+    status, body = get_json(api + "/chat/completions", b"[" + b" " * (2 * 1024 * 1024) + b"]", auth)
+    assert status == 413 and "max_body_bytes" in body["error"]["message"]
+    assert held.seen == []  # none of them reached the model
+
+
+def test_a_full_queue_is_429_with_retry_after(api, held):
+    """max_batch 1, max_size 1: one reply generating (held at the gate), one waiting; the next is turned away."""
+    held.gate.clear()
+    held.generating.clear()
+    replies: list = []
+
+    def ask():
+        replies.append(client(api).chat.completions.create(model=PERSONA, messages=CONVERSATION))
+
+    first = threading.Thread(target=ask)
+    first.start()
+    assert held.generating.wait(10)
+    second = threading.Thread(target=ask)
+    second.start()
+    health = api.replace("/v1", "/healthz")
+    deadline = time.monotonic() + 10
+    while get_json(health)[1].get("queue_depth") != 1:
+        assert time.monotonic() < deadline, "the second request never reached the queue"
+        time.sleep(0.02)
+    with pytest.raises(openai.RateLimitError) as busy:
+        client(api).chat.completions.create(model=PERSONA, messages=CONVERSATION)
+    assert int(busy.value.response.headers["retry-after"]) >= 1 and busy.value.code == "rate_limit_exceeded"
+    held.gate.set()
+    first.join(30)
+    second.join(30)
+    assert len(replies) == 2  # the two accepted were answered
+    with urllib.request.urlopen(api.replace("/v1", "/metrics"), timeout=10) as r:  # noqa: S310 - loopback
+        metrics = r.read().decode()
+    assert 'bunshin_messages_total{outcome="busy"} 1.0' in metrics
+    assert 'bunshin_api_responses_total{status="429"} 1.0' in metrics
+
+
+def test_a_failed_generation_is_500_and_a_missed_deadline_503(tmp_path, inner):
+    backend = HeldBackend(inner)
+    with serving(tmp_path, backend, queue={"max_batch": 1, "deadline_s": 0.5}) as url:
+        backend.fail = RuntimeError("boom")
+        with pytest.raises(openai.InternalServerError) as failed:
+            client(url).chat.completions.create(model=PERSONA, messages=CONVERSATION)
+        assert failed.value.status_code == 500 and "generation" in failed.value.message
+        # One reply held past the other's deadline: the second is never started.
+        backend.gate.clear()
+        backend.generating.clear()
+        first = threading.Thread(target=lambda: client(url).chat.completions.create(model=PERSONA,
+                                                                                    messages=CONVERSATION))
+        first.start()
+        assert backend.generating.wait(10)
+        threading.Timer(0.8, backend.gate.set).start()
+        with pytest.raises(openai.InternalServerError) as late:
+            client(url).chat.completions.create(model=PERSONA, messages=CONVERSATION)
+        assert late.value.status_code == 503 and late.value.code == "timeout"
+        first.join(30)
+
+
+def test_the_slot_engine_answers_as_plain_generation(tmp_path, inner):
+    """The backend unwrapped: the worker serves it with the slot engine, as the daemon does a real model."""
+    [(text, tokens)] = inner.generate([TURNS])
+    with serving(tmp_path, inner) as url:
+        completion = client(url).chat.completions.create(model=PERSONA, messages=CONVERSATION)
+        streamed = client(url).chat.completions.create(model=PERSONA, messages=CONVERSATION, stream=True)
+        joined = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert (completion.choices[0].message.content, completion.usage.completion_tokens) == (text, tokens)
+    assert joined == text
+
+
+def test_clients_over_the_rate_get_429(tmp_path, inner):
+    with serving(tmp_path, HeldBackend(inner), api={"requests_per_minute": 1.0, "burst": 1}) as url:
+        client(url).chat.completions.create(model=PERSONA, messages=CONVERSATION)
+        with pytest.raises(openai.RateLimitError) as limited:
+            client(url).chat.completions.create(model=PERSONA, messages=CONVERSATION)
+        assert int(limited.value.response.headers["retry-after"]) == 60
+
+
+def test_start_up_names_a_missing_key_variable(tmp_path):
+    config = write_toml(tmp_path / "bot.toml", {"persona": {"name": PERSONA}, "api": {"enabled": True}})
+    env_before = os.environ.pop("BUNSHIN_API_KEY", None)
+    try:
+        done = run_cli("--config", config, module="bot", timeout=60)
+    finally:
+        if env_before is not None:
+            os.environ["BUNSHIN_API_KEY"] = env_before
+    assert done.returncode == 2
+    assert "[api] key_env: environment variable BUNSHIN_API_KEY is not set" in done.stderr
+    problems = BotConfig.from_dict({"persona": {"name": PERSONA}, "api": {"enabled": True},
+                                    "server": {"enabled": False}}, source="t.toml")
+    with pytest.raises(Exception, match=r"\[api\] enabled: needs \[server\] enabled"):
+        problems.check_ready({"BUNSHIN_API_KEY": "k"})
