@@ -13,8 +13,10 @@ from .errors import ExportError
 
 HEAD_BYTES = 64 * 1024
 
-# LINE mobile message line: time (24h, 午前/午後, AM/PM) then a TAB.
-_LINE_MOBILE_MESSAGE = re.compile(r"^(?:午前|午後|AM ?|PM ?)?\d{1,2}:\d{2}(?: ?[AP]M)?\t", re.M)
+# LINE mobile message line: time (24h, 午前/午後, 上午/下午, AM/PM, Thai หลังเที่ยง) then a TAB.
+_LINE_MOBILE_MESSAGE = re.compile(
+    r"^(?:(?:午前|午後|上午|下午|[AaPp][Mm]) ?)?\d{1,2}:\d{2}(?: ?(?:[AaPp][Mm]|ก่อนเที่ยง|หลังเที่ยง))?\t", re.M
+)
 # LINE PC "save chat": `15:16 Name text` separated by spaces, and dotted date lines.
 _LINE_PC_MESSAGE = re.compile(r"^\d{1,2}:\d{2} \S", re.M)
 _LINE_PC_DATE = re.compile(r"^\d{4}[./]\d{1,2}[./]\d{1,2}[ (（]", re.M)

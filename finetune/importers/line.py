@@ -29,6 +29,7 @@ from .line_shapes import (
     is_titled_item,
     message_time,
     parse_time,
+    strip_isolates,
 )
 from .options import ReadOptions
 from .text_file import read_text
@@ -102,6 +103,7 @@ def _parse(path: Path, options: ReadOptions) -> Iterator[ChatRecord]:
     day: date | None = None
     time_cache: dict[str, int | None] = {}
     stamp_cache: dict[int, datetime] = {}
+    names: dict[str, str] = {}  # name column as written -> without direction isolates (one dict lookup a line)
     pending: ChatRecord | None = None  # held until we know no continuation line follows
     i = 0  # 1-based number of the line in hand
     read_again: list[str] | None = []
@@ -135,7 +137,9 @@ def _parse(path: Path, options: ReadOptions) -> Iterator[ChatRecord]:
                     if len(parts) == 2:  # `21:00<TAB>XがYを招待しました。`: two columns, a notice
                         yield _new_record(ChatRecord, ("", stamp, parts[1], SYSTEM, chat, None, None, i))
                         continue
-                    name = parts[1]
+                    name = names.get(parts[1])
+                    if name is None:
+                        name = names[parts[1]] = strip_isolates(parts[1])
                     body = parts[2]
                     if body and body[0] == '"' and _lone_quote(body, 1) == -1:
                         quoted, inner = _read_quoted(source, body, path, i)

@@ -23,6 +23,7 @@ from .line_shapes import (
     is_titled_item,
     message_time,
     parse_time,
+    strip_isolates,
 )
 from .options import ReadOptions
 from .text_file import read_text
@@ -30,17 +31,25 @@ from .text_file import read_text
 _MESSAGE = re.compile(r"^(\d{1,2}:\d{2}) (.*)$")
 # Notices in PC exports have no name column; these are the shapes LINE writes. The note, album
 # and call-started ones are the SYSTEM_ACTIONS of a public parser of `2026.01.09 金曜日` PC exports.
+# zh-TW: `XXX已加入群組。`, `XXX已退出群組。`, `XXX邀請YYY加入群組。`, `XXX已將YYY退出群組。` (Bruce1986/line_parser),
+# `已新增…至群組`, `已離開群組`, `已設定公告` (ChatLab), `張已收回訊息` (the name glued on: a zh-TW PC parser),
+# OpenChat `加入聊天` / `離開聊天`. Thai: `ยกเลิกข้อความแล้ว` alone after the time (a Thai importer: "written in
+# the sender column"), `X เพิ่ม Y เข้ากลุ่ม` (added; the same importer's group sample).
 _NOTICE = re.compile(
     r"(?:が参加しました|を招待しました|が退会しました|を退会させました|がグループを退会しました|がグループに参加しました"
     r"|グループ名を.*に変更しました|が投票を作成しました|メッセージの送信を取り消しました|がアナウンスしました"
     r"|がノートを作成しました|がアルバムに写真を追加しました|が通話をかけました"
-    r"|joined the group|left the group|invited .+ to the group|unsent a message|changed the group name)"
+    r"|joined the group|left the group|invited .+ to the group|unsent a message|changed the group name"
+    r"|已加入群組|已退出群組|加入群組。|退出群組。|已新增.+至群組|已離開群組|已設定公告|已收回訊息|加入聊天$|離開聊天$"
+    r"|^ยกเลิกข้อความแล้ว$| เพิ่ม .+ เข้ากลุ่ม$)"
 )
 _MISSING_SPEAKER_THRESHOLD = 3  # an unknown first word this often is a speaker missing from --speakers
 
 
 def read(path: Path, options: ReadOptions) -> Iterator[ChatRecord]:
-    text = read_text(path, options.encoding)
+    # Direction isolates around names (see strip_isolates) would keep a name from matching --speakers; with no
+    # name column to strip them from, they go from the whole text: they are invisible and carry no words.
+    text = strip_isolates(read_text(path, options.encoding))
     lines = text.replace("\r\n", "\n").split("\n")
     speakers = sorted(options.speakers, key=len, reverse=True)  # longest first: `山口 由美` before `山口`
     if not speakers:
