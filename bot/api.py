@@ -249,7 +249,9 @@ class OpenAIApi:
             self._authorize(request)
             response = await handle(request)
         except ApiError as exc:
-            if exc.status >= 500 or exc.status in (401, 413, 429):
+            # Not 429 or 503: under overload a line per request would add work when there is none to spare
+            # (bunshin_api_responses counts them all).
+            if exc.status in (401, 413, 500):
                 log.warning("%s %s from %s: %d %s", request.method, request.path, request.remote, exc.status,
                             exc.message)
             response = exc.response()
