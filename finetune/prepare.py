@@ -30,6 +30,7 @@ from .samples import (
     split_by_time,
     split_conversations,
 )
+from .trainer_formats import write_exports
 
 BURST_GAP_S = 10 * 60
 
@@ -189,8 +190,11 @@ def _run(args: argparse.Namespace, read_options: Callable) -> int:
         )
     train, held_out = split_by_time(samples, conversations, options.eval_fraction)
 
-    train_lines = [json.dumps(s.as_json(args.persona), ensure_ascii=False) for s in train]
-    eval_lines = [json.dumps(s.as_json(args.persona), ensure_ascii=False) for s in held_out]
+    train_rows = [s.as_json(args.persona) for s in train]
+    eval_rows = [s.as_json(args.persona) for s in held_out]
+    train_lines = [json.dumps(row, ensure_ascii=False) for row in train_rows]
+    eval_lines = [json.dumps(row, ensure_ascii=False) for row in eval_rows]
+    exports = list(dict.fromkeys(args.export))  # a format named twice is written once
     fingerprint = hashlib.sha256()
     for line in train_lines + ["--eval--"] + eval_lines:
         fingerprint.update(line.encode())
@@ -219,10 +223,12 @@ def _run(args: argparse.Namespace, read_options: Callable) -> int:
         },
         "options": {**asdict(options), "burst_gap_s": BURST_GAP_S, "redact": not args.no_redact, "timezone": str(local)},
         "fingerprint": fingerprint.hexdigest(),
+        "exports": exports,
     }
     with atomic_directory(args.out, replace=args.force) as staging:
         (staging / "train.jsonl").write_text("".join(line + "\n" for line in train_lines), encoding="utf-8")
         (staging / "eval.jsonl").write_text("".join(line + "\n" for line in eval_lines), encoding="utf-8")
+        written = write_exports(staging, exports, train_rows, eval_rows)  # inside: all files appear or none
         (staging / "stats.json").write_text(json.dumps(report, ensure_ascii=False, indent=2, default=str) + "\n", encoding="utf-8")
 
     red = report["redactions"]
@@ -231,6 +237,8 @@ def _run(args: argparse.Namespace, read_options: Callable) -> int:
         f"redacted {red['url']} URLs, {red['email']} e-mails, {red['phone']} phone numbers, {red['postal_code']} postal codes, "
         f"{red['address']} addresses, {red['card']} card numbers, {red['my_number']} My Numbers"
     )
+    if written:
+        print(f"{args.out}: for other trainers: {', '.join(written)}")
     if not held_out:
         print("note: eval.jsonl is empty (too few conversations to hold any out)", file=sys.stderr)
     return 0

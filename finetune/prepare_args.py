@@ -6,6 +6,8 @@ import argparse
 import re
 from pathlib import Path
 
+from .trainer_formats import FORMATS as EXPORT_FORMATS
+
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
 _UNIT_SECONDS = {"": 60, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -23,6 +25,17 @@ def _fraction(text: str) -> float:
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1): {text}")
     return value
+
+
+def parse_export_formats(text: str) -> list[str]:
+    """'sharegpt,alpaca' -> ['sharegpt', 'alpaca']; an unknown name is a usage error, before any reading."""
+    names = [n.strip().lower() for n in str(text).split(",") if n.strip()]
+    unknown = [n for n in names if n not in EXPORT_FORMATS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown export format {(unknown or [text])[0]!r}; known: {', '.join(EXPORT_FORMATS)}"
+        )
+    return names
 
 
 def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,6 +68,9 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-redact", action="store_true", help="keep URLs, e-mail addresses, phone numbers, postal codes, street addresses, card numbers and My Numbers")
     p.add_argument("--timezone", default=None, metavar="TZ",
                    help="zone of exports without an offset (LINE), e.g. Asia/Tokyo; default: this machine's")
+    p.add_argument("--export", type=parse_export_formats, action="extend", default=[], metavar="FORMAT[,FORMAT]",
+                   help="also write the samples for other trainers: sharegpt (LLaMA-Factory, unsloth), alpaca, "
+                   "messages (TRL, axolotl); repeatable or a comma list")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -72,7 +88,17 @@ _CONFIG_KEYS = {
     "eval_fraction": ("eval_fraction", lambda v: _fraction(str(v))),
     "redact": ("no_redact", lambda v: not _boolean(v)),
     "timezone": ("timezone", lambda v: str(v) or None),
+    "export": ("export", lambda v: _export_list(v)),
 }
+
+
+def _export_list(value) -> list[str]:
+    """`export = ["sharegpt", "alpaca"]` or `export = "sharegpt,alpaca"`; an empty list or string: none."""
+    if isinstance(value, list):
+        if not all(isinstance(v, str) for v in value):
+            raise ValueError("expected format names")
+        value = ",".join(value)
+    return parse_export_formats(value) if str(value).strip() else []
 
 
 def _boolean(value) -> bool:
