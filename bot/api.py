@@ -30,6 +30,7 @@ the conversation or the key.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -67,6 +68,7 @@ SAMPLING_LIMITS = {  # field -> (kind, lowest, highest)
 OTHER_IGNORED = ("stop", "logit_bias", "logprobs", "top_logprobs", "tools", "tool_choice", "functions",
                  "function_call", "parallel_tool_calls", "response_format", "reasoning_effort")
 SYSTEM_ROLES = ("system", "developer")
+_json = functools.partial(json.dumps, ensure_ascii=False)  # the persona's Japanese readable in curl's output
 
 
 class ApiError(Exception):
@@ -81,7 +83,7 @@ class ApiError(Exception):
     def response(self) -> web.Response:
         headers = {"Retry-After": str(math.ceil(self.retry_after))} if self.retry_after is not None else None
         body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-        return web.json_response(body, status=self.status, headers=headers)
+        return web.json_response(body, status=self.status, headers=headers, dumps=_json)
 
 
 def _bad(message: str, param: str | None) -> ApiError:
@@ -270,14 +272,14 @@ class OpenAIApi:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "bunshin"}
 
     async def _list_models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [self._model_object()]})
+        return web.json_response({"object": "list", "data": [self._model_object()]}, dumps=_json)
 
     async def _one_model(self, request: web.Request) -> web.Response:
         name = request.match_info["model"]
         if name != self.model_id:
             raise ApiError(404, f"the model {name!r} does not exist; this server has {self.model_id!r}",
                            param="model", code="model_not_found")
-        return web.json_response(self._model_object())
+        return web.json_response(self._model_object(), dumps=_json)
 
     async def _complete(self, request: web.Request) -> web.StreamResponse:
         received = time.monotonic()
@@ -325,7 +327,7 @@ class OpenAIApi:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text, "refusal": None},
                          "logprobs": None, "finish_reason": finish}],
             "usage": usage,
-        }, headers=headers)
+        }, headers=headers, dumps=_json)
 
     async def _stream(self, request: web.Request, reply_id: str, text: str, finish: str, usage: dict | None,
                       headers: dict) -> web.StreamResponse:
@@ -347,7 +349,7 @@ class OpenAIApi:
             events.append({**base, "choices": [], "usage": usage})
         try:
             for event in events:
-                await response.write(f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode())
+                await response.write(f"data: {_json(event)}\n\n".encode())
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
         except ConnectionResetError:

@@ -176,7 +176,8 @@ async def run_daemon(config, stop: asyncio.Event | None = None, backend=None) ->
         if api is not None:
             api.attach(worker, backend)
         if not adapters:
-            log.warning("no platform adapter is enabled: only /healthz and /metrics are served")
+            log.warning("no platform adapter is enabled: only %s are served",
+                        "the API, /healthz and /metrics" if api is not None else "/healthz and /metrics")
         dispatcher.start(router)
         state["phase"] = "serving"
         log.info("serving as %s with %s (load took %.1fs)", backend.persona, ", ".join(a.name for a in adapters) or "no adapters",
