@@ -241,7 +241,7 @@ class SlotEngine:
 
     def abort(self) -> list:
         """Drop every row (after a failed step: the cache rows may be half-written); returns their keys."""
-        keys = [r.key for r in self._pending] + [r.key for r in self._rows.values()]
+        keys = list({id(r): r.key for r in (*self._pending, *self._rows.values())}.values())  # each row once
         self._pending.clear()
         self._rows.clear()
         self._cached = [[] for _ in self._cached]  # nothing half-written may be reused
@@ -250,9 +250,18 @@ class SlotEngine:
     # -- prefill and decode -----------------------------------------------------------------
 
     def _prefill(self) -> list[Finished]:
-        torch = self._torch
         limit = self.prefill_buckets[-1]
         rows, self._pending = self._pending[:limit], self._pending[limit:]
+        try:
+            return self._prefill_rows(rows)
+        except BaseException:
+            # Back where abort() finds them: the worker fails exactly the requests it gets from abort(),
+            # and rows that were in neither list would wait for a reply forever.
+            self._pending = rows + self._pending
+            raise
+
+    def _prefill_rows(self, rows: list[_Row]) -> list[Finished]:
+        torch = self._torch
         free = [s for s in range(self.slots) if s not in self._rows]
         placements = place([r.prompt for r in rows], free, self._cached, max_new=self.extend_buckets[-1])
         slots = [p.slot for p in placements]

@@ -121,3 +121,28 @@ def test_rate_limiter_refills_over_time():
     assert limiter.allow("u") and not limiter.allow("u")
     now[0] += 1.0
     assert limiter.allow("u")
+
+
+class Recording:
+    """The real backend, keeping every conversation it was asked to answer."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.conversations = []
+
+    def generate(self, conversations):
+        self.conversations += conversations
+        return self.inner.generate(conversations)
+
+
+async def test_the_model_is_given_the_whole_remembered_conversation_in_order(tmp_path, backend):
+    recording = Recording(backend)
+    router, worker, memory, _ = make_router(tmp_path, recording)
+    await worker.start()
+    first = await router.answer(msg("最初のメッセージ"))
+    await router.answer(msg("二つ目のメッセージ"))
+    await worker.stop(5)
+    memory.close()
+    # The second prompt holds the first message, the persona's reply to it and the second message, in order.
+    second = [(t.speaker, t.text) for t in recording.conversations[-1]]
+    assert second == [("name-u1", "最初のメッセージ"), (PERSONA, first), ("name-u1", "二つ目のメッセージ")]

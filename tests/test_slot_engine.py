@@ -256,3 +256,31 @@ def test_a_prompt_that_changed_at_the_start_is_computed_whole(loaded):
     got = run_staggered(engine, [changed])
     assert got[0] == plain_greedy(model, tokenizer, changed, settings)
     assert engine.reused_tokens == 0
+
+
+async def test_a_failed_step_of_the_real_engine_fails_its_requests_and_the_next_is_answered(loaded):
+    """The production stepper (the slot engine, not a stand-in with `generate`) meets an injected failure:
+    `abort()` must hand back every request in flight, or they would wait forever."""
+    backend = ModelBackend.from_loaded(loaded, persona="美咲", generation_overrides={"max_new_tokens": 4})
+    worker = Worker(backend, BotMetrics(), max_queue=8, max_batch=4)
+    await worker.start()
+    assert worker.stepper.__class__.__name__ == "EngineStepper"
+    armed = {"calls": 1}
+
+    def fail_once(module, args, kwargs):
+        if armed["calls"]:
+            armed["calls"] -= 1
+            raise RuntimeError("injected failure")
+
+    hook = loaded.model.register_forward_pre_hook(fail_once, with_kwargs=True)
+    try:
+        now = time.monotonic()
+        futures = [worker.submit([ChatTurn("翔太", f"メッセージ{i}")], deadline=now + 30, received=now) for i in range(2)]
+        results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 10)
+        assert all(type(r).__name__ == "GenerationFailed" for r in results), results
+        reply = await asyncio.wait_for(worker.submit([ChatTurn("翔太", "もう一度")], deadline=time.monotonic() + 30,
+                                                      received=time.monotonic()), 10)
+        assert reply.tokens > 0
+    finally:
+        hook.remove()
+        await worker.stop(5)
