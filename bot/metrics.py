@@ -16,7 +16,7 @@ OUTCOMES = ("replied", "busy", "error", "expired", "ignored", "rate_limited", "r
 # delivered (a stale LINE token without push, too old, the platform gone), or a delivery or a bug failed it.
 DELIVERY_OUTCOMES = ("replied", "quiet", "maybe_delivered", "dropped", "failed")
 # Error kinds known up front (so their series show 0 before the first error); others may be added.
-ERROR_KINDS = ("oom", "generation", "deadline")
+ERROR_KINDS = ("oom", "generation", "deadline", "engine")  # engine: [model] engine = "openai" failed a request
 
 # A 3.6B model answers in seconds on a GPU and in tens of seconds on a CPU; a queued reply waits longer.
 _SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)

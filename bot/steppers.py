@@ -4,6 +4,8 @@
   prefills the newly admitted); a request can be admitted whenever a slot is free.
 - `BatchStepper`: any backend with `generate(conversations)`: one step generates everything
   admitted as one batch (plain `generate()`, or a test's or benchmark's stand-in).
+- `RemoteStepper` (remote_engine.py): each admitted request is an HTTP request to an engine
+  elsewhere; a step returns the replies that came back.
 
 Keys are the worker's request objects; a stepper never looks inside them.
 """
@@ -26,7 +28,9 @@ class Stepper(Protocol):
     def step(self) -> list[tuple[object, str, int]]:  # (key, reply text, tokens generated) that finished
         ...
 
-    def abort(self) -> list: ...  # after a failed step: forget every admitted request, return their keys
+    # After a failed step: forget the requests it failed and return their keys: every admitted one (local steppers);
+    # RemoteStepper's requests fail one at a time (a step raises GenerationFailed for one), the rest go on.
+    def abort(self) -> list: ...
 
     def release(self) -> None: ...  # done with it: the model goes back to how it was before
 

@@ -227,9 +227,12 @@ class Worker:
             try:
                 finished = stepper.step()
             except Exception as exc:  # one bad step must not stop the bot: its requests get an error reply
-                failure = GenerationFailed(_failure_kind(exc), f"{type(exc).__name__}: {exc}")
+                # A stepper may say itself what failed (remote_engine.py: the engine, for one request); that is
+                # expected, not a bug, so it is logged without a traceback.
+                expected = isinstance(exc, GenerationFailed)
+                failure = exc if expected else GenerationFailed(_failure_kind(exc), f"{type(exc).__name__}: {exc}")
                 keys = stepper.abort()
-                log.error("worker: generating %d replies failed (%s)", len(keys), failure, exc_info=True)
+                log.error("worker: generating %d replies failed (%s)", len(keys), failure, exc_info=not expected)
                 del exc
                 if failure.kind == "oom":
                     # Only now, with the exception and its frames (holding the step's tensors) gone,
