@@ -21,7 +21,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
 
 PLATFORMS = ("console", "discord", "line")
 
@@ -50,6 +59,12 @@ def _env_name(value: str) -> str:
 def _device(value: str) -> str:
     if not _DEVICE.match(value):
         raise ValueError('must be "" (auto), "cpu", "cuda", "cuda:N" or "mps"')
+    return value
+
+
+def _base_url(value: str) -> str:
+    if value and not re.match(r"^https?://[^/\s?#]+(/[^\s?#]*)?$", value):
+        raise ValueError('must be an http(s) URL without query, e.g. "http://127.0.0.1:8000/v1"')
     return value
 
 
@@ -90,14 +105,28 @@ class ModelConfig(_Section):
     quantize: Literal["none", "8bit", "4bit"] = "none"
     device: Annotated[str, AfterValidator(_device)] = ""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    engine: Literal["slots", "plain"] = "slots"  # continuous batching, or plain batched generate()
+    # continuous batching, plain batched generate(), or an OpenAI-compatible engine elsewhere (bot/remote_engine.py)
+    engine: Literal["slots", "plain", "openai"] = "slots"
     merge_adapter: bool = True  # fold the LoRA weights into the base at load (not with quantize)
     cuda_graphs: bool = True
     compile: bool = False  # torch.compile the slot engine's decode step (GPU only)
+    # engine = "openai": the engine's completions endpoint; no weights are loaded here, only tokenizer and manifest.
+    base_url: Annotated[str, AfterValidator(_base_url)] = ""  # e.g. "http://127.0.0.1:8000/v1"
+    api_key_env: Annotated[str, AfterValidator(lambda v: v and _env_name(v))] = ""  # "" = the engine needs no key
+    remote_model: str = ""  # the model name the engine serves (vLLM: what `vllm serve` was given, or a LoRA's name)
+    max_concurrency: int = Field(64, gt=0, le=4096)  # requests in flight to the engine at once
+    timeout_s: float = Field(60.0, gt=0, le=3600)  # to connect, and for each next piece of a reply
 
     @property
     def adapter_path(self) -> Path | None:
         return Path(self.adapter) if self.adapter else None
+
+    @model_validator(mode="after")
+    def _remote_engine_named(self) -> ModelConfig:
+        missing = [key for key in ("base_url", "remote_model") if self.engine == "openai" and not getattr(self, key)]
+        if missing:
+            raise ValueError(f'engine = "openai" needs {" and ".join(missing)}')
+        return self
 
 
 class PersonaConfig(_Section):
@@ -254,8 +283,9 @@ class LoggingConfig(_Section):
     log_message_text: bool = False
 
 
-# Platform (or [api]) -> the *_env keys it needs when enabled.
-_SECRET_KEYS = {"discord": ("token_env",), "line": ("channel_secret_env", "access_token_env"), "api": ("key_env",)}
+# Platform (or [api], or [model] with engine = "openai") -> the *_env keys it needs when enabled.
+_SECRET_KEYS = {"discord": ("token_env",), "line": ("channel_secret_env", "access_token_env"), "api": ("key_env",),
+                "model": ("api_key_env",)}
 
 
 class BotConfig(_Section):
@@ -311,9 +341,12 @@ class BotConfig(_Section):
         return value
 
     def check_secrets(self, environ: Mapping[str, str] | None = None) -> None:
-        """Every enabled platform's secrets, and [api]'s key, are set (disabled ones are not asked for)."""
+        """Every enabled platform's secrets, [api]'s key and the remote engine's are set (disabled ones are not asked for)."""
         problems = []
-        for platform in self.enabled_platforms() + (["api"] if self.api.enabled else []):
+        asked = self.enabled_platforms() + (["api"] if self.api.enabled else [])
+        if self.model.engine == "openai" and self.model.api_key_env:
+            asked.append("model")
+        for platform in asked:
             for key in _SECRET_KEYS.get(platform, ()):
                 try:
                     self.secret(getattr(getattr(self, platform), key), environ)

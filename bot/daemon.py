@@ -145,6 +145,16 @@ async def run_daemon(config, stop: asyncio.Event | None = None, backend=None) ->
             state["port"] = port
         # Messages are taken from now on, while the model loads too: they wait in the inbox.
         tasks = [asyncio.create_task(a.run(dispatcher.accept, stopping), name=a.name) for a in adapters]
+        if backend is None and config.model.engine == "openai":
+            # The weights are served elsewhere (bot/remote_engine.py): only the tokenizer and the manifest load here.
+            from .remote_engine import RemoteBackend
+
+            try:
+                backend = await asyncio.to_thread(RemoteBackend.from_config, config)
+            except ModelLoadError as exc:
+                raise SystemExit(f"error: {exc}") from None
+            except ValueError as exc:  # e.g. a [persona] that contradicts the adapter's manifest
+                raise SystemExit(f"error: {config.source}: {exc}") from None
         if backend is None:
             try:
                 loaded = await asyncio.to_thread(load_model, config)
