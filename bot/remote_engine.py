@@ -43,6 +43,7 @@ import json
 import logging
 import queue
 import threading
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -168,9 +169,10 @@ class RemoteBackend:
     def speakers_in(self, turns) -> list[str]:
         return self.prompting.speakers_in(turns)
 
-    def make_stepper(self, capacity: int | None = None, seed: int | None = None) -> RemoteStepper:
-        """`capacity` (the worker's [queue] max_batch) does not apply: the engine batches; what is in flight
-        at once is [model] max_concurrency."""
+    def make_stepper(self, capacity: int | None = None, seed: int | None = None, length: int | None = None
+                     ) -> RemoteStepper:
+        """`capacity` (the worker's [queue] max_batch) and `length` (a cache's rows) do not apply: the engine batches
+        and holds the cache; what is in flight at once is [model] max_concurrency."""
         stepper = RemoteStepper(self, seed)
         stepper.probe()
         return stepper
@@ -181,8 +183,6 @@ class RemoteClient:
 
     def __init__(self, prompting: ModelBackend, endpoint: Endpoint, seed: int | None = None,
                  tokenizer_lock: threading.Lock | None = None) -> None:
-        from adapters.line_api import proxy_for
-
         self.prompting = prompting
         self.endpoint = endpoint
         self.seed = seed
@@ -191,7 +191,7 @@ class RemoteClient:
         self._headers = {"Content-Type": "application/json"}
         if endpoint.api_key:
             self._headers["Authorization"] = f"Bearer {endpoint.api_key}"
-        self._proxy = proxy_for(endpoint.base_url)  # read once, as line_api does
+        self._proxy = _proxy_for(endpoint.base_url)  # read once, as adapters/line_api.py does
         self._session: aiohttp.ClientSession | None = None
 
     def open(self) -> None:
@@ -341,7 +341,7 @@ class _Reply:
     def add(self, event) -> None:
         if not isinstance(event, dict):
             raise ValueError(f"expected a JSON object from the engine, got {type(event).__name__}")
-        if "error" in event or event.get("object") == "error":
+        if event.get("error") or event.get("object") == "error":
             error = event.get("error", event)
             raise GenerationFailed(KIND, f"the engine at {self.client.endpoint.where} failed the reply: "
                                          f"{_error_text(json.dumps(error, ensure_ascii=False).encode())}")
@@ -390,6 +390,14 @@ class _Reply:
         if ids is not None:
             return text, len(ids)
         return text, self.usage_tokens if self.usage_tokens is not None else self.pieces
+
+
+def _proxy_for(url: str) -> str | None:
+    """The proxy the environment sets for `url` (HTTP_PROXY / HTTPS_PROXY, minus NO_PROXY), or None."""
+    parts = urlsplit(url)
+    if parts.hostname and urllib.request.proxy_bypass(parts.hostname):
+        return None
+    return urllib.request.getproxies().get(parts.scheme)
 
 
 def _error_text(body: bytes) -> str:

@@ -315,6 +315,8 @@ async def test_the_prompt_is_bunshins_token_ids_with_the_adapters_settings_and_t
 
     sent = {tuple(b["prompt"]) for b in engine.bodies}
     assert sent == {tuple(local.prompt_ids(short)), tuple(local.prompt_ids(long))}
+    # What bot/api.py asks of a backend (its usage counts and finish reason) is the local one's too.
+    assert backend.prompt_ids(long) == local.prompt_ids(long) and backend.settings == local.settings
     body = engine.bodies[0]
     assert body["model"] == SERVED and body["stream"] is True and body["return_token_ids"] is True
     assert (body["max_tokens"], body["temperature"], body["top_p"], body["repetition_penalty"]) == (40, 0.0, 0.9, 1.1)
