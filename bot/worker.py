@@ -48,7 +48,8 @@ class DeadlineExceeded(Exception):
 
 
 class GenerationFailed(Exception):
-    """Generating the batch this request was in failed. kind: "oom" (CUDA out of memory) or "generation"."""
+    """Generating the batch this request was in failed. kind: "oom" (CUDA out of memory), "generation", or
+    "engine" (a remote engine, `engine = "openai"`, refused, failed or went silent)."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(f"{kind}: {message}")

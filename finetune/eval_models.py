@@ -1,7 +1,7 @@
 """The base and the tuned model's side of `finetune eval` (and of the short eval that ends `train`).
 
 Replies are generated exactly as the bot would answer the same conversation: the bot's prompt
-renderer and context fitting (bot.worker.ModelBackend), the adapter's generation settings, the slot
+renderer and context fitting (bot.backend.ModelBackend), the adapter's generation settings, the slot
 engine where it serves the model (plain batched `generate()` where it does not), and one seed for
 both systems, so base and tuned draw from the same random stream.
 
