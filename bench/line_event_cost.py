@@ -2,7 +2,7 @@
 
 Each case runs `--repeat` times (default 5) in this process; the figure is CPU microseconds per operation
 (time.process_time, so time spent waiting on another process is not counted), given as min / median / max
-over the repeats. The API-call cases talk to the fake LINE API (tests/fake_line_api.py) served by another
+over the repeats. The API-call cases talk to the fake LINE API (tests/support/fake_line_api.py) served by another
 process on loopback, so only the client's CPU is measured; they run `concurrency` calls at once, as the
 daemon does under load.
 
@@ -30,10 +30,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))  # bot, and the tests' own fake LINE API (tests.support)
 
-from fake_line_api import sign, text_event, webhook_bytes  # noqa: E402
+from tests.support.fake_line_api import sign, text_event, webhook_bytes  # noqa: E402
 
 SECRET, TOKEN = "bench-channel-secret-0f1e2d3c4b5a", "bench-access-token-a1b2c3d4e5f6a7b8"
 USER = "U" + "0" * 28 + "1234"

@@ -1,7 +1,7 @@
 """Benchmark: the LINE webhook under load and under a faulty LINE API, several runs of each.
 
 Four processes, so that what is measured is the daemon: the daemon (`run_daemon` with a fixed-latency
-generator behind the worker, logging at INFO to a file), the fake LINE API (tests/fake_line_api.py,
+generator behind the worker, logging at INFO to a file), the fake LINE API (tests/support/fake_line_api.py,
 counting every message it accepts), the sender (signed webhooks over loopback on an open-loop schedule)
 and this one, which starts them, samples the daemon and counts. With two or more cores the daemon gets
 core 0 to itself and the others share the rest (`--no-pin` leaves placement to the OS). Every run
@@ -45,8 +45,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))  # the fake LINE API and the load plan are the tests' own
+sys.path.insert(0, str(REPO))  # bot, finetune, and the tests' own fake LINE API and load plan (tests.support)
 
 PERSONA = "美咲"
 SECRET, TOKEN = "bench-channel-secret-0f1e2d3c4b5a", "bench-access-token-a1b2c3d4e5f6a7b8"
@@ -68,7 +67,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def plan_for(spec: dict):
-    from webhook_load import plan_events
+    from tests.support.webhook_load import plan_events
 
     return plan_events(spec["rate"], spec["duration_s"], chatty_users=2, chatty_rate=2.0,
                        stale_fraction=spec["stale_fraction"], seed=8)
@@ -82,10 +81,9 @@ def serve_daemon(config_json: str, latency_s: float) -> int:
     fixed-latency backend in place of a model."""
     import logging
 
-    from webhook_load import FixedLatencyBackend
-
     from bot.config import BotConfig
     from bot.daemon import run_daemon
+    from tests.support.webhook_load import FixedLatencyBackend
 
     config = BotConfig.from_dict(json.loads(config_json), source="bench")
     logging.basicConfig(level=config.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -98,8 +96,8 @@ def serve_daemon(config_json: str, latency_s: float) -> int:
 
 def serve_fake(spec: dict, port_file: Path) -> int:
     """The fake LINE API (with the scenario's faults) until SIGTERM; its port goes to `port_file`."""
-    from fake_line_api import serving_fake_line
-    from webhook_load import transient_faults
+    from tests.support.fake_line_api import serving_fake_line
+    from tests.support.webhook_load import transient_faults
 
     async def serve() -> None:
         stop = asyncio.Event()
@@ -122,7 +120,7 @@ def serve_fake(spec: dict, port_file: Path) -> int:
 
 def serve_sender(spec: dict, url: str, out: Path) -> int:
     """Sends the scenario's plan to `url` on its schedule; writes the SendResult to `out`."""
-    from webhook_load import send_at_rate
+    from tests.support.webhook_load import send_at_rate
 
     events = plan_for(spec)
     sent = asyncio.run(send_at_rate(url, events, SECRET, max_in_flight=256))
@@ -223,8 +221,9 @@ def _me(*args: str) -> list[str]:
 async def run_once(name: str, spec: dict, work: Path, placement: Placement, profile: Path | None, run: int,
                    keep_logs: Path | None = None) -> dict:
     import aiohttp
-    from fake_line_api import FakeLineMirror
-    from webhook_load import SendResult, deliveries_per_event, percentile, summarize, wait_until_answered
+
+    from tests.support.fake_line_api import FakeLineMirror
+    from tests.support.webhook_load import SendResult, deliveries_per_event, percentile, summarize, wait_until_answered
 
     events = plan_for(spec)
     spec_json = json.dumps(spec)

@@ -1,45 +1,26 @@
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-EXAMPLES = REPO / "examples"
-
-
-def run_cli(*args: str, module: str = "finetune", timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `python -m <module> ARGS` the way a user does, from the repo root."""
-    return subprocess.run(
-        [sys.executable, "-m", module, *map(str, args)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
-        stdin=subprocess.DEVNULL,
-        timeout=timeout,
-    )
-
-
-def write_toml(path: Path, table: dict) -> Path:
-    """A config file from {section: {key: value}} (JSON's scalars and lists are TOML's too)."""
-    lines = []
-    for name, values in table.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {json.dumps(v, ensure_ascii=False)}" for k, v in values.items()]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+# Helpers tests import with `from conftest import ...`; they live in tests/support/repo.py (bench scripts and
+# tests/support use them too, and they cannot import conftest).
+from tests.support.repo import EXAMPLES, REPO, run_cli, write_toml  # noqa: F401
 
 
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture
+async def fake_discord(monkeypatch):
+    """Discord's REST API and gateway on loopback, discord.py's client pointed at it (tests/support/fake_discord.py)."""
+    from tests.support.fake_discord import serving_fake_discord  # discord.py loads only for the tests that use it
+
+    async with serving_fake_discord(monkeypatch) as fake:
+        yield fake
 
 
 class ScriptedRouter:

@@ -9,17 +9,6 @@ from __future__ import annotations
 import logging
 
 import pytest
-from test_discord_adapter import (  # noqa: F401 (fake_discord: a fixture)
-    ALICE_ID,
-    BOB,
-    BOT_ID,
-    BOT_USER,
-    CHANNEL_ID,
-    deliver,
-    fake_discord,
-    guild_payload,
-    message_payload,
-)
 
 from adapters.discord import DiscordAdapter
 from bot.config import BotConfig, ConfigError
@@ -27,6 +16,16 @@ from bot.memory import ConversationMemory
 from bot.messages import IncomingMessage
 from bot.metrics import BotMetrics
 from bot.router import NOT_ADMIN_REPLY, RESET_REPLY, Router
+from tests.support.fake_discord import (
+    ALICE_ID,
+    BOB,
+    BOT_ID,
+    BOT_USER,
+    CHANNEL_ID,
+    deliver,
+    guild_payload,
+    message_payload,
+)
 
 
 class NoWorker:
@@ -96,7 +95,7 @@ async def test_with_no_admins_only_the_console_may_reset(tmp_path):
     memory.close()
 
 
-async def test_discord_non_admin_reset_is_answered_with_the_refusal_and_an_admins_works(tmp_path, fake_discord):  # noqa: F811
+async def test_discord_non_admin_reset_is_answered_with_the_refusal_and_an_admins_works(tmp_path, fake_discord):
     config = BotConfig.from_dict({"persona": {"name": "美咲"}, "memory": {"path": str(tmp_path / "m.sqlite3")},
                                   "limits": {"admins": [f"discord:{ALICE_ID}"]}, "discord": {"enabled": True}})
     memory = ConversationMemory(config.memory.path)

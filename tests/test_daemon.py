@@ -13,48 +13,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, write_toml
 
 from finetune.tiny_model import build_tiny_model
-
-PERSONA = "美咲"
+from tests.support.daemon import PERSONA, converse, replies, start_bot, write_config
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("bot") / "tiny")
-
-
-def write_config(folder: Path, tiny: Path, **sections) -> Path:
-    table = {
-        "model": {"base": str(tiny), "device": "cpu"},
-        "persona": {"name": PERSONA},
-        "generation": {"max_new_tokens": 12, "temperature": 0.0},
-        "memory": {"path": str(folder / "memory.sqlite3")},
-        "console": {"enabled": True, "user_name": "健太"},
-        "server": {"port": 0},
-    }
-    for name, values in sections.items():
-        table.setdefault(name, {}).update(values)
-    return write_toml(folder / "bot.toml", table)
-
-
-def start_bot(config: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "bot", "--config", str(config), *extra],
-        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, encoding="utf-8", env={**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1"},
-    )
-
-
-def converse(config: Path, lines: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
-    proc = start_bot(config)
-    out, err = proc.communicate("".join(line + "\n" for line in lines), timeout=timeout)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def replies(stdout: str) -> list[str]:
-    return [line for line in stdout.splitlines() if line.startswith(f"{PERSONA}: ")]
 
 
 def test_console_answers_each_message_and_exits_cleanly_at_end_of_input(tmp_path, tiny):

@@ -32,10 +32,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 from conftest import REPO, write_toml
-from fake_line_api import REPLY, serving_fake_line, sign, text_event, webhook_bytes
 
 from bot.config import load_config
 from finetune.tiny_model import build_tiny_model
+from tests.support.fake_line_api import REPLY, serving_fake_line, sign, text_event, webhook_bytes
 
 DEPLOY = REPO / "deploy"
 PERSONA = "美咲"

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 from conftest import EXAMPLES, REPO, run_cli
-from test_daemon import PERSONA, converse, replies, start_bot, write_config
 
 from bot.memory import ConversationMemory
 from finetune.tiny_model import build_tiny_model
+from tests.support.daemon import PERSONA, converse, replies, start_bot, write_config
 
 TRAIN_ARGS = ("--pack-length", "256", "--batch-tokens", "256", "--lr", "3e-3", "--eval-every", "0", "--no-progress",
               "--seed", "7")

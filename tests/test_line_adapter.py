@@ -15,9 +15,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from fake_line_api import LOADING, PROFILE, PUSH, REPLY, Fault, serving_fake_line, webhook
-from fake_line_api import sign as line_sign
-from fake_line_api import text_event as line_text_event
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,6 +24,9 @@ from bot.config import BotConfig
 from bot.daemon import run_daemon
 from bot.router import RATE_LIMIT_REPLY
 from finetune.tiny_model import build_tiny_model
+from tests.support.fake_line_api import LOADING, PROFILE, PUSH, REPLY, Fault, serving_fake_line, webhook
+from tests.support.fake_line_api import sign as line_sign
+from tests.support.fake_line_api import text_event as line_text_event
 
 PERSONA = "美咲"
 SECRET = "test-channel-secret-0123456789abcdef"
@@ -39,7 +39,7 @@ GROUP = "C4af4980629" + "1" * 22
 OTHER_GROUP = "C4af4980629" + "2" * 22
 
 
-# --- the far side: the fake LINE API on loopback (tests/fake_line_api.py) ----------------------
+# --- the far side: the fake LINE API on loopback (tests/support/fake_line_api.py) --------------
 
 
 @pytest.fixture

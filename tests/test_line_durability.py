@@ -1,6 +1,6 @@
 """Nothing lost, nothing doubled: the real daemon (`python -m bot`, the tiny model) serving LINE, stopped with
 SIGTERM while replies are in flight, killed with SIGKILL while they are being made and at the worst moments of
-delivery, then started again on the same files. The fake LINE API (tests/fake_line_api.py) keeps LINE's rules
+delivery, then started again on the same files. The fake LINE API (tests/support/fake_line_api.py) keeps LINE's rules
 (a spent reply token answers 400, an accepted X-Line-Retry-Key 409) and counts what would reach a user.
 """
 
@@ -19,10 +19,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 from conftest import REPO, write_toml
-from fake_line_api import PUSH, REPLY, Fault, serving_fake_line, sign, text_event, webhook_bytes
 
 from adapters.line import PUSH_KEYS
 from finetune.tiny_model import build_tiny_model
+from tests.support.fake_line_api import PUSH, REPLY, Fault, serving_fake_line, sign, text_event, webhook_bytes
 
 PERSONA = "美咲"
 SECRET, TOKEN = "durable-channel-secret-5e5e", "durable-access-token-6f6f"

@@ -1,7 +1,7 @@
 """LINE's API failing, one way at a time: 500 before and after it delivered, 429 with Retry-After, a hang
 past the client's timeout before and after it delivered, refusals. The real LineAdapter behind a real
 aiohttp server takes signed webhooks; the router is a stub that answers at once; the fake LINE API
-(tests/fake_line_api.py) keeps LINE's rules (a spent reply token answers 400, an accepted retry key 409),
+(tests/support/fake_line_api.py) keeps LINE's rules (a spent reply token answers 400, an accepted retry key 409),
 so a duplicate would be counted where it would reach the user.
 """
 
@@ -19,12 +19,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 from conftest import ScriptedRouter, answered_by
-from fake_line_api import PUSH, REPLY, Fault, serving_fake_line, sign, text_event, webhook_bytes
 
 from adapters.line import LineAdapter, RetryPolicy
 from adapters.line_api import retry_after_seconds
 from bot.config import BotConfig
 from bot.metrics import BotMetrics
+from tests.support.fake_line_api import PUSH, REPLY, Fault, serving_fake_line, sign, text_event, webhook_bytes
 
 SECRET, TOKEN = "fault-channel-secret-77aa", "fault-access-token-88bb"
 SECRET_ENV, TOKEN_ENV = "BUNSHIN_TEST_LINE_SECRET", "BUNSHIN_TEST_LINE_TOKEN"

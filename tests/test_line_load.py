@@ -14,8 +14,12 @@ from contextlib import asynccontextmanager
 
 import aiohttp
 import pytest
-from fake_line_api import PUSH, REPLY, Delivery, FakeLineApi, FakeLineMirror, serving_fake_line
-from webhook_load import (
+
+from adapters.line import LineAdapter, RetryPolicy
+from bot.config import BotConfig
+from bot.daemon import run_daemon
+from tests.support.fake_line_api import PUSH, REPLY, Delivery, FakeLineApi, FakeLineMirror, serving_fake_line
+from tests.support.webhook_load import (
     FixedLatencyBackend,
     PlannedEvent,
     SendResult,
@@ -27,10 +31,6 @@ from webhook_load import (
     transient_faults,
     wait_until_answered,
 )
-
-from adapters.line import LineAdapter, RetryPolicy
-from bot.config import BotConfig
-from bot.daemon import run_daemon
 
 PERSONA = "美咲"
 SECRET, TOKEN = "load-channel-secret-5d1c0ffee", "load-access-token-9b8a7c6d5e4f"

@@ -2,7 +2,7 @@
 the message is answered, never while the webhook waits; `[people]` names someone without asking.
 
 Real parts: the LINE platform adapter's webhook served on loopback and sent signed webhooks, a real inbox and
-dispatcher, the name cache in SQLite next to the memory file, and the fake LINE API (tests/fake_line_api.py, a
+dispatcher, the name cache in SQLite next to the memory file, and the fake LINE API (tests/support/fake_line_api.py, a
 real aiohttp server) answering the three profile endpoints, or failing as scripted. The router is a stub that
 keeps what it is handed: the name in each message is the name the persona would see and memory would keep.
 """
@@ -19,8 +19,6 @@ import discord
 import pytest
 from aiohttp import web
 from conftest import ScriptedRouter, answered_by
-from fake_line_api import GROUP_MEMBER, PROFILE, ROOM_MEMBER, Fault, serving_fake_line, sign, text_event, webhook_bytes
-from test_discord_adapter import ALICE, ALICE_ID, BOT_USER, guild_payload, message_payload, parse
 
 import adapters.line as line_module
 from adapters.discord import DiscordAdapter
@@ -29,6 +27,17 @@ from bot.config import BotConfig
 from bot.daemon import run_daemon
 from bot.metrics import BotMetrics
 from bot.names import NameCache, NameCacheError
+from tests.support.fake_discord import ALICE, ALICE_ID, BOT_USER, guild_payload, message_payload, parse
+from tests.support.fake_line_api import (
+    GROUP_MEMBER,
+    PROFILE,
+    ROOM_MEMBER,
+    Fault,
+    serving_fake_line,
+    sign,
+    text_event,
+    webhook_bytes,
+)
 
 PERSONA = "美咲"
 SECRET, TOKEN = "names-channel-secret-1e1e", "names-access-token-2f2f"

@@ -9,21 +9,15 @@ All expected values were worked out by hand from the fixture bytes.
 from __future__ import annotations
 
 import json
-import sys
 from datetime import date, datetime
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # plain `pytest` puts tests/ on sys.path, not the repo root
-    sys.path.insert(0, str(REPO))
-
-from conftest import run_cli  # noqa: E402
-
-from finetune.importers import ReadOptions, detect_format, open_export  # noqa: E402
-from finetune.importers.line_shapes import classify, date_line, header_line, is_pc_bare_placeholder, parse_time  # noqa: E402
-from finetune.records import PLACEHOLDER, SYSTEM, TEXT  # noqa: E402
+from finetune.importers import ReadOptions, detect_format, open_export
+from finetune.importers.line_shapes import classify, date_line, header_line, is_pc_bare_placeholder, parse_time
+from finetune.records import PLACEHOLDER, SYSTEM, TEXT
 
 LINE = Path(__file__).parent / "fixtures" / "line"
 LINE_PC = Path(__file__).parent / "fixtures" / "line-pc"

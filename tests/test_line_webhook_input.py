@@ -16,7 +16,6 @@ import urllib.request
 import pytest
 from aiohttp import web
 from conftest import ScriptedRouter, answered_by
-from fake_line_api import serving_fake_line, sign, text_event, webhook_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,6 +23,7 @@ import adapters.line as line_module
 from adapters.line import LineAdapter, TextEvent, WebhookRejected, parse_events
 from bot.config import BotConfig
 from bot.metrics import BotMetrics
+from tests.support.fake_line_api import serving_fake_line, sign, text_event, webhook_bytes
 
 SECRET, TOKEN = "fuzz-channel-secret-3c3c", "fuzz-access-token-4d4d"
 USER = "U" + "7" * 32

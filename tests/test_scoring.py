@@ -6,11 +6,11 @@ from __future__ import annotations
 import random
 
 import pytest
-from synthetic_chats import FRIEND, PERSONA, STOCK_REPLY, casual_reply, polite_reply, synthetic_dataset
 
 from finetune.scoring import score_systems
 from finetune.style import FEATURES
 from finetune.verbatim import TrainIndex
+from tests.support.synthetic_chats import FRIEND, PERSONA, STOCK_REPLY, casual_reply, polite_reply, synthetic_dataset
 
 SEEDS = [0, 1, 2]
 

@@ -11,13 +11,12 @@ import io
 import logging
 import re
 
-from fake_line_api import PUSH, REPLY, Fault, serving_fake_line, sign, text_event, webhook_bytes
-from test_discord_adapter import DM_ID, TOKEN_ENV, fake_discord, message_payload  # noqa: F401 - fake_discord is a fixture
-from webhook_load import FixedLatencyBackend
-
 from adapters.line import LineAdapter, RetryPolicy
 from bot.config import BotConfig
 from bot.daemon import run_daemon
+from tests.support.fake_discord import DM_ID, TOKEN_ENV, message_payload
+from tests.support.fake_line_api import PUSH, REPLY, Fault, serving_fake_line, sign, text_event, webhook_bytes
+from tests.support.webhook_load import FixedLatencyBackend
 
 LINE_SECRET = "S3cr3t-line-channel-4f9a2b7c1d8e"
 LINE_TOKEN = "T0ken-line-access-Zq8Wm3Xv5Kp2Rn7Ld4"
@@ -35,7 +34,7 @@ def leaks(text: str) -> list[str]:
     return found
 
 
-async def test_no_secret_in_the_whole_debug_log(tmp_path, monkeypatch, fake_discord, capfd):  # noqa: F811
+async def test_no_secret_in_the_whole_debug_log(tmp_path, monkeypatch, fake_discord, capfd):
     monkeypatch.setenv(SECRET_ENV, LINE_SECRET)
     monkeypatch.setenv(LINE_TOKEN_ENV, LINE_TOKEN)
     monkeypatch.setenv(TOKEN_ENV, DISCORD_TOKEN)

@@ -21,10 +21,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import aiohttp
-from fake_line_api import PUSH, REPLY, Delivery, FakeLineApi, Fault, sign, text_event, webhook_bytes
 
 from bot.router import BUSY_REPLY, RATE_LIMIT_REPLY
 from finetune.prompt import ChatTurn
+
+from .fake_line_api import PUSH, REPLY, Delivery, FakeLineApi, Fault, sign, text_event, webhook_bytes
 
 
 class FixedLatencyBackend:
