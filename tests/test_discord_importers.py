@@ -290,6 +290,27 @@ def test_csv_notices_are_recognised_only_by_their_exact_text():
     assert placeholders == [("kenta.w", "[attachment: photo.jpg]"), ("kenta.w", "")]
 
 
+# Signed CDN URLs as Discord has handed them out since late 2023 (ex/is/hm query), the shape DCE writes.
+_SIGNED = "?ex=65f1c2a0&is=65df4da0&hm=3f9a1c0e5b7d2a4c6e8f0a1b3c5d7e9f1a2b3c4d5e6f708192a3b4c5d6e7f809&"
+
+
+def test_csv_attachments_are_split_on_commas_only_as_dce_joins_them(tmp_path):
+    cdn = ",".join(f"https://cdn.discordapp.com/attachments/1400000000000000001/150000000000000000{i}/{name}{_SIGNED}"
+                   for i, name in ((1, "IMG_2041.jpg"), (2, "voice-message.ogg")))
+    # With --media DCE writes the downloaded files' paths instead: relative to the export, with its file name
+    # in them (spaces), and Windows' separator on Windows.
+    folder = "Friends - general [1400000000000000001].csv_Files"
+    media = f"{folder}/IMG_2041-5F3A2.jpg,{folder}/voice-message-0A9B3.ogg"
+    windows = media.replace("/", "\\")
+    path = _csv(tmp_path, *(f'"1","kenta.w","2024-03-01T21:05:00+09:00","","{attachments}",""'
+                            for attachments in (cdn, media, windows)))
+    assert [r.text for r in read(path)] == [
+        "[attachment: IMG_2041.jpg, voice-message.ogg]",
+        "[attachment: IMG_2041-5F3A2.jpg, voice-message-0A9B3.ogg]",
+        "[attachment: IMG_2041-5F3A2.jpg, voice-message-0A9B3.ogg]",
+    ]
+
+
 def test_csv_legacy_discriminators_and_default_dce_dates():
     records = read(DCE_CSV / "legacy_localized.csv")
     assert [r.speaker for r in records] == ["Aoi", "Ren", "Aoi", "Ren", "", "Kaito"]
@@ -526,6 +547,23 @@ def test_package_bad_messages_json(tmp_path, messages, line, expected):
     error = export_error(tmp_path)
     assert (error.path, error.line) == (str(path), line)
     assert error.message.startswith(expected)
+
+
+@pytest.mark.parametrize("layout", ["Messages/c333/messages.json", "messages/c333/messages.csv"])
+def test_package_attachments_are_split_on_spaces_as_the_package_writes_them(tmp_path, layout):
+    # The package's Attachments holds a message's URLs separated by a space (the parsers of real packages split on
+    # whitespace); the URLs are signed like any CDN link since late 2023, and a comma is part of a name there.
+    attachments = " ".join(f"https://cdn.discordapp.com/attachments/333/{i}/{name}{_SIGNED}"
+                           for i, name in ((1, "IMG_2041.jpg"), (2, "menu,_page_2.png")))
+    path = tmp_path / layout
+    path.parent.mkdir(parents=True)
+    if path.suffix == ".json":
+        _write(path, json.dumps([{"ID": "3001", "Timestamp": "2024-03-01 12:05:00", "Contents": "",
+                                  "Attachments": attachments}]))
+    else:
+        _write(path, f'ID,Timestamp,Contents,Attachments\n3001,2024-03-01 12:05:00,,"{attachments}"\n')  # quoted: a comma
+    [record] = read(tmp_path)
+    assert (record.kind, record.text) == (PLACEHOLDER, "[attachment: IMG_2041.jpg, menu,_page_2.png]")
 
 
 def test_package_legacy_csv_with_wrong_header(tmp_path):

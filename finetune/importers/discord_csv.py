@@ -196,7 +196,11 @@ def _records(source: _CsvSource, rows, width, columns, read_date, progress) -> I
             if content.strip():
                 yield ChatRecord(speaker, time, content, TEXT, "", None, None, line)
             else:  # attachment-, sticker- or embed-only: CSV keeps only the attachment URLs
-                yield ChatRecord(speaker, time, _attachment_text(attachments), PLACEHOLDER, "", None, None, line)
+                # DCE joins a message's attachments with "," (CsvMessageWriter.WriteAttachmentsAsync). With --media
+                # each is a local path instead of a URL, which may hold spaces (`general [123].csv_Files/a-1F2E3.jpg`):
+                # split on commas only.
+                text = attachment_text(attachments.split(","))
+                yield ChatRecord(speaker, time, text, PLACEHOLDER, "", None, None, line)
         if progress:
             progress(source.bytes_read())
     except UnicodeDecodeError:
@@ -205,11 +209,15 @@ def _records(source: _CsvSource, rows, width, columns, read_date, progress) -> I
         source.close()
 
 
-def _attachment_text(attachments: str) -> str:
-    if not attachments:
-        return ""
-    names = [url.rsplit("/", 1)[-1].split("?", 1)[0] for url in attachments.split(",") if url]
-    return f"[attachment: {', '.join(names)}]"
+def attachment_text(locations: Iterable[str]) -> str:
+    """An attachment-only message's placeholder, `[attachment: photo.jpg, clip.mp4]`: each attachment by the file
+    name at the end of its URL (query string dropped) or of the local path DCE's --media writes instead (`\\`
+    on Windows); "" when there is none. The caller splits its format's column (DCE: ",", package: spaces)."""
+    names = [_PATH_SEPARATOR.split(location)[-1].split("?", 1)[0] for location in locations if location]
+    return f"[attachment: {', '.join(names)}]" if names else ""
+
+
+_PATH_SEPARATOR = re.compile(r"[/\\]")
 
 
 class _DateReader:

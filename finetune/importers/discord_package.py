@@ -30,7 +30,7 @@ from datetime import timezone
 from pathlib import Path
 
 from ..records import PLACEHOLDER, TEXT, ChatRecord
-from .discord_csv import csv_rows
+from .discord_csv import attachment_text, csv_rows
 from .discord_json import parse_iso_datetime
 from .errors import ExportError
 from .options import ReadOptions
@@ -251,7 +251,9 @@ def _read_channels(
                 if contents.strip():
                     kind, text = TEXT, contents
                 else:  # attachment-only, or a call / sticker the package keeps no trace of
-                    kind, text = PLACEHOLDER, _attachment_text(attachments)
+                    # The package separates a message's attachment URLs with a space (what public parsers of it
+                    # split on); Discord's CDN URLs hold none, as uploads' spaces become "_".
+                    kind, text = PLACEHOLDER, attachment_text(attachments.split())
                 record = ChatRecord(owner, time, text, kind, channel.channel_id, message_id, None, line)
                 records.append((time, _id_key(message_id), record))
             records.sort(key=lambda r: r[:2])  # packages list newest first; training wants oldest first
@@ -315,10 +317,3 @@ def _parse_time(stamp: str, label: str, line: int):
 def _id_key(message_id: str) -> int:
     # Snowflake ids grow with time: the tie-break for messages sent in the same second.
     return int(message_id) if message_id.isdigit() else -1
-
-
-def _attachment_text(attachments: str) -> str:
-    urls = attachments.split()
-    if not urls:
-        return ""
-    return f"[attachment: {', '.join(url.rsplit('/', 1)[-1].split('?', 1)[0] for url in urls)}]"
