@@ -28,5 +28,8 @@ class ChatRecord(NamedTuple):
 
 
 def is_multiline(record: ChatRecord) -> bool:
-    """A text message whose body still has a newline once trailing ones are stripped (inspect's "multiline")."""
-    return record.kind == TEXT and "\n" in record.text.rstrip("\r\n")
+    """A text message whose body still has a newline once trailing ones are stripped: what `finetune inspect`
+    counts as "multiline" (summary.py). A trailing line break alone, which some exports leave, is not one."""
+    text = record.text
+    # The plain `in` first: most messages have no newline, and it spares them the stripped copy.
+    return record.kind == TEXT and "\n" in text and "\n" in text.rstrip("\r\n")

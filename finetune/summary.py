@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from .records import PLACEHOLDER, SYSTEM, TEXT, ChatRecord
+from .records import PLACEHOLDER, SYSTEM, TEXT, ChatRecord, is_multiline
 
 
 @dataclass
@@ -51,7 +51,7 @@ def summarize(fmt: str, records: Iterable[ChatRecord]) -> ExportSummary:
             counts = speakers[record.speaker] = SpeakerCounts()
         if kind == TEXT:
             counts.text += 1
-            if "\n" in record.text and "\n" in record.text.rstrip("\r\n"):
+            if is_multiline(record):
                 multiline += 1
         elif kind == PLACEHOLDER:
             counts.placeholder += 1
