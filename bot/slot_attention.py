@@ -23,8 +23,9 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from finetune.attention_registry import register_attention
+
 NAME = "bunshin_slots"
-_registered = False
 _active: SlotStep | ProbeStep | None = None
 
 
@@ -90,13 +91,13 @@ def active_step(step: SlotStep | ProbeStep):
 
 def register() -> str:
     """Make `attn_implementation="bunshin_slots"` known to transformers; returns the name."""
-    global _registered
-    if _registered:
-        return NAME
+    return register_attention(NAME, _slot_attention)
+
+
+def _slot_attention():
+    """The function transformers calls in each attention layer (built at registration: it imports torch)."""
     import torch
-    from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, slot_step=None, **kwargs):
         step = slot_step if slot_step is not None else _active
@@ -124,11 +125,7 @@ def register() -> str:
         )
         return out.transpose(1, 2).contiguous(), None
 
-    AttentionInterface.register(NAME, attention)
-    # Plain generate() on a model switched to this implementation still needs transformers' masks.
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
-    _registered = True
-    return NAME
+    return attention
 
 
 class UnsupportedModel(Exception):

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import inspect
 
+from .attention_registry import register_attention
+
 NAME = "bunshin_varlen"
-_registered = False
 
 
 def available(device: str) -> bool:
@@ -32,14 +33,14 @@ def available(device: str) -> bool:
 
 def register() -> str:
     """Make `attn_implementation="bunshin_varlen"` known to transformers; returns the name."""
-    global _registered
-    if _registered:
-        return NAME
+    return register_attention(NAME, _varlen_attention)
+
+
+def _varlen_attention():
+    """The function transformers calls in each attention layer (built at registration: it imports torch)."""
     import torch
     from torch.nn.attention.varlen import varlen_attn
-    from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     params = inspect.signature(varlen_attn).parameters
     # PyTorch 2.9-2.11 take is_causal=; later versions express causality as a window.
@@ -62,8 +63,4 @@ def register() -> str:
         out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, scale=scaling, **causal)
         return out.to(dtype).unsqueeze(0), None  # (1, tokens, heads, dim), as the model reshapes it
 
-    AttentionInterface.register(NAME, attention)
-    # transformers still builds a mask for this implementation (generation, evaluation batches use it).
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
-    _registered = True
-    return NAME
+    return attention
