@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import sys
 
-from bot.messages import Accept, IncomingMessage
+from bot.inbox import InboxEntry
+from bot.messages import Accept, IncomingMessage, RecordAttempt
 
 
 class ConsoleAdapter:
@@ -54,13 +55,13 @@ class ConsoleAdapter:
                 continue
             await accept([IncomingMessage("console", "local", "local", self.user_name, text, addressed=True)])
 
-    def can_deliver(self, entry) -> bool:
+    def can_deliver(self, entry: InboxEntry) -> bool:
         return True
 
-    def working(self, entry) -> contextlib.AbstractAsyncContextManager:
+    def working(self, entry: InboxEntry) -> contextlib.AbstractAsyncContextManager:
         return contextlib.nullcontext()
 
-    async def deliver(self, entry, reply: str, record_attempt) -> str:
+    async def deliver(self, entry: InboxEntry, reply: str, record_attempt: RecordAttempt) -> str:
         if entry.attempted("print") is not None:
             return "maybe_delivered"  # printed before a crash, most likely: not printed twice
         await record_attempt("print")

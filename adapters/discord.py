@@ -35,7 +35,8 @@ from collections import defaultdict, deque
 import aiohttp
 import discord
 
-from bot.messages import Accept, IncomingMessage
+from bot.inbox import InboxEntry
+from bot.messages import Accept, IncomingMessage, RecordAttempt
 from bot.names import apart_from_persona
 
 log = logging.getLogger("bunshin.discord")
@@ -180,7 +181,7 @@ class DiscordAdapter:
 
     # --- answering an entry of the inbox ---
 
-    def can_deliver(self, entry) -> bool:
+    def can_deliver(self, entry: InboxEntry) -> bool:
         """A message of this run, or one from an earlier run younger than [discord] answer_missed_within_s."""
         incoming = entry.message
         if incoming.event_id in self._live:
@@ -192,12 +193,12 @@ class DiscordAdapter:
             return False
         return True
 
-    def working(self, entry) -> contextlib.AbstractAsyncContextManager:
+    def working(self, entry: InboxEntry) -> contextlib.AbstractAsyncContextManager:
         """The typing indicator (renewed every few seconds by discord.py) while the reply is made."""
         message = self._live.get(entry.message.event_id)
         return _typing(message.channel) if message is not None else contextlib.nullcontext()
 
-    async def deliver(self, entry, reply: str, record_attempt) -> str:
+    async def deliver(self, entry: InboxEntry, reply: str, record_attempt: RecordAttempt) -> str:
         """The reply as an answer to the message, in as many messages as it takes."""
         incoming = entry.message
         message = self._live.pop(incoming.event_id, None)

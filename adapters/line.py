@@ -41,8 +41,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from bot.inbox import InboxError
-from bot.messages import Accept, IncomingMessage
+from bot.inbox import InboxEntry, InboxError
+from bot.messages import Accept, IncomingMessage, RecordAttempt
 from bot.names import NameCache, apart_from_persona
 
 from .line_api import LINE_ID, PROFILE, LineApi, RetryPolicy, loggable
@@ -346,7 +346,7 @@ class LineAdapter:
         self._names.put(message.user_key, known, time.time() + NAME_RETRY_S)
         return known or message.user_name
 
-    def can_deliver(self, entry) -> bool:
+    def can_deliver(self, entry: InboxEntry) -> bool:
         """False, with the log line, for a reply token gone stale while push_fallback is off (and nothing was sent
         yet): making a reply would be for nobody. It happens after a long wait: a restart, or overload."""
         message = entry.message
@@ -357,7 +357,7 @@ class LineAdapter:
         return False
 
     @contextlib.asynccontextmanager
-    async def working(self, entry):
+    async def working(self, entry: InboxEntry):
         """LINE's loading animation in a 1:1 chat while the reply is made, once it has taken LOADING_AFTER_S: a quick
         answer (a short reply, "busy", "too fast") needs none, and would pay for a second API call. Not for a
         message recovered after a restart."""
@@ -373,7 +373,7 @@ class LineAdapter:
                     loading.cancel()  # the reply was ready before the animation was asked for
                 await asyncio.wait({loading})  # once asked for, it must start before the reply, or it shows after it
 
-    async def deliver(self, entry, reply: str, record_attempt) -> str:
+    async def deliver(self, entry: InboxEntry, reply: str, record_attempt: RecordAttempt) -> str:
         """Only ever to the chat the event came from: the reply token is that chat's, and so is the chat id."""
         messages = [{"type": "text", "text": piece} for piece in split_reply(reply)]
         if not messages:
@@ -427,7 +427,8 @@ class LineAdapter:
         # One try: a missing animation is cosmetic, and the reply waits for this call.
         await self._api.show_loading(chat_id, seconds)
 
-    async def _reply(self, entry, messages: list[dict], record_attempt, retried: bool = False) -> str:
+    async def _reply(self, entry: InboxEntry, messages: list[dict], record_attempt: RecordAttempt,
+                     retried: bool = False) -> str:
         """"sent"; "refused" (an error other than a bad token: pushing would fail alike); "unsent" (LINE refused
         the token or never took the request: a push may send it); "unknown" (an earlier try may have got through).
 
@@ -459,7 +460,7 @@ class LineAdapter:
             await asyncio.sleep(wait)
         return "unknown" if maybe_sent else "unsent"
 
-    async def _push(self, entry, messages: list[dict], record_attempt) -> str:
+    async def _push(self, entry: InboxEntry, messages: list[dict], record_attempt: RecordAttempt) -> str:
         """Tries with one X-Line-Retry-Key, derived from the event so that a restart reuses it: LINE sends a key's
         message once and answers 409 to later tries. "replied", or "failed" after the last try."""
         chat_id = entry.message.chat_id
