@@ -1,4 +1,8 @@
-"""The daemon's configuration: one TOML file, validated once at start.
+"""bunshin's configuration: one TOML file, one model of it, one loader (`load_config`).
+
+The daemon reads it at start; `finetune prepare --config` takes its [prepare] table and `finetune train
+--config` its [model] base as their flags' defaults. Each validates the whole file, so a mistake anywhere
+in it is reported by whichever reads it first.
 
 Every table forbids unknown keys and every value is checked strictly (no "8080" for 8080), so
 a typo fails at start with a line per problem: `FILE: [section] key: why`. Defaults make an
@@ -13,6 +17,7 @@ of pasting the token itself there before anything echoes it.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import json
 import os
@@ -31,6 +36,9 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+
+from finetune.model_loading import DEFAULT_BASE, DTYPE_CHOICES, QUANTIZE_CHOICES
+from finetune.prepare_args import parse_duration, parse_export_formats
 
 PLATFORMS = ("console", "discord", "line")
 
@@ -99,12 +107,12 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    base: str = "rinna/japanese-gpt-neox-3.6b"
+    base: str = DEFAULT_BASE
     revision: Annotated[str | None, AfterValidator(lambda v: v or None)] = None  # TOML has no null: "" = latest
     adapter: str = ""  # `finetune train` adapter folder or merged model; "" = the base model alone
-    quantize: Literal["none", "8bit", "4bit"] = "none"
+    quantize: Literal[QUANTIZE_CHOICES] = "none"
     device: Annotated[str, AfterValidator(_device)] = ""
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    dtype: Literal[DTYPE_CHOICES] = "auto"
     # continuous batching, plain batched generate(), or an OpenAI-compatible engine elsewhere (bot/remote_engine.py)
     engine: Literal["slots", "plain", "openai"] = "slots"
     merge_adapter: bool = True  # fold the LoRA weights into the base at load (not with quantize)
@@ -283,12 +291,67 @@ class LoggingConfig(_Section):
     log_message_text: bool = False
 
 
+def _duration_seconds(value: Any) -> Any:
+    """`session_gap` as --session-gap reads it: "45s", "30m", "3h", "1d", or a bare number of minutes."""
+    try:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return parse_duration(str(value))
+    except argparse.ArgumentTypeError:
+        pass
+    raise ValueError('must be a duration: "45s", "30m", "3h", "1d", or a number of minutes')
+
+
+def _export_formats(value: Any) -> Any:
+    """`["sharegpt", "alpaca"]` or `"sharegpt,alpaca"`; an empty list or string asks for none."""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        value = ",".join(value)
+    if not isinstance(value, str):
+        raise ValueError('must be a list of format names, e.g. ["sharegpt", "alpaca"]')
+    try:
+        return parse_export_formats(value) if value.strip() else []
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _time_zone(value: str) -> str | None:
+    if not value:
+        return None  # TOML has no null: "" = this machine's zone, as without --timezone
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError('must be a time zone name such as "Asia/Tokyo", or "" for the zone of the machine') from None
+    return value
+
+
+class PrepareConfig(_Section):
+    """`finetune prepare --config`'s defaults, each as its flag reads it; flags on the command line still win.
+    None = not in the file: the flag's own default. The daemon does not use them, but checks them all the same."""
+
+    session_gap: Annotated[float | None, BeforeValidator(_duration_seconds)] = None  # in seconds once read
+    max_context_turns: int | None = Field(None, ge=0)
+    max_context_chars: int | None = Field(None, ge=0)
+    max_turn_chars: int | None = Field(None, gt=0)
+    min_context_turns: int | None = Field(None, ge=0)
+    eval_fraction: float | None = Field(None, ge=0, lt=1)
+    redact: bool | None = None
+    timezone: Annotated[str | None, AfterValidator(_time_zone)] = None
+    export: Annotated[list[str] | None, BeforeValidator(_export_formats)] = None
+
+    def overrides(self) -> dict[str, Any]:
+        """The keys the file sets, by their [prepare] names."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
 # Platform (or [api], or [model] with engine = "openai") -> the *_env keys it needs when enabled.
 _SECRET_KEYS = {"discord": ("token_env",), "line": ("channel_secret_env", "access_token_env"), "api": ("key_env",),
                 "model": ("api_key_env",)}
 
 
 class BotConfig(_Section):
+    """The whole file: the daemon's tables, and [prepare] for `finetune prepare`."""
+
     model: ModelConfig = ModelConfig()
     persona: PersonaConfig = PersonaConfig()
     generation: GenerationConfig = GenerationConfig()
@@ -304,7 +367,7 @@ class BotConfig(_Section):
     # LINE's profile is not asked. The same name under two ids makes one speaker of them.
     people: dict[PersonKey, SpeakerName] = Field(default_factory=dict)
     logging: LoggingConfig = LoggingConfig()
-    prepare: dict[str, Any] = Field(default_factory=dict)  # `finetune prepare`'s table, not checked here
+    prepare: PrepareConfig = PrepareConfig()
     _source: str = PrivateAttr("<defaults>")  # the file it came from, for messages
 
     @property
@@ -381,10 +444,11 @@ class BotConfig(_Section):
 
 
 def load_config(path: Path) -> BotConfig:
-    """Read and validate a bot config file; ConfigError names the file, `[section] key` and why."""
+    """Read and validate a config file (the daemon's, prepare's and train's alike); ConfigError names the file,
+    `[section] key` and why, one line per problem. The project's one TOML reader."""
     try:
         import tomllib
-    except ModuleNotFoundError:  # Python 3.10
+    except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli package (pyproject depends on it there)
         import tomli as tomllib
     path = Path(path)
     try:

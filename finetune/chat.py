@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .model_loading import QUANTIZE_CHOICES, ModelLoadError, load_adapter
+from .model_loading import DTYPE_CHOICES, QUANTIZE_CHOICES, ModelLoadError, load_adapter
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default="あなた", help="your speaker name in the conversation (default: あなた)")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None, help="0 for greedy decoding")
     p.add_argument("--top-p", type=float, default=None)

@@ -96,15 +96,26 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return run_prepare(args, _read_options)
 
 
+def _defaults_from_config(command: str, path: Path) -> dict:
+    """The defaults a --config file gives `command`, read through bot/config.py's one model of the file."""
+    if command == "prepare":
+        from .prepare_args import prepare_defaults_from_config
+
+        return prepare_defaults_from_config(path)
+    from .train import train_defaults_from_config
+
+    return train_defaults_from_config(path)
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "prepare" and args.config is not None:
+    if args.command in ("prepare", "train") and args.config is not None:
         # Config values become the defaults, then the command line is parsed again so flags win.
-        from .prepare_args import ConfigError, prepare_defaults_from_config
+        from bot.config import ConfigError
 
         try:
-            args._subparsers["prepare"].set_defaults(**prepare_defaults_from_config(args.config))
+            args._subparsers[args.command].set_defaults(**_defaults_from_config(args.command, args.config))
         except ConfigError as exc:
             parser.exit(2, f"error: {exc}\n")
         args = parser.parse_args(argv)

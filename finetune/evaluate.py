@@ -24,7 +24,7 @@ from pathlib import Path
 from .atomic_output import atomic_directory, check_writable
 from .eval_inputs import EvalError, check_names, choose_samples, parse_system_arg, read_samples, read_system_replies
 from .manifest import bunshin_version
-from .model_loading import QUANTIZE_CHOICES, ModelLoadError
+from .model_loading import DTYPE_CHOICES, QUANTIZE_CHOICES, ModelLoadError
 
 BLIND_PAIRS = 40  # enough for a score that means something, few enough to finish over a coffee
 TRAIN_EVAL_SAMPLES = 64  # the short eval at the end of `finetune train`
@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default=None, help="load the base model from here instead of the manifest's id (same model)")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
     p.add_argument("--force", action="store_true", help="replace an existing REPORT folder")
     p.add_argument("--no-progress", action="store_true")
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .atomic_output import atomic_directory
-from .model_loading import ModelLoadError, load_adapter
+from .model_loading import DTYPE_CHOICES, ModelLoadError, load_adapter
 from .tokenization import TOKENIZER_FILES, tokenizer_folder
 
 
@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapter", type=Path, metavar="ADAPTER")
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
     p.add_argument("--base", default=None, help="load the base model from here instead of the manifest's id (same model)")
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="dtype of the merged weights (default: the device's, fp32 on CPU)")
     p.add_argument("--device", default=None)
     p.add_argument("--force", action="store_true")

@@ -19,7 +19,12 @@ from .manifest import MANIFEST_NAME, AdapterManifest, ManifestError
 from .nonfinite import nonfinite_tensors, read_weights, refusal
 from .tokenization import ChatTokenizer, load_tokenizer
 
+# The base `finetune train` and the bot use when neither a flag nor config.toml's [model] base names one:
+# trained on Japanese, and LoRA training on it fits a 24 GB GPU.
+DEFAULT_BASE = "rinna/japanese-gpt-neox-3.6b"
 QUANTIZE_CHOICES = ("none", "8bit", "4bit")
+# --dtype of every command that loads a model, and [model] dtype: "auto" is pick_dtype's choice for the device.
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 
 # Attention (and for Llama-likes, MLP) projections by architecture. Attention alone is the
 # classic LoRA recipe and what rinna tutorials use; more modules cost memory for little gain on chat style.
@@ -97,7 +102,7 @@ def pick_dtype(device: str, requested: str | None = None):
         try:
             return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[requested]
         except KeyError:
-            raise ModelLoadError(f"unknown dtype {requested!r}; choose auto, bf16, fp16 or fp32") from None
+            raise ModelLoadError(f"unknown dtype {requested!r}; choose {', '.join(DTYPE_CHOICES)}") from None
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device == "mps":

@@ -74,59 +74,13 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-class ConfigError(Exception):
-    pass
-
-
-# [prepare] key in config.toml -> (argparse dest, converter)
-_CONFIG_KEYS = {
-    "session_gap": ("session_gap", lambda v: parse_duration(str(v))),
-    "max_context_turns": ("max_context_turns", int),
-    "max_context_chars": ("max_context_chars", int),
-    "max_turn_chars": ("max_turn_chars", int),
-    "min_context_turns": ("min_context_turns", int),
-    "eval_fraction": ("eval_fraction", lambda v: _fraction(str(v))),
-    "redact": ("no_redact", lambda v: not _boolean(v)),
-    "timezone": ("timezone", lambda v: str(v) or None),
-    "export": ("export", lambda v: _export_list(v)),
-}
-
-
-def _export_list(value) -> list[str]:
-    """`export = ["sharegpt", "alpaca"]` or `export = "sharegpt,alpaca"`; an empty list or string: none."""
-    if isinstance(value, list):
-        if not all(isinstance(v, str) for v in value):
-            raise ValueError("expected format names")
-        value = ",".join(value)
-    return parse_export_formats(value) if str(value).strip() else []
-
-
-def _boolean(value) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError("expected true or false")
-    return value
-
-
 def prepare_defaults_from_config(path: Path) -> dict:
-    """argparse defaults from the [prepare] table of a TOML file, with errors naming the key."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    try:
-        with open(path, "rb") as f:
-            table = tomllib.load(f).get("prepare", {})
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    defaults = {}
-    for key, value in table.items():
-        if key not in _CONFIG_KEYS:
-            raise ConfigError(f"{path}: [prepare] {key}: unknown key; known: {', '.join(_CONFIG_KEYS)}")
-        dest, convert = _CONFIG_KEYS[key]
-        try:
-            defaults[dest] = convert(value)
-        except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
-            raise ConfigError(f"{path}: [prepare] {key} = {value!r}: {exc}") from None
+    """argparse defaults from the [prepare] table of a config file: only the keys it sets, so the other flags
+    keep their own defaults. The whole file is read and validated by bot/config.py (its pydantic model), whose
+    ConfigError names every problem; imported here, not above, so that `inspect` never loads pydantic."""
+    from bot.config import load_config
+
+    defaults = load_config(path).prepare.overrides()
+    if "redact" in defaults:  # the file says what to do, the flag what not to
+        defaults["no_redact"] = not defaults.pop("redact")
     return defaults

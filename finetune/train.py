@@ -25,6 +25,8 @@ from . import packed_attention
 from .atomic_output import atomic_directory
 from .manifest import DEFAULT_GENERATION, AdapterManifest, bunshin_version
 from .model_loading import (
+    DEFAULT_BASE,
+    DTYPE_CHOICES,
     QUANTIZE_CHOICES,
     ModelLoadError,
     base_shape,
@@ -36,7 +38,6 @@ from .nonfinite import GRADIENT, LOSS, NonFiniteError, NonFiniteWatch, describe,
 from .packing import USEFUL_TOKENS, FlatCollator, PackedCollator, PackedRow, pack_samples
 from .prompt import TEMPLATES, as_turns, encode_sample
 
-DEFAULT_BASE = "rinna/japanese-gpt-neox-3.6b"
 RUN_FILE = "bunshin-run.json"  # in the checkpoint folder: what run the checkpoints belong to
 
 
@@ -47,12 +48,13 @@ class TrainError(Exception):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", type=Path, metavar="DATA", help="folder written by `finetune prepare` (train.jsonl, eval.jsonl)")
     p.add_argument("--out", type=Path, required=True, metavar="ADAPTER", help="adapter folder to write")
-    p.add_argument("--base", default=None, help=f"base model: hub id or local folder (default: config [model] base, else {DEFAULT_BASE})")
+    p.add_argument("--base", default=DEFAULT_BASE,
+                   help=f"base model: hub id or local folder (default: --config's [model] base, else {DEFAULT_BASE})")
     p.add_argument("--revision", default=None, help="branch, tag or commit of a hub base model")
     p.add_argument("--config", type=Path, default=None, help="take [model] base from this TOML file")
     p.add_argument("--template", choices=TEMPLATES, default="transcript", help="prompt template (default: transcript)")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none", help="load the base in 8 or 4 bits (CUDA, bitsandbytes)")
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=32)
@@ -188,20 +190,13 @@ def token_weighted_loss(model, rows: list[PackedRow], pad_id: int, rows_per_batc
     return total / tokens if tokens else None
 
 
-def _base_from_config(args) -> str:
-    if args.base:
-        return args.base
-    if args.config:
-        import tomllib
+def train_defaults_from_config(path: Path) -> dict:
+    """argparse defaults from a config file: its [model] base, the model the bot would serve. The whole file is
+    read and validated by bot/config.py, whose ConfigError names every problem (pydantic is imported only here)."""
+    from bot.config import load_config
 
-        try:
-            with open(args.config, "rb") as f:
-                base = tomllib.load(f).get("model", {}).get("base")
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise TrainError(f"{args.config}: {exc}") from None
-        if base:
-            return base
-    return DEFAULT_BASE
+    base = load_config(path).model.base
+    return {"base": base} if base else {}  # "" means "the adapter's base" to the bot; there is no adapter yet
 
 
 def _run_identity(args, base: str, dataset_fingerprint: str) -> dict:
@@ -273,7 +268,7 @@ def _run_reporting(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     started = time.time()
-    base = _base_from_config(args)
+    base = args.base
     out: Path = args.out
     ckpt = checkpoint_dir(out)
     if out.exists() and not args.force:

@@ -98,7 +98,7 @@ def test_bad_config_names_the_key(tmp_path):
     config.write_text('[prepare]\nmax_context_turns = "many"\n', encoding="utf-8")
     proc = run_cli("prepare", LINE, "--persona", "美咲", "--out", tmp_path / "o", "--config", config)
     assert proc.returncode == 2
-    assert "[prepare] max_context_turns = 'many'" in proc.stderr
+    assert f"{config}: [prepare] max_context_turns: expected an integer, got a string" in proc.stderr
 
 
 def test_inspect_json_on_multiple_paths_is_a_list():

@@ -34,8 +34,8 @@ def test_root_config_loads_and_matches_the_defaults():
     # The documented file states the defaults: loading it changes nothing but [prepare].
     assert config.model_dump(exclude={"prepare"}) == BotConfig.default().model_dump(exclude={"prepare"})
     assert config.model.base == "rinna/japanese-gpt-neox-3.6b"
-    assert config.prepare["session_gap"] == "3h"
-    # ... and `finetune prepare --config` still reads its own table from the same file.
+    assert config.prepare.session_gap == 3 * 3600  # "3h", read as prepare's flag reads it
+    # ... and `finetune prepare --config` reads its table through the same model of the file.
     assert prepare_defaults_from_config(REPO / "config.toml")["max_context_turns"] == 10
 
 
@@ -193,9 +193,16 @@ def test_from_dict_validates_like_a_file():
     assert str(info.value) == "--demo: [queue] max_size: must be > 0"
 
 
-def test_prepare_table_is_accepted_as_is(tmp_path):
-    config = load_config(_write(tmp_path, "[prepare]\nsession_gap = '2h'\nsomething_new = 1\n"))
-    assert config.prepare == {"session_gap": "2h", "something_new": 1}
+def test_prepare_table_is_checked_like_the_others(tmp_path):
+    config = load_config(_write(tmp_path, "[prepare]\nsession_gap = '2h'\nexport = 'alpaca'\n"))
+    assert config.prepare.overrides() == {"session_gap": 7200.0, "export": ["alpaca"]}
+    problems = _problems(tmp_path, "[prepare]\nmax_context_turn = 5\neval_fraction = 1.5\nredact = 'no'\n")
+    assert problems == [
+        "[prepare] eval_fraction: must be < 1",
+        "[prepare] redact: expected true or false, got a string",
+        "[prepare] max_context_turn: unknown key (did you mean max_context_turns?); known: session_gap, "
+        "max_context_turns, max_context_chars, max_turn_chars, min_context_turns, eval_fraction, redact, timezone, export",
+    ]
 
 
 def test_config_is_immutable():
