@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .manifest import DEFAULT_GENERATION
-from .prompt import ChatTurn, encode_prompt, turn_end
+from .prompt import ChatTurn, drop_oldest_turns, encode_prompt, turn_end
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ufffd]")
 
@@ -40,12 +40,7 @@ def fit_context(tokenizer, turns: Sequence[ChatTurn], persona: str, template: st
     messages as the conversation grows, so the serving engine can reuse what it computed for the last
     one (dropping one turn per message would change the start, and the whole prompt, every time)."""
     turns = list(turns)
-    dropped = 0
-    while True:
-        ids = encode_prompt(tokenizer, turns[dropped:], persona, template)
-        if len(ids) <= budget or dropped >= len(turns):
-            break
-        dropped += 1
+    dropped, ids = drop_oldest_turns(tokenizer, turns, persona, template, budget)
     if block > 1 and 0 < dropped < len(turns):
         rounded = min(len(turns) - 1, -(-dropped // block) * block)
         if rounded != dropped:

@@ -91,16 +91,27 @@ def encode_sample(
     reply = encode_reply(tokenizer, target)
     if len(reply) >= max_length:
         return None
-    turns = list(context)
+    _, prompt = drop_oldest_turns(tokenizer, context, persona, template, max_length - len(reply))
+    if len(prompt) + len(reply) > max_length:
+        return None
+    return prompt + reply, [IGNORE_INDEX] * len(prompt) + reply
+
+
+def drop_oldest_turns(
+    tokenizer: ChatTokenizer, context: Sequence[ChatTurn], persona: str, template: str, budget: int
+) -> tuple[int, list[int]]:
+    """(how many of the oldest turns were dropped, the prompt of the rest): the fewest dropped for the prompt
+    to fit `budget` tokens, so training (encode_sample) and serving (generation.fit_context) cut alike. With
+    every turn dropped the prompt may still not fit; the caller decides what then.
+
+    One turn at a time: a chars/4 guess of a turn's tokens undercounts Japanese and dropped more context
+    than needed. Context is <= 10 turns in training, a memory's worth when serving: cheap."""
+    dropped = 0
     while True:
-        prompt = encode_prompt(tokenizer, turns, persona, template)
-        if len(prompt) + len(reply) <= max_length:
-            return prompt + reply, [IGNORE_INDEX] * len(prompt) + reply
-        if not turns:
-            return None
-        # One turn at a time, as generation.fit_context does: a chars/4 guess of a turn's tokens
-        # undercounts Japanese and dropped more context than needed. Context is <= 10 turns: cheap.
-        turns.pop(0)
+        prompt = encode_prompt(tokenizer, context[dropped:], persona, template)
+        if len(prompt) <= budget or dropped >= len(context):
+            return dropped, prompt
+        dropped += 1
 
 
 def turn_end(text: str, speakers: Iterable[str]) -> int | None:
