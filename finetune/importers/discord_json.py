@@ -186,7 +186,6 @@ def _stream_messages(path: Path, channel_id: str, on_progress: Callable[[int], N
             raise ExportError(path, n, message) from None
         except UnicodeDecodeError as exc:  # yajl checks the bytes; Python decodes each string
             raise ExportError(path, index + 1, f"message {index + 1} holds text that is not valid UTF-8: {_bad_bytes(exc)}") from None
-            raise ExportError(path, n, message) from None
 
 
 # --- one message -----------------------------------------------------------------------------
