@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -303,7 +302,3 @@ def _shape_of(config) -> dict:
 
 def base_shape(model) -> dict:
     return _shape_of(model.config)
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
