@@ -42,7 +42,7 @@ def test_root_config_loads_and_matches_the_defaults():
 def test_empty_file_gives_the_defaults(tmp_path):
     config = load_config(_write(tmp_path, ""))
     assert config.model_dump() == BotConfig.default().model_dump()
-    assert config.model.adapter == "" and config.model.adapter_path is None
+    assert config.model.adapter == ""  # the daemon loads the base model alone
     assert config.model.quantize == "none" and config.model.dtype == "auto" and config.model.revision is None
     assert config.memory.path == "bunshin-memory.sqlite3" and config.memory.max_turns == 20
     assert config.memory.reset_commands == ["/reset", "リセット"]
@@ -75,7 +75,7 @@ messages_per_minute = 0.5
 [logging]
 level = "debug"
 """))
-    assert config.model.adapter_path == Path("runs/misaki") and config.model.device == "cuda:1"
+    assert config.model.adapter == "runs/misaki" and config.model.device == "cuda:1"
     assert config.generation.overrides() == {"temperature": 0, "top_p": 0.8, "max_new_tokens": 64}
     assert config.limits.messages_per_minute == 0.5
     assert config.logging.level == "DEBUG"
