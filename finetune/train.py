@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from .model_loading import (
     DEFAULT_BASE,
     DTYPE_CHOICES,
     QUANTIZE_CHOICES,
+    LoadedModel,
     ModelLoadError,
     base_shape,
     load_base_model,
@@ -267,7 +269,45 @@ def _run_reporting(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    """One run, as its outline: each job is a function below, in the order they run. Under torchrun every
+    process runs each of them up to the evaluation; rank 0 alone goes on to write the adapter."""
     started = time.time()
+    plan = plan_run(args)
+    setup = load_model(args, plan.base)
+    data = pack(args, plan, setup)
+    model, targets = wrap_with_lora(args, setup)
+    # LoRA's B matrix starts at zero: before the first step the model *is* the base model.
+    base_eval_loss = token_weighted_loss(model, data.eval_rows, setup.loaded.tokenizer.pad_id, setup.rows_per_batch)
+    trainer, result = fit(args, plan, setup, data, model)
+    scores = evaluate(trainer, model, setup, data, base_eval_loss)
+    if not trainer.is_world_process_zero():
+        return 0
+    style_eval = short_style_eval(args, plan, setup, model)
+    manifest = build_manifest(args, plan, setup, data, model, targets, trainer, result, scores, style_eval, started)
+    write_adapter(args, plan, model, manifest)
+    print_outcome(args, result, scores, style_eval)
+    return 0
+
+
+@dataclass
+class RunPlan:
+    """What the run trains on and where it writes, checked before a model loads."""
+
+    base: str
+    checkpoints: Path  # next to the adapter folder (checkpoint_dir)
+    resume_from: Path | None  # the checkpoint --resume continues from
+    identity: dict  # the settings RUN_FILE records, so that --resume refuses checkpoints of other settings
+    stats_path: Path  # the dataset's stats.json (there may be none)
+    fingerprint: str  # the dataset's, from stats.json
+    persona: str
+    speakers: list[str]  # everyone in the training data, the persona included
+    train_samples: list[dict]
+    eval_samples: list[dict]
+
+
+def plan_run(args: argparse.Namespace) -> RunPlan:
+    """The dataset read and checked (one persona), and the checkpoints of an earlier run dealt with: --resume
+    continues them when they are of the same settings, --force removes them, else they stop the run."""
     base = args.base
     out: Path = args.out
     ckpt = checkpoint_dir(out)
@@ -302,7 +342,28 @@ def _train(args: argparse.Namespace) -> int:
         if not args.force:
             raise TrainError(f"{ckpt} holds checkpoints of an earlier run: pass --resume to continue it or --force to start over")
         shutil.rmtree(ckpt)
+    speakers = sorted({c["speaker"] for s in train_samples for c in s["context"]} | {persona})
+    return RunPlan(base=base, checkpoints=ckpt, resume_from=resume_from, identity=identity, stats_path=stats_path,
+                   fingerprint=fingerprint, persona=persona, speakers=speakers, train_samples=train_samples,
+                   eval_samples=eval_samples)
 
+
+@dataclass
+class ModelSetup:
+    """The base model as loaded on this process's device, and the shape of a step that fits it."""
+
+    loaded: LoadedModel
+    varlen: bool  # packed rows attend per sample through packed_attention's kernel, else masked SDPA
+    attn: str  # the attention implementation the model was loaded with
+    gradient_checkpointing: bool
+    pack_length: int  # tokens per packed row
+    max_length: int  # tokens per sample, at most
+    rows_per_batch: int  # rows per optimizer step on each process
+
+
+def load_model(args: argparse.Namespace, base: str) -> ModelSetup:
+    """The base model on this process's GPU (torchrun's LOCAL_RANK) or the one --device names, with the
+    attention that keeps packed samples apart, and the step's size chosen for its memory."""
     local_rank = int(os.environ.get("LOCAL_RANK", "-1"))
     device = pick_device(args.device or (f"cuda:{local_rank}" if local_rank >= 0 else None))
     if args.attention == "varlen" and not packed_attention.available(device):
@@ -311,7 +372,7 @@ def _train(args: argparse.Namespace) -> int:
     attn = packed_attention.register() if varlen else "sdpa"
     loaded = load_base_model(base, revision=args.revision, quantize=args.quantize, device=device, dtype=args.dtype,
                              attn_implementation=attn)
-    model, tokenizer = loaded.model, loaded.tokenizer
+    model = loaded.model
     gradient_checkpointing = args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and args.quantize != "none")
     batch_tokens = args.batch_tokens or auto_batch_tokens(model, loaded.device, gradient_checkpointing)
     context_limit = getattr(model.config, "max_position_embeddings", None) or args.pack_length
@@ -319,40 +380,71 @@ def _train(args: argparse.Namespace) -> int:
     pack_length = min(args.pack_length, context_limit, batch_tokens)
     max_length = min(args.max_length, pack_length)
     rows_per_batch = max(1, batch_tokens // pack_length)
+    return ModelSetup(loaded=loaded, varlen=varlen, attn=attn, gradient_checkpointing=gradient_checkpointing,
+                      pack_length=pack_length, max_length=max_length, rows_per_batch=rows_per_batch)
 
-    encoded_train, skipped_train = encode_all(tokenizer, train_samples, args.template, max_length)
-    encoded_eval, skipped_eval = encode_all(tokenizer, eval_samples, args.template, max_length)
+
+@dataclass
+class PackedData:
+    """The samples as token ids in packed rows, and the counts the manifest keeps of them."""
+
+    train_rows: list[PackedRow]
+    eval_rows: list[PackedRow]
+    train_samples: int  # encoded, i.e. short enough
+    eval_samples: int
+    skipped_too_long: int
+    useful_tokens: int  # per epoch: the train rows' tokens, padding aside
+
+
+def pack(args: argparse.Namespace, plan: RunPlan, setup: ModelSetup) -> PackedData:
+    """Each sample rendered with the bot's prompt and tokenized (loss on the reply alone), then packed into rows."""
+    tokenizer = setup.loaded.tokenizer
+    encoded_train, skipped_train = encode_all(tokenizer, plan.train_samples, args.template, setup.max_length)
+    encoded_eval, skipped_eval = encode_all(tokenizer, plan.eval_samples, args.template, setup.max_length)
     if not encoded_train:
-        raise TrainError(f"every training sample is longer than --max-length {max_length} tokens")
-    train_rows = pack_samples(encoded_train, pack_length)
-    eval_rows = pack_samples(encoded_eval, pack_length)
-    useful_tokens = sum(len(r.input_ids) for r in train_rows)
+        raise TrainError(f"every training sample is longer than --max-length {setup.max_length} tokens")
+    train_rows = pack_samples(encoded_train, setup.pack_length)
+    eval_rows = pack_samples(encoded_eval, setup.pack_length)
+    return PackedData(train_rows=train_rows, eval_rows=eval_rows, train_samples=len(encoded_train),
+                      eval_samples=len(encoded_eval), skipped_too_long=skipped_train + skipped_eval,
+                      useful_tokens=sum(len(r.input_ids) for r in train_rows))
 
-    import torch
+
+def wrap_with_lora(args: argparse.Namespace, setup: ModelSetup):
+    """The base model made ready to train (k-bit preparation, gradient checkpointing) and wrapped in LoRA
+    adapters; returns the peft model and the modules adapted."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+    from transformers import set_seed
 
-    set_seed(args.seed)
+    set_seed(args.seed)  # before LoRA's A matrices are drawn
+    model = setup.loaded.model
     model.config.use_cache = False  # no KV cache in training; a cache would also hide packed rows from the mask
     if args.quantize != "none":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=setup.gradient_checkpointing)
+    elif setup.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     targets = lora_target_modules(model, args.lora_targets)
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=targets, task_type="CAUSAL_LM", bias="none")
-    model = get_peft_model(model, lora)
+    return get_peft_model(model, lora), targets
 
-    # LoRA's B matrix starts at zero: before the first step the model *is* the base model.
-    base_eval_loss = token_weighted_loss(model, eval_rows, tokenizer.pad_id, rows_per_batch)
 
-    steps_per_epoch = math.ceil(len(train_rows) / rows_per_batch)
+def fit(args: argparse.Namespace, plan: RunPlan, setup: ModelSetup, data: PackedData, model):
+    """The Trainer over the packed rows, from the checkpoint --resume found or from the start, in the precision
+    the weights were loaded in; returns the trainer and its result. Stops at the first loss or gradient that is
+    not finite (nonfinite.py), and refuses weights that are not finite at the end."""
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    loaded, tokenizer, ckpt = setup.loaded, setup.loaded.tokenizer, plan.checkpoints
+    rows_per_batch, pack_length = setup.rows_per_batch, setup.pack_length
+    steps_per_epoch = math.ceil(len(data.train_rows) / rows_per_batch)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.epochs)
     bf16 = loaded.dtype == torch.bfloat16 and loaded.device.startswith("cuda")
     fp16 = loaded.dtype == torch.float16 and loaded.device.startswith("cuda")
     ckpt.mkdir(parents=True, exist_ok=True)
-    (ckpt / RUN_FILE).write_text(json.dumps(identity, indent=2), encoding="utf-8")
+    (ckpt / RUN_FILE).write_text(json.dumps(plan.identity, indent=2), encoding="utf-8")
     launched_with = os.environ.get("ACCELERATE_MIXED_PRECISION")
     dtype_name = str(loaded.dtype).removeprefix("torch.")
     pin_mixed_precision("fp16" if fp16 else "bf16" if bf16 else "no", dtype_name)
@@ -368,7 +460,7 @@ def _train(args: argparse.Namespace) -> int:
         warmup_steps=int(args.warmup * total_steps),
         weight_decay=0.0,
         logging_steps=max(1, min(10, total_steps // 20 or 1)),
-        eval_strategy="steps" if args.eval_every > 0 and eval_rows else "no",
+        eval_strategy="steps" if args.eval_every > 0 and data.eval_rows else "no",
         eval_steps=args.eval_every or None,
         save_strategy="steps",
         save_steps=args.save_every,
@@ -383,7 +475,7 @@ def _train(args: argparse.Namespace) -> int:
         remove_unused_columns=False,
         label_names=["labels"],
         dataloader_pin_memory=loaded.device.startswith("cuda"),
-        gradient_checkpointing=False,  # set up above (peft needs it done before wrapping)
+        gradient_checkpointing=False,  # set up by wrap_with_lora (peft needs it done before wrapping)
         average_tokens_across_devices=True,
         # Its NaN check reads the loss back every step, stalling the GPU queue; and it would hide a
         # diverged run behind averages. nonfinite.py's watch stops such a run instead, at no such cost.
@@ -394,14 +486,14 @@ def _train(args: argparse.Namespace) -> int:
         causes=causes,
         model=model,
         args=training_args,
-        train_dataset=_RowDataset(train_rows),
-        eval_dataset=_RowDataset(eval_rows) if eval_rows else None,
-        data_collator=FlatCollator(tokenizer.pad_id, rows_per_batch * pack_length) if varlen
+        train_dataset=_RowDataset(data.train_rows),
+        eval_dataset=_RowDataset(data.eval_rows) if data.eval_rows else None,
+        data_collator=FlatCollator(tokenizer.pad_id, rows_per_batch * pack_length) if setup.varlen
         else PackedCollator(tokenizer.pad_id, pack_length),
     )
     if loaded.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    result = trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
     # The watch has seen every step; this is the last word, one read at the end: weights that are
     # not finite, however they got so, are never written as an adapter.
     bad = nonfinite_tensors({n: p for n, p in model.named_parameters() if p.requires_grad})
@@ -409,92 +501,44 @@ def _train(args: argparse.Namespace) -> int:
         raise NonFiniteError(f"after {result.global_step} steps the LoRA weights hold NaN or inf ({bad[0]}"
                              f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); no adapter was written. "
                              f"Likely causes: {'; '.join(causes)}")
-    tuned_eval_loss = token_weighted_loss(model, eval_rows, tokenizer.pad_id, rows_per_batch)
+    return trainer, result
+
+
+@dataclass
+class Scores:
+    """How the run went, measured on every process alike."""
+
+    base_eval_loss: float | None  # per reply token on the held-out rows; None without any
+    tuned_eval_loss: float | None
+    peak_gpu_memory_gb: float | None  # None off CUDA
+    rates: list[float]  # useful tokens per second of each process, rank 0 first, after the first steps
+    rates_overall: list[float]  # the same over every step
+
+
+def evaluate(trainer, model, setup: ModelSetup, data: PackedData, base_eval_loss: float | None) -> Scores:
+    """The tuned model's held-out loss (a loss that is not finite stops the run before anything is written),
+    the peak GPU memory, and every process's throughput. Every process calls it: the throughput is gathered
+    from all of them, before all but rank 0 leave."""
+    import torch
+
+    tuned_eval_loss = token_weighted_loss(model, data.eval_rows, setup.loaded.tokenizer.pad_id, setup.rows_per_batch)
     if tuned_eval_loss is not None and not math.isfinite(tuned_eval_loss):
         raise NonFiniteError(f"the tuned model's eval loss is {tuned_eval_loss} though its weights are finite; "
-                             f"no adapter was written. Likely causes: {'; '.join(causes)}")
-    peak_gb = torch.cuda.max_memory_allocated() / 1e9 if loaded.device.startswith("cuda") else None
+                             f"no adapter was written. Likely causes: {'; '.join(trainer.causes)}")
+    peak_gb = torch.cuda.max_memory_allocated() / 1e9 if setup.loaded.device.startswith("cuda") else None
     # Collectives: every rank takes part, before all but rank 0 leave.
     rates = trainer.tokens_per_second_by_process()
     rates_overall = trainer.tokens_per_second_by_process(steady=False)
+    return Scores(base_eval_loss=base_eval_loss, tuned_eval_loss=tuned_eval_loss, peak_gpu_memory_gb=peak_gb,
+                  rates=rates, rates_overall=rates_overall)
 
-    if not trainer.is_world_process_zero():
-        return 0
-    speakers = sorted({c["speaker"] for s in train_samples for c in s["context"]} | {persona})
-    style_eval = {}
-    if eval_samples and not args.no_style_eval and args.style_eval_samples > 0:
-        style_eval = _short_style_eval(loaded, model, persona, args, speakers, max_length, train_samples, eval_samples)
-    manifest = AdapterManifest(
-        base_model=base,
-        base_revision=loaded.revision,
-        base_shape=base_shape(model.get_base_model()),
-        tokenizer_fingerprint=tokenizer.fingerprint,
-        tokenizer_backend=tokenizer.backend,
-        newline=tokenizer.newline,
-        template=args.template,
-        persona=persona,
-        max_length=max_length,
-        generation=dict(DEFAULT_GENERATION),
-        dataset_fingerprint=fingerprint,
-        dataset={
-            "path": str(args.data),
-            "train_samples": len(encoded_train),
-            "eval_samples": len(encoded_eval),
-            "skipped_too_long": skipped_train + skipped_eval,
-            "train_rows": len(train_rows),
-            "useful_tokens_per_epoch": useful_tokens,
-        },
-        eval_loss={"base": base_eval_loss, "tuned": tuned_eval_loss},
-        style_eval=style_eval,
-        lora={"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout, "targets": targets},
-        training={
-            "steps": result.global_step,
-            "epochs": args.epochs if args.max_steps <= 0 else None,
-            "learning_rate": args.lr,
-            "pack_length": pack_length,
-            "rows_per_step": rows_per_batch,
-            "tokens_per_step": rows_per_batch * pack_length,
-            "quantize": args.quantize,
-            "dtype": str(loaded.dtype).removeprefix("torch."),
-            "device": loaded.device,
-            "mixed_precision": trainer.accelerator.mixed_precision,  # autocast over the weights' dtype, or "no"
-            "gradient_checkpointing": gradient_checkpointing,
-            "attention": attn,
-            "compiled": args.compile,
-            "seed": args.seed,
-            "train_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
-            # The whole run's: all processes summed (each trains on its own share of the rows).
-            "world_size": len(rates),
-            "useful_tokens_per_second": round(sum(rates), 1),
-            "useful_tokens_per_second_overall": round(sum(rates_overall), 1),
-            "useful_tokens_per_second_by_process": [round(r, 1) for r in rates],
-            "peak_gpu_memory_gb": round(peak_gb, 2) if peak_gb is not None else None,
-            "wall_seconds": round(time.time() - started, 1),
-        },
-        speakers=speakers,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        bunshin_version=bunshin_version(),
-    )
-    with atomic_directory(out, replace=args.force) as staging:
-        model.save_pretrained(str(staging))
-        manifest.write(staging / "bunshin.json")
-        if stats_path.is_file():
-            shutil.copyfile(stats_path, staging / "dataset_stats.json")
-    base_txt = f"{base_eval_loss:.4f}" if base_eval_loss is not None else "n/a"
-    tuned_txt = f"{tuned_eval_loss:.4f}" if tuned_eval_loss is not None else "n/a"
-    each = f" ({len(rates)} processes: {', '.join(f'{r:,.0f}' for r in rates)})" if len(rates) > 1 else ""
-    print(
-        f"{out}: {result.global_step} steps, eval loss {base_txt} (base) -> {tuned_txt} (tuned), "
-        f"{sum(rates):,.0f} useful tokens/s{each}"
-    )
-    if style_eval:
-        base_s, tuned_s = style_eval["systems"]["base"], style_eval["systems"]["tuned"]
-        print(
-            f"{out}: on {style_eval['samples']} held-out replies, style distance {base_s['style_distance']:.3f} (base) -> "
-            f"{tuned_s['style_distance']:.3f} (tuned), chrF {base_s['chrf']:.1f} -> {tuned_s['chrf']:.1f}; the full report: "
-            f"python -m finetune eval {out} --data {args.data} --out REPORT"
-        )
-    return 0
+
+def short_style_eval(args: argparse.Namespace, plan: RunPlan, setup: ModelSetup, model) -> dict:
+    """The short style eval of the manifest, unless skipped or there is nothing held out ({} then)."""
+    if not plan.eval_samples or args.no_style_eval or args.style_eval_samples <= 0:
+        return {}
+    return _short_style_eval(setup.loaded, model, plan.persona, args, plan.speakers, setup.max_length,
+                             plan.train_samples, plan.eval_samples)
 
 
 def _short_style_eval(loaded, model, persona, args, speakers, max_length, train_samples, eval_samples) -> dict:
@@ -511,6 +555,92 @@ def _short_style_eval(loaded, model, persona, args, speakers, max_length, train_
     report = build_report(chosen, {n: s.replies for n, s in made.items()}, {n: s.loss for n, s in made.items()},
                           train_samples, seed=args.seed)
     return short_summary(report)
+
+
+def build_manifest(args: argparse.Namespace, plan: RunPlan, setup: ModelSetup, data: PackedData, model,
+                   targets: list[str], trainer, result, scores: Scores, style_eval: dict, started: float) -> AdapterManifest:
+    """bunshin.json: what the bot needs to serve the adapter as trained, and how the run went."""
+    loaded, tokenizer = setup.loaded, setup.loaded.tokenizer
+    rates, peak_gb = scores.rates, scores.peak_gpu_memory_gb
+    return AdapterManifest(
+        base_model=plan.base,
+        base_revision=loaded.revision,
+        base_shape=base_shape(model.get_base_model()),
+        tokenizer_fingerprint=tokenizer.fingerprint,
+        tokenizer_backend=tokenizer.backend,
+        newline=tokenizer.newline,
+        template=args.template,
+        persona=plan.persona,
+        max_length=setup.max_length,
+        generation=dict(DEFAULT_GENERATION),
+        dataset_fingerprint=plan.fingerprint,
+        dataset={
+            "path": str(args.data),
+            "train_samples": data.train_samples,
+            "eval_samples": data.eval_samples,
+            "skipped_too_long": data.skipped_too_long,
+            "train_rows": len(data.train_rows),
+            "useful_tokens_per_epoch": data.useful_tokens,
+        },
+        eval_loss={"base": scores.base_eval_loss, "tuned": scores.tuned_eval_loss},
+        style_eval=style_eval,
+        lora={"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout, "targets": targets},
+        training={
+            "steps": result.global_step,
+            "epochs": args.epochs if args.max_steps <= 0 else None,
+            "learning_rate": args.lr,
+            "pack_length": setup.pack_length,
+            "rows_per_step": setup.rows_per_batch,
+            "tokens_per_step": setup.rows_per_batch * setup.pack_length,
+            "quantize": args.quantize,
+            "dtype": str(loaded.dtype).removeprefix("torch."),
+            "device": loaded.device,
+            "mixed_precision": trainer.accelerator.mixed_precision,  # autocast over the weights' dtype, or "no"
+            "gradient_checkpointing": setup.gradient_checkpointing,
+            "attention": setup.attn,
+            "compiled": args.compile,
+            "seed": args.seed,
+            "train_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
+            # The whole run's: all processes summed (each trains on its own share of the rows).
+            "world_size": len(rates),
+            "useful_tokens_per_second": round(sum(rates), 1),
+            "useful_tokens_per_second_overall": round(sum(scores.rates_overall), 1),
+            "useful_tokens_per_second_by_process": [round(r, 1) for r in rates],
+            "peak_gpu_memory_gb": round(peak_gb, 2) if peak_gb is not None else None,
+            "wall_seconds": round(time.time() - started, 1),
+        },
+        speakers=plan.speakers,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        bunshin_version=bunshin_version(),
+    )
+
+
+def write_adapter(args: argparse.Namespace, plan: RunPlan, model, manifest: AdapterManifest) -> None:
+    """The LoRA weights, bunshin.json and the dataset's stats, in a folder that appears whole or not at all."""
+    with atomic_directory(args.out, replace=args.force) as staging:
+        model.save_pretrained(str(staging))
+        manifest.write(staging / "bunshin.json")
+        if plan.stats_path.is_file():
+            shutil.copyfile(plan.stats_path, staging / "dataset_stats.json")
+
+
+def print_outcome(args: argparse.Namespace, result, scores: Scores, style_eval: dict) -> None:
+    """The run in a line (two with the style eval), on stdout for whoever launched it."""
+    out, rates = args.out, scores.rates
+    base_txt = f"{scores.base_eval_loss:.4f}" if scores.base_eval_loss is not None else "n/a"
+    tuned_txt = f"{scores.tuned_eval_loss:.4f}" if scores.tuned_eval_loss is not None else "n/a"
+    each = f" ({len(rates)} processes: {', '.join(f'{r:,.0f}' for r in rates)})" if len(rates) > 1 else ""
+    print(
+        f"{out}: {result.global_step} steps, eval loss {base_txt} (base) -> {tuned_txt} (tuned), "
+        f"{sum(rates):,.0f} useful tokens/s{each}"
+    )
+    if style_eval:
+        base_s, tuned_s = style_eval["systems"]["base"], style_eval["systems"]["tuned"]
+        print(
+            f"{out}: on {style_eval['samples']} held-out replies, style distance {base_s['style_distance']:.3f} (base) -> "
+            f"{tuned_s['style_distance']:.3f} (tuned), chrF {base_s['chrf']:.1f} -> {tuned_s['chrf']:.1f}; the full report: "
+            f"python -m finetune eval {out} --data {args.data} --out REPORT"
+        )
 
 
 class _RowDataset:
