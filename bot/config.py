@@ -125,10 +125,6 @@ class ModelConfig(_Section):
     max_concurrency: int = Field(64, gt=0, le=4096)  # requests in flight to the engine at once
     timeout_s: float = Field(60.0, gt=0, le=3600)  # to connect, and for each next piece of a reply
 
-    @property
-    def adapter_path(self) -> Path | None:
-        return Path(self.adapter) if self.adapter else None
-
     @model_validator(mode="after")
     def _remote_engine_named(self) -> ModelConfig:
         missing = [key for key in ("base_url", "remote_model") if self.engine == "openai" and not getattr(self, key)]
