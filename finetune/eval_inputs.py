@@ -33,27 +33,6 @@ class SystemFile:
     path: Path
 
 
-def read_samples(path: Path) -> list[dict]:
-    """Prepared samples from a JSONL file; an error names the line that is not one."""
-    if not path.is_file():
-        raise EvalError(f"{path}: no such file (run `python -m finetune prepare` first)")
-    samples = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                sample = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EvalError(f"{path}:{n}: not JSON ({exc.msg})") from None
-            if not (isinstance(sample, dict) and isinstance(sample.get("id"), str)
-                    and isinstance(sample.get("target"), str) and isinstance(sample.get("context"), list)
-                    and isinstance(sample.get("persona"), str)):
-                raise EvalError(f"{path}:{n}: not a prepared sample (needs id, persona, context and target)")
-            samples.append(sample)
-    return samples
-
-
 def choose_samples(samples: list[dict], count: int, seed: int) -> list[dict]:
     """`count` samples picked at random with `seed`, in their file order (all of them if fewer)."""
     if count <= 0 or count >= len(samples):

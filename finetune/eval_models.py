@@ -46,14 +46,15 @@ def base_and_tuned(
 ) -> dict[str, ModelSystem]:
     """{"base": ..., "tuned": ...} for a peft model; {"tuned": ...} for a model without a LoRA to switch off
     (a merged folder), since its base is not in memory."""
-    model = loaded.model
+    def one(name: str) -> ModelSystem:
+        return _one_system(name, loaded, persona, template, settings, speakers, max_length, samples, seed, slots,
+                           progress)
+
     systems: dict[str, ModelSystem] = {}
-    if hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
-            systems["base"] = _one_system("base", loaded, persona, template, settings, speakers, max_length,
-                                          samples, seed, slots, progress)
-    systems["tuned"] = _one_system("tuned", loaded, persona, template, settings, speakers, max_length,
-                                   samples, seed, slots, progress)
+    if hasattr(loaded.model, "disable_adapter"):
+        with loaded.model.disable_adapter():
+            systems["base"] = one("base")
+    systems["tuned"] = one("tuned")
     return systems
 
 

@@ -22,9 +22,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .atomic_output import atomic_directory, check_writable
-from .eval_inputs import EvalError, check_names, choose_samples, parse_system_arg, read_samples, read_system_replies
+from .dataset_files import DatasetError, read_samples
+from .eval_inputs import EvalError, check_names, choose_samples, parse_system_arg, read_system_replies
 from .manifest import bunshin_version
 from .model_loading import DTYPE_CHOICES, QUANTIZE_CHOICES, ModelLoadError
+from .progress import WatchedProgress
 
 BLIND_PAIRS = 40  # enough for a score that means something, few enough to finish over a coffee
 TRAIN_EVAL_SAMPLES = 64  # the short eval at the end of `finetune train`
@@ -53,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         return _evaluate(args)
-    except (EvalError, ModelLoadError, FileExistsError) as exc:
+    except (EvalError, DatasetError, ModelLoadError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -72,7 +74,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     check_names(systems_given, with_adapter=args.adapter is not None)
     if args.adapter is None and not systems_given:
         raise EvalError("nothing to score: give an ADAPTER, one or more --system NAME=FILE, or both")
-    every_sample = read_samples(args.data / "eval.jsonl")
+    every_sample = read_samples(args.data / "eval.jsonl", need_id=True)
     if not every_sample:
         raise EvalError(f"{args.data / 'eval.jsonl'} holds no samples (prepare puts the latest conversations there)")
     samples = choose_samples(every_sample, args.samples, args.seed)
@@ -240,14 +242,13 @@ def _rounded(value):
     return round(value, 4) if isinstance(value, float) else value
 
 
-class _Progress:
+class _Progress(WatchedProgress):
     """A rich progress bar per model system while replies are generated, when a person is watching."""
 
     def __init__(self, total: int, enabled: bool):
         self.total = total
-        self.bar = None
         self.tasks: dict[str, int] = {}
-        if enabled and sys.stderr.isatty():
+        if self.watching(enabled):
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -260,12 +261,3 @@ class _Progress:
         if name not in self.tasks:
             self.tasks[name] = self.bar.add_task(name, total=self.total, name=name)
         self.bar.advance(self.tasks[name], count)
-
-    def __enter__(self):
-        if self.bar is not None:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .atomic_output import atomic_directory, check_writable
 from .importers import ReadOptions, open_export
+from .progress import WatchedProgress
 from .records import ChatRecord
 from .redact import KINDS, Redactor
 from .samples import (
@@ -61,12 +62,11 @@ def _closest(name: str, candidates: Counter) -> str:
     return "closest names: " + ", ".join(close[:5])
 
 
-class _Progress:
+class _Progress(WatchedProgress):
     """A rich progress bar over the inputs' bytes, only when a person is watching stderr."""
 
     def __init__(self, paths: list[Path], enabled: bool):
-        self.bar = None
-        if not enabled or not sys.stderr.isatty():
+        if not self.watching(enabled):
             return
         total = sum(p.stat().st_size for p in paths if p.is_file())
         if total < 8 * 1024 * 1024:
@@ -90,15 +90,6 @@ class _Progress:
     def finish_file(self, path: Path) -> None:
         if self.bar is not None and path.is_file():
             self.done_before += path.stat().st_size
-
-    def __enter__(self):
-        if self.bar is not None:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def read_streams(args: argparse.Namespace, read_options: Callable) -> tuple[list[tuple[str, str, list[ChatRecord]]], list[dict]]:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from . import packed_attention
 from .atomic_output import atomic_directory
+from .dataset_files import DatasetError, read_samples
 from .manifest import DEFAULT_GENERATION, AdapterManifest, bunshin_version
 from .model_loading import (
     DEFAULT_BASE,
@@ -136,23 +137,6 @@ def checkpoint_dir(out: Path) -> Path:
     return out.with_name(out.name + ".checkpoints")
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise TrainError(f"{path}: no such file (run `python -m finetune prepare` first)")
-    samples = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                sample = json.loads(line)
-                sample["context"], sample["target"], sample["persona"]  # noqa: B018 - presence check
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise TrainError(f"{path}:{n}: not a prepared sample ({type(exc).__name__}: {exc})") from None
-            samples.append(sample)
-    return samples
-
-
 def encode_all(tokenizer, samples: list[dict], template: str, max_length: int) -> tuple[list, int]:
     encoded, skipped = [], 0
     for s in samples:
@@ -263,7 +247,7 @@ def _run_reporting(args: argparse.Namespace) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (TrainError, ModelLoadError, FileExistsError) as exc:
+    except (TrainError, DatasetError, ModelLoadError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
@@ -315,8 +299,8 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
         raise TrainError(f"{out} already exists (pass --force to replace it)")
     stats_path = args.data / "stats.json"
     dataset_stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.is_file() else {}
-    train_samples = read_jsonl(args.data / "train.jsonl")
-    eval_samples = read_jsonl(args.data / "eval.jsonl") if (args.data / "eval.jsonl").exists() else []
+    train_samples = read_samples(args.data / "train.jsonl")
+    eval_samples = read_samples(args.data / "eval.jsonl") if (args.data / "eval.jsonl").exists() else []
     if not train_samples:
         raise TrainError(f"{args.data}/train.jsonl holds no samples")
     personas = {s["persona"] for s in train_samples}

@@ -22,10 +22,10 @@ from .errors import ExportError
 from .line_shapes import NOTICE_ENDINGS as _NOTICE_ENDINGS
 from .line_shapes import SPECIAL_FIRST_CHARS as _SPECIAL_FIRST
 from .line_shapes import (
+    chat_title_before_first_day,
     classify,
     date_line,
     decide_day_month_order,
-    header_line,
     is_titled_item,
     message_time,
     parse_time,
@@ -173,13 +173,9 @@ def _parse(path: Path, options: ReadOptions) -> Iterator[ChatRecord]:
                 stamp_cache.clear()
                 continue
             if day is None:
-                header = header_line(line)
-                if header is not None:
-                    chat = header or chat
-                    continue
-                raise ExportError(
-                    path, i, f"expected the `[LINE] ...` header or a date line such as 2024/01/15(月), found {line[:60]!r}"
-                )
+                chat = chat_title_before_first_day(
+                    line, chat, path, i, "the `[LINE] ...` header or a date line such as 2024/01/15(月)")
+                continue
             if pending is not None and pending.kind == TEXT:
                 pending = pending._replace(text=pending.text + "\n" + line)
                 continue

@@ -15,10 +15,10 @@ from pathlib import Path
 from ..records import PLACEHOLDER, SYSTEM, TEXT, ChatRecord
 from .errors import ExportError
 from .line_shapes import (
+    chat_title_before_first_day,
     classify,
     date_line,
     decide_day_month_order,
-    header_line,
     is_pc_bare_placeholder,
     is_titled_item,
     message_time,
@@ -140,11 +140,8 @@ def _parse(lines: list[str], speakers: list[str], path: Path, options: ReadOptio
                     blank_run = 0
                     continue
         if day is None:
-            header = header_line(line)
-            if header is not None:
-                chat = header or chat
-                continue
-            raise ExportError(path, i, f"expected a date line such as 2019.12.23 月曜日, found {line[:60]!r}")
+            chat = chat_title_before_first_day(line, chat, path, i, "a date line such as 2019.12.23 月曜日")
+            continue
         # Typed text runs on unquoted; so can a titled item such as a shared note with its lines.
         if pending is not None and (pending[3] == TEXT or is_titled_item(pending[2])):
             pending[2] += "\n" * (blank_run + 1) + line

@@ -131,6 +131,17 @@ def header_line(line: str) -> str | None:
     return "" if SAVED_ON.match(line) or _SAVED_STAMP.search(line) else None
 
 
+def chat_title_before_first_day(line: str, chat: str, path, number: int, expected: str) -> str:
+    """Before the first date line only headers may appear: the chat's title after a header line (`chat`
+    kept for the saved-on line); any other line stops the import, saying what was `expected` there."""
+    from .errors import ExportError
+
+    header = header_line(line)
+    if header is None:
+        raise ExportError(path, number, f"expected {expected}, found {line[:60]!r}")
+    return header or chat
+
+
 def parse_time(text: str) -> int | None:
     """Minutes after midnight, or None. 午前/午後 use hours 0-11 (午後0:30 is 12:30); AM/PM and 上午/下午 12 is
     noon/midnight (下午12:30 is 12:30, 上午12:05 is 00:05)."""
