@@ -14,8 +14,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-# KINDS.md: NVLink multicast stays off on these hosts, also in processes started with their own
-# environment; setdefault keeps an operator's stricter values.
+# The shared GPU hosts this runs on require NVLink multicast off (a program using it can take the host's
+# GPUs down for everyone), also in processes started with their own environment; setdefault keeps an
+# operator's stricter values.
 NCCL_SAFE = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 

@@ -443,7 +443,7 @@ def load_config(path: Path) -> BotConfig:
     """Read and validate a config file (the daemon's, prepare's and train's alike); ConfigError names the file,
     `[section] key` and why, one line per problem. The project's one TOML reader."""
     try:
-        import tomllib
+        import tomllib  # novermin: guarded, tomli below on 3.10
     except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli package (pyproject depends on it there)
         import tomli as tomllib
     path = Path(path)
