@@ -22,8 +22,9 @@ from bot.steppers import BatchStepper, EngineStepper
 from bot.worker import Worker
 from finetune.generation import GenerationSettings, generate_replies
 from finetune.model_loading import LoadedModel, load_adapter, load_base_model
-from finetune.prompt import ChatTurn
+from finetune.prompt import ChatTurn, turn_end
 from finetune.tiny_model import build_tiny_model
+from tests.support.turn_taking_model import EXCHANGES, FRIEND, PERSONA, build_turn_taking_model, prompt_ids
 
 PROMPTS = ["こんにちは、元気?", "明日は雨らしいよ。どうする", "うん", "ねえねえ、昨日のテレビ見た?めっちゃ面白かった",
            "写真送るね", "今夜予約しておくね、7時でいい?"]
@@ -72,23 +73,41 @@ def test_greedy_tokens_equal_plain_generate_with_prompts_joining_mid_batch(loade
     assert sum(map(len, expected)) > 4 * len(prompts)  # replies long enough to overlap in the batch
 
 
-def test_reply_text_equals_generate_replies_when_a_reply_ends_at_another_speakers_turn(loaded):
-    tokenizer, model = loaded.tokenizer, loaded.model
+@pytest.fixture(scope="module")
+def turn_taker(tmp_path_factory):
+    """A tiny model trained to write 美咲's line and then 翔太's next turn (tests/support/turn_taking_model.py)."""
+    return build_turn_taking_model(tmp_path_factory.mktemp("turn-taker"))
+
+
+def test_reply_text_equals_generate_replies_when_a_reply_ends_at_another_speakers_turn(turn_taker):
+    tokenizer, model = turn_taker.tokenizer, turn_taker.model
     settings = GenerationSettings(max_new_tokens=40, temperature=0.0, repetition_penalty=1.0)
-    prompts = [tokenizer.encode(tokenizer.to_model_text(f"翔太: {p}\n美咲: ")) for p in PROMPTS]
-    speakers = ("翔太", "美咲")
+    prompts = [prompt_ids(tokenizer, message) for message, _ in EXCHANGES]
+    speakers = (FRIEND, PERSONA)
     expected = [generate_replies(model, tokenizer, [p], settings, speakers)[0] for p in prompts]
     engine = SlotEngine(model, tokenizer, settings, slots=3, length=128)
     waiting = list(enumerate(prompts))
-    replies = {}
+    finished = {}
     while waiting or engine.busy:
         while waiting and engine.free:
             key, prompt = waiting.pop(0)
             engine.add(key, prompt, speakers)
         for f in engine.step():
-            replies[f.key] = f.text
-    # The engine stops a row early at a turn; plain generation runs on and is cut afterwards.
-    assert [replies[i] for i in range(len(prompts))] == [text for text, _ in expected]
+            finished[f.key] = f
+    for i, (_, reply) in enumerate(EXCHANGES):
+        ids = finished[i].ids  # what the row generated, uncut
+        raw = tokenizer.from_model_text(tokenizer.decode(ids))
+        cut = turn_end(raw, speakers)
+        # The model wrote its line and began 翔太's turn...
+        assert cut is not None and raw[:cut] == reply and raw[cut:].startswith(f"\n{FRIEND}: "), raw
+        # ...and the row ended at the token that completed `\n翔太: ` (` ` alone, or a piece like ` おはよう`),
+        # not at max_new_tokens.
+        assert turn_end(tokenizer.from_model_text(tokenizer.decode(ids[:-1])), speakers) is None, raw
+        assert len(ids) < settings.max_new_tokens
+        # The text sent is cut before the turn, and is what plain generation gives once cut afterwards:
+        # generate() does not stop at a turn, so its row ran on to max_new_tokens.
+        assert finished[i].text == reply
+        assert expected[i] == (reply, settings.max_new_tokens)
 
 
 def test_sampling_with_top_k_1_or_a_tiny_top_p_is_greedy(loaded):
