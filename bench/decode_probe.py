@@ -26,13 +26,13 @@ def main() -> None:
 
     from bot.slot_engine import SlotEngine
     from finetune.generation import GenerationSettings
-    from finetune.model_loading import load_adapter
+    from finetune.model_loading import load_persona_model
 
     p = argparse.ArgumentParser()
     p.add_argument("--work", required=True, help="folder with base/ and adapter/ from generation_speed.py")
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    loaded = load_adapter(Path(args.work) / "adapter", merge=True)
+    loaded = load_persona_model(Path(args.work) / "adapter", merge=True)
     settings = GenerationSettings(max_new_tokens=64, temperature=0.0, repetition_penalty=1.0)
     engine = SlotEngine(loaded.model, loaded.tokenizer, settings, slots=32, length=512)
     result: dict = {"replay_ms": {}, "step_ms": {}}

@@ -468,7 +468,7 @@ def copy_bandwidth_gbs() -> float | None:
 def run_configuration(name: str, adapter: Path, args) -> dict:
     """One way of loading the model: its single-stream, first-token and concurrent-chat figures."""
     from bot.backend import ModelBackend
-    from finetune.model_loading import load_adapter
+    from finetune.model_loading import load_persona_model
     from finetune.prompt import encode_prompt
 
     quantize = {"bf16": "none", "bf16-compiled": "none", "8bit": "8bit", "4bit": "4bit"}[name]
@@ -477,13 +477,13 @@ def run_configuration(name: str, adapter: Path, args) -> dict:
     _free()
     rng = random.Random(0)
     if name == "bf16":
-        unmerged = load_adapter(adapter, quantize="none")
+        unmerged = load_persona_model(adapter, quantize="none")
         prompt = encode_prompt(unmerged.tokenizer, context_turns(rng, unmerged.tokenizer, CONTEXT_TOKENS), PERSONA, "transcript")
         result["prompt_tokens"] = len(prompt)
         result["plain_generate_unmerged"] = plain_single_stream(unmerged.model, unmerged.tokenizer, prompt)
         del unmerged
         _free()
-    loaded = load_adapter(adapter, quantize=quantize, merge=quantize == "none")
+    loaded = load_persona_model(adapter, quantize=quantize, merge=quantize == "none")
     result["adapter_merged"] = quantize == "none"
     result["weights_gb"] = round(sum(p.numel() * p.element_size() for p in loaded.model.parameters()) / 1e9, 2)
 

@@ -24,7 +24,7 @@ import signal
 import time
 from pathlib import Path
 
-from finetune.model_loading import ModelLoadError, load_adapter, load_base_model, read_adapter_manifest
+from finetune.model_loading import ModelLoadError, load_base_model, load_persona_model, read_adapter_manifest
 
 from .backend import ModelBackend
 from .config import ConfigError
@@ -50,7 +50,7 @@ def load_model(config):
         manifest = read_adapter_manifest(Path(m.adapter))
         # [model] base, when it differs from the manifest's, is where to load that same base from (a local copy).
         base = m.base if m.base and m.base != manifest.base_model else None
-        return load_adapter(Path(m.adapter), base=base, quantize=quantize, device=device, dtype=dtype,
+        return load_persona_model(Path(m.adapter), base=base, quantize=quantize, device=device, dtype=dtype,
                             merge=m.merge_adapter and quantize == "none")
     return load_base_model(m.base, revision=m.revision, quantize=quantize, device=device, dtype=dtype)
 
@@ -67,7 +67,7 @@ def configured_persona(config) -> str:
     return ""
 
 
-def build_adapters(config, persona: str, metrics) -> list:
+def build_platform_adapters(config, persona: str, metrics) -> list:
     """The enabled platform adapters (bot/messages.py says what one is)."""
     adapters = []
     if config.console.enabled:
@@ -111,7 +111,7 @@ async def run_daemon(config, stop: asyncio.Event | None = None, backend=None) ->
     tasks: list[asyncio.Task] = []
     try:
         try:
-            adapters = build_adapters(config, configured_persona(config), metrics)
+            adapters = build_platform_adapters(config, configured_persona(config), metrics)
         except NameCacheError as exc:
             raise SystemExit(f"error: {exc}") from None
         dispatcher = Dispatcher(inbox, {a.name: a for a in adapters}, metrics, max_active=config.queue.max_active)

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .model_loading import DTYPE_CHOICES, QUANTIZE_CHOICES, ModelLoadError, load_adapter
+from .model_loading import DTYPE_CHOICES, QUANTIZE_CHOICES, ModelLoadError, load_persona_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from .prompt import ChatTurn
 
     try:
-        loaded = load_adapter(args.adapter, base=args.base, quantize=args.quantize, device=args.device, dtype=args.dtype)
+        loaded = load_persona_model(args.adapter, base=args.base, quantize=args.quantize, device=args.device, dtype=args.dtype)
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -92,10 +92,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.adapter is not None:
         from .eval_models import base_and_tuned
         from .generation import GenerationSettings
-        from .model_loading import load_adapter
+        from .model_loading import load_persona_model
 
         loading = time.monotonic()
-        loaded = load_adapter(args.adapter, base=args.base, quantize=args.quantize, device=args.device, dtype=args.dtype)
+        loaded = load_persona_model(args.adapter, base=args.base, quantize=args.quantize, device=args.device, dtype=args.dtype)
         timing["load_s"] = round(time.monotonic() - loading, 2)
         manifest = loaded.manifest
         persona = samples[0]["persona"]

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .atomic_output import atomic_directory
-from .model_loading import DTYPE_CHOICES, ModelLoadError, load_adapter
+from .model_loading import DTYPE_CHOICES, ModelLoadError, load_persona_model
 from .tokenization import TOKENIZER_FILES, tokenizer_folder
 
 
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.out.exists() and not args.force:
             raise ModelLoadError(f"{args.out} already exists (pass --force to replace it)")
-        loaded = load_adapter(args.adapter, base=args.base, device=args.device, dtype=args.dtype)
+        loaded = load_persona_model(args.adapter, base=args.base, device=args.device, dtype=args.dtype)
         if loaded.manifest.merged:
             raise ModelLoadError(f"{args.adapter} is already a merged model")
         merged = loaded.model.merge_and_unload()

@@ -222,7 +222,7 @@ def read_adapter_manifest(adapter_dir: Path) -> AdapterManifest:
         raise ModelLoadError(f"adapter {adapter_dir}: {exc}") from None
 
 
-def load_adapter(
+def load_persona_model(
     adapter_dir: Path,
     *,
     base: str | None = None,
@@ -231,7 +231,8 @@ def load_adapter(
     dtype: str | None = None,
     merge: bool = False,
 ) -> LoadedModel:
-    """Base model + LoRA adapter for generation. `base` overrides where the base is loaded from
+    """The persona model for generation: a LoRA adapter folder on its base model (or a merged folder).
+    Named so beside the bot's *platform* adapters (Discord, LINE). `base` overrides where the base is loaded from
     (a local copy), but it must be the same model: the tokenizer fingerprint is checked.
     `merge` folds the LoRA weights into the base weights (one persona served: no LoRA cost per
     token); it needs unquantized weights."""

@@ -37,7 +37,7 @@ from bot.router import ERROR_REPLY
 from bot.worker import GeneratedReply, GenerationFailed, Worker
 from finetune.generation import reply_text
 from finetune.manifest import AdapterManifest
-from finetune.model_loading import load_adapter
+from finetune.model_loading import load_persona_model
 from finetune.prompt import ChatTurn, turn_end
 from finetune.tiny_model import build_tiny_model
 from finetune.tokenization import load_tokenizer
@@ -82,7 +82,7 @@ def tokenizer(merged):
 @pytest.fixture(scope="module")
 def local(merged) -> ModelBackend:
     """The local engines' prompting of the same folder, weights loaded: the reference."""
-    return ModelBackend.from_loaded(load_adapter(merged, device="cpu"), engine="plain")
+    return ModelBackend.from_loaded(load_persona_model(merged, device="cpu"), engine="plain")
 
 
 # --------------------------------------------------------------------------- the fake engine

@@ -21,7 +21,7 @@ from bot.slot_engine import SlotEngine
 from bot.steppers import BatchStepper, EngineStepper
 from bot.worker import Worker
 from finetune.generation import GenerationSettings, generate_replies
-from finetune.model_loading import LoadedModel, load_adapter, load_base_model
+from finetune.model_loading import LoadedModel, load_base_model, load_persona_model
 from finetune.prompt import ChatTurn, turn_end
 from finetune.tiny_model import build_tiny_model
 from tests.support.turn_taking_model import EXCHANGES, FRIEND, PERSONA, build_turn_taking_model, prompt_ids
@@ -198,8 +198,8 @@ def test_a_merged_adapter_gives_the_unmerged_adapters_greedy_tokens(tmp_path):
                     tokenizer_fingerprint=base.tokenizer.fingerprint, tokenizer_backend="sentencepiece",
                     newline="<NL>", template="transcript", persona="美咲", max_length=128,
                     speakers=["美咲", "翔太"]).write(adapter_dir / "bunshin.json")
-    unmerged = load_adapter(adapter_dir, device="cpu")
-    merged = load_adapter(adapter_dir, device="cpu", merge=True)
+    unmerged = load_persona_model(adapter_dir, device="cpu")
+    merged = load_persona_model(adapter_dir, device="cpu", merge=True)
     assert not hasattr(merged.model, "peft_config")  # a plain transformers model now: no LoRA per token
     prompt = base.tokenizer.encode(base.tokenizer.to_model_text("翔太: 明日ひま?\n美咲: "))
     with torch.no_grad():

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from finetune.generation import fit_context
 from finetune.manifest import DEFAULT_GENERATION
-from finetune.model_loading import ModelLoadError, load_adapter, load_base_model
+from finetune.model_loading import ModelLoadError, load_base_model, load_persona_model
 from finetune.packing import FlatCollator, PackedCollator, pack_samples
 from finetune.prompt import (
     IGNORE_INDEX,
@@ -378,7 +378,7 @@ def test_an_adapter_is_refused_on_another_base_model(adapter, tiny, other_tiny):
     assert "Traceback" not in proc.stderr and f"{PERSONA}:" not in proc.stdout
 
     with pytest.raises(ModelLoadError, match="refusing to mix them"):
-        load_adapter(adapter, base=str(other_tiny), device="cpu")
+        load_persona_model(adapter, base=str(other_tiny), device="cpu")
 
 
 # --------------------------------------------------------------------------- 6. broken adapter folders
@@ -452,8 +452,8 @@ def test_merged_model_chats_and_computes_what_base_plus_adapter_does(merged, ada
     assert proc.returncode == 0, proc.stderr
     assert [line for line in proc.stdout.splitlines() if line.startswith(f"{PERSONA}: ")]
 
-    with_adapter = load_adapter(adapter, device="cpu")
-    folded = load_adapter(merged, device="cpu")
+    with_adapter = load_persona_model(adapter, device="cpu")
+    folded = load_persona_model(merged, device="cpu")
     plain = load_base_model(str(tiny), device="cpu")
     assert folded.tokenizer.fingerprint == with_adapter.tokenizer.fingerprint
     prompt = torch.tensor([encode_prompt(with_adapter.tokenizer, [ChatTurn("健太", "映画いかない？\n土曜とか")], PERSONA,
@@ -503,7 +503,7 @@ def test_instruction_template_renders_its_headers_and_trains(tmp_path, tiny, dat
     manifest = json.loads((out / "bunshin.json").read_text(encoding="utf-8"))
     assert manifest["template"] == "instruction" and manifest["training"]["steps"] == 3
     assert all(math.isfinite(manifest["eval_loss"][k]) for k in ("base", "tuned"))
-    assert load_adapter(out, device="cpu").manifest.template == "instruction"  # chat would render with it
+    assert load_persona_model(out, device="cpu").manifest.template == "instruction"  # chat would render with it
 
 
 def test_a_reply_ends_where_the_model_starts_another_turn():
@@ -569,11 +569,11 @@ def test_load_adapter_refuses_non_finite_weights_naming_the_file(tmp_path, adapt
     poisoned = shutil.copytree(adapter, tmp_path / "poisoned")
     name = _poison(poisoned / "adapter_model.safetensors", value)
     with pytest.raises(ModelLoadError) as refused:
-        load_adapter(poisoned, device="cpu")
+        load_persona_model(poisoned, device="cpu")
     message = str(refused.value)
     assert str(poisoned / "adapter_model.safetensors") in message and name in message
     assert "NaN or inf" in message and "\n" not in message
-    load_adapter(adapter, device="cpu")  # the control: the untouched adapter loads
+    load_persona_model(adapter, device="cpu")  # the control: the untouched adapter loads
 
 
 def test_chat_and_the_bot_refuse_an_adapter_with_nan_weights(tmp_path, adapter):
@@ -607,7 +607,7 @@ def test_a_merged_model_with_nan_weights_is_refused(tmp_path, merged):
     poisoned = shutil.copytree(merged, tmp_path / "merged-poisoned")
     name = _poison(poisoned / "model.safetensors", float("nan"))
     with pytest.raises(ModelLoadError, match="NaN or inf") as refused:
-        load_adapter(poisoned, device="cpu")
+        load_persona_model(poisoned, device="cpu")
     assert str(poisoned) in str(refused.value) and name in str(refused.value)
 
 
