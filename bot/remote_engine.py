@@ -51,7 +51,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from finetune.generation import _CONTROL, reply_text
+from finetune.generation import reply_from_model_text, reply_text
 from finetune.model_loading import LoadedModel, ModelLoadError, read_adapter_manifest
 from finetune.prompt import ChatTurn, turn_end
 from finetune.tokenization import load_tokenizer, tokenizer_folder
@@ -315,9 +315,7 @@ class RemoteClient:
         with self._lock:
             if ids is not None:
                 return reply_text(self.tokenizer, ids, speakers)
-            text = _CONTROL.sub("", self.tokenizer.from_model_text(text))
-        cut = turn_end(text, speakers)
-        return (text[:cut] if cut is not None else text).strip()
+            return reply_from_model_text(self.tokenizer, text, speakers)
 
     def decoded(self, ids: list[int]) -> str:
         with self._lock:

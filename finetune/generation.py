@@ -93,8 +93,13 @@ def generate_replies(
 
 def reply_text(tokenizer, ids: list[int], speakers: Sequence[str] = ()) -> str:
     """The reply a chat partner sees for generated `ids` (EOS already removed)."""
+    return reply_from_model_text(tokenizer, tokenizer.decode(ids), speakers)
+
+
+def reply_from_model_text(tokenizer, model_text: str, speakers: Sequence[str] = ()) -> str:
+    """The reply a chat partner sees for generated text in the model's spelling (an engine that returns text)."""
     # Control characters (byte-fallback debris of a half-trained model) are never worth sending.
-    text = _CONTROL.sub("", tokenizer.from_model_text(tokenizer.decode(ids)))
+    text = _CONTROL.sub("", tokenizer.from_model_text(model_text))
     cut = turn_end(text, speakers)
     if cut is not None:
         text = text[:cut]
