@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from bot.api import read_capped
 from bot.inbox import InboxEntry, InboxError
 from bot.messages import Accept, IncomingMessage, RecordAttempt
 from bot.names import NameCache, apart_from_persona
@@ -269,7 +270,7 @@ class LineAdapter:
 
     async def webhook(self, request: web.Request) -> web.Response:
         received, received_at = time.monotonic(), time.time()
-        body = await _read_capped(request, MAX_BODY_BYTES)
+        body = await read_capped(request, MAX_BODY_BYTES)
         if body is None:
             log.warning("webhook from %s rejected: body over %d bytes", request.remote, MAX_BODY_BYTES)
             return web.Response(status=413, text=f"body over {MAX_BODY_BYTES} bytes")
@@ -496,15 +497,3 @@ class LineAdapter:
         await self._api.close()
         self._names.close()
 
-
-async def _read_capped(request: web.Request, limit: int) -> bytes | None:
-    """The request body, or None once it passes `limit` bytes (checked while reading: a chunked body has no
-    Content-Length to check first)."""
-    if request.content_length is not None and request.content_length > limit:
-        return None
-    body = bytearray()
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        body += chunk
-        if len(body) > limit:
-            return None
-    return bytes(body)

@@ -288,7 +288,7 @@ class OpenAIApi:
             self.metrics.messages.labels(outcome="rate_limited").inc()
             raise ApiError(429, f"over [api] requests_per_minute ({self.api.requests_per_minute:g}) for {client}",
                            kind="requests", code="rate_limit_exceeded", retry_after=60 / self.api.requests_per_minute)
-        body = await _read_capped(request, self.api.max_body_bytes)
+        body = await read_capped(request, self.api.max_body_bytes)
         if body is None:
             raise ApiError(413, f"the body is over [api] max_body_bytes ({self.api.max_body_bytes} bytes)")
         chat = parse_chat_request(body, self.persona, self.config)
@@ -384,9 +384,9 @@ class OpenAIApi:
                      "[generation]; responses name what was ignored in %s)", ", ".join(sorted(new)), IGNORED_HEADER)
 
 
-async def _read_capped(request: web.Request, limit: int) -> bytes | None:
+async def read_capped(request: web.Request, limit: int) -> bytes | None:
     """The request body, or None once it passes `limit` bytes (checked while reading: a chunked body has no
-    Content-Length to check first)."""
+    Content-Length to check first). LINE's webhook reads its body with it too."""
     if request.content_length is not None and request.content_length > limit:
         return None
     body = bytearray()
