@@ -39,10 +39,10 @@ _MIN_LENGTH_BUCKET = 64
 # Of the GPU memory free once the model is loaded, what the KV cache may take; the rest is for the
 # activations of the largest prefill, the CUDA graphs' memory pool and the allocator's slack.
 CACHE_SHARE_OF_FREE = 0.6
-_MAX_PREFILL_ROWS = 8
+_MAX_PREFILL_ROWS = 8  # prompts prefilled in one forward pass (more wait for the next step)
 # New prompts wait at most this many decode steps (or until this many are waiting) to share a prefill step.
 PREFILL_GROUP = 4
-PREFILL_WAIT_STEPS = 4  # prompts prefilled in one forward pass (more wait for the next step)
+PREFILL_WAIT_STEPS = 4
 # New tokens of a prompt that extends a slot's cached prefix (a follow-up message: the reply and a new
 # turn), in captured buckets; a longer extension is computed without a graph.
 _EXTEND_BUCKETS = (32, 64, 256)
