@@ -278,7 +278,6 @@ class SlotEngine:
         if order != list(range(len(rows))):
             logits = logits[torch.tensor([order.index(i) for i in range(len(rows))], device=logits.device)]
         for row, placement in zip(rows, placements, strict=True):
-            self._cached[placement.slot] = list(row.prompt)
             self.reused_tokens += placement.reused
             self.prefilled_tokens += len(row.prompt) - placement.reused
         dev = self.device
