@@ -343,10 +343,11 @@ class SlotEngine:
         for i, (row, placement) in enumerate(zip(rows, placements, strict=True)):
             start, end = placement.reused, len(row.prompt)
             ids_np[i, : end - start] = row.prompt[start:end]
-            # Padding past the prompt writes where decoding will overwrite before any query sees it.
-            pos_np[i] = [min(start + j, self.length - 1) for j in range(width)]
+            pos_np[i] += start
             rows_np[i] = placement.slot
             last[i] = end - start - 1
+        # Padding past the prompt writes where decoding will overwrite before any query sees it.
+        pos_np.clip(None, self.length - 1, out=pos_np)
         if graphed:
             self._e_ids[:count, :width].copy_(host[0], non_blocking=True)
             self._e_pos[:count, :width].copy_(host[1], non_blocking=True)
