@@ -36,7 +36,9 @@ from finetune.records import KINDS, TEXT, ChatRecord
 SCHEMA_VERSION = 2  # 2: turns.event, for idempotent appends
 BUSY_TIMEOUT_S = 5.0  # how long a write waits for another process's lock before it fails
 
-_SCHEMA = """
+# The unique index that makes an append with an `event` key idempotent (ON CONFLICT in append()).
+_EVENT_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS turns_by_event ON turns (event) WHERE event IS NOT NULL"
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS turns (
     id INTEGER PRIMARY KEY,
     chat_key TEXT NOT NULL,
@@ -47,12 +49,12 @@ CREATE TABLE IF NOT EXISTS turns (
     event TEXT
 );
 CREATE INDEX IF NOT EXISTS turns_by_chat ON turns (chat_key, id);
-CREATE UNIQUE INDEX IF NOT EXISTS turns_by_event ON turns (event) WHERE event IS NOT NULL;
+{_EVENT_INDEX};
 """
 # A version 1 file (no event keys) gains the column and its index; its turns keep event NULL.
 _MIGRATE_FROM_1 = (
     "ALTER TABLE turns ADD COLUMN event TEXT",
-    "CREATE UNIQUE INDEX IF NOT EXISTS turns_by_event ON turns (event) WHERE event IS NOT NULL",
+    _EVENT_INDEX,
 )
 
 
