@@ -34,9 +34,9 @@ RATE_LIMIT_REPLY = "ちょっと速すぎるかも。少し待ってから送っ
 RESET_REPLY = "会話の記憶をリセットしました。"
 NOT_ADMIN_REPLY = "記憶のリセットは管理者だけができます。"
 STOPPING_REPLY = "いまは停止中です。あとでまた話しかけてね。"
+WINDOW_SLACK = 8  # the prompt remembers between max_turns - 8 and max_turns turns
 # Under overload every message is answered busy: one log line per message would add work exactly when the
 # bot has none to spare. A line at most this often counts them (the metric counts each).
-WINDOW_SLACK = 8  # the prompt remembers between max_turns - 8 and max_turns turns
 BUSY_LOG_EVERY_S = 10.0
 
 
