@@ -46,8 +46,10 @@ def base_and_tuned(
 ) -> dict[str, ModelSystem]:
     """{"base": ..., "tuned": ...} for a peft model; {"tuned": ...} for a model without a LoRA to switch off
     (a merged folder), since its base is not in memory."""
+    rows = loss_rows(loaded, samples, template, max_length)  # one tokenizer: the same rows serve both systems
+
     def one(name: str) -> ModelSystem:
-        return _one_system(name, loaded, persona, template, settings, speakers, max_length, samples, seed, slots,
+        return _one_system(name, loaded, rows, persona, template, settings, speakers, max_length, samples, seed, slots,
                            progress)
 
     systems: dict[str, ModelSystem] = {}
@@ -58,12 +60,12 @@ def base_and_tuned(
     return systems
 
 
-def _one_system(name, loaded, persona, template, settings, speakers, max_length, samples, seed, slots,
+def _one_system(name, loaded, rows, persona, template, settings, speakers, max_length, samples, seed, slots,
                 progress) -> ModelSystem:
     import time
 
     started = time.monotonic()
-    loss = reply_loss(loaded, samples, template, max_length)
+    loss = reply_loss(loaded, rows)
     replies = generate(loaded, persona=persona, template=template, settings=settings, speakers=speakers,
                        max_length=max_length, contexts=[s["context"] for s in samples], seed=seed, slots=slots,
                        on_reply=(lambda: progress(name, 1)) if progress else None)
@@ -117,17 +119,23 @@ def generate(
     return [r or "" for r in replies]
 
 
-def reply_loss(loaded: LoadedModel, samples: list[dict], template: str, max_length: int) -> float | None:
-    """Mean loss per reply token of the samples' real replies (prompt tokens are not scored)."""
+def loss_rows(loaded: LoadedModel, samples: list[dict], template: str, max_length: int) -> list:
+    """The samples' real replies encoded as training encodes them (prompt tokens unscored), packed into rows."""
     from .packing import pack_samples
-    from .train import encode_all, token_weighted_loss
+    from .train import encode_all
 
     encoded, _ = encode_all(loaded.tokenizer, samples, template, max_length)
     if not encoded:
-        return None
+        return []
     context = getattr(loaded.model.config, "max_position_embeddings", None) or 2048
     pack_length = max(max_length, min(2048, context))
-    rows = pack_samples(encoded, pack_length)
+    return pack_samples(encoded, pack_length)
+
+
+def reply_loss(loaded: LoadedModel, rows: list) -> float | None:
+    """Mean loss per reply token of the real replies in `rows` (loss_rows'); None without any."""
+    from .train import token_weighted_loss
+
     rows_per_batch = 4 if loaded.device.startswith("cuda") else 1
     return token_weighted_loss(loaded.model, rows, loaded.tokenizer.pad_id, rows_per_batch)
 
