@@ -13,6 +13,7 @@ import re
 from datetime import date, datetime, timedelta
 
 from ..records import PLACEHOLDER, SYSTEM, TEXT
+from .errors import ExportError
 
 # `[LINE] 佐藤とのトーク履歴`, `[LINE] 山の会のトーク履歴` (greedy: group names contain の),
 # `[LINE] 旅行のトーク`, `[LINE] Chat history with Yui`, `[LINE] Chat history in 旅行`.
@@ -137,8 +138,6 @@ def header_line(line: str) -> str | None:
 def chat_title_before_first_day(line: str, chat: str, path, number: int, expected: str) -> str:
     """Before the first date line only headers may appear: the chat's title after a header line (`chat`
     kept for the saved-on line); any other line stops the import, saying what was `expected` there."""
-    from .errors import ExportError
-
     header = header_line(line)
     if header is None:
         raise ExportError(path, number, f"expected {expected}, found {line[:60]!r}")
