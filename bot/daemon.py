@@ -110,8 +110,9 @@ async def run_daemon(config, stop: asyncio.Event | None = None, backend=None) ->
     stopping = stop or asyncio.Event()
     tasks: list[asyncio.Task] = []
     try:
+        persona = configured_persona(config)  # the manifest is read once, for the platform adapters and the API
         try:
-            adapters = build_platform_adapters(config, configured_persona(config), metrics)
+            adapters = build_platform_adapters(config, persona, metrics)
         except NameCacheError as exc:
             raise SystemExit(f"error: {exc}") from None
         dispatcher = Dispatcher(inbox, {a.name: a for a in adapters}, metrics, max_active=config.queue.max_active)
@@ -129,7 +130,7 @@ async def run_daemon(config, stop: asyncio.Event | None = None, backend=None) ->
             from .api import OpenAIApi
 
             try:  # the key is read once, now: a missing variable stops the start, naming it
-                api = OpenAIApi(config, metrics, configured_persona(config), config.secret(config.api.key_env))
+                api = OpenAIApi(config, metrics, persona, config.secret(config.api.key_env))
             except ConfigError as exc:
                 raise SystemExit(f"error: {exc}") from None
         if config.server.enabled:
