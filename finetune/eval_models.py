@@ -43,10 +43,12 @@ def base_and_tuned(
     seed: int,
     slots: int = 32,
     progress: Callable[[str, int], None] | None = None,
+    with_loss: bool = True,
 ) -> dict[str, ModelSystem]:
     """{"base": ..., "tuned": ...} for a peft model; {"tuned": ...} for a model without a LoRA to switch off
-    (a merged folder), since its base is not in memory."""
-    rows = loss_rows(loaded, samples, template, max_length)  # one tokenizer: the same rows serve both systems
+    (a merged folder), since its base is not in memory. `with_loss` False: no loss is computed (None)."""
+    # One tokenizer: the same rows serve both systems.
+    rows = loss_rows(loaded, samples, template, max_length) if with_loss else []
 
     def one(name: str) -> ModelSystem:
         return _one_system(name, loaded, rows, persona, template, settings, speakers, max_length, samples, seed, slots,

@@ -533,11 +533,11 @@ def _short_style_eval(loaded, model, persona, args, speakers, max_length, train_
     from .generation import GenerationSettings
 
     chosen = choose_samples(eval_samples, args.style_eval_samples, args.seed)
+    # No loss: the summary keeps none, and the manifest has both losses on all of eval.jsonl already.
     made = base_and_tuned(with_model(loaded, model), persona=persona, template=args.template,
                           settings=GenerationSettings.from_manifest(DEFAULT_GENERATION), speakers=speakers,
-                          max_length=max_length, samples=chosen, seed=args.seed)
-    report = build_report(chosen, {n: s.replies for n, s in made.items()}, {n: s.loss for n, s in made.items()},
-                          train_samples, seed=args.seed)
+                          max_length=max_length, samples=chosen, seed=args.seed, with_loss=False)
+    report = build_report(chosen, {n: s.replies for n, s in made.items()}, {}, train_samples, seed=args.seed)
     return short_summary(report)
 
 
