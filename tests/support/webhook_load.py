@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from adapters.line import PUSH_KEYS
 from bot.router import BUSY_REPLY, RATE_LIMIT_REPLY
 from finetune.prompt import ChatTurn
 
-from .fake_line_api import PUSH, REPLY, Delivery, FakeLineApi, Fault, sign, text_event, webhook_bytes
+from .fake_line_api import PUSH, REPLY, Delivery, Fault, sign, text_event, webhook_bytes
 
 
 class FixedLatencyBackend:
@@ -58,10 +59,6 @@ class PlannedEvent:
         body = webhook_bytes(text_event(self.text, user=self.user, token=self.token, timestamp_ms=stamp,
                                         event_id=self.event_id or None))
         return body, sign(body, secret)
-
-
-# The namespace adapters/line.py derives its X-Line-Retry-Keys in (PUSH_KEYS), from the inbox entry's key.
-PUSH_KEYS = uuid.UUID("6f1c1d0e-8a4b-4f1e-9a53-6b756e736869")
 
 
 def push_retry_key(event_id: str) -> str:
@@ -164,15 +161,23 @@ async def send_at_rate(url: str, events: list[PlannedEvent], secret: str, *, max
     return result
 
 
-def deliveries_per_event(events: list[PlannedEvent], fake, planned: list[PlannedEvent] | None = None
-                         ) -> tuple[list[list[Delivery]], int]:
-    """For each of `events`, the deliveries the fake made for it, and how many pushes no event could be named
-    for. A reply is its token's event; a push is the event whose `push_retry_key` it carries, else the one
-    event its chat sent among `planned` (all the events of the run; `events` when None)."""
-    planned = events if planned is None else planned
+def _push_owners(planned: list[PlannedEvent]) -> tuple[dict[str, str], dict[str, str]]:
+    """Whose answer a push can be, as event tokens: by the `push_retry_key` it carries, and by its chat where
+    that chat sent only one of `planned`."""
     per_chat = Counter(e.user for e in planned)
     by_key = {push_retry_key(e.event_id): e.token for e in planned if e.event_id}
     by_lone_chat = {e.user: e.token for e in planned if per_chat[e.user] == 1}
+    return by_key, by_lone_chat
+
+
+def deliveries_per_event(events: list[PlannedEvent], fake, planned: list[PlannedEvent] | None = None, *,
+                         owners: tuple[dict[str, str], dict[str, str]] | None = None
+                         ) -> tuple[list[list[Delivery]], int]:
+    """For each of `events`, the deliveries the fake made for it, and how many pushes no event could be named
+    for. A reply is its token's event; a push is the event whose `push_retry_key` it carries, else the one
+    event its chat sent among `planned` (all the events of the run; `events` when None). `owners`:
+    `_push_owners(planned)`, for a caller that counts again and again."""
+    by_key, by_lone_chat = owners or _push_owners(events if planned is None else planned)
     by_token: dict[str, list[Delivery]] = {}
     unattributed = 0
     for d in fake.deliveries:
@@ -189,13 +194,11 @@ def deliveries_per_event(events: list[PlannedEvent], fake, planned: list[Planned
 
 def push_attribution(fake, planned: list[PlannedEvent]) -> dict:
     """How the pushes at the fake were named to events: by their derived retry key, by a one-event chat, or not."""
-    per_chat = Counter(e.user for e in planned)
-    keys = {push_retry_key(e.event_id) for e in planned if e.event_id}
-    lone = {e.user for e in planned if per_chat[e.user] == 1}
+    by_key, by_lone_chat = _push_owners(planned)
     out = Counter()
     for d in fake.deliveries:
         if d.path != REPLY:
-            out["by_key" if d.retry_key in keys else "by_lone_chat" if d.to in lone else "unattributed"] += 1
+            out["by_key" if d.retry_key in by_key else "by_lone_chat" if d.to in by_lone_chat else "unattributed"] += 1
     return {k: out[k] for k in ("by_key", "by_lone_chat", "unattributed")}
 
 
@@ -207,22 +210,18 @@ def attribute_answers(events: list[PlannedEvent], fake, planned: list[PlannedEve
     return [[d.texts for d in ds] for ds in per_event], unattributed
 
 
-def answers_per_event(events: list[PlannedEvent], fake: FakeLineApi) -> list[list[list[str]]]:
-    """For each event, the message lists the fake delivered for it (see `attribute_answers`)."""
-    return attribute_answers(events, fake)[0]
-
-
 async def wait_until_answered(events: list[PlannedEvent], fake, *, quiet_s: float = 5.0,
                               limit_s: float = 120.0, refresh=None, poll_s: float = 0.1,
                               planned: list[PlannedEvent] | None = None) -> float:
     """Waits until every event has an answer at the fake, or nothing new arrived for `quiet_s` (some are lost);
     returns the seconds waited. `refresh` (a coroutine function) brings a FakeLineMirror up to date first."""
+    owners = _push_owners(events if planned is None else planned)  # once: a uuid5 per event, ~30 ms for 12,000
     started = last_change = time.monotonic()
     seen = -1
     while time.monotonic() - started < limit_s:
         if refresh is not None:
             await refresh()
-        answered = sum(1 for a in attribute_answers(events, fake, planned)[0] if a)
+        answered = sum(1 for ds in deliveries_per_event(events, fake, owners=owners)[0] if ds)
         if answered == len(events) and fake.in_flight == 0:
             break
         count = len(fake.calls)
