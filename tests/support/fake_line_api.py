@@ -108,11 +108,18 @@ class FakeLineApi:
     # --- the API ---
 
     async def handle(self, request: web.Request) -> web.Response:
+        return await self._in_flight(self._answer, request)
+
+    async def profile(self, request: web.Request) -> web.Response:
+        return await self._in_flight(self._profile, request)
+
+    async def _in_flight(self, answer, request: web.Request) -> web.Response:
+        """Every call, message or profile: counted in `in_flight` while open, and `latency_s` late."""
         self.in_flight += 1
         try:
             if self.latency_s:
                 await asyncio.sleep(self.latency_s)
-            return await self._answer(request)
+            return await answer(request)
         finally:
             self.in_flight -= 1
 
@@ -162,15 +169,6 @@ class FakeLineApi:
             return answer(fault.status, {"message": "fake failure"}, headers)
         return answer(200, {"sentMessages": [{"id": str(uuid.uuid4().int)[:18], "quoteToken": "q"}
                                              for _ in body["messages"]]})
-
-    async def profile(self, request: web.Request) -> web.Response:
-        self.in_flight += 1
-        try:
-            if self.latency_s:
-                await asyncio.sleep(self.latency_s)
-            return await self._profile(request)
-        finally:
-            self.in_flight -= 1
 
     async def _profile(self, request: web.Request) -> web.Response:
         route = request.match_info.route.resource.canonical
