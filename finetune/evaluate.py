@@ -29,7 +29,6 @@ from .model_loading import DTYPE_CHOICES, QUANTIZE_CHOICES, ModelLoadError
 from .progress import WatchedProgress
 
 BLIND_PAIRS = 40  # enough for a score that means something, few enough to finish over a coffee
-TRAIN_EVAL_SAMPLES = 64  # the short eval at the end of `finetune train`
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -198,12 +197,12 @@ def write_report(out: Path, report: dict, replies: dict[str, list[str]], ids: li
 
 
 def short_summary(report: dict) -> dict:
-    """What `train` keeps in the adapter manifest: the headline figures per system."""
+    """What `train` keeps in the adapter manifest: the headline figures per system (rounded by score_systems)."""
     keep = ("style_distance", "chrf", "stock_rate")
     return {
         "samples": report["samples"],
         "seed": report["seed"],
-        "systems": {name: {k: _rounded(s.get(k)) for k in keep} | {"verbatim_rate": _rounded(s["verbatim"]["rate"])}
+        "systems": {name: {k: s.get(k) for k in keep} | {"verbatim_rate": s["verbatim"]["rate"]}
                     for name, s in report["systems"].items()},
     }
 
@@ -236,10 +235,6 @@ def _dataset_info(folder: Path, samples: list[dict], total: int) -> dict:
         except (OSError, json.JSONDecodeError):
             fingerprint = ""
     return {"path": str(folder), "persona": samples[0]["persona"], "fingerprint": fingerprint, "eval_samples": total}
-
-
-def _rounded(value):
-    return round(value, 4) if isinstance(value, float) else value
 
 
 class _Progress(WatchedProgress):
