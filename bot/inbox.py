@@ -22,8 +22,14 @@ a crash costs a second look at the entry after the restart, whose recorded attem
 sending anything twice. Writes go to one thread that commits whatever is waiting in one transaction
 (group commit): one fsync for many events under load, and the event loop never waits on the disk.
 
-Answered entries keep only their ids (text, reply and delivery data are cleared), long enough to
-recognise a redelivery, then they are pruned.
+Answered entries keep only their ids and outcome (text, reply and delivery data are cleared), long
+enough to recognise a redelivery, then they are pruned. The outcome is the trace an operator reads
+after a warning that names an event (`SELECT outcome FROM entries WHERE event_id = ...`).
+
+An entry left by an earlier run that cannot be read back (a damaged row: text that is not UTF-8,
+delivery data that is not JSON) is set aside at start, finished as `unreadable` with a log line that
+names it by its ids, so the others are answered. No error or log line quotes a stored value: SQLite's
+errors go through `storage_errors.describe` (Python's sqlite3 puts a row's text into some of them).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .messages import IncomingMessage
+from .storage_errors import describe
 
 log = logging.getLogger("bunshin.inbox")
 
@@ -117,8 +124,9 @@ class Inbox:
             self._open()
             self.recovered = self._recover()
         except sqlite3.DatabaseError as exc:
-            raise InboxError(f"{self.path}: cannot open the inbox: {exc} (move it aside to start with an empty "
-                             "inbox; messages it held would not be answered)") from None
+            raise InboxError(f"{self.path}: cannot open the inbox: {describe(exc)} (move it aside and start with "
+                             "`python -m bot --new-inbox` for an empty inbox; messages it held would not be "
+                             "answered)") from None
         self._ops: queue.SimpleQueue = queue.SimpleQueue()
         self._finished_since_prune = 0
         self._durable = True  # the connection's synchronous setting: FULL
@@ -145,20 +153,32 @@ class Inbox:
         db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
 
     def _recover(self) -> list[InboxEntry]:
-        """What earlier runs left unfinished, oldest first; each counts one more recovery (committed)."""
+        """What earlier runs left unfinished, oldest first; each counts one more recovery (committed). One that
+        cannot be read back is finished as `unreadable` (logged by its ids), not answered."""
         db = self._db
         db.execute("UPDATE entries SET recoveries = recoveries + 1 WHERE finished_at IS NULL")
-        rows = db.execute(
-            "SELECT id, platform, event_id, chat_id, user_id, user_name, text, addressed, received_at, delivery, reply, "
-            "attempts, recoveries FROM entries WHERE finished_at IS NULL ORDER BY id").fetchall()
+        # Text as bytes, decoded here: sqlite3's own decoding error would quote the text, and would stop at the
+        # first bad row instead of setting that one aside.
+        db.text_factory = bytes
+        try:
+            rows = db.execute(
+                "SELECT id, platform, event_id, chat_id, user_id, user_name, text, addressed, received_at, delivery, "
+                "reply, attempts, recoveries FROM entries WHERE finished_at IS NULL ORDER BY id").fetchall()
+        finally:
+            db.text_factory = str
         now = time.monotonic()
-        entries = []
-        for (id_, platform, event_id, chat_id, user_id, user_name, text, addressed, received_at, delivery, reply,
-             attempts, recoveries) in rows:
-            message = IncomingMessage(platform, chat_id, user_id, user_name, text, bool(addressed),
-                                      received=now, event_id=event_id, received_at=received_at,
-                                      delivery=json.loads(delivery))
-            entries.append(InboxEntry(id_, message, reply, [tuple(a) for a in json.loads(attempts)], recoveries))
+        entries, unreadable = [], []
+        for row in rows:
+            try:
+                entries.append(_entry_from_row(row, now))
+            except (UnicodeDecodeError, ValueError, TypeError) as exc:
+                unreadable.append(row[0])
+                event_id = row[2].decode("ascii", "replace") if isinstance(row[2], bytes) else "?"
+                log.error("%s: inbox entry %d (event %s) cannot be read back (%s): set aside as 'unreadable', not "
+                          "answered", self.path, row[0], event_id[:40], _why_unreadable(exc))
+        for entry_id in unreadable:
+            db.execute("UPDATE entries SET finished_at = ?, outcome = 'unreadable', text = '', reply = NULL, "
+                       "delivery = '{}', user_name = '' WHERE id = ?", (time.time(), entry_id))
         return entries
 
     # --- writes: queued to the writer thread, awaited until committed -------------------------
@@ -253,8 +273,9 @@ class Inbox:
                 db.execute("ROLLBACK")
                 raise
         except Exception as exc:  # noqa: BLE001 - a full disk, or a bug: every waiter hears it, the thread lives on
-            log.error("%s: cannot write the inbox: %s: %s", self.path, type(exc).__name__, exc)
-            error = InboxError(f"{self.path}: cannot write the inbox: {exc}")
+            why = describe(exc)
+            log.error("%s: cannot write the inbox: %s", self.path, why)
+            error = InboxError(f"{self.path}: cannot write the inbox: {why}")
             return [error] * len(batch)
         return results
 
@@ -306,6 +327,41 @@ class Inbox:
         self._ops.put(_CLOSE)
         self._writer.join(timeout=30)
         self._db.close()
+
+
+def _entry_from_row(row: tuple, now: float) -> InboxEntry:
+    """An unfinished entry from its row, text columns as bytes (the connection's text_factory during recovery);
+    UnicodeDecodeError, ValueError or TypeError if the row is damaged."""
+    (id_, platform, event_id, chat_id, user_id, user_name, text, addressed, received_at, delivery, reply, attempts,
+     recoveries) = row
+    platform, event_id, chat_id, user_id, user_name, text, delivery, attempts = (
+        _text(v) for v in (platform, event_id, chat_id, user_id, user_name, text, delivery, attempts))
+    reply = None if reply is None else _text(reply)
+    if not isinstance(received_at, (int, float)) or not isinstance(addressed, int):
+        raise TypeError("a number column holds something else")
+    delivery, attempts = json.loads(delivery), [(m, at) for m, at in json.loads(attempts)]
+    if not isinstance(delivery, dict) or not all(isinstance(m, str) and isinstance(at, (int, float))
+                                                 for m, at in attempts):
+        raise TypeError("delivery data or attempts of the wrong shape")
+    message = IncomingMessage(platform, chat_id, user_id, user_name, text, bool(addressed), received=now,
+                              event_id=event_id, received_at=received_at, delivery=delivery)
+    return InboxEntry(id_, message, reply, attempts, recoveries)
+
+
+def _text(value) -> str:
+    if not isinstance(value, bytes):
+        raise TypeError("a text column holds something else")
+    return value.decode("utf-8")
+
+
+def _why_unreadable(exc: Exception) -> str:
+    """Why a row could not be read, in words that hold none of it (a decoding error's str() would not; JSON's
+    names a position)."""
+    if isinstance(exc, UnicodeDecodeError):
+        return "text that is not UTF-8"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"delivery data that is not JSON ({exc.msg})"
+    return str(exc) if isinstance(exc, TypeError) else type(exc).__name__
 
 
 def _settle(settled: list) -> None:

@@ -19,7 +19,9 @@ and a reply already generated for it is found again (`text_of`) instead of being
 Faults are loud, never silent: a file that is not ours or is damaged (checked at open with
 `PRAGMA quick_check`, cheap on a pruned file) stops the bot at start naming the file and is left
 untouched for the operator to repair or move aside; a file another process keeps locked is waited
-for `busy_timeout_s`, then MemoryStoreError says so, and the turn is known not to be saved.
+for `busy_timeout_s`, then MemoryStoreError says so, and the turn is known not to be saved. No error
+quotes a stored turn: SQLite's errors go through `storage_errors.describe` (Python's sqlite3 puts the
+text of a turn it cannot decode into its error).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from datetime import datetime
 from pathlib import Path
 
 from finetune.records import KINDS, TEXT, ChatRecord
+
+from .storage_errors import describe
 
 SCHEMA_VERSION = 2  # 2: turns.event, for idempotent appends
 BUSY_TIMEOUT_S = 5.0  # how long a write waits for another process's lock before it fails
@@ -81,33 +85,37 @@ class ConversationMemory:
         try:
             self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
         except sqlite3.OperationalError as exc:  # a folder, no permission ...
-            raise MemoryStoreError(f"{self.path}: cannot open the memory database: {exc}") from None
+            raise MemoryStoreError(f"{self.path}: cannot open the memory database: {describe(exc)}") from None
         try:
             with self._errors("open"):
                 self._open()
         except sqlite3.DatabaseError as exc:
             self._db.close()
-            raise MemoryStoreError(f"{self.path}: not a bunshin memory database: {exc}") from None
+            raise MemoryStoreError(f"{self.path}: not a bunshin memory database: {describe(exc)}") from None
         except MemoryStoreError:
             self._db.close()
             raise
 
     @contextmanager
     def _errors(self, action: str) -> Iterator[None]:
-        """SQLite's lock and damage errors as MemoryStoreError naming the file and what was being done."""
+        """SQLite's errors as MemoryStoreError naming the file and what was being done, never a stored turn."""
         try:
             yield
         except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
+            why = describe(exc)
+            if "locked" in why or "busy" in why:
                 raise MemoryStoreError(
                     f"{self.path}: cannot {action}: the memory file stayed locked by another process for "
                     f"{self.busy_timeout_s:g} s (another bot, or a sqlite3 shell, using the same [memory] path?)"
                 ) from None
-            raise MemoryStoreError(f"{self.path}: cannot {action}: {exc}") from None
+            if "not valid UTF-8" in why:
+                raise MemoryStoreError(_damaged(self.path, f"{why}, on trying to {action}")) from None
+            raise MemoryStoreError(f"{self.path}: cannot {action}: {why}") from None
         except sqlite3.DatabaseError as exc:
-            if "malformed" in str(exc) or "corrupt" in str(exc):
-                raise MemoryStoreError(_damaged(self.path, f"{exc}, on trying to {action}")) from None
-            raise
+            why = describe(exc)
+            if "malformed" in why or "corrupt" in why:
+                raise MemoryStoreError(_damaged(self.path, f"{why}, on trying to {action}")) from None
+            raise  # SQLite's own error (a file that is not a database, at open): it holds no stored value
 
     def _open(self) -> None:
         db = self._db

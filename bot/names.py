@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .storage_errors import describe
+
 log = logging.getLogger("bunshin.names")
 
 SCHEMA_VERSION = 1
@@ -66,12 +68,12 @@ class NameCache:
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
         except sqlite3.Error as exc:  # a folder, no permission ...
-            raise NameCacheError(f"{self.path}: cannot open the name cache: {exc}") from None
+            raise NameCacheError(f"{self.path}: cannot open the name cache: {describe(exc)}") from None
         try:
             self._open()
         except sqlite3.Error as exc:  # damaged, or not SQLite at all
             self._db.close()
-            raise NameCacheError(f"{self.path}: cannot open the name cache: {exc} ({_DELETE_IT})") from None
+            raise NameCacheError(f"{self.path}: cannot open the name cache: {describe(exc)} ({_DELETE_IT})") from None
         except NameCacheError as exc:
             self._db.close()
             raise NameCacheError(f"{self.path}: cannot open the name cache: {exc}") from None
@@ -127,7 +129,7 @@ class NameCache:
         if not self._failure_logged:
             self._failure_logged = True
             log.error("%s: cannot %s the name cache: %s (names are looked up again instead; logged once)",
-                      self.path, action, exc)
+                      self.path, action, describe(exc))
 
     def close(self) -> None:
         self._closed = True
