@@ -1,4 +1,4 @@
-"""`python -m bot [--config config.toml] [--demo]`."""
+"""`python -m bot [--config config.toml] [--demo] [--new-inbox]`."""
 
 from __future__ import annotations
 
@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=Path("config.toml"), help="configuration file (default: config.toml)")
     parser.add_argument("--demo", action="store_true",
                         help="chat in the terminal with an offline tiny model (no GPU, no download, no tokens)")
+    parser.add_argument("--new-inbox", action="store_true",
+                        help="start with an empty inbox beside an existing memory (needed only after the inbox was "
+                             "deleted: what it held unanswered is not answered)")
     args = parser.parse_args(argv)
 
     from .config import ConfigError, load_config
@@ -62,8 +65,17 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_libraries()
     from .daemon import run_daemon
+    from .loading import still_running
 
     try:
-        return asyncio.run(run_daemon(config))
+        code = asyncio.run(run_daemon(config, new_inbox=args.new_inbox))
     except KeyboardInterrupt:
-        return 0
+        code = 0
+    if still_running():
+        # A signal stopped the daemon while the model loaded: the files are closed, the load runs on in its thread
+        # and cannot be stopped. End now, without waiting for it or finalizing the interpreter under it.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

@@ -13,11 +13,18 @@ Shutdown (SIGINT, SIGTERM, or the console's end of input): every message accepte
 answered and delivered, up to [queue] drain_timeout_s (the worker keeps generating meanwhile); what
 is left, and what arrives during the drain, stays in the inbox for the next start and is counted in
 the log. Then the platform adapters disconnect, the files are closed, and the process exits 0.
+A signal while the model loads or warms up stops at once (the load cannot be interrupted and is left
+behind, bot/loading.py): what was accepted meanwhile stays in the inbox, and the process exits 0.
+
+The inbox and the memory belong together: memory keys its turns by the inbox's entries, and the inbox
+holds what was accepted but not answered yet. A memory without its inbox (the inbox deleted or moved)
+is refused at start, before anything is created, unless `--new-inbox` says to start an empty one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -30,6 +37,7 @@ from .backend import ModelBackend
 from .config import ConfigError
 from .dispatcher import Dispatcher
 from .inbox import Inbox, InboxError
+from .loading import in_thread
 from .memory import ConversationMemory, MemoryStoreError
 from .metrics import BotMetrics
 from .names import NameCacheError
@@ -85,29 +93,51 @@ def build_platform_adapters(config, persona: str, metrics) -> list:
     return adapters
 
 
-async def run_daemon(config, stop: asyncio.Event | None = None, backend=None) -> int:
+def refuse_memory_without_inbox(memory_path: str, inbox_path: str) -> None:
+    """SystemExit, saying how to start fresh, when the memory exists and its inbox does not (deleted or moved):
+    starting would lose what the inbox held unanswered, and could answer again what it had answered."""
+    if memory_path == ":memory:" or Path(inbox_path).exists() or not Path(memory_path).exists():
+        return
+    raise SystemExit(
+        f"error: the inbox {inbox_path} is missing, but the memory beside it ({memory_path}) exists.\n"
+        "Starting without it would lose the messages it held unanswered, and could answer recent ones again.\n"
+        "Put the inbox back if it was moved. To start fresh, delete the memory too (every conversation is "
+        f"forgotten): rm {memory_path}*. To keep the conversations and start with an empty inbox, start with "
+        "--new-inbox once.")
+
+
+async def run_daemon(config, stop: asyncio.Event | None = None, backend=None, new_inbox: bool = False) -> int:
     """Serve until SIGINT/SIGTERM, `stop` (for embedding and tests), or the console's end of input.
 
     `backend` (tests, benchmarks) replaces the configured model: any object with `persona` and
-    `generate(conversations) -> [(text, tokens)]`."""
+    `generate(conversations) -> [(text, tokens)]`. `new_inbox`: start with an empty inbox beside an
+    existing memory (refused otherwise, see refuse_memory_without_inbox)."""
     started = time.monotonic()
     metrics = BotMetrics()
     state = {"phase": "loading"}
+    inbox_path = Inbox.path_for(config.memory.path)
+    if not new_inbox:
+        refuse_memory_without_inbox(config.memory.path, inbox_path)
+    stopping = stop or asyncio.Event()
+    # From now on a signal stops the daemon the way it should at this point (while the model loads too).
+    signals = _stop_on_signals(stopping)
+    try:
+        # The inbox first: a start that fails between the two leaves an inbox without memory, which is harmless.
+        inbox = Inbox(inbox_path)
+    except InboxError as exc:
+        _forget_signals(signals)
+        raise SystemExit(f"error: {exc}") from None
     try:
         # Keep a few times what the prompt uses, so a long /reset-less chat stays small on disk.
         memory = ConversationMemory(config.memory.path, keep=4 * config.memory.max_turns)
     except MemoryStoreError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    try:
-        inbox = Inbox(Inbox.path_for(config.memory.path))
-    except InboxError as exc:
-        memory.close()
+        inbox.close()
+        _forget_signals(signals)
         raise SystemExit(f"error: {exc}") from None
     worker: Worker | None = None
     adapters = []
     runner = None
     api = None
-    stopping = stop or asyncio.Event()
     tasks: list[asyncio.Task] = []
     try:
         persona = configured_persona(config)  # the manifest is read once, for the platform adapters and the API
@@ -146,39 +176,21 @@ async def run_daemon(config, stop: asyncio.Event | None = None, backend=None) ->
             state["port"] = port
         # Messages are taken from now on, while the model loads too: they wait in the inbox.
         tasks = [asyncio.create_task(a.run(dispatcher.accept, stopping), name=a.name) for a in adapters]
-        if backend is None and config.model.engine == "openai":
-            # The weights are served elsewhere (bot/remote_engine.py): only the tokenizer and the manifest load here.
-            from .remote_engine import RemoteBackend
-
-            try:
-                backend = await asyncio.to_thread(RemoteBackend.from_config, config)
-            except ModelLoadError as exc:
-                raise SystemExit(f"error: {exc}") from None
-            except ValueError as exc:  # e.g. a [persona] that contradicts the adapter's manifest
-                raise SystemExit(f"error: {config.source}: {exc}") from None
-        if backend is None:
-            try:
-                loaded = await asyncio.to_thread(load_model, config)
-            except ModelLoadError as exc:
-                raise SystemExit(f"error: {exc}\n{DEMO_HINT}") from None
-            try:
-                backend = ModelBackend.from_loaded(
-                    loaded,
-                    persona=config.persona.name or None,
-                    template=config.persona.template or None,
-                    generation_overrides=config.generation.overrides(),
-                    engine=config.model.engine,
-                    cuda_graphs=config.model.cuda_graphs,
-                    compile=config.model.compile,
-                )
-            except ValueError as exc:  # e.g. a [persona] that contradicts the adapter's manifest
-                raise SystemExit(f"error: {config.source}: {exc}") from None
-        worker = Worker(backend, metrics, max_queue=config.queue.max_size, max_batch=config.queue.max_batch,
-                        batch_wait_s=config.queue.batch_wait_ms / 1000)
-        # Warm-up (the slot engine's cache, CUDA graphs and self-check) happens before "serving", so
-        # the first user does not pay for it; /healthz says "warming_up" meanwhile.
-        state["phase"] = "warming_up"
-        await worker.start()
+        try:
+            backend = await _unless_stopped(_load_backend(config, backend), stopping)
+            worker = Worker(backend, metrics, max_queue=config.queue.max_size, max_batch=config.queue.max_batch,
+                            batch_wait_s=config.queue.batch_wait_ms / 1000)
+            # Warm-up (the slot engine's cache, CUDA graphs and self-check) happens before "serving", so
+            # the first user does not pay for it; /healthz says "warming_up" meanwhile.
+            state["phase"] = "warming_up"
+            await _unless_stopped(worker.start(), stopping)
+        except _CannotStart as exc:
+            raise SystemExit(f"error: {exc}") from None
+        except _StoppedBeforeServing:
+            log.info("stopped while %s: %d accepted message(s) kept in the inbox, answered at the next start",
+                     "loading the model" if state["phase"] == "loading" else "warming up", dispatcher.waiting)
+            state["phase"] = "stopped"
+            return 0
         # What exists now (libraries, model, engine) lives until exit. Frozen, a full garbage
         # collection no longer walks it; unfrozen, each one paused the event loop ~100 ms on the
         # 2-core CI machine, which alone put LINE's webhook p99 over 50 ms (bench/line_load.py).
@@ -207,6 +219,7 @@ async def run_daemon(config, stop: asyncio.Event | None = None, backend=None) ->
             await runner.cleanup()
         inbox.close()
         memory.close()
+        _forget_signals(signals)
     if state.get("failed"):
         log.error("stopped after a platform adapter failed")
         return 1
@@ -214,13 +227,82 @@ async def run_daemon(config, stop: asyncio.Event | None = None, backend=None) ->
     return 0
 
 
-async def _serve_until_stopped(tasks, dispatcher, worker, drain_timeout: float, state, stopping: asyncio.Event) -> None:
+class _CannotStart(Exception):
+    """The model cannot be loaded: str() says why (the error message, "error: " aside)."""
+
+
+async def _load_backend(config, backend):
+    """The configured model (or engine) as a backend, unless `backend` is given; _CannotStart saying why it cannot.
+    (Not SystemExit: this runs as a task, and asyncio lets a task's SystemExit escape the event loop at once.)"""
+    if backend is None and config.model.engine == "openai":
+        # The weights are served elsewhere (bot/remote_engine.py): only the tokenizer and the manifest load here.
+        from .remote_engine import RemoteBackend
+
+        try:
+            return await in_thread(RemoteBackend.from_config, config, name="bunshin-load")
+        except ModelLoadError as exc:
+            raise _CannotStart(str(exc)) from None
+        except ValueError as exc:  # e.g. a [persona] that contradicts the adapter's manifest
+            raise _CannotStart(f"{config.source}: {exc}") from None
+    if backend is not None:
+        return backend
+    try:
+        loaded = await in_thread(load_model, config, name="bunshin-load")
+    except ModelLoadError as exc:
+        raise _CannotStart(f"{exc}\n{DEMO_HINT}") from None
+    try:
+        return ModelBackend.from_loaded(
+            loaded,
+            persona=config.persona.name or None,
+            template=config.persona.template or None,
+            generation_overrides=config.generation.overrides(),
+            engine=config.model.engine,
+            cuda_graphs=config.model.cuda_graphs,
+            compile=config.model.compile,
+        )
+    except ValueError as exc:  # e.g. a [persona] that contradicts the adapter's manifest
+        raise _CannotStart(f"{config.source}: {exc}") from None
+
+
+class _StoppedBeforeServing(Exception):
+    """A signal (or `stop`) came while the model loaded or warmed up."""
+
+
+async def _unless_stopped(work, stopping: asyncio.Event):
+    """What `work` (a coroutine) returns, or _StoppedBeforeServing as soon as `stopping` is set; `work` is then
+    cancelled (a thread it waits for runs on, bot/loading.py)."""
+    task = asyncio.ensure_future(work)
+    stop_wait = asyncio.create_task(stopping.wait())
+    await asyncio.wait({task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    stop_wait.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    raise _StoppedBeforeServing
+
+
+def _stop_on_signals(stopping: asyncio.Event) -> list[int]:
+    """SIGINT and SIGTERM set `stopping` from now on; the signals this could be done for (none off the main thread)."""
     loop = asyncio.get_running_loop()
+    installed = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             loop.add_signal_handler(sig, stopping.set)
-        except (NotImplementedError, RuntimeError):  # Windows, or not the main thread
-            pass
+        except (NotImplementedError, RuntimeError, ValueError):  # Windows, or not the main thread
+            continue
+        installed.append(sig)
+    return installed
+
+
+def _forget_signals(signals: list[int]) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in signals:
+        loop.remove_signal_handler(sig)
+
+
+async def _serve_until_stopped(tasks, dispatcher, worker, drain_timeout: float, state, stopping: asyncio.Event) -> None:
     stop_wait = asyncio.create_task(stopping.wait())
     # Run until a signal, or until every platform adapter has finished (the console at end of input).
     pending = set(tasks) | {stop_wait}

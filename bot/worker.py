@@ -30,6 +30,7 @@ from typing import Protocol
 
 from finetune.prompt import ChatTurn
 
+from .loading import in_thread
 from .metrics import BotMetrics
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,8 @@ class Worker:
             return
         make = getattr(self.backend, "make_stepper", None)
         if make is not None:
-            self.stepper = await asyncio.to_thread(make, self.max_batch)
+            # Not asyncio.to_thread: a signal during the warm-up must not wait for it at exit (bot/loading.py).
+            self.stepper = await in_thread(make, self.max_batch, name="bunshin-warm-up")
         else:
             from .steppers import BatchStepper
 

@@ -5,9 +5,11 @@ the final path, and training resumes from its last whole checkpoint.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -19,7 +21,9 @@ from pathlib import Path
 import pytest
 from conftest import EXAMPLES, REPO, run_cli
 
+from bot.inbox import Inbox
 from bot.memory import ConversationMemory
+from bot.router import ERROR_REPLY
 from finetune.tiny_model import build_tiny_model
 from tests.support.daemon import PERSONA, converse, replies, start_bot, write_config
 
@@ -107,6 +111,7 @@ def test_restart_onto_a_damaged_memory_file_stops_naming_it_and_leaves_it_alone(
     with ConversationMemory(memory_file, keep=None) as memory:
         for i in range(2000):
             memory.append("console:local", "健太", f"大事な話 {i} " * 5)
+    Inbox(Inbox.path_for(str(memory_file))).close()  # the inbox a daemon keeps beside its memory
     damaged = memory_file.read_bytes()[: memory_file.stat().st_size // 2]  # a disk that stopped half-way
     memory_file.write_bytes(damaged)
 
@@ -115,6 +120,81 @@ def test_restart_onto_a_damaged_memory_file_stops_naming_it_and_leaves_it_alone(
     assert f"error: {memory_file}: the memory database is damaged" in done.stderr and "move it aside" in done.stderr
     assert "Traceback" not in done.stderr and replies(done.stdout) == []
     assert memory_file.read_bytes() == damaged  # not overwritten with an empty memory
+
+
+def test_a_memory_whose_inbox_is_gone_is_refused_saying_how_to_start_fresh_and_nothing_is_created(tmp_path, tiny):
+    memory_file, inbox_file = tmp_path / "memory.sqlite3", tmp_path / "memory.inbox.sqlite3"
+    config = write_config(tmp_path, tiny)
+    assert converse(config, ["覚えててね"]).returncode == 0
+    inbox_file.unlink()  # deleted by hand, or lost with a volume that held only it
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+
+    done = converse(config, ["こんにちは"])
+    assert done.returncode != 0 and replies(done.stdout) == []
+    assert f"error: the inbox {inbox_file} is missing, but the memory beside it ({memory_file}) exists" in done.stderr
+    assert f"rm {memory_file}*" in done.stderr and "--new-inbox" in done.stderr  # how to start fresh, both ways
+    assert "Traceback" not in done.stderr
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before  # nothing created or changed
+
+    proc = start_bot(config, "--new-inbox")  # keeps the conversations, starts an empty inbox
+    out, err = proc.communicate("こんにちは\n", timeout=120)
+    assert proc.returncode == 0, err
+    assert len(replies(out)) == 1 and inbox_file.exists()
+    with ConversationMemory(memory_file) as memory:
+        assert [r.text for r in memory.recent("console:local", 10)][0] == "覚えててね"
+
+
+MARKER = "ひみつ-MARKER-7f3a"  # a message's text; stored with a byte that is not UTF-8 after it
+
+
+def _damage_text(db_file: Path, table: str, row_id: int) -> None:
+    """The row's text column as the marker plus an invalid UTF-8 byte: what a damaged page or another program
+    leaves. Python's sqlite3 quotes such a value in its decoding error."""
+    with sqlite3.connect(db_file) as db:
+        db.execute(f"UPDATE {table} SET text = CAST(? AS TEXT) WHERE id = ?", (MARKER.encode() + b"\xff", row_id))
+
+
+def test_a_damaged_inbox_row_is_set_aside_by_its_ids_and_its_text_never_reaches_a_log(tmp_path, tiny):
+    from bot.messages import IncomingMessage
+
+    inbox_file = tmp_path / "memory.inbox.sqlite3"
+    config = write_config(tmp_path, tiny)
+    assert converse(config, ["はじめまして"]).returncode == 0
+
+    async def left_unanswered():  # two lines a killed run accepted and never answered
+        inbox = Inbox(inbox_file)
+        entries = await inbox.accept([IncomingMessage("console", "local", "local", "健太", text, True)
+                                      for text in ("壊れる行", "残る行")])
+        inbox.close()
+        return entries
+
+    damaged, kept = asyncio.run(left_unanswered())
+    _damage_text(inbox_file, "entries", damaged.id)
+
+    done = converse(config, ["新しい行"])
+    assert done.returncode == 0, done.stderr
+    assert MARKER not in done.stderr + done.stdout and "MARKER" not in done.stderr + done.stdout
+    assert re.search(rf"inbox entry {damaged.id} \(event {damaged.message.event_id}\) cannot be read back \(text "
+                     r"that is not UTF-8\): set aside as 'unreadable'", done.stderr), done.stderr
+    assert len(replies(done.stdout)) == 2  # the readable one left over, and the new one
+    with sqlite3.connect(inbox_file) as db:
+        rows = dict(db.execute("SELECT id, outcome FROM entries WHERE id IN (?, ?)", (damaged.id, kept.id)))
+        assert db.execute("SELECT text FROM entries WHERE id = ?", (damaged.id,)).fetchone() == ("",)
+    assert rows == {damaged.id: "unreadable", kept.id: "replied"}
+
+
+def test_a_damaged_memory_turn_gets_an_apology_and_its_text_never_reaches_a_log(tmp_path, tiny):
+    memory_file = tmp_path / "memory.sqlite3"
+    config = write_config(tmp_path, tiny)
+    assert converse(config, ["覚えててね"]).returncode == 0
+    _damage_text(memory_file, "turns", 1)
+
+    done = converse(config, ["続きだよ"])
+    assert done.returncode == 0, done.stderr
+    assert MARKER not in done.stderr + done.stdout and "MARKER" not in done.stderr + done.stdout
+    assert f"{memory_file}: the memory database is damaged (a stored value in column 'text' is not valid UTF-8" \
+        in done.stderr, done.stderr
+    assert replies(done.stdout) == [f"{PERSONA}: {ERROR_REPLY}"]  # said, so the user knows to try again
 
 
 # --- finetune prepare -----------------------------------------------------------------------------------------
