@@ -9,12 +9,22 @@ which also refuses a webhookEventId it already holds: a redelivered event is ans
 across a restart, and an event acknowledged just before a crash is answered after it. The webhook
 takes events while the model loads too; they are answered once serving starts.
 
-Delivery is at most once, retried within bounds. A reply token is spent by the first request LINE
-accepts, so a reply retried after an ambiguous failure (5xx, timeout) either gets through or is
-refused: never sent twice; after such a failure it is not pushed either. Before the first try of a
-reply or a push the attempt is recorded in the inbox, so a restart after a crash keeps the same
-rules: a reply that may have gone out is not followed by a push, and a push is retried with the same
-X-Line-Retry-Key (derived from the event), which LINE sends once and answers 409 to after that.
+Delivery is exactly once while LINE's own rules can make it so, retried within bounds. A reply token
+is spent by the first request LINE accepts and lives about a minute (LINE guarantees one; [line]
+reply_token_margin_s is how long we use it): within its life a reply retried after an ambiguous
+failure (5xx, timeout, or a crash after the attempt was recorded) either gets through or is refused
+as spent, so it is never sent twice. A push carries an X-Line-Retry-Key derived from the event, which
+LINE honours for a day (RETRY_KEY_LIFE_S): it sends a key's message once and answers 409 after that.
+Before the first try of a reply or a push the attempt is recorded in the inbox, so a restart keeps
+these rules.
+
+Past those lives the outcome of an earlier try can no longer be settled: a reply whose token is gone
+(the bot was down longer than the token lives, or every try was ambiguous) may or may not have
+arrived, and only a push can still deliver it, perhaps a second time. [line] unknown_outcome decides:
+"push" (a duplicate is better than a silence) or "drop" (the default: a silence is better than a
+duplicate). Either way a warning names the event and its inbox entry, and the inbox keeps the
+outcome (`unknown_pushed` / `unknown_dropped`) as the trace. A reply never tried whose token went
+stale is pushed only with [line] push_fallback: that risks nothing but the push quota.
 429 waits for Retry-After; everything else backs off exponentially with jitter.
 
 Senders are named as LINE's exports name them, by their LINE display name, which the persona learned
@@ -55,6 +65,7 @@ MAX_TEXT_UNITS = 5000  # a text message's limit, in UTF-16 code units
 MAX_MESSAGES = 5  # message objects per reply or push call
 LOADING_AFTER_S = 1.0  # a reply not ready by then shows LINE's loading animation in a 1:1 chat
 PUSH_KEYS = uuid.UUID("6f1c1d0e-8a4b-4f1e-9a53-6b756e736869")  # namespace of the X-Line-Retry-Keys derived from events
+RETRY_KEY_LIFE_S = 24 * 3600  # LINE honours an X-Line-Retry-Key this long after its first request
 SENTENCE_ENDS = "。！？!?."
 NAME_REFRESH_S = 24 * 3600  # a display name found is used this long, then asked again: people rename themselves
 NAME_RETRY_S = 10 * 60  # after a failed lookup, the name known before (or the placeholder) is used this long
@@ -354,7 +365,7 @@ class LineAdapter:
         if self.line.push_fallback or entry.attempts or self._token_fresh(message):
             return True
         log.warning("reply token stale after %.1fs for %s: reply dropped ([line] push_fallback is off)",
-                    self._token_age(message), message.chat_key)
+                    self._token_age(message), _which(entry))
         return False
 
     @contextlib.asynccontextmanager
@@ -380,17 +391,20 @@ class LineAdapter:
         if not messages:
             return "quiet"
         message = entry.message
-        chat_key = message.chat_key
-        if entry.attempted("push") is not None:
-            # Pushed before a restart, maybe delivered: the same retry key makes LINE send it at most once.
-            return await self._push(entry, messages, record_attempt)
+        pushed_at = entry.attempted("push")
+        if pushed_at is not None:
+            # Pushed before a restart, maybe delivered: the same retry key makes LINE send it at most once, for a day.
+            if time.time() - pushed_at < RETRY_KEY_LIFE_S:
+                return await self._push(entry, messages, record_attempt)
+            return await self._unknown(entry, messages, record_attempt,
+                                       "its push was tried over a day ago, when the retry key stopped guarding it")
         if entry.attempted("reply") is not None:
-            # Replied before a restart, maybe accepted. A fresh token is safe to try again (a spent one is refused);
-            # a push could only double it.
+            # Replied before a restart (the request may or may not have left). While the token lives, trying it again
+            # is exactly-once: LINE takes it, or refuses it as spent by the earlier try.
             if not self._token_fresh(message):
-                log.warning("reply to %s may have been delivered before the restart: not pushed, so it cannot arrive "
-                            "twice", chat_key)
-                return "maybe_delivered"
+                return await self._unknown(entry, messages, record_attempt,
+                                           f"its reply was tried before a restart and its token is now "
+                                           f"{self._token_age(message):.0f}s old")
             outcome = await self._reply(entry, messages, record_attempt, retried=True)
         elif self._token_fresh(message):
             outcome = await self._reply(entry, messages, record_attempt)
@@ -400,15 +414,31 @@ class LineAdapter:
             return "replied"
         if outcome == "refused":
             return "failed"
-        if outcome == "unknown":
-            log.warning("reply to %s may have been delivered: not pushed, so it cannot arrive twice", chat_key)
+        if outcome == "spent":
+            log.warning("reply to %s may have been delivered: not pushed, so it cannot arrive twice (its token was "
+                        "refused as spent after a try that may have got through)", _which(entry))
             return "maybe_delivered"
+        if outcome == "unknown":
+            return await self._unknown(entry, messages, record_attempt,
+                                       "its reply may have got through, and its token ran out before a try could tell")
         reason = ("reply not accepted in time" if outcome == "unsent"
                   else f"reply token stale after {self._token_age(message):.1f}s")
         if self.line.push_fallback:
             return await self._push(entry, messages, record_attempt)
-        log.warning("%s for %s: reply dropped ([line] push_fallback is off)", reason, chat_key)
+        log.warning("%s for %s: reply dropped ([line] push_fallback is off)", reason, _which(entry))
         return "dropped"
+
+    async def _unknown(self, entry: InboxEntry, messages: list[dict], record_attempt: RecordAttempt, why: str) -> str:
+        """An earlier try may have delivered the reply and nothing can tell any more: [line] unknown_outcome decides
+        whether to risk a duplicate. The warning names the event (never the text); the outcome stays in the inbox."""
+        if self.line.unknown_outcome == "push":
+            log.warning('reply to %s: outcome unknown (%s): pushed ([line] unknown_outcome = "push"), so it may arrive '
+                        "twice", _which(entry), why)
+            outcome = await self._push(entry, messages, record_attempt)
+            return "unknown_pushed" if outcome == "replied" else outcome
+        log.warning('reply to %s: outcome unknown (%s): not sent again ([line] unknown_outcome = "drop"), so it may '
+                    "never have arrived", _which(entry), why)
+        return "unknown_dropped"
 
     def _token_fresh(self, message: IncomingMessage) -> bool:
         """The event has a reply token young enough to use ([line] reply_token_margin_s)."""
@@ -431,7 +461,9 @@ class LineAdapter:
     async def _reply(self, entry: InboxEntry, messages: list[dict], record_attempt: RecordAttempt,
                      retried: bool = False) -> str:
         """"sent"; "refused" (an error other than a bad token: pushing would fail alike); "unsent" (LINE refused
-        the token or never took the request: a push may send it); "unknown" (an earlier try may have got through).
+        the token or never took the request: a push may send it); "spent" (the token was refused after a try that
+        may have got through: that try spent it); "unknown" (a try may have got through, and the token's life ran
+        out before a try could tell).
 
         The reply API takes no retry key, but its token is spent by the first accepted request: a retry
         after a 5xx or a timeout either gets through or is refused with 400, so it cannot duplicate.
@@ -445,18 +477,18 @@ class LineAdapter:
         for attempt in range(1, policy.attempts + 1):
             result = await self._api.reply(chat_id, token, messages, f"reply (try {attempt}/{policy.attempts})")
             if result.outcome == "sent":
-                log.info("replied to line:%s (%d message(s))", loggable(chat_id), len(messages))
+                log.info("replied to %s (%d message(s))", _which(entry), len(messages))
                 return "sent"
             if result.outcome == "refused":
                 if result.status == 400:  # "Invalid reply token": spent (by us, if maybe_sent) or expired
-                    return "unknown" if maybe_sent else "unsent"
+                    return "spent" if maybe_sent else "unsent"
                 return "refused"
             maybe_sent = maybe_sent or result.outcome == "unknown"
             if attempt == policy.attempts:
                 break
             wait = policy.wait_before_retry(attempt, result.retry_after)
             if self._token_age(message) + wait >= self.line.reply_token_margin_s:
-                log.warning("reply to line:%s: no retry, the token would be stale", loggable(chat_id))
+                log.warning("reply to %s: no retry, the token would be stale", _which(entry))
                 break
             await asyncio.sleep(wait)
         return "unknown" if maybe_sent else "unsent"
@@ -471,15 +503,15 @@ class LineAdapter:
         for attempt in range(1, policy.attempts + 1):
             result = await self._api.push(chat_id, messages, key, f"push (try {attempt}/{policy.attempts})")
             if result.outcome in ("sent", "conflict"):
-                log.info("pushed to line:%s (%d message(s))", loggable(chat_id), len(messages))
+                log.info("pushed to %s (%d message(s))", _which(entry), len(messages))
                 return "replied"
             if not result.retriable or attempt == policy.attempts:
                 break
             if result.retry_after is not None and result.retry_after > policy.max_retry_after_s:
-                log.error("push to line:%s: LINE asks to wait %.0fs: given up", loggable(chat_id), result.retry_after)
+                log.error("push to %s: LINE asks to wait %.0fs: given up", _which(entry), result.retry_after)
                 return "failed"
             await asyncio.sleep(policy.wait_before_retry(attempt, result.retry_after))
-        log.error("push to line:%s failed for good after %d tries", loggable(chat_id), attempt)
+        log.error("push to %s failed for good after %d tries", _which(entry), attempt)
         return "failed"
 
     # --- lifecycle ---
@@ -497,3 +529,10 @@ class LineAdapter:
         await self._api.close()
         self._names.close()
 
+
+
+def _which(entry: InboxEntry) -> str:
+    """An inbox entry as log lines name it: chat, LINE's webhookEventId and the inbox's id (never its text), so the
+    operator can find it in the inbox (`SELECT outcome FROM entries WHERE event_id = ...`)."""
+    message = entry.message
+    return f"line:{loggable(message.chat_id)} (event {loggable(message.event_id)}, inbox entry {entry.id})"

@@ -233,6 +233,9 @@ class LineConfig(_Section):
     call_by_name: bool = False  # in groups, also answer when the persona's name is in the text (not only @mentions)
     push_fallback: bool = False  # a reply token gone stale -> push instead (pushes count against the plan's quota)
     reply_token_margin_s: float = Field(50.0, ge=0, le=60)  # use the reply token only this long after the event
+    # A reply whose outcome is unknown (tried, then the bot died or the answer was lost) once its token is past
+    # margin: "push" delivers it, perhaps a second time; "drop" does not, so perhaps never. Logged either way.
+    unknown_outcome: Literal["push", "drop"] = "drop"
     api_timeout_s: float = Field(10.0, gt=0, le=120)  # per call to LINE's API (the SDK's own default is 300 s)
 
 

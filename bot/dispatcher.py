@@ -118,12 +118,12 @@ class Dispatcher:
         adapter = self.adapters.get(message.platform)
         try:
             if adapter is None:
-                log.warning("message %s from %s dropped: the %s platform is not enabled now", entry.id,
-                            message.chat_key, message.platform)
+                log.warning("message %s (event %s) from %s dropped: the %s platform is not enabled now", entry.id,
+                            entry.key, message.chat_key, message.platform)
                 return self._finish(entry, "dropped")
             if entry.recoveries > MAX_RECOVERIES:
-                log.error("message %s from %s dropped: %d starts did not get it answered", entry.id, message.chat_key,
-                          entry.recoveries)
+                log.error("message %s (event %s) from %s dropped: %d starts did not get it answered", entry.id, entry.key,
+                          message.chat_key, entry.recoveries)
                 return self._finish(entry, "dropped")
             if message.addressed and not adapter.can_deliver(entry):
                 # Too late to answer (the platform adapter said why): remembered as part of the conversation,

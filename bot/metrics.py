@@ -14,7 +14,9 @@ OUTCOMES = ("replied", "busy", "error", "expired", "ignored", "rate_limited", "r
 # How the answering of an accepted message ended (the dispatcher records these): the reply was delivered,
 # there was nothing to say, it may have been delivered before a crash (not sent again), it could not be
 # delivered (a stale LINE token without push, too old, the platform gone), or a delivery or a bug failed it.
-DELIVERY_OUTCOMES = ("replied", "quiet", "maybe_delivered", "dropped", "failed")
+# unknown_pushed / unknown_dropped: LINE could no longer tell whether an earlier try got through, and
+# [line] unknown_outcome pushed it (perhaps a second time) or did not (perhaps never delivered).
+DELIVERY_OUTCOMES = ("replied", "quiet", "maybe_delivered", "dropped", "failed", "unknown_pushed", "unknown_dropped")
 # Error kinds known up front (so their series show 0 before the first error); others may be added.
 ERROR_KINDS = ("oom", "generation", "deadline", "engine")  # engine: [model] engine = "openai" failed a request
 

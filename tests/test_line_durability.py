@@ -7,117 +7,36 @@ delivery, then started again on the same files. The fake LINE API (tests/support
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
-import sqlite3
-import sys
 import time
 import uuid
 from pathlib import Path
 
-import aiohttp
 import pytest
-from conftest import REPO, write_toml
 
 from adapters.line import PUSH_KEYS
 from finetune.tiny_model import build_tiny_model
-from tests.support.fake_line_api import PUSH, REPLY, Fault, serving_fake_line, sign, text_event, webhook_bytes
-
-PERSONA = "美咲"
-SECRET, TOKEN = "durable-channel-secret-5e5e", "durable-access-token-6f6f"
-SECRET_ENV, TOKEN_ENV = "BUNSHIN_TEST_LINE_SECRET", "BUNSHIN_TEST_LINE_TOKEN"
+from tests.support.fake_line_api import PUSH, Fault, serving_fake_line, text_event
+from tests.support.line_daemon import (
+    PERSONA,
+    SECRET,
+    SECRET_ENV,
+    TOKEN,
+    TOKEN_ENV,
+    Daemon,
+    answers,
+    one_to_one,
+    post_events,
+    remembered,
+    wait_for,
+    write_config,
+)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("durable") / "tiny")
-
-
-def write_config(folder: Path, tiny: Path, fake_url: str, **sections) -> Path:
-    table = {
-        "model": {"base": str(tiny), "device": "cpu"},
-        "persona": {"name": PERSONA},
-        "generation": {"max_new_tokens": 24, "temperature": 0.0},
-        "memory": {"path": str(folder / "memory.sqlite3")},
-        "server": {"port": 0},
-        "limits": {"messages_per_minute": 600.0, "burst": 100},
-        "line": {"enabled": True, "channel_secret_env": SECRET_ENV, "access_token_env": TOKEN_ENV, "api_host": fake_url},
-    }
-    for name, values in sections.items():
-        table.setdefault(name, {}).update(values)
-    return write_toml(folder / "bot.toml", table)
-
-
-class Daemon:
-    """`python -m bot --config CONFIG` as a real process, its log in a file; the event loop stays free for the fake."""
-
-    def __init__(self, config: Path, log: Path):
-        self.config, self.log_path = config, log
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> Daemon:
-        with open(self.log_path, "ab") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bot", "--config", str(self.config), cwd=REPO, stdin=asyncio.subprocess.DEVNULL,
-                stdout=log, stderr=log,
-                env={**os.environ, SECRET_ENV: SECRET, TOKEN_ENV: TOKEN, "PYTHONUNBUFFERED": "1"})
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    async def logged(self, pattern: str, timeout: float = 60) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if found := re.search(pattern, self.log()):
-                return found
-            if self.proc.returncode is not None:
-                raise AssertionError(f"the daemon exited ({self.proc.returncode}) before logging {pattern!r}:\n{self.log()}")
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"the daemon did not log {pattern!r} within {timeout}s:\n{self.log()}")
-
-    async def url(self) -> str:
-        found = await self.logged(r"health and metrics on http://127\.0\.0\.1:(\d+)/healthz")
-        return f"http://127.0.0.1:{found[1]}"
-
-    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 120) -> int:
-        self.proc.send_signal(sig)
-        return await asyncio.wait_for(self.proc.wait(), timeout)
-
-
-async def post_events(url: str, events: list[dict]) -> list[int]:
-    async with aiohttp.ClientSession() as session:
-        async def post(event):
-            body = webhook_bytes(event)
-            async with session.post(url + "/callback", data=body, headers={"X-Line-Signature": sign(body, SECRET)}) as r:
-                return r.status
-        return await asyncio.gather(*(post(e) for e in events))
-
-
-async def wait_for(condition, what: str, timeout: float = 120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if found := condition():
-            return found
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def answers(fake, event: dict) -> list[tuple[str, list[str]]]:
-    """What reached the event's user: replies with its token, pushes to its user (each test user sends one event)."""
-    user = event["source"]["userId"]
-    return ([("reply", d.texts) for d in fake.delivered(REPLY) if d.to == event["replyToken"]]
-            + [("push", d.texts) for d in fake.delivered(PUSH) if d.to == user])
-
-
-def remembered(folder: Path, user: str) -> list[str]:
-    with sqlite3.connect(folder / "memory.sqlite3") as db:
-        return [t for (t,) in db.execute("SELECT text FROM turns WHERE chat_key = ? ORDER BY id", (f"line:{user}",))]
-
-
-def one_to_one(n: int, tag: str, **kw) -> list[dict]:
-    return [text_event(f"{tag}のメッセージ{i}", user=f"U{tag}{i:04d}".ljust(33, "0"), **kw) for i in range(n)]
 
 
 async def test_sigterm_with_60_replies_in_flight_delivers_all_60_within_the_drain_timeout(tmp_path, tiny):

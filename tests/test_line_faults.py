@@ -285,3 +285,22 @@ async def test_request_bodies_are_what_lines_own_sdk_would_send(tmp_path, caplog
     assert push["json"] == sdk(PushMessageRequest(to="U" + "6" * 32, messages=text))
     assert loading["json"] == sdk(ShowLoadingAnimationRequest(chat_id=USER, loading_seconds=20))
     assert reply["headers"]["Content-Type"].startswith("application/json")
+
+
+# --- a reply whose outcome stays unknown: [line] unknown_outcome ---------------------------------------
+
+
+@pytest.mark.parametrize("policy, pushes", [("push", 1), ("drop", 0)])
+async def test_a_reply_every_try_of_which_may_have_got_through_is_pushed_or_dropped_as_the_policy_says(
+        tmp_path, caplog, policy, pushes):
+    """Every try answered 500 (LINE may have taken any of them) until the tries run out: nothing can tell any more
+    whether the user has it. A warning names the event; the push, if any, goes with the event's retry key."""
+    async with serving_fake_line(TOKEN) as fake, serving_adapter(tmp_path, caplog, fake, unknown_outcome=policy) as line:
+        fake.script[REPLY] = [Fault(500)] * QUICK.attempts
+        event = text_event("聞こえる？", user=USER)
+        assert await line.post(event) == 200
+        warning = await line.outcome("outcome unknown")
+    assert f"(event {event['webhookEventId']}, inbox entry " in warning and "聞こえる" not in caplog.text
+    assert f'unknown_outcome = "{policy}"' in warning
+    assert len(fake.to(REPLY)) == QUICK.attempts and len(fake.pushes_to(USER)) == pushes
+    assert all(c["headers"].get("X-Line-Retry-Key") for c in fake.to(PUSH))

@@ -19,6 +19,13 @@ picks one per call, for load runs. A Fault answers `status`, after delivering fi
 when `deliver` (LINE took it but the answer was lost), and can hang for `hang_s` before answering, so a
 client with a shorter timeout gives up. Only message-sending paths get faults from `fault_for`.
 
+For killing the sender mid-call, a Fault can `hold` the call unanswered until `release()`:
+- Fault(200, deliver=True, hold=True): LINE took the message and the answer never comes (killed in flight);
+- Fault(lost=True, hold=True): the request never reached LINE (killed before it left): nothing is
+  recorded in `calls`, nothing delivered, no token spent; `lost` lists (path, reply token or retry key or
+  chat) so the test knows the request was on its way. Once the sender is dead, `release()` lets held
+  calls end (the fake's shutdown would otherwise wait for them).
+
 In another process (bench/line_load.py runs the fake apart from the daemon and the sender):
 `serving_fake_line(token, control=True)` also answers GET /_fake/state?deliveries=N&calls=M with what
 was delivered and called since those counts, and FakeLineMirror keeps a copy of it on the far side.
@@ -51,6 +58,8 @@ class Fault:
     deliver: bool = False  # accept the message before answering `status`: the answer lies about it
     hang_s: float = 0.0  # wait this long before answering (a client timeout shorter than this gives up)
     retry_after: str | None = None  # a Retry-After header (with 429)
+    hold: bool = False  # after delivering (if `deliver`), wait for FakeLineApi.release() before answering
+    lost: bool = False  # the request never reached LINE: not recorded, not delivered (see the module's docstring)
 
 
 @dataclass
@@ -76,6 +85,8 @@ class FakeLineApi:
         self.tries: Counter = Counter()  # per reply token / retry key
         self.in_flight = 0
         self.latency_s = 0.0  # every call waits this long before it is handled (LINE is ~100 ms away, not 0)
+        self.lost: list[tuple[str, str]] = []  # (path, identity) of each request a Fault(lost=True) swallowed
+        self._released = asyncio.Event()
 
     # --- what tests ask ---
 
@@ -105,6 +116,10 @@ class FakeLineApi:
             "in_flight": self.in_flight,
         }
 
+    def release(self) -> None:
+        """Lets every held call (Fault(hold=True)) answer, now and from now on."""
+        self._released.set()
+
     # --- the API ---
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -126,13 +141,13 @@ class FakeLineApi:
     async def _answer(self, request: web.Request) -> web.Response:
         body = await request.json()
         call = {"path": request.path, "headers": dict(request.headers), "json": body, "at": time.monotonic()}
-        self.calls.append(call)
 
         def answer(status: int, data: dict, headers: dict | None = None) -> web.Response:
             call["status"] = status
             return web.json_response(data, status=status, headers=headers)
 
         if request.headers.get("Authorization") != f"Bearer {self.access_token}":
+            self.calls.append(call)
             return answer(401, {"message": "Authentication failed. Confirm that the access token in the "
                                            "authorization header is valid."})
         key = request.headers.get("X-Line-Retry-Key")
@@ -144,6 +159,11 @@ class FakeLineApi:
             fault = self.script[request.path].pop(0)
         elif self.fault_for is not None and request.path in (REPLY, PUSH):
             fault = self.fault_for(request.path, identity, tries)
+        if fault is not None and fault.lost:  # never reached LINE: it keeps no trace of it
+            self.lost.append((request.path, identity))
+            await self._released.wait()
+            return web.json_response({"message": "fake failure"}, status=fault.status)
+        self.calls.append(call)
 
         if request.path == LOADING:
             if fault:
@@ -164,6 +184,8 @@ class FakeLineApi:
         if accept:
             self._deliver(request.path, body, key)
         if fault is not None:
+            if fault.hold:
+                await self._released.wait()
             await asyncio.sleep(fault.hang_s)
             headers = {"Retry-After": fault.retry_after} if fault.retry_after else None
             return answer(fault.status, {"message": "fake failure"}, headers)
@@ -232,6 +254,7 @@ async def serving_fake_line(access_token: str, *, control: bool = False, port: i
     try:
         yield fake
     finally:
+        fake.release()
         await runner.cleanup()
 
 
