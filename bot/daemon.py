@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -102,7 +103,7 @@ def refuse_memory_without_inbox(memory_path: str, inbox_path: str) -> None:
         f"error: the inbox {inbox_path} is missing, but the memory beside it ({memory_path}) exists.\n"
         "Starting without it would lose the messages it held unanswered, and could answer recent ones again.\n"
         "Put the inbox back if it was moved. To start fresh, delete the memory too (every conversation is "
-        f"forgotten): rm {memory_path}*. To keep the conversations and start with an empty inbox, start with "
+        f"forgotten): rm {shlex.quote(memory_path)}*. To keep the conversations and start with an empty inbox, start with "
         "--new-inbox once.")
 
 
