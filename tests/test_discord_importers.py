@@ -626,8 +626,7 @@ def test_a_dce_export_bunshin_does_not_read_says_to_export_json_or_csv(cli, name
                            "(`-f Json`: best, keeps replies) or CSV (`-f Csv`), which bunshin reads\n")
 
 
-def test_another_html_page_is_named_as_html_not_taken_for_name_text_lines():
-    # Its CSS `name: value;` lines and `<p>美咲: ...` lines would otherwise pass for `Name:text`.
+def test_another_html_page_is_named_as_html():
     error = export_error(UNREAD / "saved_page.html")
     assert error.line is None and error.message.startswith("is an HTML page, not a chat export bunshin reads; expected")
 

@@ -84,8 +84,8 @@ def detect_format(path: Path) -> str:
 
 
 def _refuse_unread_kinds(path: Path, stripped: str) -> None:
-    """An export in a shape bunshin does not read, named with what to do, rather than "cannot tell the format"
-    (or worse: CSS `color: #fff;` lines or `[date time] Name` headers taken for `Name:text`)."""
+    """An export in a shape bunshin does not read, named with what to do, rather than "cannot tell the format".
+    Checked before the formats we read: a page whose lines mostly looked like `Name:` must not pass for `plain`."""
     if _HTML_START.match(stripped):
         if _DCE_HTML_MARK.search(stripped):
             raise ExportError(path, None, f"is a DiscordChatExporter HTML export, which bunshin does not read: {_EXPORT_AGAIN}")
