@@ -19,7 +19,7 @@ from datetime import datetime, tzinfo
 from pathlib import Path
 
 from .atomic_output import atomic_directory, check_writable
-from .importers import ReadOptions, open_export
+from .importers import ReadOptions, check_exports, open_export
 from .progress import WatchedProgress
 from .records import ChatRecord
 from .redact import KINDS, Redactor
@@ -135,6 +135,7 @@ def run_prepare(args: argparse.Namespace, read_options: Callable) -> int:
 def _run(args: argparse.Namespace, read_options: Callable) -> int:
     check_writable(args.out, replace=args.force)  # before reading gigabytes of exports, not after
     local = _local_timezone(args.timezone)
+    check_exports(args.paths, args.format, read_options(args))  # every bad input named before the first is read
     options = SampleOptions(
         session_gap_s=args.session_gap,
         max_context_turns=args.max_context_turns,
