@@ -328,6 +328,9 @@ def test_an_unknown_model_is_404_model_not_found(api):
         client(url).models.retrieve("gpt-4o")
     assert unknown.value.code == "model_not_found"
     port = port_of(url)
+    for name in ("%ff%fe", "%0A%0Dx", "%ED%A0%80", "a" * 5_000, "%E7%BE%8E%E5%92%B2x"):  # bytes, a line break, long
+        answer = exchange(port, request_bytes("GET", f"/v1/models/{name}", [auth()], b""))
+        assert "\n" not in openai_error(answer, 404, "model_not_found", "model")["message"]
     missing = json.dumps({"messages": VALID["messages"]}).encode()
     openai_error(post(port, missing), 400, "missing_required_parameter", "model")
     for odd in (1, True, ["美咲"], {"id": "美咲"}):
