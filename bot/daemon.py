@@ -134,12 +134,12 @@ async def run_daemon(config, stop: asyncio.Event | None = None, backend=None) ->
             except ConfigError as exc:
                 raise SystemExit(f"error: {exc}") from None
         if config.server.enabled:
-            app = build_app(metrics, health)
+            app = build_app(metrics, health, middlewares=[api.errors] if api is not None else [])
             for adapter in adapters:
                 app.router.add_routes(adapter.web_routes())
             if api is not None:
                 app.router.add_routes(api.web_routes())
-            runner, port = await start_server(app, config.server.host, config.server.port)
+            runner, port = await start_server(app, config.server.host, config.server.port, metrics)
             log.info("health and metrics on http://%s:%d/healthz and /metrics", config.server.host, port)
             if api is not None:
                 log.info("OpenAI-compatible API on http://%s:%d/v1 as model %r", config.server.host, port, api.model_id)
