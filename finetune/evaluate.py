@@ -15,20 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .atomic_output import atomic_directory, check_writable
+from .blind_pairs import choose_blind_pairs
 from .dataset_files import DatasetError, read_samples
 from .eval_inputs import EvalError, check_names, choose_samples, parse_system_arg, read_system_replies
 from .manifest import bunshin_version
 from .model_loading import DTYPE_CHOICES, QUANTIZE_CHOICES, ModelLoadError
 from .progress import WatchedProgress
-
-BLIND_PAIRS = 40  # enough for a score that means something, few enough to finish over a coffee
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -140,6 +138,7 @@ def build_report(samples: list[dict], replies: dict[str, list[str]], losses: dic
     for name, loss in losses.items():
         scored["systems"][name]["loss"] = loss
         scored["systems"][name]["perplexity"] = perplexity(loss)
+    blind, selection = choose_blind_pairs(samples, replies, seed)
     examples = [{"id": ids[i], "context": s["context"], "real": s["target"],
                  "replies": {name: replies[name][i] for name in replies}} for i, s in enumerate(samples)]
     return {
@@ -150,35 +149,9 @@ def build_report(samples: list[dict], replies: dict[str, list[str]], losses: dic
         "verbatim_chars": verbatim_chars,
         **scored,
         "examples": examples,
-        "blind": blind_pairs(samples, replies, seed),
+        "blind": blind,
+        "blind_selection": selection,
     }
-
-
-def blind_pairs(samples: list[dict], replies: dict[str, list[str]], seed: int, limit: int = BLIND_PAIRS) -> list[dict]:
-    """The real reply and one system's, in random order, for contexts picked at random; systems take turns.
-
-    A pair whose generated reply equals the real one is skipped: there is nothing to tell apart."""
-    rng = random.Random(f"blind-{seed}")
-    order = list(range(len(samples)))
-    rng.shuffle(order)
-    names = list(replies)
-    pairs: list[dict] = []
-    turn = 0
-    for i in order:
-        if len(pairs) >= limit or not names:
-            break
-        name = names[turn % len(names)]
-        generated, real = replies[name][i], samples[i]["target"]
-        if generated.strip() == real.strip():
-            continue
-        turn += 1
-        real_first = rng.random() < 0.5
-        pairs.append({
-            "id": samples[i].get("id") or f"sample-{i}", "system": name, "context": samples[i]["context"],
-            "first": real if real_first else generated, "second": generated if real_first else real,
-            "real_is": "first" if real_first else "second",
-        })
-    return pairs
 
 
 def write_report(out: Path, report: dict, replies: dict[str, list[str]], ids: list[str], *, replace: bool) -> None:
