@@ -4,7 +4,8 @@ report.html shows each pair's context and two replies and asks which one the per
 Contexts are the persona's own conversations, so the real reply of one sample is often a turn in the
 context of the next sample of the same conversation, or the same catchphrase or greeting comes back
 in another conversation. Drawn at random, most pairs of a small test could be solved by reading the
-other pairs (34 of 40 on one synthetic export). So:
+other pairs (24 to 29 of 40 real replies sat in another pair's context on tests/support/leaky_chats.py's
+export). So:
 
 - no reply shown in a pair, real or generated, is a near copy (near_copy.py) of any text shown in
   another pair: its context turns or its two replies. A real reply seen elsewhere gives the answer

@@ -19,7 +19,7 @@ The thresholds, and why:
   reply with one character changed keeps 5 of its 8 (0.62) and a 20-character one with two changed
   keeps 12 of 18 (0.67): still a copy. Two different replies on one topic share its noun and little
   else: 新しいカフェありだね against 新しいカフェ楽しみだね shares 4 of 8 (0.5), not a copy; a voter
-  learns the topic from the context anyway. tests/test_near_copy.py holds these cases.
+  learns the topic from the context anyway. tests/test_blind_pairs.py holds these cases.
 Containment is measured on the shorter text so that a reply found inside a longer message (a quote, a
 burst, a clipped context turn that starts with "…") is a copy as well.
 """
@@ -75,13 +75,6 @@ def near_copy(a: ComparableText, b: ComparableText) -> bool:
     if short.norm in long.norm:
         return True
     return len(short.grams & long.grams) >= CONTAINMENT * len(short.grams)
-
-
-def containment(a: str, b: str) -> float:
-    """The share of the shorter text's trigrams found in the longer one (0 when either has none)."""
-    x, y = ComparableText.of(a), ComparableText.of(b)
-    short, long = (x, y) if len(x.norm) <= len(y.norm) else (y, x)
-    return len(short.grams & long.grams) / len(short.grams) if short.grams else 0.0
 
 
 class TextIndex:
