@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .importers import FORMATS, ExportError, ExportErrors, ReadOptions, SpeakersNeeded, open_export, speakers_flag
+from .persona_home import PersonaHomeError, resolve_command_paths
 
 
 def _add_read_options(p: argparse.ArgumentParser) -> None:
@@ -149,6 +150,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    try:
+        return _dispatch(args)
+    except PersonaHomeError as exc:  # an output inside a source package, a persona home without what is needed
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    resolve_command_paths(args)
     if getattr(args, "_module", None):
         return importlib.import_module(f"{__package__}.{args._module}").run(args)
     handler = {"inspect": cmd_inspect, "prepare": cmd_prepare}[args.command]

@@ -1,4 +1,4 @@
-"""`finetune eval [ADAPTER] --data DATASET --out REPORT`: does the clone talk like the person?
+"""`finetune eval HOME` (or `[ADAPTER] --data DATASET --out REPORT`): does the clone talk like the person?
 
     eval.jsonl (held-out conversations) ─► replies per system: base and tuned (eval_models.py), any
         --system NAME=FILE (eval_inputs.py) ─► scores against the real replies (scoring.py: style,
@@ -30,10 +30,13 @@ from .progress import WatchedProgress
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("adapter", nargs="?", type=Path, metavar="ADAPTER",
-                   help="folder written by `finetune train`: scores its base and tuned model (optional)")
-    p.add_argument("--data", type=Path, required=True, metavar="DATASET", help="folder written by `finetune prepare`")
-    p.add_argument("--out", type=Path, required=True, metavar="REPORT", help="folder to write report.json and report.html in")
+    p.add_argument("adapter", nargs="?", type=Path, metavar="HOME|ADAPTER",
+                   help="a persona home (personas/NAME: its adapter/, dataset/ and report/), or a folder written by "
+                   "`finetune train`: scores its base and tuned model (optional with --system)")
+    p.add_argument("--data", type=Path, default=None, metavar="DATASET",
+                   help="folder written by `finetune prepare` (default: the persona home's dataset/)")
+    p.add_argument("--out", type=Path, default=None, metavar="REPORT",
+                   help="folder to write report.json and report.html in (default: the persona home's report/)")
     p.add_argument("--system", action="append", default=[], metavar="NAME=REPLIES.jsonl",
                    help='more replies to score: one {"id": SAMPLE_ID, "reply": TEXT} per line (repeatable)')
     p.add_argument("--samples", type=int, default=256, help="held-out samples to score, picked with --seed (0: all)")
