@@ -154,7 +154,9 @@ class GenerationConfig(_Section):
 
 
 class MemoryConfig(_Section):
-    path: NonEmpty = "bunshin-memory.sqlite3"  # relative to the working directory; ":memory:" keeps nothing
+    # "" = memory.sqlite3 in the persona home (bot/memory_location.py); else relative to the working directory;
+    # ":memory:" keeps nothing
+    path: str = ""
     max_turns: int = Field(20, gt=0)
     reset_commands: list[NonEmpty] = Field(default_factory=lambda: ["/reset", "リセット"])
 

@@ -6,8 +6,8 @@
 
 Platform adapters start before the model loads: what they accept meanwhile waits in the inbox (on
 disk), with whatever the last run left unanswered, and is answered once serving starts. Files live
-next to [memory] path: the memory, the inbox, and with LINE the names its profiles gave (bot/names.py,
-opened and closed by the LINE platform adapter).
+next to [memory] path, by default in the persona home (bot/memory_location.py): the memory, the inbox,
+and with LINE the names its profiles gave (bot/names.py, opened and closed by the LINE platform adapter).
 
 Shutdown (SIGINT, SIGTERM, or the console's end of input): every message accepted before it is
 answered and delivered, up to [queue] drain_timeout_s (the worker keeps generating meanwhile); what
@@ -25,12 +25,14 @@ import time
 from pathlib import Path
 
 from finetune.model_loading import ModelLoadError, load_base_model, load_persona_model, read_adapter_manifest
+from finetune.persona_home import PersonaHomeError
 
 from .backend import ModelBackend
 from .config import ConfigError
 from .dispatcher import Dispatcher
 from .inbox import Inbox, InboxError
 from .memory import ConversationMemory, MemoryStoreError
+from .memory_location import with_memory_path
 from .metrics import BotMetrics
 from .names import NameCacheError
 from .router import Router
@@ -93,6 +95,10 @@ async def run_daemon(config, stop: asyncio.Event | None = None, backend=None) ->
     started = time.monotonic()
     metrics = BotMetrics()
     state = {"phase": "loading"}
+    try:  # [memory] path "" = the persona home's (bot/memory_location.py)
+        config = with_memory_path(config, lambda: configured_persona(config))
+    except PersonaHomeError as exc:
+        raise SystemExit(f"error: {exc}") from None
     try:
         # Keep a few times what the prompt uses, so a long /reset-less chat stays small on disk.
         memory = ConversationMemory(config.memory.path, keep=4 * config.memory.max_turns)

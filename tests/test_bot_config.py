@@ -51,7 +51,7 @@ def test_empty_file_gives_the_defaults(tmp_path):
     assert config.model_dump() == BotConfig.default().model_dump()
     assert config.model.adapter == ""  # the daemon loads the base model alone
     assert config.model.quantize == "none" and config.model.dtype == "auto" and config.model.revision is None
-    assert config.memory.path == "bunshin-memory.sqlite3" and config.memory.max_turns == 20
+    assert config.memory.path == "" and config.memory.max_turns == 20  # "": in the persona home (bot/memory_location.py)
     assert config.memory.reset_commands == ["/reset", "リセット"]
     assert (config.queue.max_size, config.queue.max_batch, config.queue.batch_wait_ms) == (64, 8, 5)
     assert (config.queue.deadline_s, config.queue.drain_timeout_s) == (60, 30)
