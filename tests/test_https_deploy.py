@@ -271,7 +271,9 @@ def test_compose_reserves_a_gpu_keeps_state_and_outwaits_the_drain(deploy_config
     assert bot["build"] == {"context": "..", "dockerfile": "deploy/Dockerfile"}
     mounts = {v.split(":")[1]: v for v in bot["volumes"]}
     assert str(Path(deploy_config.memory.path).parent) in mounts and "/cache" in mounts
-    assert mounts["/adapters"].endswith(":ro") and mounts["/config/config.toml"].endswith(":ro")
+    assert mounts[deploy_config.model.adapter].endswith(":ro") and mounts["/config/config.toml"].endswith(":ro")
+    # The adapter comes from a persona home, never from the repository's adapters/ (the platform adapters' code).
+    assert mounts[deploy_config.model.adapter].startswith("../personas/")
     assert all(name in compose["volumes"] for name in (mounts["/data"].split(":")[0], mounts["/cache"].split(":")[0]))
     # The secrets every platform's *_env names by default, from .env, each optional (the daemon checks the
     # enabled ones), and nothing baked in.
