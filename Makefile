@@ -24,9 +24,9 @@ demo: setup
 demo-data: setup
 	$(BIN)/python -m finetune inspect examples/line_demo.txt examples/discord_demo.json
 	$(BIN)/python -m finetune prepare examples/line_demo.txt examples/discord_demo.json \
-		--persona 美咲 --alias misaki --out out/demo-dataset --force --timezone Asia/Tokyo
-	@echo "--- first training sample (out/demo-dataset/train.jsonl):"
-	@head -n 1 out/demo-dataset/train.jsonl
+		--persona 美咲 --alias misaki --name demo --force --timezone Asia/Tokyo
+	@echo "--- first training sample (personas/demo/dataset/train.jsonl):"
+	@head -n 1 personas/demo/dataset/train.jsonl
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -42,7 +42,6 @@ import base64
 import contextlib
 import hashlib
 import hmac
-import json
 import logging
 import math
 import time
@@ -51,7 +50,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from bot.api import read_capped
+from bot.http_input import BadBody, header_bytes, is_utf8, parse_json, read_capped
 from bot.inbox import InboxEntry, InboxError
 from bot.messages import Accept, IncomingMessage, RecordAttempt
 from bot.names import NameCache, apart_from_persona
@@ -142,7 +141,7 @@ def verify_signature(body: bytes, signature: str | None, secret: bytes) -> None:
     if not signature:
         raise WebhookRejected(400, "missing X-Line-Signature")
     expected = base64.b64encode(hmac.new(secret, body, hashlib.sha256).digest())
-    if not hmac.compare_digest(expected, signature.encode("utf-8", "replace")):
+    if not hmac.compare_digest(expected, header_bytes(signature)):
         raise WebhookRejected(401, "invalid X-Line-Signature")
 
 
@@ -167,15 +166,9 @@ def parse_events(body: bytes) -> list[TextEvent]:
     Read straight from the JSON: line-bot-sdk's webhook models cost 25 µs an event in a loop and up to 210 µs
     under load (bench/results/line_profile.json), for the ten fields used here."""
     try:
-        text = body.decode("utf-8")  # LINE sends UTF-8; json.loads(bytes) would also guess UTF-16 and UTF-32
-    except UnicodeDecodeError as exc:
-        raise WebhookRejected(400, f"body is not UTF-8 (invalid byte at offset {exc.start})") from None
-    try:
-        payload = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise WebhookRejected(400, f"body is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-    except RecursionError:
-        raise WebhookRejected(400, "body is not JSON a parser can take (nested too deeply)") from None
+        payload = parse_json(body)  # LINE sends UTF-8
+    except BadBody as exc:
+        raise WebhookRejected(400, f"body is {exc.reason}") from None
     events = payload.get("events") if isinstance(payload, dict) else None
     if not isinstance(events, list):
         raise WebhookRejected(400, 'body has no "events" list')
@@ -208,7 +201,7 @@ def _text_message_event(raw) -> TextEvent | None:
         return None
     # What LINE never sends would fail later, in SQLite or in arithmetic on the timestamp, after the webhook
     # has answered: refuse it here instead.
-    if not (event_id and _is_utf8(event_id, chat_id, user_id or "", text, reply_token or "")
+    if not (event_id and is_utf8(event_id, chat_id, user_id or "", text, reply_token or "")
             and 0 <= timestamp < 2**53):
         log.warning("message event %s with impossible values ignored", loggable(event_id))
         return None
@@ -224,16 +217,6 @@ def _self_mentions(mention) -> tuple[tuple[int, int], ...]:
     return tuple((m["index"], m["length"]) for m in mentionees
                  if isinstance(m, dict) and m.get("isSelf") is True
                  and type(m.get("index")) is int and type(m.get("length")) is int)
-
-
-def _is_utf8(*texts: str) -> bool:
-    """False for a JSON string holding an unpaired surrogate (\\ud800): valid JSON, but not text UTF-8 can store."""
-    try:
-        for text in texts:
-            text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 # --- the adapter ------------------------------------------------------------------------------
@@ -281,7 +264,11 @@ class LineAdapter:
 
     async def webhook(self, request: web.Request) -> web.Response:
         received, received_at = time.monotonic(), time.time()
-        body = await read_capped(request, MAX_BODY_BYTES)
+        try:
+            body = await read_capped(request, MAX_BODY_BYTES)
+        except BadBody as exc:
+            log.warning("webhook from %s rejected: body is %s", request.remote, exc.reason)
+            return web.Response(status=400, text=f"body is {exc.reason}")
         if body is None:
             log.warning("webhook from %s rejected: body over %d bytes", request.remote, MAX_BODY_BYTES)
             return web.Response(status=413, text=f"body over {MAX_BODY_BYTES} bytes")

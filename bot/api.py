@@ -20,11 +20,16 @@ what was ignored, so a client is never led to think they were. With `stream: tru
 is sent as server-sent events in one content delta: valid SSE that every client reads, without faking
 token-by-token timing.
 
-Errors are OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, so its clients raise the usual
-exceptions: 401 a missing or wrong key, 400 a malformed request (naming the field), 413 a body over `[api]
-max_body_bytes`, 429 (with Retry-After) a full queue or a client over its rate, 503 still loading / past the
-deadline / shutting down, 500 a failed generation. The log names the client's address and the status, never
-the conversation or the key.
+Every answer under /v1 goes through `OpenAIApi.errors` (an aiohttp middleware), which gives each error OpenAI's
+shape, `{"error": {"message", "type", "param", "code"}}`, so its clients raise the usual exceptions, and counts
+every answer in `bunshin_api_responses{status}`: 400 a malformed request (naming the field in `param`), 401 a
+missing or wrong key, 404 an unknown model (`model_not_found`) or URL (`unknown_url`), 405 a method the URL does
+not take, 413 a body over `[api] max_body_bytes`, 429 (with Retry-After) a full queue or a client over its
+rate, 503 still loading / past the deadline / shutting down, 500 a failed generation or a bug. No input is a
+500: whatever a client sends (bytes that are not UTF-8 or not JSON, JSON nested past the parser's depth, lone
+surrogates, any header bytes) is a 4xx (bot/http_input.py; tests/test_api_bad_input.py fuzzes it). Error
+messages name fields and positions, never the conversation's text; the log names the client's address and the
+status, never the conversation or the key.
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ import hmac
 import json
 import logging
 import math
+import re
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, field
 
@@ -43,6 +50,7 @@ from aiohttp import web
 
 from finetune.prompt import ChatTurn
 
+from .http_input import BadBody, header_bytes, is_utf8, parse_json, read_capped
 from .memory import window_start
 from .names import apart_from_persona
 from .router import WINDOW_SLACK, RateLimiter
@@ -50,6 +58,7 @@ from .worker import DeadlineExceeded, GenerationFailed, QueueFull, WorkerStopped
 
 log = logging.getLogger("bunshin.api")
 
+API_ROOT = "/v1"
 CHAT_COMPLETIONS = "/v1/chat/completions"
 MODELS = "/v1/models"
 IGNORED_HEADER = "X-Bunshin-Ignored"
@@ -75,19 +84,46 @@ class ApiError(Exception):
     """A request answered with OpenAI's error shape."""
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, retry_after: float | None = None) -> None:
+                 code: str | None = None, retry_after: float | None = None, headers: dict | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
-        self.retry_after = retry_after
+        self.headers = dict(headers or {})
+        if retry_after is not None:
+            self.headers["Retry-After"] = str(math.ceil(retry_after))
 
     def response(self) -> web.Response:
-        headers = {"Retry-After": str(math.ceil(self.retry_after))} if self.retry_after is not None else None
         body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-        return web.json_response(body, status=self.status, headers=headers, dumps=_json)
+        text = _json(body)
+        if not is_utf8(text):  # a lone surrogate that slipped into a message: escaped, never an encoding error
+            text = json.dumps(body)
+        return web.json_response(text=text, status=self.status, headers=self.headers or None)
 
 
 def _bad(message: str, param: str | None) -> ApiError:
     return ApiError(400, message, param=param, code="invalid_value" if param else None)
+
+
+def _missing(message: str, param: str) -> ApiError:
+    return ApiError(400, message, param=param, code="missing_required_parameter")
+
+
+_IDENTIFIER = re.compile(r"[\w.:/@+-]{1,64}")  # \w: Unicode letters too (a persona named 美咲)
+
+
+def _shown(value) -> str:
+    """A client's value for an error message: a short identifier (a model, a role) quoted, anything else only by its
+    JSON type, so that no message echoes a conversation's text, a huge value, or one nested past repr's depth."""
+    if isinstance(value, str) and _IDENTIFIER.fullmatch(value) and is_utf8(value):
+        return repr(value)
+    if isinstance(value, str):
+        return f"a string of {len(value)} characters"
+    kinds = {bool: "a boolean", int: "a number", float: "a number", list: "an array", dict: "an object"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def _not_utf8(where: str) -> ApiError:
+    # A JSON "\ud800" escape with no partner: valid JSON, but no text a tokenizer (or UTF-8) can take.
+    return _bad(f"{where}: is not valid Unicode text (it holds an unpaired surrogate, a \\ud800-\\udfff escape)", where)
 
 
 @dataclass
@@ -100,14 +136,16 @@ class ChatRequest:
     ignored: list[str] = field(default_factory=list)  # fields and messages accepted but not applied
 
 
-def parse_chat_request(body: bytes, persona: str, config) -> ChatRequest:
-    """The request body as turns for the prompt renderer; ApiError (400) names the field that is wrong."""
+def parse_chat_request(body: bytes, persona: str, config, model_id: str) -> ChatRequest:
+    """The request body as turns for the prompt renderer; ApiError (400) names the field that is wrong, (404) a
+    model other than `model_id`."""
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(f"the body is not valid JSON: {exc}", None) from None
+        data = parse_json(body)
+    except BadBody as exc:
+        raise _bad(f"the body is {exc.reason}; send the request as a JSON object in UTF-8", None) from None
     if not isinstance(data, dict):
-        raise _bad("the body must be a JSON object", None)
+        raise _bad(f"the body must be a JSON object, not {_shown(data)}", None)
+    check_model(data.get("model"), model_id)
     ignored: list[str] = []
     n = data.get("n")
     if n is not None and (not _is_int(n) or n != 1):
@@ -138,11 +176,23 @@ def parse_chat_request(body: bytes, persona: str, config) -> ChatRequest:
     return ChatRequest(turns, bool(stream), bool(options and options.get("include_usage")), ignored)
 
 
+def check_model(model, model_id: str) -> None:
+    """The request names the one model served (the id /v1/models lists): 404 model_not_found for any other, as
+    OpenAI and vLLM answer."""
+    if model is None:
+        raise _missing(f"model: required; this server's model is {model_id!r} (listed by GET {MODELS})", "model")
+    if not isinstance(model, str):
+        raise _bad(f"model: must be a string, not {_shown(model)}", "model")
+    if model != model_id:
+        raise ApiError(404, f"The model {_shown(model)} does not exist; this server has {model_id!r} (listed by GET "
+                       f"{MODELS})", param="model", code="model_not_found")
+
+
 def conversation_turns(messages, persona: str, api, ignored: list[str], max_chars: int | None = None) -> list[ChatTurn]:
     """OpenAI `messages` as (speaker, text) turns: `name` or the role's speaker, the text parts joined.
     What is dropped (system messages with system_messages = "ignore") is added to `ignored`."""
     if messages is None:
-        raise _bad("messages: required (the conversation, oldest first)", "messages")
+        raise _missing("messages: required (the conversation, oldest first)", "messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("messages: must be a non-empty array of messages", "messages")
     turns = []
@@ -160,7 +210,8 @@ def conversation_turns(messages, persona: str, api, ignored: list[str], max_char
         if role in ("tool", "function"):
             raise _bad(f"{where}.role: {role!r} is not supported: bunshin does not call tools", f"{where}.role")
         if role not in ("user", "assistant"):
-            raise _bad(f"{where}.role: must be user, assistant or system, not {role!r}", f"{where}.role")
+            raise _bad(f"{where}.role: must be user, assistant, system or developer, not {_shown(role)}",
+                       f"{where}.role")
         text = _text_of(message.get("content"), where)
         if max_chars is not None:
             text = text[:max_chars]
@@ -174,15 +225,20 @@ def conversation_turns(messages, persona: str, api, ignored: list[str], max_char
 
 def _text_of(content, where: str) -> str:
     if content is None or isinstance(content, str):
+        if content and not is_utf8(content):
+            raise _not_utf8(f"{where}.content")
         return content or ""
     if not isinstance(content, list):
-        raise _bad(f"{where}.content: must be a string or an array of text parts", f"{where}.content")
+        raise _bad(f"{where}.content: must be a string or an array of text parts, not {_shown(content)}",
+                   f"{where}.content")
     texts = []
     for j, part in enumerate(content):
         if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise _bad(f"{where}.content[{j}]: only text parts are understood (the persona reads text), not {kind!r}",
+            kind = _shown(part.get("type")) if isinstance(part, dict) else _shown(part)
+            raise _bad(f"{where}.content[{j}]: only text parts are understood (the persona reads text), not {kind}",
                        f"{where}.content[{j}]")
+        if not is_utf8(part["text"]):
+            raise _not_utf8(f"{where}.content[{j}].text")
         texts.append(part["text"])
     return "\n".join(texts)
 
@@ -196,6 +252,8 @@ def _speaker(message: dict, role: str, persona: str, user_name: str, where: str)
     if not isinstance(name, str) or any(ch in name for ch in "\r\n") or len(name) > 64:
         # A name starts a line of the transcript: a line break in it would write turns nobody said.
         raise _bad(f"{where}.name: must be one line of at most 64 characters", f"{where}.name")
+    if not is_utf8(name):
+        raise _not_utf8(f"{where}.name")
     return apart_from_persona(name.strip(), persona)
 
 
@@ -204,7 +262,8 @@ def _is_int(value) -> bool:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    # An int is finite however large (math.isfinite(10**400) would raise OverflowError converting it to a float).
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
 
 
 class OpenAIApi:
@@ -235,51 +294,67 @@ class OpenAIApi:
         return [web.post(CHAT_COMPLETIONS, self.chat_completions), web.get(MODELS, self.models),
                 web.get(MODELS + "/{model}", self.model)]
 
-    # --- the endpoints ---
-
-    async def models(self, request: web.Request) -> web.StreamResponse:
-        return await self._answer(request, self._list_models)
-
-    async def model(self, request: web.Request) -> web.StreamResponse:
-        return await self._answer(request, self._one_model)
-
-    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._answer(request, self._complete)
-
-    async def _answer(self, request: web.Request, handle) -> web.StreamResponse:
+    @web.middleware
+    async def errors(self, request: web.Request, handler) -> web.StreamResponse:
+        """Every answer under /v1, the router's 404 and 405 included: errors in OpenAI's shape, each answer counted
+        in bunshin_api_responses. Other paths (/healthz, /metrics, LINE's webhook) pass through untouched."""
+        if request.path != API_ROOT and not request.path.startswith(API_ROOT + "/"):
+            return await handler(request)
         try:
-            self._authorize(request)
-            response = await handle(request)
+            response = await handler(request)
         except ApiError as exc:
             # Not 429 or 503: under overload a line per request would add work when there is none to spare
-            # (bunshin_api_responses counts them all).
+            # (bunshin_api_responses counts them all). raw_path: percent-encoded, one line whatever the client sent.
             if exc.status in (401, 413, 500):
-                log.warning("%s %s from %s: %d %s", request.method, request.path, request.remote, exc.status,
-                            exc.message)
+                log.warning("%s %s from %s: %d %s", request.method, request.rel_url.raw_path[:200], request.remote,
+                            exc.status, exc.message)
             response = exc.response()
+        except web.HTTPMethodNotAllowed as exc:
+            response = ApiError(405, f"Invalid method for URL ({request.method} {_url_shown(request)}): it takes "
+                                f"{', '.join(sorted(exc.allowed_methods))}",
+                                headers={"Allow": ",".join(sorted(exc.allowed_methods))}).response()
+        except web.HTTPNotFound:
+            response = ApiError(404, f"Unknown request URL: {request.method} {_url_shown(request)}. bunshin serves "
+                                f"POST {CHAT_COMPLETIONS}, GET {MODELS} and GET {MODELS}/MODEL",
+                                code="unknown_url").response()
+        except web.HTTPException as exc:  # none of the routes raises another today; in the same shape if one does
+            response = ApiError(exc.status, exc.reason,
+                                kind="server_error" if exc.status >= 500 else "invalid_request_error").response()
+        except Exception as exc:  # noqa: BLE001 - a bug: a 500 in OpenAI's shape, counted, and logged for fixing
+            # The frames, not the exception's text: a message can quote what it failed on (a user's words).
+            log.error("%s %s from %s: 500, unexpected %s\n%s", request.method, request.rel_url.raw_path[:200],
+                      request.remote, type(exc).__name__, "".join(traceback.format_tb(exc.__traceback__)).rstrip())
+            response = ApiError(500, "bunshin failed on this request (a bug); the log has the details",
+                                kind="server_error").response()
         self.metrics.api_responses.labels(str(response.status)).inc()
         return response
+
+    # --- the endpoints ---
+
+    async def models(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        return web.json_response({"object": "list", "data": [self._model_object()]}, dumps=_json)
+
+    async def model(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        check_model(request.match_info["model"], self.model_id)
+        return web.json_response(self._model_object(), dumps=_json)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        self._authorize(request)
+        return await self._complete(request)
 
     def _authorize(self, request: web.Request) -> None:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
             raise ApiError(401, "no API key: send it as 'Authorization: Bearer KEY' (the value of the variable "
                            "[api] key_env names)", code="invalid_api_key")
-        if not hmac.compare_digest(given.strip().encode("utf-8"), self._key):
+        # The bytes as sent: a header may hold any byte, and compare_digest takes bytes of any length.
+        if not hmac.compare_digest(header_bytes(given.strip()), self._key):
             raise ApiError(401, "incorrect API key", code="invalid_api_key")
 
     def _model_object(self) -> dict:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "bunshin"}
-
-    async def _list_models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [self._model_object()]}, dumps=_json)
-
-    async def _one_model(self, request: web.Request) -> web.Response:
-        name = request.match_info["model"]
-        if name != self.model_id:
-            raise ApiError(404, f"the model {name!r} does not exist; this server has {self.model_id!r}",
-                           param="model", code="model_not_found")
-        return web.json_response(self._model_object(), dumps=_json)
 
     async def _complete(self, request: web.Request) -> web.StreamResponse:
         received = time.monotonic()
@@ -288,10 +363,13 @@ class OpenAIApi:
             self.metrics.messages.labels(outcome="rate_limited").inc()
             raise ApiError(429, f"over [api] requests_per_minute ({self.api.requests_per_minute:g}) for {client}",
                            kind="requests", code="rate_limit_exceeded", retry_after=60 / self.api.requests_per_minute)
-        body = await read_capped(request, self.api.max_body_bytes)
+        try:
+            body = await read_capped(request, self.api.max_body_bytes)
+        except BadBody as exc:
+            raise _bad(f"the body is {exc.reason}", None) from None
         if body is None:
             raise ApiError(413, f"the body is over [api] max_body_bytes ({self.api.max_body_bytes} bytes)")
-        chat = parse_chat_request(body, self.persona, self.config)
+        chat = parse_chat_request(body, self.persona, self.config, self.model_id)
         worker = self.worker
         if worker is None:
             raise ApiError(503, "the model is still loading; try again shortly", kind="server_error",
@@ -364,7 +442,7 @@ class OpenAIApi:
             try:
                 prompt = len(await asyncio.to_thread(count, turns))
             except Exception as exc:  # noqa: BLE001 - a count is not worth failing a finished reply
-                log.warning("could not count the prompt's tokens: %r", exc)
+                log.warning("could not count the prompt's tokens: %s", type(exc).__name__)
             else:
                 usage = {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
                          "total_tokens": prompt + completion_tokens}
@@ -384,14 +462,7 @@ class OpenAIApi:
                      "[generation]; responses name what was ignored in %s)", ", ".join(sorted(new)), IGNORED_HEADER)
 
 
-async def read_capped(request: web.Request, limit: int) -> bytes | None:
-    """The request body, or None once it passes `limit` bytes (checked while reading: a chunked body has no
-    Content-Length to check first). LINE's webhook reads its body with it too."""
-    if request.content_length is not None and request.content_length > limit:
-        return None
-    body = bytearray()
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        body += chunk
-        if len(body) > limit:
-            return None
-    return bytes(body)
+def _url_shown(request: web.Request) -> str:
+    """The path as sent (percent-encoded: one line of ASCII), cut to a length fit for a message."""
+    path = request.rel_url.raw_path
+    return path if len(path) <= 200 else path[:200] + "…"

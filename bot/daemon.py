@@ -6,8 +6,8 @@
 
 Platform adapters start before the model loads: what they accept meanwhile waits in the inbox (on
 disk), with whatever the last run left unanswered, and is answered once serving starts. Files live
-next to [memory] path: the memory, the inbox, and with LINE the names its profiles gave (bot/names.py,
-opened and closed by the LINE platform adapter).
+next to [memory] path, by default in the persona home (bot/memory_location.py): the memory, the inbox,
+and with LINE the names its profiles gave (bot/names.py, opened and closed by the LINE platform adapter).
 
 Shutdown (SIGINT, SIGTERM, or the console's end of input): every message accepted before it is
 answered and delivered, up to [queue] drain_timeout_s (the worker keeps generating meanwhile); what
@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from finetune.model_loading import ModelLoadError, load_base_model, load_persona_model, read_adapter_manifest
+from finetune.persona_home import PersonaHomeError
 
 from .backend import ModelBackend
 from .config import ConfigError
@@ -40,6 +41,7 @@ from .dispatcher import Dispatcher
 from .inbox import Inbox, InboxError
 from .loading import in_thread
 from .memory import ConversationMemory, MemoryStoreError
+from .memory_location import with_memory_path
 from .metrics import BotMetrics
 from .names import NameCacheError
 from .router import Router
@@ -116,6 +118,10 @@ async def run_daemon(config, stop: asyncio.Event | None = None, backend=None, ne
     started = time.monotonic()
     metrics = BotMetrics()
     state = {"phase": "loading"}
+    try:  # [memory] path "" = the persona home's (bot/memory_location.py)
+        config = with_memory_path(config, lambda: configured_persona(config))
+    except PersonaHomeError as exc:
+        raise SystemExit(f"error: {exc}") from None
     inbox_path = Inbox.path_for(config.memory.path)
     if not new_inbox:
         refuse_memory_without_inbox(config.memory.path, inbox_path)
@@ -165,12 +171,12 @@ async def run_daemon(config, stop: asyncio.Event | None = None, backend=None, ne
             except ConfigError as exc:
                 raise SystemExit(f"error: {exc}") from None
         if config.server.enabled:
-            app = build_app(metrics, health)
+            app = build_app(metrics, health, middlewares=[api.errors] if api is not None else [])
             for adapter in adapters:
                 app.router.add_routes(adapter.web_routes())
             if api is not None:
                 app.router.add_routes(api.web_routes())
-            runner, port = await start_server(app, config.server.host, config.server.port)
+            runner, port = await start_server(app, config.server.host, config.server.port, metrics)
             log.info("health and metrics on http://%s:%d/healthz and /metrics", config.server.host, port)
             if api is not None:
                 log.info("OpenAI-compatible API on http://%s:%d/v1 as model %r", config.server.host, port, api.model_id)

@@ -44,6 +44,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune.persona_home import make_private_file
+
 from .messages import IncomingMessage
 from .storage_errors import describe
 
@@ -118,7 +120,7 @@ class Inbox:
         self.done_keep_s = done_keep_s
         self.done_keep_max = done_keep_max
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            make_private_file(Path(self.path))  # 0600 in a 0700 folder, before SQLite creates it (and its -wal) 0644
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
             self._open()

@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
+from finetune.persona_home import make_private_file
 from finetune.records import KINDS, TEXT, ChatRecord
 
 from .storage_errors import describe
@@ -81,7 +82,7 @@ class ConversationMemory:
         self._appends: dict[str, int] = {}  # appends per chat since the last prune
         self._lock = threading.Lock()  # one connection, usable from a worker thread too
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            make_private_file(Path(self.path))  # 0600 in a 0700 folder, before SQLite creates it (and its -wal) 0644
         try:
             self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
         except sqlite3.OperationalError as exc:  # a folder, no permission ...

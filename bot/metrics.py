@@ -51,6 +51,9 @@ class BotMetrics:
         # requests that reach the model are counted in bunshin_messages as well, with the platforms' outcomes.
         self.api_responses = Counter("bunshin_api_responses", "OpenAI-compatible API answers by HTTP status", ["status"],
                                      registry=r)
+        # Bytes that are not valid HTTP, answered 400 by aiohttp's parser before any route (bot/server.py).
+        self.http_rejected = Counter("bunshin_http_rejected", "Requests refused as not valid HTTP, before any route",
+                                     registry=r)
         for outcome in OUTCOMES:
             self.messages.labels(outcome)
         for outcome in DELIVERY_OUTCOMES:

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune.persona_home import make_private_file
+
 from .storage_errors import describe
 
 log = logging.getLogger("bunshin.names")
@@ -62,7 +64,7 @@ class NameCache:
     def __init__(self, path: str | Path):
         self.path = str(path)
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            make_private_file(Path(self.path))  # 0600 in a 0700 folder, before SQLite creates it (and its -wal) 0644
         self._failure_logged = False
         self._closed = False
         try:

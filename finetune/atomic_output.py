@@ -5,6 +5,10 @@ everything in it is complete; an error or Ctrl-C leaves the old output (if any) 
 and no half-written folder behind. A SIGKILL or a power cut cannot clean up: the staging folder
 (named after its process) stays hidden beside the output, and the next run removes it once
 that process is gone.
+
+Everything in the folder is made readable by its owner only before it appears (private_files.py:
+transformers, peft and the tokenizer files copied in would otherwise be 0644), its missing parents are
+created 0700, and no output goes into one of bunshin's source packages (persona_home.py).
 """
 
 from __future__ import annotations
@@ -16,12 +20,17 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from .persona_home import make_output_parent, refuse_source_package
+from .private_files import make_tree_private
+
 
 def check_writable(out: Path, *, replace: bool = False) -> None:
-    """FileExistsError unless `out` is absent, an empty folder, or allowed to be replaced.
+    """FileExistsError unless `out` is absent, an empty folder, or allowed to be replaced; PersonaHomeError
+    when it is inside a source package.
 
     Callers check before slow work too, so a long run does not end in this error."""
     out = Path(out)
+    refuse_source_package(out)
     if out.exists() and not replace and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} already exists and is not empty (pass --force to replace it)")
 
@@ -31,11 +40,12 @@ def atomic_directory(out: Path, *, replace: bool = False):
     """Yields a staging folder; on success it becomes `out`. `replace` allows an existing `out` to go."""
     out = Path(out)
     check_writable(out, replace=replace)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_output_parent(out)
     _remove_leftovers_of_dead_runs(out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=out.parent))
     try:
         yield staging
+        make_tree_private(staging)
         for f in staging.iterdir():
             if f.is_file():
                 with open(f, "rb+") as fh:

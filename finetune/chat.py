@@ -1,4 +1,4 @@
-"""`finetune chat ADAPTER`: talk to the tuned model in the terminal.
+"""`finetune chat HOME` (or `ADAPTER`): talk to the tuned model in the terminal.
 
 Type a message and the persona answers; `/reset` forgets the conversation, `/quit` (or Ctrl-D)
 ends. Works with piped input too, one message per line.
@@ -14,7 +14,9 @@ from .model_loading import DTYPE_CHOICES, QUANTIZE_CHOICES, ModelLoadError, load
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("adapter", type=Path, metavar="ADAPTER", help="folder written by `finetune train` (or `merge`)")
+    p.add_argument("adapter", type=Path, metavar="HOME|ADAPTER",
+                   help="a persona home (personas/NAME: its adapter/, else merged/), or a folder written by "
+                   "`finetune train` (or `merge`)")
     p.add_argument("--base", default=None, help="load the base model from here instead of the manifest's id (same model)")
     p.add_argument("--name", default="あなた", help="your speaker name in the conversation (default: あなた)")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none")

@@ -1,4 +1,4 @@
-"""`finetune eval [ADAPTER] --data DATASET --out REPORT`: does the clone talk like the person?
+"""`finetune eval HOME` (or `[ADAPTER] --data DATASET --out REPORT`): does the clone talk like the person?
 
     eval.jsonl (held-out conversations) ─► replies per system: base and tuned (eval_models.py), any
         --system NAME=FILE (eval_inputs.py) ─► scores against the real replies (scoring.py: style,
@@ -15,27 +15,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .atomic_output import atomic_directory, check_writable
+from .blind_pairs import choose_blind_pairs
 from .dataset_files import DatasetError, read_samples
 from .eval_inputs import EvalError, check_names, choose_samples, parse_system_arg, read_system_replies
 from .manifest import bunshin_version
 from .model_loading import DTYPE_CHOICES, QUANTIZE_CHOICES, ModelLoadError
 from .progress import WatchedProgress
 
-BLIND_PAIRS = 40  # enough for a score that means something, few enough to finish over a coffee
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("adapter", nargs="?", type=Path, metavar="ADAPTER",
-                   help="folder written by `finetune train`: scores its base and tuned model (optional)")
-    p.add_argument("--data", type=Path, required=True, metavar="DATASET", help="folder written by `finetune prepare`")
-    p.add_argument("--out", type=Path, required=True, metavar="REPORT", help="folder to write report.json and report.html in")
+    p.add_argument("adapter", nargs="?", type=Path, metavar="HOME|ADAPTER",
+                   help="a persona home (personas/NAME: its adapter/, dataset/ and report/), or a folder written by "
+                   "`finetune train`: scores its base and tuned model (optional with --system)")
+    p.add_argument("--data", type=Path, default=None, metavar="DATASET",
+                   help="folder written by `finetune prepare` (default: the persona home's dataset/)")
+    p.add_argument("--out", type=Path, default=None, metavar="REPORT",
+                   help="folder to write report.json and report.html in (default: the persona home's report/)")
     p.add_argument("--system", action="append", default=[], metavar="NAME=REPLIES.jsonl",
                    help='more replies to score: one {"id": SAMPLE_ID, "reply": TEXT} per line (repeatable)')
     p.add_argument("--samples", type=int, default=256, help="held-out samples to score, picked with --seed (0: all)")
@@ -140,6 +141,7 @@ def build_report(samples: list[dict], replies: dict[str, list[str]], losses: dic
     for name, loss in losses.items():
         scored["systems"][name]["loss"] = loss
         scored["systems"][name]["perplexity"] = perplexity(loss)
+    blind, selection = choose_blind_pairs(samples, replies, seed)
     examples = [{"id": ids[i], "context": s["context"], "real": s["target"],
                  "replies": {name: replies[name][i] for name in replies}} for i, s in enumerate(samples)]
     return {
@@ -150,35 +152,9 @@ def build_report(samples: list[dict], replies: dict[str, list[str]], losses: dic
         "verbatim_chars": verbatim_chars,
         **scored,
         "examples": examples,
-        "blind": blind_pairs(samples, replies, seed),
+        "blind": blind,
+        "blind_selection": selection,
     }
-
-
-def blind_pairs(samples: list[dict], replies: dict[str, list[str]], seed: int, limit: int = BLIND_PAIRS) -> list[dict]:
-    """The real reply and one system's, in random order, for contexts picked at random; systems take turns.
-
-    A pair whose generated reply equals the real one is skipped: there is nothing to tell apart."""
-    rng = random.Random(f"blind-{seed}")
-    order = list(range(len(samples)))
-    rng.shuffle(order)
-    names = list(replies)
-    pairs: list[dict] = []
-    turn = 0
-    for i in order:
-        if len(pairs) >= limit or not names:
-            break
-        name = names[turn % len(names)]
-        generated, real = replies[name][i], samples[i]["target"]
-        if generated.strip() == real.strip():
-            continue
-        turn += 1
-        real_first = rng.random() < 0.5
-        pairs.append({
-            "id": samples[i].get("id") or f"sample-{i}", "system": name, "context": samples[i]["context"],
-            "first": real if real_first else generated, "second": generated if real_first else real,
-            "real_is": "first" if real_first else "second",
-        })
-    return pairs
 
 
 def write_report(out: Path, report: dict, replies: dict[str, list[str]], ids: list[str], *, replace: bool) -> None:

@@ -1,4 +1,4 @@
-"""`finetune merge ADAPTER --out DIR`: base + LoRA folded into one full model.
+"""`finetune merge HOME` (or `ADAPTER --out DIR`): base + LoRA folded into one full model.
 
 For engines that serve plain weights (vLLM, llama.cpp converters, TGI). The folder also gets
 the tokenizer files and a manifest marked `merged`, so `finetune chat DIR` and the bot load it
@@ -14,12 +14,14 @@ from pathlib import Path
 
 from .atomic_output import atomic_directory
 from .model_loading import DTYPE_CHOICES, ModelLoadError, load_persona_model
+from .persona_home import refuse_source_package
 from .tokenization import TOKENIZER_FILES, tokenizer_folder
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("adapter", type=Path, metavar="ADAPTER")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("adapter", type=Path, metavar="HOME|ADAPTER",
+                   help="a persona home (personas/NAME: merges its adapter/ into its merged/), or an adapter folder")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR", help="default: the persona home's merged/")
     p.add_argument("--base", default=None, help="load the base model from here instead of the manifest's id (same model)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="dtype of the merged weights (default: the device's, fp32 on CPU)")
@@ -28,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    refuse_source_package(args.out)  # before the model loads, not after
     try:
         if args.out.exists() and not args.force:
             raise ModelLoadError(f"{args.out} already exists (pass --force to replace it)")

@@ -44,7 +44,11 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="export files or folders, any mix of platforms")
     p.add_argument("--persona", required=True, help="the person to clone, as `inspect` names them")
     p.add_argument("--alias", action="append", default=[], metavar="NAME", help="another name of the persona (repeatable)")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (train.jsonl, eval.jsonl, stats.json)")
+    p.add_argument("--name", default=None, metavar="NAME",
+                   help="the persona home to write: personas/NAME/dataset (default: the persona's name; "
+                   "BUNSHIN_HOME moves personas/)")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="write the dataset (train.jsonl, eval.jsonl, stats.json) here instead of the persona home")
     p.add_argument("--force", action="store_true", help="replace DIR if it already holds a dataset")
     p.add_argument(
         "--exclude-speaker",

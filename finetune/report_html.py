@@ -55,9 +55,9 @@ def render_report(report: dict) -> str:
         _summary(report, systems, colours),
         _feature_distances(report, systems, colours),
         _plots(report, systems, colours),
+        _blind(report, persona),  # before the sections that quote replies (stock phrases, verbatim, examples)
         _stock_phrases(report, systems, colours),
         _verbatim(report, systems, colours),
-        _blind(report, persona),
         _examples(report, systems, colours),
     ]
     script = _SCRIPT
@@ -195,8 +195,8 @@ def _header(report: dict, persona: str) -> str:
     nav = "".join(
         f'<a href="#{anchor}">{label}</a>'
         for anchor, label in [("summary", "summary"), ("features", "features"), ("plots", "plots"),
-                              ("phrases", "stock phrases"), ("verbatim", "verbatim repeats"),
-                              ("blind", "blind test"), ("examples", "examples")]
+                              ("blind", "blind test"), ("phrases", "stock phrases"),
+                              ("verbatim", "verbatim repeats"), ("examples", "examples")]
     )
     return (
         f'<header><h1>How close is the clone of <span class="persona">{escape(persona)}</span>?</h1>'
@@ -459,6 +459,23 @@ def _blind_item(i: int, item: dict) -> str:
             f'<div class="pair">{picks}</div><p class="verdict" aria-live="polite"></p></article>')
 
 
+def _selection_note(selection) -> str:
+    """How the pairs were chosen (report.json's blind_selection), in a sentence."""
+    if not isinstance(selection, dict) or _number(selection.get("pairs")) is None:
+        return ""
+    left_out = selection.get("left_out") if isinstance(selection.get("left_out"), dict) else {}
+    conversations = _number(selection.get("conversations"))
+    parts = [f'{_fmt(selection.get("pairs"))} pairs from {_fmt(selection.get("samples"))} held-out samples'
+             + (f", {_fmt(selection.get('conversations'))} conversations" if conversations is not None else "")]
+    shown, same = _number(left_out.get("shown_elsewhere")) or 0, _number(left_out.get("same_reply")) or 0
+    if shown:
+        parts.append(f"{_fmt(left_out['shown_elsewhere'])} left out because a reply would also show up in another "
+                     "pair (quoted, repeated or in its context), which would give the answer away")
+    if same:
+        parts.append(f"{_fmt(left_out['same_reply'])} because the generated reply was the real one")
+    return f'<p class="muted" id="blind-selection">{escape("; ".join(parts))}.</p>'
+
+
 def _blind(report: dict, persona: str) -> str:
     items = [b for b in report.get("blind") or [] if isinstance(b, dict)]
     if not items:
@@ -469,9 +486,17 @@ def _blind(report: dict, persona: str) -> str:
             + "</details>") if len(items) > BLIND_SHOWN else ""
     return (
         '<section id="blind"><h2>Blind test</h2>'
-        f"<p>Which reply did {escape(persona)} really write? Click it; the page tells you after each pick. "
-        "Do this before scrolling on: the side-by-side examples below show the answers.</p>"
-        '<div class="scorebox"><p id="blind-score">No votes yet.</p><ul id="blind-per-system"></ul>'
+        f"<p>Which reply did {escape(persona)} really write? Give this page to friends who know {escape(persona)}; "
+        "each clicks the reply they think is real, and the page tells them after each pick. Vote before "
+        "scrolling on: the sections below quote replies, and the side-by-side examples show the answers. "
+        "No reply here appears anywhere else in the test, so every pair is judged on its own.</p>"
+        f"{_selection_note(report.get('blind_selection'))}"
+        '<p class="muted">How to read the score: the interval is the exact 95% (Clopper-Pearson) interval for the '
+        "rate of picking the real reply. The whole interval above 50%: the voters could tell which reply was real. "
+        "Holding 50% and ending below 75%, halfway from a coin to always right: they could not. Otherwise more "
+        "votes are needed. The votes of this browser are counted together; save them to keep a copy.</p>"
+        '<div class="scorebox"><p id="blind-score">No votes yet.</p><p id="blind-verdict"></p>'
+        '<ul id="blind-per-system"></ul>'
         f'<button type="button" id="blind-save" disabled>save votes ({SAVE_NAME})</button> '
         '<button type="button" id="blind-reset">start over</button></div>'
         f"{shown}{more}</section>"
@@ -541,6 +566,8 @@ article.example, article.blind-item { background: #fff; border: 1px solid var(--
 .scorebox { position: sticky; top: 0; z-index: 1; background: #fff; border: 1px solid var(--line); border-radius: 6px;
   padding: .4rem .8rem; box-shadow: 0 2px 6px rgba(0,0,0,.06); }
 #blind-score { font-weight: 600; margin: .2rem 0; } #blind-per-system { margin: 0 0 .4rem; }
+#blind-verdict { margin: .2rem 0; } #blind-verdict.could_tell { color: var(--bad); }
+#blind-verdict.could_not_tell { color: var(--ok); }
 .pair { display: grid; grid-template-columns: 1fr 1fr; gap: .6rem; }
 button { font: inherit; cursor: pointer; }
 button.pick { text-align: left; background: #f7f7f7; border: 2px solid var(--line); border-radius: 6px;
@@ -561,11 +588,52 @@ details > summary { cursor: pointer; color: #0072B2; margin: .6rem 0; }
 _SCRIPT = """
 (() => {
   "use strict";
+
+  // What k right picks in n votes say. The exact Clopper-Pearson 95% interval: the rates p for which k
+  // is in neither 2.5% tail of Binomial(n, p), found by bisection. finetune/binomial.py is the Python
+  // twin, with the reasons for the verdict's thresholds; the tests hold both to scipy's figures.
+  const CHANCE = 0.5, CAN_TELL = 0.75, ALPHA = 0.05;
+
+  function logChoose(n) {
+    const logFactorial = [0];
+    for (let i = 1; i <= n; i++) logFactorial.push(logFactorial[i - 1] + Math.log(i));
+    return logFactorial.map((_, j) => logFactorial[n] - logFactorial[j] - logFactorial[n - j]);
+  }
+
+  function solve(k, n, upper) {  // p where P(X >= k) (upper) or P(X <= k) is ALPHA / 2
+    const logC = logChoose(n);
+    const from = upper ? k : 0, to = upper ? n : k;
+    let lo = 0, hi = 1;
+    for (let step = 0; step < 100; step++) {
+      const mid = (lo + hi) / 2;
+      if (mid === lo || mid === hi) break;
+      const logP = Math.log(mid), logQ = Math.log1p(-mid);
+      let tail = 0;
+      for (let j = from; j <= to; j++) tail += Math.exp(logC[j] + j * logP + (n - j) * logQ);
+      if ((tail < ALPHA / 2) === upper) lo = mid; else hi = mid;
+    }
+    return (lo + hi) / 2;
+  }
+
+  function clopperPearson(k, n) {
+    if (!n) return [0, 1];
+    return [k === 0 ? 0 : solve(k, n, true), k === n ? 1 : solve(k, n, false)];
+  }
+
+  function judge(right, total) {
+    const [low, high] = clopperPearson(right, total);
+    const verdict = total && low > CHANCE ? "could_tell" : total && high < CAN_TELL ? "could_not_tell" : "not_enough";
+    return {right: right, total: total, rate: total ? right / total : null, low: low, high: high, verdict: verdict};
+  }
+
+  window.bunshinBlind = {clopperPearson: clopperPearson, judge: judge};  // for the tests, and a reader's console
+
   const data = JSON.parse(document.getElementById("blind-data").textContent);
   const items = data.items;
   const key = "bunshin-blind:" + data.created + ":" + data.fingerprint;
   const scoreText = document.getElementById("blind-score");
   if (!scoreText) return;
+  const verdictBox = document.getElementById("blind-verdict");
   const perSystem = document.getElementById("blind-per-system");
   const saveButton = document.getElementById("blind-save");
   const systems = [...new Set(items.map((item) => item.system))];
@@ -607,10 +675,27 @@ _SCRIPT = """
       const s = by[vote.system] || (by[vote.system] = {right: 0, total: 0});
       for (const tally of [all, s]) { tally.total += 1; if (vote.correct) tally.right += 1; }
     }
-    return {all: all, by: by};
+    const judged = {};
+    for (const [name, t] of Object.entries(by)) judged[name] = judge(t.right, t.total);
+    return {all: judge(all.right, all.total), by: judged};
   }
 
-  const percent = (t) => Math.round(100 * t.right / t.total) + "%";
+  const pct = (x) => Math.round(100 * x) + "%";
+  // the interval rounded outwards, so the shown one always holds the exact one
+  const figures = (j) => pct(j.rate) + ", 95% interval " + Math.floor(100 * j.low) + "–" + Math.ceil(100 * j.high) + "%";
+  const SHORT = {could_tell: "could tell", could_not_tell: "could not tell", not_enough: "not enough votes yet"};
+
+  function verdictText(j) {
+    if (j.verdict === "could_tell") {
+      return "Your friends could tell which reply was real: the whole interval is above a coin's 50%.";
+    }
+    if (j.verdict === "could_not_tell") {
+      return "Your friends could not tell which reply was real (no better than a coin): the interval stays "
+        + "below 75%, halfway from guessing to always right.";
+    }
+    return "Not enough votes yet to say whether your friends could tell which reply was real"
+      + (j.total ? ": the interval holds 50% and reaches 75%." : ".");
+  }
 
   function show() {
     for (const article of document.querySelectorAll("article.blind-item")) {
@@ -636,16 +721,19 @@ _SCRIPT = """
     }
     const s = score();
     scoreText.textContent = s.all.total
-      ? "You picked the real reply in " + s.all.right + " of " + s.all.total + ": " + percent(s.all)
-        + " — 50% means the clone cannot be told apart"
-      : "No votes yet.";
+      ? s.all.total + " of " + items.length + " pairs judged; the real reply picked in " + s.all.right + ": "
+        + figures(s.all) + " (a coin: 50%)"
+      : "No votes yet: " + items.length + " pairs to judge.";
+    verdictBox.textContent = verdictText(s.all);
+    verdictBox.className = s.all.verdict;
     perSystem.textContent = "";
     if (systems.length > 1) {
       for (const name of systems) {
-        const t = s.by[name];
+        const j = s.by[name];
         const li = document.createElement("li");
         li.dataset.system = name;
-        li.textContent = name + ": " + (t ? t.right + " of " + t.total + " (" + percent(t) + ")" : "no votes yet");
+        li.textContent = name + ": " + (j ? j.right + " of " + j.total + " (" + figures(j) + "): " + SHORT[j.verdict]
+                                          : "no votes yet");
         perSystem.appendChild(li);
       }
     }

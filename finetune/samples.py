@@ -138,6 +138,7 @@ class Sample:
             "persona": persona,
             "time": self.time.isoformat(),
             "source": self.source,
+            "conversation": self.conversation,  # which conversation of the inputs: the blind test spreads over them
             "context": self.context,
             "target": self.target,
         }

@@ -1,4 +1,4 @@
-"""`finetune train DATA --out ADAPTER`: a LoRA adapter that talks like the persona.
+"""`finetune train HOME` (or `DATA --out ADAPTER`): a LoRA adapter that talks like the persona.
 
     prepared JSONL ─► prompt renderer (the bot's own) ─► token ids, loss only on the reply + EOS
         ─► packed rows (packing.py) ─► Hugging Face Trainer + peft LoRA ─► adapter + bunshin.json
@@ -39,6 +39,8 @@ from .model_loading import (
 )
 from .nonfinite import GRADIENT, LOSS, NonFiniteError, NonFiniteWatch, describe, likely_causes, nonfinite_tensors
 from .packing import USEFUL_TOKENS, FlatCollator, PackedCollator, PackedRow, pack_samples
+from .persona_home import make_output_parent, refuse_source_package
+from .private_files import create_private_file, make_private_dirs, make_tree_private
 from .prompt import TEMPLATES, as_turns, encode_sample
 
 RUN_FILE = "bunshin-run.json"  # in the checkpoint folder: what run the checkpoints belong to
@@ -49,8 +51,11 @@ class TrainError(Exception):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", type=Path, metavar="DATA", help="folder written by `finetune prepare` (train.jsonl, eval.jsonl)")
-    p.add_argument("--out", type=Path, required=True, metavar="ADAPTER", help="adapter folder to write")
+    p.add_argument("data", type=Path, metavar="HOME|DATA",
+                   help="a persona home (personas/NAME: trains on its dataset/, writes its adapter/), or a folder "
+                   "written by `finetune prepare` (train.jsonl, eval.jsonl) with --out")
+    p.add_argument("--out", type=Path, default=None, metavar="ADAPTER",
+                   help="adapter folder to write (default: the persona home's adapter/)")
     p.add_argument("--base", default=DEFAULT_BASE,
                    help=f"base model: hub id or local folder (default: --config's [model] base, else {DEFAULT_BASE})")
     p.add_argument("--revision", default=None, help="branch, tag or commit of a hub base model")
@@ -87,6 +92,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "`finetune eval` makes the full report)")
     p.add_argument("--no-style-eval", action="store_true", help="skip the short eval at the end")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of an interrupted run")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep ADAPTER.checkpoints/ (optimizer state included) after a finished run; a failed or "
+                   "interrupted run always keeps them for --resume")
     p.add_argument("--force", action="store_true", help="replace an existing adapter folder and its checkpoints")
     p.add_argument("--no-progress", action="store_true")
 
@@ -133,7 +141,7 @@ def latest_whole_checkpoint(ckpt: Path) -> Path | None:
 
 
 def checkpoint_dir(out: Path) -> Path:
-    # Next to the adapter, not inside it: the adapter folder appears only when complete.
+    # Next to the adapter (in its persona home), not inside it: the adapter folder appears only when complete.
     return out.with_name(out.name + ".checkpoints")
 
 
@@ -270,6 +278,7 @@ def _train(args: argparse.Namespace) -> int:
     manifest = build_manifest(args, plan, setup, data, model, targets, trainer, result, scores, style_eval, started)
     write_adapter(args, plan, model, manifest)
     print_outcome(args, result, scores, style_eval)
+    finish_checkpoints(args, plan)
     return 0
 
 
@@ -294,6 +303,7 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
     continues them when they are of the same settings, --force removes them, else they stop the run."""
     base = args.base
     out: Path = args.out
+    refuse_source_package(out)
     ckpt = checkpoint_dir(out)
     if out.exists() and not args.force:
         raise TrainError(f"{out} already exists (pass --force to replace it)")
@@ -427,7 +437,9 @@ def fit(args: argparse.Namespace, plan: RunPlan, setup: ModelSetup, data: Packed
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.epochs)
     bf16 = loaded.dtype == torch.bfloat16 and loaded.device.startswith("cuda")
     fp16 = loaded.dtype == torch.float16 and loaded.device.startswith("cuda")
-    ckpt.mkdir(parents=True, exist_ok=True)
+    make_output_parent(ckpt)
+    make_private_dirs(ckpt)
+    create_private_file(ckpt / RUN_FILE)
     (ckpt / RUN_FILE).write_text(json.dumps(plan.identity, indent=2), encoding="utf-8")
     launched_with = os.environ.get("ACCELERATE_MIXED_PRECISION")
     dtype_name = str(loaded.dtype).removeprefix("torch.")
@@ -608,6 +620,16 @@ def write_adapter(args: argparse.Namespace, plan: RunPlan, model, manifest: Adap
             shutil.copyfile(plan.stats_path, staging / "dataset_stats.json")
 
 
+def finish_checkpoints(args: argparse.Namespace, plan: RunPlan) -> None:
+    """After a finished run (the adapter written) its checkpoints go: they hold the optimizer state, and a copy
+    of the weights, made from the chats, that nothing needs any more. --keep-checkpoints keeps them. A run that
+    fails or is interrupted never gets here, so its checkpoints stay for --resume."""
+    if args.keep_checkpoints:
+        print(f"{plan.checkpoints}: checkpoints kept (--keep-checkpoints)")
+    else:
+        shutil.rmtree(plan.checkpoints, ignore_errors=True)
+
+
 def print_outcome(args: argparse.Namespace, result, scores: Scores, style_eval: dict) -> None:
     """The run in a line (two with the style eval), on stdout for whoever launched it."""
     out, rates = args.out, scores.rates
@@ -620,10 +642,12 @@ def print_outcome(args: argparse.Namespace, result, scores: Scores, style_eval: 
     )
     if style_eval:
         base_s, tuned_s = style_eval["systems"]["base"], style_eval["systems"]["tuned"]
+        in_home = Path(out).name == "adapter" and Path(args.data) == Path(out).parent / "dataset"
+        full = f"python -m finetune eval {Path(out).parent}" if in_home else f"python -m finetune eval {out} --data {args.data} --out REPORT"
         print(
             f"{out}: on {style_eval['samples']} held-out replies, style distance {base_s['style_distance']:.3f} (base) -> "
             f"{tuned_s['style_distance']:.3f} (tuned), chrF {base_s['chrf']:.1f} -> {tuned_s['chrf']:.1f}; the full report: "
-            f"python -m finetune eval {out} --data {args.data} --out REPORT"
+            f"{full}"
         )
 
 
@@ -659,6 +683,7 @@ def _packed_trainer_class(trainer_base, callback_base):
             # Last in line, after the Trainer's own flow callback has decided whether this step logs,
             # saves or evaluates: those are the steps the watch is read at.
             self.add_callback(_StopOnNonFinite(self))
+            self.add_callback(_PrivateCheckpoints())
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             useful = inputs.pop(USEFUL_TOKENS, None)
@@ -761,5 +786,12 @@ def _packed_trainer_class(trainer_base, callback_base):
 
         def on_train_end(self, args, state, control, **kwargs):
             self.trainer.stop_if_nonfinite()
+
+    class _PrivateCheckpoints(callback_base):
+        """Each checkpoint the Trainer (and safetensors, torch.save) just wrote, made readable by its owner only:
+        it holds weights and optimizer state learnt from the chats."""
+
+        def on_save(self, args, state, control, **kwargs):
+            make_tree_private(Path(args.output_dir))
 
     return PackedTrainer

@@ -277,3 +277,4 @@ def test_train_killed_mid_run_resumes_from_its_last_whole_checkpoint(tmp_path, t
     manifest = json.loads((out / "bunshin.json").read_text(encoding="utf-8"))
     assert manifest["training"]["steps"] == 12
     assert (out / "adapter_model.safetensors").is_file()
+    assert not checkpoints.exists()  # kept through the kill for --resume; gone once the resumed run finished

@@ -109,6 +109,8 @@ def test_what_the_parser_refuses_and_why():
         b"\xff\xfe{}": "not UTF-8 (invalid byte at offset 0)",
         b"{not json": "not JSON (Expecting property name enclosed in double quotes at line 1 column 2)",
         b"[" * 100_000: "nested too deeply",
+        b'{"events": [], "n": ' + b"1" * 5_000 + b"}": "a number with too many digits",  # a ValueError in json
+        b"": "body is empty",
         b"[]": 'no "events" list',
         b'{"events": {}}': 'no "events" list',
         '{"events": []}'.encode("utf-16"): "not UTF-8",  # json.loads(bytes) alone would have taken it
@@ -216,6 +218,21 @@ def test_the_signature_is_checked_before_the_body_is_parsed(webhook_url, monkeyp
     assert post(url, garbage, "not base64 at all!") == (401, "invalid X-Line-Signature")
     assert parsed == []
     assert post(url, garbage, sign(garbage, SECRET))[0] == 200 and parsed == [garbage]
+
+
+def test_a_signature_header_of_any_bytes_is_401_and_a_body_that_does_not_decode_400(webhook_url):
+    """What once could be a 500 (the shared bot/http_input.py reads both): a signature that is not UTF-8, a gzip
+    body that is not gzip."""
+    url, _, _ = webhook_url
+    body = webhook_bytes()
+    # urllib sends a str header as latin-1: these are the raw bytes ff fe and a lone surrogate's CESU-8 form.
+    for signature in ("\xff\xfe", sign(body, SECRET) + "\xe9", "\xed\xa0\x80"):
+        assert post(url, body, signature) == (401, "invalid X-Line-Signature")
+    request = urllib.request.Request(url, data=b"not gzip", method="POST",
+                                     headers={"Content-Encoding": "gzip", "X-Line-Signature": sign(body, SECRET)})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)  # noqa: S310 - loopback
+    assert refused.value.code == 400 and refused.value.read().decode().startswith("body is unreadable")
 
 
 def test_bodies_over_the_cap_are_refused_before_reading_or_verifying(webhook_url):

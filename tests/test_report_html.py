@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from finetune.binomial import judged
 from finetune.report_html import SAVE_NAME, _script_json, render_report
 
 ATTACK = "</script><script>alert(1)</script>"
@@ -154,6 +155,19 @@ def test_summary_marks_the_best_system_and_drops_empty_columns():
     assert "perplexity" not in summary and ">loss<" not in summary
 
 
+def test_blind_test_comes_before_the_sections_that_quote_replies_and_says_how_it_was_chosen():
+    report = make_report()
+    page = render_report(report)
+    assert page.index('id="blind"') < min(page.index('id="phrases"'), page.index('id="verbatim"'),
+                                          page.index('id="examples"'))
+    assert 'id="blind-selection"' not in page  # a report from before blind_selection: nothing made up
+    report["blind_selection"] = {"samples": 256, "limit": 40, "pairs": 40, "conversations": 38,
+                                 "left_out": {"same_reply": 1, "shown_elsewhere": 9, "not_needed": 206}}
+    note = re.search(r'<p class="muted" id="blind-selection">(.*?)</p>', render_report(report)).group(1)
+    assert note.startswith("40 pairs from 256 held-out samples, 38 conversations; 9 left out because a reply")
+    assert note.endswith("1 because the generated reply was the real one.")
+
+
 @pytest.mark.parametrize("systems", [(), ("tuned",), ("base", "tuned", "a", "b", "c", "d")])
 def test_odd_shapes_render(systems):
     report = make_report(systems=systems, blind=False)
@@ -238,12 +252,19 @@ def _score(driver) -> str:
     return driver.find_element("id", "blind-score").text
 
 
+def _verdict(driver) -> str:
+    return driver.find_element("id", "blind-verdict").text
+
+
 def _per_system(driver) -> list[str]:
     return [li.text for li in driver.find_elements("css selector", "#blind-per-system li")]
 
 
 def _pick(driver, i: int, which: str) -> None:
-    driver.find_element("css selector", f'article.blind-item[data-i="{i}"] button[data-pick="{which}"]').click()
+    button = driver.find_element("css selector", f'article.blind-item[data-i="{i}"] button[data-pick="{which}"]')
+    # mid-screen, as a person clicks it: scrolled to the top, the sticky score box would be over it
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", button)
+    button.click()
 
 
 def _wait_for(path: Path, seconds: float = 10) -> dict:
@@ -273,7 +294,8 @@ def test_page_in_browser_draws_plots_and_runs_the_blind_test(browser, tmp_path):
     assert ATTACK in browser.find_element("css selector", 'article.blind-item[data-i="1"] .ctx').text
 
     # nothing gives the answer away before a vote
-    assert _score(browser) == "No votes yet."
+    assert _score(browser) == "No votes yet: 3 pairs to judge."
+    assert _verdict(browser) == "Not enough votes yet to say whether your friends could tell which reply was real."
     assert not browser.find_elements("css selector", ".is-real, .verdict.right, .verdict.wrong")
     assert browser.find_element("id", "blind-save").get_attribute("disabled")
 
@@ -282,9 +304,12 @@ def test_page_in_browser_draws_plots_and_runs_the_blind_test(browser, tmp_path):
     assert verdict.text.startswith("Right")
     _pick(browser, 1, "first")  # wrong: real_is second
     assert browser.find_element("css selector", 'article.blind-item[data-i="1"] .verdict').text.startswith("Wrong")
-    expected = "You picked the real reply in 1 of 2: 50% — 50% means the clone cannot be told apart"
+    # Clopper-Pearson, rounded outwards: 1 of 2 is 1.3-98.7%, 1 of 1 is 2.5-100%, 0 of 1 is 0-97.5%
+    expected = "2 of 3 pairs judged; the real reply picked in 1: 50%, 95% interval 1–99% (a coin: 50%)"
     assert _score(browser) == expected
-    assert _per_system(browser) == ["tuned: 1 of 1 (100%)", "echo: 0 of 1 (0%)", "base: no votes yet"]
+    assert _verdict(browser).startswith("Not enough votes yet to say whether your friends could tell")
+    assert _per_system(browser) == ["tuned: 1 of 1 (100%, 95% interval 2–100%): not enough votes yet",
+                                    "echo: 0 of 1 (0%, 95% interval 0–98%): not enough votes yet", "base: no votes yet"]
     _pick(browser, 0, "second")  # a vote cannot be changed
     assert _score(browser) == expected
 
@@ -295,8 +320,10 @@ def test_page_in_browser_draws_plots_and_runs_the_blind_test(browser, tmp_path):
         {"id": "line.txt#0:1", "system": "tuned", "picked": "first", "correct": True},
         {"id": "line.txt#0:2", "system": "echo", "picked": "first", "correct": False},
     ]
-    assert saved["score"] == {"all": {"right": 1, "total": 2}, "tuned": {"right": 1, "total": 1},
-                              "echo": {"right": 0, "total": 1}}
+    assert saved["score"].keys() == {"all", "tuned", "echo"}
+    for name, (right, total) in {"all": (1, 2), "tuned": (1, 1), "echo": (0, 1)}.items():
+        assert saved["score"][name] == {**judged(right, total), "low": pytest.approx(judged(right, total)["low"]),
+                                        "high": pytest.approx(judged(right, total)["high"])}
 
     browser.refresh()
     assert _score(browser) == expected
@@ -304,9 +331,9 @@ def test_page_in_browser_draws_plots_and_runs_the_blind_test(browser, tmp_path):
 
     browser.find_element("id", "blind-reset").click()
     browser.switch_to.alert.accept()
-    assert _score(browser) == "No votes yet."
+    assert _score(browser) == "No votes yet: 3 pairs to judge."
     browser.refresh()
-    assert _score(browser) == "No votes yet."
+    assert _score(browser) == "No votes yet: 3 pairs to judge."
     assert not browser.find_elements("css selector", "article.voted")
     assert not _severe(browser)
 
@@ -316,3 +343,92 @@ def test_page_in_browser_without_systems_or_blind_pairs(browser, tmp_path):
     assert "No blind pairs" in browser.find_element("id", "blind").text
     _open(browser, tmp_path, {}, "nothing.html")
     assert not _severe(browser)
+
+
+# ---- what the votes mean, computed by the page -----------------------------------------------------
+
+def _report_with_pairs(count: int) -> dict:
+    """`count` blind pairs, tuned and base in turn, every text different."""
+    report = make_report(systems=("base", "tuned"))
+    report["blind"] = [{"id": f"pair-{i}", "system": ("tuned", "base")[i % 2],
+                        "context": [{"speaker": "健太", "text": f"質問その{i}"}],
+                        "first": f"返事その{i}A", "second": f"返事その{i}B", "real_is": ("first", "second")[i % 3 == 0]}
+                       for i in range(count)]
+    return report
+
+
+def _vote(driver, report: dict, i: int, right: bool) -> None:
+    real = report["blind"][i]["real_is"]
+    _pick(driver, i, real if right else {"first": "second", "second": "first"}[real])
+
+
+def _figures(right: int, total: int) -> str:
+    """What the page prints for right of total, from scipy's interval: rate rounded as JS rounds, the
+    interval rounded outwards."""
+    import math
+
+    from tests.support.exact_interval import scipy_intervals
+
+    (low, high), = scipy_intervals([(right, total)])
+    return (f"{math.floor(100 * right / total + 0.5)}%, 95% interval {math.floor(100 * low)}–"
+            f"{math.ceil(100 * high)}%")
+
+
+COULD = "Your friends could tell which reply was real: the whole interval is above a coin's 50%."
+COULD_NOT = ("Your friends could not tell which reply was real (no better than a coin): the interval stays below "
+             "75%, halfway from guessing to always right.")
+NOT_YET = ("Not enough votes yet to say whether your friends could tell which reply was real: the interval holds "
+           "50% and reaches 75%.")
+
+
+def test_page_says_what_the_votes_mean_as_they_come_in(browser, tmp_path):
+    report = _report_with_pairs(20)
+    _open(browser, tmp_path, report, "verdict.html")
+    assert _score(browser) == "No votes yet: 20 pairs to judge."
+
+    for i in (0, 2, 4, 6, 8, 10):  # six right, all against tuned
+        _vote(browser, report, i, right=True)
+    assert _score(browser) == f"6 of 20 pairs judged; the real reply picked in 6: {_figures(6, 6)} (a coin: 50%)"
+    assert _figures(6, 6) == "100%, 95% interval 54–100%"  # 0.025 ** (1/6) = 0.541
+    assert _verdict(browser) == COULD
+    assert _per_system(browser) == [f"tuned: 6 of 6 ({_figures(6, 6)}): could tell", "base: no votes yet"]
+
+    for i in (12, 14, 16, 18):  # tuned: now 6 of 10
+        _vote(browser, report, i, right=False)
+    for n, i in enumerate((1, 3, 5, 7, 9, 11, 13, 15)):  # base: 3 of 8
+        _vote(browser, report, i, right=n < 3)
+    assert _score(browser) == f"18 of 20 pairs judged; the real reply picked in 9: {_figures(9, 18)} (a coin: 50%)"
+    assert _figures(9, 18) == "50%, 95% interval 26–74%"
+    assert _verdict(browser) == COULD_NOT
+    assert _per_system(browser) == [f"tuned: 6 of 10 ({_figures(6, 10)}): not enough votes yet",
+                                    f"base: 3 of 8 ({_figures(3, 8)}): not enough votes yet"]  # 8.5-75.5%
+
+    for i in (17, 19):
+        _vote(browser, report, i, right=True)
+    assert _score(browser) == f"20 of 20 pairs judged; the real reply picked in 11: {_figures(11, 20)} (a coin: 50%)"
+    assert _verdict(browser) == NOT_YET  # 31.5-76.9%
+    assert "could_tell" not in browser.find_element("id", "blind-verdict").get_attribute("class")
+
+    for old in browser.downloads.glob("bunshin-blind-votes*"):
+        old.unlink()  # an earlier test's: the browser would name this one "... (1).json"
+    browser.find_element("id", "blind-save").click()
+    saved = _wait_for(browser.downloads / SAVE_NAME)
+    assert saved["score"]["all"] == {**judged(11, 20), "low": pytest.approx(judged(11, 20)["low"]),
+                                     "high": pytest.approx(judged(11, 20)["high"])}
+    assert saved["score"]["base"]["verdict"] == "not_enough" and saved["score"]["base"]["right"] == 5
+    assert not _severe(browser)
+
+
+def test_page_math_matches_scipy_and_the_python_twin(browser, tmp_path):
+    from finetune.binomial import verdict
+    from tests.support.exact_interval import scipy_intervals
+
+    _open(browser, tmp_path, make_report(), "math.html")
+    grid = [[k, n] for n in range(0, 41) for k in range(n + 1)]
+    got = browser.execute_script(
+        "return arguments[0].map(([k, n]) => [...window.bunshinBlind.clopperPearson(k, n),"
+        " window.bunshinBlind.judge(k, n).verdict]);", grid)
+    expected = [(0.0, 1.0)] + scipy_intervals([(k, n) for k, n in grid[1:]])
+    for (k, n), (low, high, said), (ref_low, ref_high) in zip(grid, got, expected, strict=True):
+        assert (low, high) == pytest.approx((ref_low, ref_high), abs=1e-9), (k, n)
+        assert said == verdict(k, n), (k, n)

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,7 @@ from finetune.prompt import (
 )
 from finetune.tiny_model import build_tiny_model
 from finetune.tokenization import load_tokenizer
-from finetune.train import token_weighted_loss
+from finetune.train import checkpoint_dir, token_weighted_loss
 
 PERSONA = "美咲"
 # Small rows and a high learning rate: a random 2-layer model learns something in ~90 CPU steps.
@@ -146,6 +147,7 @@ def test_train_writes_an_adapter_that_beats_the_base_and_a_complete_manifest(tra
     assert proc.returncode == 0, proc.stderr
     assert {"adapter_config.json", "adapter_model.safetensors", "bunshin.json"} <= {p.name for p in out.iterdir()}
     assert not list(out.parent.glob(".*partial"))  # the atomic staging folder is gone
+    assert not checkpoint_dir(out).exists()  # a finished run takes its checkpoints (optimizer state too) with it
     manifest = json.loads((out / "bunshin.json").read_text(encoding="utf-8"))
     stats = json.loads((dataset / "stats.json").read_text(encoding="utf-8"))
 
@@ -323,10 +325,14 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, tiny, d
     # One row per step (256 / 256): step 3 is mid-epoch, so the resumed run must also skip the right rows.
     args = ("train", dataset, "--base", tiny, "--out", tmp_path / "a", *TRAIN_ARGS, "--batch-tokens", "256",
             "--max-steps", "6", "--save-every", "3", "--seed", "7")
-    whole = run_cli(*args)
+    whole = run_cli(*args, "--keep-checkpoints")  # kept, to play the crash below
     assert whole.returncode == 0, whole.stdout + whole.stderr
     adapter, checkpoints = tmp_path / "a", tmp_path / "a.checkpoints"
     assert {p.name for p in checkpoints.glob("checkpoint-*")} == {"checkpoint-3", "checkpoint-6"}
+    assert f"{checkpoints}: checkpoints kept" in whole.stdout
+    # Weights and optimizer state learnt from the chats, as the Trainer saved them: readable by their owner only.
+    for path in [checkpoints, *checkpoints.rglob("*")]:
+        assert stat.S_IMODE(path.stat().st_mode) == (0o700 if path.is_dir() else 0o600), path
     weights_a = load_file(adapter / "adapter_model.safetensors")
     logs_a = step_logs(whole.stdout)
     assert len(logs_a) == 6

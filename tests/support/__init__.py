@@ -7,6 +7,8 @@ drive the real programs. Nothing here is a test; test files import from here, ne
     fake_line_api.py    LINE's Messaging API on loopback, and webhooks signed as LINE signs them
     webhook_load.py     load on the LINE webhook: a plan of events, an open-loop sender, the exactly-once count
     synthetic_chats.py  chats with speakers whose styles are known, for the eval instrument
+    leaky_chats.py      a LINE export that repeats itself in every way a blind test can leak through
+    exact_interval.py   scipy's exact binomial interval, the reference for the blind test's verdict
 
 Fixtures several files use are registered in tests/conftest.py (e.g. `fake_discord`), not imported from here:
 a fixture imported by name shadows the test's argument and pytest cannot tell it is one.
