@@ -95,34 +95,40 @@ async def test_a_reply_killed_in_flight_or_before_it_left_is_delivered_once_in_t
         return None
 
     async with serving_fake_line(TOKEN) as fake:
-        fake.fault_for = fault_for
-        first = await Daemon(write_config(tmp_path, tiny, fake.url, line={"reply_token_margin_s": 60}),
-                             tmp_path / "first.log").start()
-        # The restart, its libraries imported before the events come, so that it serves within the tokens' life.
-        second = await Daemon(write_config(tmp_path, tiny, fake.url, name="restart.toml", line=settings),
-                              tmp_path / "second.log").warm()
-        url = await first.url()
-        await first.logged("serving as")
-        # Made now: a token's age counts from the event's timestamp.
-        held = text_event("届いたかな", user="Uheld".ljust(33, "0"))  # LINE takes the reply; its answer never comes
-        lost = text_event("まだ届いてない", user="Ulost".ljust(33, "0"))  # the reply never reaches LINE
-        assert await post_events(url, [held, lost]) == [200, 200]
-        await wait_for(lambda: answers(fake, held) and (REPLY, lost["replyToken"]) in fake.lost,
-                       "both replies on their way")
-        assert await first.stop(signal.SIGKILL) == -signal.SIGKILL
-        fake.release()
-        for event in (held, lost):  # each attempt was recorded before its request went: the restart knows of it
-            _, outcome, text, attempts = inbox_row(tmp_path, event)
-            assert (outcome, text, [m for m, _ in json.loads(attempts)]) == (None, event["message"]["text"], ["reply"])
+        first = second = None
+        try:
+            fake.fault_for = fault_for
+            first = await Daemon(write_config(tmp_path, tiny, fake.url, line={"reply_token_margin_s": 60}),
+                                 tmp_path / "first.log").start()
+            # The restart, its libraries imported before the events come, so that it serves within the tokens' life.
+            second = await Daemon(write_config(tmp_path, tiny, fake.url, name="restart.toml", line=settings),
+                                  tmp_path / "second.log").warm()
+            url = await first.url()
+            await first.logged("serving as")
+            # Made now: a token's age counts from the event's timestamp.
+            held = text_event("届いたかな", user="Uheld".ljust(33, "0"))  # LINE takes the reply; its answer never comes
+            lost = text_event("まだ届いてない", user="Ulost".ljust(33, "0"))  # the reply never reaches LINE
+            assert await post_events(url, [held, lost]) == [200, 200]
+            await wait_for(lambda: answers(fake, held) and (REPLY, lost["replyToken"]) in fake.lost,
+                           "both replies on their way")
+            assert await first.stop(signal.SIGKILL) == -signal.SIGKILL
+            fake.release()
+            for event in (held, lost):  # each attempt was recorded before its request went: the restart knows of it
+                _, outcome, text, attempts = inbox_row(tmp_path, event)
+                assert (outcome, text, [m for m, _ in json.loads(attempts)]) == (None, event["message"]["text"], ["reply"])
 
-        await second.go()
-        for event, (_, outcome, _) in zip((held, lost), expected, strict=True):
-            await wait_for(lambda event=event: inbox_row(tmp_path, event)[1] is not None, "the event finished")
-            assert "token is now" not in second.log() or settings["reply_token_margin_s"] == 0, (
-                "the restart took longer than a reply token lives (60 s): this machine is too slow to test the "
-                "token's life\n" + second.log())
-            assert inbox_row(tmp_path, event)[1] == outcome, second.log()
-        assert await second.stop() == 0, second.log()
+            await second.go()
+            for event, (_, outcome, _) in zip((held, lost), expected, strict=True):
+                await wait_for(lambda event=event: inbox_row(tmp_path, event)[1] is not None, "the event finished")
+                assert "token is now" not in second.log() or settings["reply_token_margin_s"] == 0, (
+                    "the restart took longer than a reply token lives (60 s): this machine is too slow to test the "
+                    "token's life\n" + second.log())
+                assert inbox_row(tmp_path, event)[1] == outcome, second.log()
+            assert await second.stop() == 0, second.log()
+        finally:
+            for daemon in (first, second):
+                if daemon is not None:
+                    await daemon.kill()
 
     log = second.log()
     for event, (gets, _, words) in zip((held, lost), expected, strict=True):
@@ -146,23 +152,29 @@ async def test_a_reply_killed_in_flight_or_before_it_left_is_delivered_once_in_t
 async def test_a_signal_while_the_model_loads_exits_0_and_what_arrived_is_answered_after_the_restart(
         tmp_path, tiny, sig):
     async with serving_fake_line(TOKEN) as fake:
-        # With push_fallback, an event is answered after the restart however long the load takes (by push once its
-        # reply token is stale): this is about what is kept, not about the token.
-        config = write_config(tmp_path, tiny, fake.url, line={"push_fallback": True})
-        first = await Daemon(config, tmp_path / "first.log").start()
-        url = await first.url()  # the webhook takes events from here on, before the model is loaded
-        events = one_to_one(3, "loading")
-        assert await post_events(url, events) == [200] * 3
-        assert await first.stop(sig, timeout=60) == 0, first.log()
-        assert "serving as" not in first.log(), "the signal came after the load: this tests nothing"
-        assert re.search(r"stopped while (loading the model|warming up): 3 accepted message\(s\) kept in the inbox",
-                         first.log()), first.log()
-        assert fake.deliveries == [] and "Traceback" not in first.log()
+        first = second = None
+        try:
+            # With push_fallback, an event is answered after the restart however long the load takes (by push once its
+            # reply token is stale): this is about what is kept, not about the token.
+            config = write_config(tmp_path, tiny, fake.url, line={"push_fallback": True})
+            first = await Daemon(config, tmp_path / "first.log").start()
+            url = await first.url()  # the webhook takes events from here on, before the model is loaded
+            events = one_to_one(3, "loading")
+            assert await post_events(url, events) == [200] * 3
+            assert await first.stop(sig, timeout=60) == 0, first.log()
+            assert "serving as" not in first.log(), "the signal came after the load: this tests nothing"
+            assert re.search(r"stopped while (loading the model|warming up): 3 accepted message\(s\) kept in the inbox",
+                             first.log()), first.log()
+            assert fake.deliveries == [] and "Traceback" not in first.log()
 
-        second = await Daemon(config, tmp_path / "second.log").start()
-        await second.logged("3 message\\(s\\) left unanswered by the last run")
-        await wait_for(lambda: all(answers(fake, e) for e in events), "the events answered")
-        assert await second.stop() == 0, second.log()
+            second = await Daemon(config, tmp_path / "second.log").start()
+            await second.logged("3 message\\(s\\) left unanswered by the last run")
+            await wait_for(lambda: all(answers(fake, e) for e in events), "the events answered")
+            assert await second.stop() == 0, second.log()
+        finally:
+            for daemon in (first, second):
+                if daemon is not None:
+                    await daemon.kill()
     assert [len(answers(fake, e)) for e in events] == [1] * 3
 
 

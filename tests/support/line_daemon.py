@@ -107,6 +107,12 @@ class Daemon:
         self.proc.send_signal(sig)
         return await asyncio.wait_for(self.proc.wait(), timeout)
 
+    async def kill(self) -> None:
+        """SIGKILL if still running (a test that failed half-way must not leave a daemon behind)."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
 
 async def post_events(url: str, events: list[dict]) -> list[int]:
     """Each event in its own signed webhook, all at once; the statuses answered."""
