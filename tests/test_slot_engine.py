@@ -152,6 +152,27 @@ def test_sampled_replies_differ_by_seed_and_repeat_with_the_same_seed(loaded):
     assert sample(7) != sample(8)
 
 
+def test_an_architecture_outside_the_families_gives_the_same_greedy_tokens(loaded):
+    """Phi-3 (one fused qkv projection, grouped-query attention), with the gpt_neox tokenizer as a stand-in: the
+    engine reads each layer's key shape from the model, not from a list of architectures."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    tokenizer = loaded.tokenizer
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(Phi3Config(vocab_size=loaded.model.config.vocab_size, hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       max_position_embeddings=256, bos_token_id=tokenizer.bos_id,
+                                       eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+                                       attn_implementation="sdpa")).eval()
+    settings = GenerationSettings(max_new_tokens=20, temperature=0.0, repetition_penalty=1.0)
+    prompts = [tokenizer.encode(tokenizer.to_model_text(p)) for p in PROMPTS[:4]]
+    expected = [plain_greedy(model, tokenizer, p, settings) for p in prompts]
+    engine = SlotEngine(model, tokenizer, settings, slots=2, length=64)
+    assert engine.cache.keys[0].shape[1] == 2  # the cache holds the 2 key/value heads, not 4
+    got = run_staggered(engine, prompts)
+    assert [got[i] for i in range(len(prompts))] == expected
+
+
 def test_a_model_the_engine_cannot_serve_falls_back_to_plain_generate(loaded, caplog):
     from transformers import MistralConfig, MistralForCausalLM
 
