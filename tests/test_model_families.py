@@ -149,6 +149,18 @@ def test_the_tiny_base_has_its_familys_tokenizer_and_attention(pipeline):
         assert config.num_key_value_heads < config.num_attention_heads
 
 
+def test_a_prompt_cut_to_fit_keeps_the_bos_it_starts_with(tiny_base):
+    from finetune.generation import fit_context
+
+    tokenizer = load_tokenizer(str(tiny_base("llama")))
+    # The instruction template's header alone is over this budget: every turn is dropped and the rest is cut.
+    turns = [ChatTurn(FRIEND, "おはよう")]
+    whole = encode_prompt(tokenizer, [], PERSONA, "instruction")
+    cut = fit_context(tokenizer, turns, PERSONA, "instruction", budget=16)
+    assert len(whole) > 16 and len(cut) == 16
+    assert cut[0] == tokenizer.bos_id and cut[1:] == whole[-15:]  # the BOS, then the prompt's end
+
+
 # --------------------------------------------------------------------------- finetune: train, eval, chat, merge
 
 
