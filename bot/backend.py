@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from finetune.generation import GenerationSettings, fit_context, generate_replies
 from finetune.model_loading import LoadedModel
-from finetune.prompt import TEMPLATES, ChatTurn
+from finetune.prompt import TEMPLATES, ChatTurn, prefix_ids
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,8 @@ class ModelBackend:
                                 length=length or self.max_prompt_tokens + self.settings.max_new_tokens,
                                 cuda_graphs=self.cuda_graphs,
                                 compile=self.compile, seed=seed)
-            probe = tokenizer.encode(tokenizer.to_model_text("おはよう。今日は何する?\n"))[:32] or [tokenizer.pad_id]
+            # Shaped like a served prompt: the BOS a Llama-style model always sees first, then text.
+            probe = (prefix_ids(tokenizer) + tokenizer.encode(tokenizer.to_model_text("おはよう。今日は何する?\n")))[:32]
             difference = engine.self_check(probe)
             # fp32 agrees to rounding; bf16/fp16 (and k-bit bases computing in them) much less closely.
             tolerance = 1e-3 if engine.cache.keys[0].element_size() >= 4 else 5e-2

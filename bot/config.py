@@ -38,7 +38,8 @@ from pydantic import (
     model_validator,
 )
 
-from finetune.model_loading import DEFAULT_BASE, DTYPE_CHOICES, QUANTIZE_CHOICES
+from finetune.manifest import AdapterManifest
+from finetune.model_loading import DEFAULT_BASE, DTYPE_CHOICES, QUANTIZE_CHOICES, ModelLoadError, read_adapter_manifest
 from finetune.prepare_args import parse_duration, parse_export_formats
 
 PLATFORMS = ("console", "discord", "line")
@@ -108,7 +109,9 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    base: str = DEFAULT_BASE
+    # "" = the adapter's base (its bunshin.json names it), or DEFAULT_BASE without an adapter. Named beside an
+    # adapter, it must be that same base: `adapter_manifest()` refuses another (naming both).
+    base: str = ""
     revision: Annotated[str | None, AfterValidator(lambda v: v or None)] = None  # TOML has no null: "" = latest
     adapter: str = ""  # `finetune train` adapter folder or merged model; "" = the base model alone
     quantize: Literal[QUANTIZE_CHOICES] = "none"
@@ -125,6 +128,11 @@ class ModelConfig(_Section):
     remote_model: str = ""  # the model name the engine serves (vLLM: what `vllm serve` was given, or a LoRA's name)
     max_concurrency: int = Field(64, gt=0, le=4096)  # requests in flight to the engine at once
     timeout_s: float = Field(60.0, gt=0, le=3600)  # to connect, and for each next piece of a reply
+
+    @property
+    def base_model(self) -> str:
+        """The base served without an adapter: [model] base, else DEFAULT_BASE."""
+        return self.base or DEFAULT_BASE
 
     @model_validator(mode="after")
     def _remote_engine_named(self) -> ModelConfig:
@@ -394,6 +402,20 @@ class BotConfig(_Section):
         config._source = source
         return config
 
+    def adapter_manifest(self) -> AdapterManifest | None:
+        """[model] adapter's bunshin.json (None without an adapter): the base, persona and template it was trained
+        with. An adapter's weights mean something only on its own base, so a [model] base naming another is an
+        error naming both, never a base loaded beside it. Raises ModelLoadError (no adapter there) or ConfigError."""
+        if not self.model.adapter:
+            return None
+        manifest = read_adapter_manifest(Path(self.model.adapter))
+        if self.model.base and self.model.base != manifest.base_model:
+            raise ConfigError([
+                f"{self.source}: [model] base: {self.model.base!r} is not {manifest.base_model!r}, the base adapter "
+                f"{self.model.adapter} was trained on (its bunshin.json); leave [model] base out to serve the adapter "
+                "on its own base"])
+        return manifest
+
     def is_admin(self, user_key: str) -> bool:
         """May this "platform:id" run admin commands? The console's user is the operator at the terminal."""
         return user_key.startswith("console:") or user_key in self.limits.admins
@@ -425,7 +447,8 @@ class BotConfig(_Section):
             raise ConfigError(problems)
 
     def check_ready(self, environ: Mapping[str, str] | None = None) -> None:
-        """What the daemon needs before it serves: a persona to speak as, and the enabled platforms' secrets."""
+        """What the daemon needs before it serves: a persona to speak as, the enabled platforms' secrets, and no
+        [model] base beside an adapter trained on another."""
         problems = []
         if not self.model.adapter and not self.persona.name:
             problems.append(f"{self.source}: [persona] name: required when [model] adapter is empty "
@@ -439,6 +462,12 @@ class BotConfig(_Section):
             self.check_secrets(environ)
         except ConfigError as exc:
             problems += exc.problems
+        try:
+            self.adapter_manifest()  # a [model] base that is not the adapter's
+        except ConfigError as exc:
+            problems += exc.problems
+        except ModelLoadError:
+            pass  # a missing or broken adapter folder: the daemon says so where it loads the model
         if problems:
             raise ConfigError(problems)
 

@@ -32,7 +32,7 @@ import signal
 import time
 from pathlib import Path
 
-from finetune.model_loading import ModelLoadError, load_base_model, load_persona_model, read_adapter_manifest
+from finetune.model_loading import ModelLoadError, load_base_model, load_persona_model
 from finetune.persona_home import PersonaHomeError
 
 from .backend import ModelBackend
@@ -54,28 +54,28 @@ DEMO_HINT = "To try the bot without downloading a model, run: python -m bot --de
 
 
 def load_model(config):
-    """The configured model, or ModelLoadError saying why (never a silent fallback to a demo model)."""
+    """The configured model, or ModelLoadError saying why (never a silent fallback to a demo model). An adapter
+    is loaded on the base its manifest names (config.adapter_manifest() refuses a [model] base naming another)."""
     m = config.model
     quantize, device, dtype = m.quantize, (m.device or None), m.dtype
-    if m.adapter:
-        manifest = read_adapter_manifest(Path(m.adapter))
-        # [model] base, when it differs from the manifest's, is where to load that same base from (a local copy).
-        base = m.base if m.base and m.base != manifest.base_model else None
-        return load_persona_model(Path(m.adapter), base=base, quantize=quantize, device=device, dtype=dtype,
-                            merge=m.merge_adapter and quantize == "none")
-    return load_base_model(m.base, revision=m.revision, quantize=quantize, device=device, dtype=dtype)
+    if config.adapter_manifest() is not None:
+        return load_persona_model(Path(m.adapter), quantize=quantize, device=device, dtype=dtype,
+                                  merge=m.merge_adapter and quantize == "none")
+    return load_base_model(m.base_model, revision=m.revision, quantize=quantize, device=device, dtype=dtype)
 
 
 def configured_persona(config) -> str:
-    """Who the bot speaks as, known before the model loads: [persona] name, else the adapter's manifest."""
+    """Who the bot speaks as, known before the model loads: [persona] name, else the adapter's manifest. Reading the
+    manifest here, first of all, stops a start whose adapter is missing or whose [model] base is not the adapter's."""
+    try:
+        manifest = config.adapter_manifest()
+    except ModelLoadError as exc:
+        raise SystemExit(f"error: {exc}\n{DEMO_HINT}") from None
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
     if config.persona.name:
         return config.persona.name
-    if config.model.adapter:
-        try:
-            return read_adapter_manifest(Path(config.model.adapter)).persona
-        except ModelLoadError as exc:
-            raise SystemExit(f"error: {exc}\n{DEMO_HINT}") from None
-    return ""
+    return manifest.persona if manifest is not None else ""
 
 
 def build_platform_adapters(config, persona: str, metrics) -> list:
@@ -247,7 +247,7 @@ async def _load_backend(config, backend):
 
         try:
             return await in_thread(RemoteBackend.from_config, config, name="bunshin-load")
-        except ModelLoadError as exc:
+        except (ModelLoadError, ConfigError) as exc:
             raise _CannotStart(str(exc)) from None
         except ValueError as exc:  # e.g. a [persona] that contradicts the adapter's manifest
             raise _CannotStart(f"{config.source}: {exc}") from None
@@ -257,6 +257,8 @@ async def _load_backend(config, backend):
         loaded = await in_thread(load_model, config, name="bunshin-load")
     except ModelLoadError as exc:
         raise _CannotStart(f"{exc}\n{DEMO_HINT}") from None
+    except ConfigError as exc:  # the adapter's manifest changed since configured_persona read it
+        raise _CannotStart(str(exc)) from None
     try:
         return ModelBackend.from_loaded(
             loaded,

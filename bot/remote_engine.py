@@ -52,7 +52,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from finetune.generation import reply_from_model_text, reply_text
-from finetune.model_loading import LoadedModel, ModelLoadError, read_adapter_manifest
+from finetune.model_loading import LoadedModel, ModelLoadError
 from finetune.prompt import ChatTurn, turn_end
 from finetune.tokenization import load_tokenizer, tokenizer_folder
 
@@ -84,19 +84,15 @@ class Endpoint:
 
 def load_prompting(config) -> ModelBackend:
     """How to prompt the model ([model] adapter's manifest, or [model] base with [persona]), with no weights:
-    the tokenizer files and config.json only. Raises ModelLoadError or ValueError."""
+    the tokenizer files and config.json only. Raises ModelLoadError, ConfigError or ValueError."""
     m = config.model
-    manifest = None
-    if m.adapter:
-        manifest = read_adapter_manifest(Path(m.adapter))
-        if manifest.merged:  # `finetune merge` copied the base's tokenizer files next to the weights
-            source, revision = m.adapter, None
-        else:  # [model] base, when it differs from the manifest's, is where to find that same base (a local copy)
-            overridden = bool(m.base) and m.base != manifest.base_model
-            source = m.base if overridden else manifest.base_model
-            revision = None if overridden else manifest.base_revision
+    manifest = config.adapter_manifest()  # refuses a [model] base that is not the adapter's
+    if manifest is None:
+        source, revision = m.base_model, m.revision
+    elif manifest.merged:  # `finetune merge` copied the base's tokenizer files next to the weights
+        source, revision = m.adapter, None
     else:
-        source, revision = m.base, m.revision
+        source, revision = manifest.base_model, manifest.base_revision
     try:
         folder = tokenizer_folder(source, revision)
         tokenizer = load_tokenizer(str(folder))

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .manifest import DEFAULT_GENERATION
-from .prompt import ChatTurn, drop_oldest_turns, encode_prompt, turn_end
+from .prompt import ChatTurn, drop_oldest_turns, encode_prompt, prefix_ids, turn_end
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ufffd]")
 
@@ -46,7 +46,11 @@ def fit_context(tokenizer, turns: Sequence[ChatTurn], persona: str, template: st
         if rounded != dropped:
             dropped = rounded
             ids = encode_prompt(tokenizer, turns[dropped:], persona, template)
-    return ids[-budget:] if len(ids) > budget else ids
+    if len(ids) <= budget:
+        return ids
+    # Even the last turn alone is too long: keep its end, and the BOS the model expects at the start.
+    start = prefix_ids(tokenizer)
+    return start + ids[len(start):][len(ids) - budget:]
 
 
 def generate_replies(

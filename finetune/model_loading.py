@@ -195,21 +195,34 @@ def _cannot_load(base: str, exc: Exception) -> str:
 
 
 def lora_target_modules(model, override: list[str] | None = None) -> list[str]:
+    """The modules LoRA adapts: `override` (--lora-targets), else this project's choice for the architecture
+    (LORA_TARGETS), else its attention projections found by their usual names, else peft's own choice for it.
+    So any architecture transformers and peft can run gets targets; one whose layers have none of those names is
+    an error listing the names it has."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    model_type = getattr(model.config, "model_type", "")
     if override:
-        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         missing = [m for m in override if m not in names]
         if missing:
-            raise ModelLoadError(f"--lora-targets {', '.join(missing)}: no such module in {model.config.model_type}")
+            raise ModelLoadError(f"--lora-targets {', '.join(missing)}: no such module in {model_type}")
         return list(override)
-    model_type = getattr(model.config, "model_type", "")
     if model_type in LORA_TARGETS:
         return LORA_TARGETS[model_type]
-    found = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules()} & set(_GENERIC_TARGET_NAMES))
-    if not found:
-        raise ModelLoadError(
-            f"no known LoRA target modules in a {model_type!r} model; pass --lora-targets with its attention projection names"
-        )
-    return found
+    found = sorted(names & set(_GENERIC_TARGET_NAMES))
+    if found:
+        return found
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+    known = PEFT_TARGETS.get(model_type)
+    if isinstance(known, list) and known and set(known) <= names:  # (peft writes a few as regular expressions)
+        return list(known)
+    import torch
+
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)})
+    raise ModelLoadError(
+        f"no known LoRA target modules in a {model_type!r} model; pass --lora-targets with its attention "
+        f"projection names (its linear layers are named: {', '.join(linear[:20]) or 'none'})"
+    )
 
 
 def read_adapter_manifest(adapter_dir: Path) -> AdapterManifest:

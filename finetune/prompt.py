@@ -59,12 +59,8 @@ def render_prompt(context: Sequence[ChatTurn], persona: str, template: str = "tr
 
 
 def prefix_ids(tokenizer: ChatTokenizer) -> list[int]:
-    """BOS where the model family expects one at the start (Llama-style HF tokenizers); rinna uses none."""
-    hf = getattr(tokenizer, "hf", None)
-    if hf is None or tokenizer.bos_id is None:
-        return []
-    probe = hf("a", add_special_tokens=True)["input_ids"]
-    return [tokenizer.bos_id] if probe and probe[0] == tokenizer.bos_id else []
+    """BOS where the model's tokenizer starts every text with it (Llama-architecture bases); rinna and Qwen use none."""
+    return [tokenizer.bos_id] if tokenizer.add_bos else []
 
 
 def encode_prompt(tokenizer: ChatTokenizer, context: Sequence[ChatTurn], persona: str, template: str) -> list[int]:

@@ -7,12 +7,15 @@ id 2 (T5's `<unk>` slot, which is `<s>` in rinna's vocabulary). So a folder with
 model is tokenized by `sentencepiece` itself; anything else (a `tokenizer.json`: Llama-3, Qwen,
 ...) goes through the Hugging Face fast tokenizer, which is exact there by definition.
 
-Token ids never include BOS/EOS: the prompt renderer decides where those go.
+Token ids never include BOS/EOS: the prompt renderer decides where those go (prompt.py), from `add_bos`:
+whether the model's own tokenizer starts every text with BOS (Llama-architecture bases do, rinna and Qwen do
+not). A model trained with a BOS before every text and prompted without one is a model out of its element.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -32,6 +35,10 @@ TOKENIZER_FILES = (
     "config.json",
 )
 _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
+# SentencePiece tokenizer classes of transformers whose `add_bos_token` defaults to true, for a
+# tokenizer_config.json that names one and leaves the key out. T5Tokenizer (rinna's) adds no BOS.
+_BOS_BY_DEFAULT = ("LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast",
+                   "GemmaTokenizer", "GemmaTokenizerFast")
 
 
 class ChatTokenizer:
@@ -40,6 +47,7 @@ class ChatTokenizer:
     encode(text) -> list[int]   ids for `text`, no BOS/EOS added
     decode(ids) -> str          text for `ids`, special ids (pad/bos/eos/control) skipped
     eos_id, bos_id              end / start of text (bos_id is None when the model has none)
+    add_bos                     every text starts with bos_id (as the model's own tokenizer does it)
     pad_id                      padding id (the EOS id when the model defines no padding)
     vocab_size                  number of ids the tokenizer can produce
     newline                     how the model writes a line break: "<NL>" (rinna) or "\\n"
@@ -54,6 +62,7 @@ class ChatTokenizer:
     fingerprint: str
     eos_id: int
     bos_id: int | None
+    add_bos: bool = False
     pad_id: int
     vocab_size: int
     newline: str
@@ -94,6 +103,8 @@ class SentencePieceChatTokenizer(ChatTokenizer):
             raise ValueError(f"{model_file} defines no end-of-text piece; a chat model needs one to stop")
         self.eos_id = self.sp.eos_id()
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+        # sentencepiece itself adds no BOS; what the model was trained with is in the folder's configuration.
+        self.add_bos = self.bos_id is not None and _starts_with_bos(model_file.parent, self.sp.id_to_piece(self.bos_id))
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
         self.newline = RINNA_NEWLINE if self._has_piece(RINNA_NEWLINE) and not self._has_piece("\n") else "\n"
         self._special = {i for i in range(self.vocab_size) if self.sp.is_control(i)}
@@ -126,6 +137,9 @@ class TransformersChatTokenizer(ChatTokenizer):
             raise ValueError(f"the tokenizer of {name_or_path} defines no end-of-text token; a chat model needs one to stop")
         self.eos_id = self.hf.eos_token_id
         self.bos_id = self.hf.bos_token_id
+        # The fast tokenizer's own special-token template says whether a text starts with BOS (Llama 3: yes, Qwen: none).
+        probe = self.hf("a", add_special_tokens=True)["input_ids"]
+        self.add_bos = self.bos_id is not None and bool(probe) and probe[0] == self.bos_id
         self.pad_id = self.hf.pad_token_id if self.hf.pad_token_id is not None else self.eos_id
         self.vocab_size = len(self.hf)  # includes added tokens
         newline_ids = self.encode("\n")
@@ -176,6 +190,31 @@ def _is_sentencepiece_model(path: Path) -> bool:
         return sentencepiece_module().SentencePieceProcessor(model_file=str(path)).get_piece_size() > 0
     except (RuntimeError, OSError):
         return False
+
+
+def _starts_with_bos(folder: Path, bos_piece: str) -> bool:
+    """Whether the tokenizer the model ships puts BOS before every text: tokenizer_config.json's `add_bos_token`,
+    else tokenizer.json's template, else the default of the tokenizer class it names."""
+    config = _read_json_object(folder / "tokenizer_config.json")
+    if isinstance(config.get("add_bos_token"), bool):
+        return config["add_bos_token"]
+    processor = _read_json_object(folder / "tokenizer.json").get("post_processor") or {}
+    steps = processor.get("processors", [processor]) if processor.get("type") == "Sequence" else [processor]
+    for step in steps:
+        if isinstance(step, dict) and step.get("type") == "TemplateProcessing" and step.get("single"):
+            first = step["single"][0]
+            return isinstance(first, dict) and (first.get("SpecialToken") or {}).get("id") == bos_piece
+    return config.get("tokenizer_class") in _BOS_BY_DEFAULT
+
+
+def _read_json_object(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    return data if isinstance(data, dict) else {}
 
 
 def _fingerprint_files(folder: Path, names: tuple[str, ...]) -> str:

@@ -14,6 +14,27 @@ def cli():
     return run_cli
 
 
+# The model families `finetune tiny-model --arch` builds, each taken through the whole pipeline (test_model_families.py).
+FAMILIES = ("gpt_neox", "llama", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """`tiny_base(arch)`: the folder of a tiny random base of that family, its tokenizer trained on the demo
+    chats (examples/line_demo.txt, what the tests prepare datasets from); built once per session and family."""
+    from finetune.tiny_model import build_tiny_model
+
+    built = {}
+    corpus = (EXAMPLES / "line_demo.txt").read_text(encoding="utf-8").splitlines()
+
+    def build(arch: str):
+        if arch not in built:
+            built[arch] = build_tiny_model(tmp_path_factory.mktemp(f"tiny-{arch}") / "base", corpus, arch=arch)
+        return built[arch]
+
+    return build
+
+
 @pytest.fixture
 async def fake_discord(monkeypatch):
     """Discord's REST API and gateway on loopback, discord.py's client pointed at it (tests/support/fake_discord.py)."""

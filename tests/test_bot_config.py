@@ -40,7 +40,7 @@ def test_root_config_loads_and_matches_the_defaults():
     config = load_config(REPO / "config.toml")
     # The documented file states the defaults: loading it changes nothing but [prepare].
     assert config.model_dump(exclude={"prepare"}) == BotConfig.default().model_dump(exclude={"prepare"})
-    assert config.model.base == "rinna/japanese-gpt-neox-3.6b"
+    assert config.model.base == "" and config.model.base_model == "rinna/japanese-gpt-neox-3.6b"  # "": an adapter's own
     assert config.prepare.session_gap == 3 * 3600  # "3h", read as prepare's flag reads it
     # ... and `finetune prepare --config` reads its table through the same model of the file.
     assert prepare_defaults_from_config(REPO / "config.toml")["max_context_turns"] == 10

@@ -88,7 +88,7 @@ def test_without_a_base_in_the_file_train_uses_the_default_base(tmp_path):
         config = write_toml(tmp_path / "c.toml", table)
         assert _parse_args(["train", "data", "--out", "a", "--config", str(config)]).base == DEFAULT_BASE
     assert _parse_args(["train", "data", "--out", "a"]).base == DEFAULT_BASE
-    assert load_config(write_toml(tmp_path / "e.toml", {})).model.base == DEFAULT_BASE
+    assert load_config(write_toml(tmp_path / "e.toml", {})).model.base_model == DEFAULT_BASE
 
 
 def test_one_toml_reader():

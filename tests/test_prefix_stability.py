@@ -46,6 +46,7 @@ class _CharTokenizer:
     """One token per character: enough to count what fits."""
 
     bos_id = None
+    add_bos = False
 
     def encode(self, text):
         return [ord(c) for c in text]

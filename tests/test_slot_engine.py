@@ -2,9 +2,10 @@
 
 Greedy decoding must give the same tokens as `model.generate()` on the same prompt, however the
 prompts share the engine: more prompts than slots, admitted while others are mid-reply, with
-and without repetition penalty, on the rinna-shaped tiny GPT-NeoX and on a tiny Llama with
-grouped-query attention (another architecture, another cache shape). All on the CPU in fp32;
-CUDA graphs are the same forward pass captured, and the GPU benchmark checks them.
+and without repetition penalty, on each model family `tiny-model` builds: the rinna-shaped GPT-NeoX,
+a Llama and a Qwen2 with grouped-query attention (other rotary layouts, other cache shapes), their
+prompts starting with BOS where the family's tokenizer puts one. All on the CPU in fp32; CUDA graphs
+are the same forward pass captured, and the GPU benchmark checks them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 
 import pytest
 import torch
+from conftest import FAMILIES
 
 from bot.backend import ModelBackend
 from bot.metrics import BotMetrics
@@ -22,7 +24,7 @@ from bot.steppers import BatchStepper, EngineStepper
 from bot.worker import Worker
 from finetune.generation import GenerationSettings, generate_replies
 from finetune.model_loading import LoadedModel, load_base_model, load_persona_model
-from finetune.prompt import ChatTurn, turn_end
+from finetune.prompt import ChatTurn, prefix_ids, turn_end
 from finetune.tiny_model import build_tiny_model
 from tests.support.turn_taking_model import EXCHANGES, FRIEND, PERSONA, build_turn_taking_model, prompt_ids
 
@@ -33,6 +35,17 @@ PROMPTS = ["こんにちは、元気?", "明日は雨らしいよ。どうする
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
     return load_base_model(str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")), device="cpu")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tiny_base):
+    """Each model family's tiny base (tests/conftest.py), loaded."""
+    return load_base_model(str(tiny_base(request.param)), device="cpu")
+
+
+def served_ids(tokenizer, text: str) -> list[int]:
+    """`text` as a prompt's ids: BOS first where the family's tokenizer puts one (prompt.encode_prompt does the same)."""
+    return prefix_ids(tokenizer) + tokenizer.encode(tokenizer.to_model_text(text))
 
 
 def plain_greedy(model, tokenizer, prompt: list[int], settings: GenerationSettings) -> list[int]:
@@ -62,12 +75,17 @@ def run_staggered(engine: SlotEngine, prompts: list[list[int]], join_every: int 
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
-def test_greedy_tokens_equal_plain_generate_with_prompts_joining_mid_batch(loaded, penalty):
-    tokenizer, model = loaded.tokenizer, loaded.model
+def test_greedy_tokens_equal_plain_generate_with_prompts_joining_mid_batch(family, penalty):
+    tokenizer, model = family.tokenizer, family.model
     settings = GenerationSettings(max_new_tokens=24, temperature=0.0, repetition_penalty=penalty)
-    prompts = [tokenizer.encode(tokenizer.to_model_text(p)) for p in PROMPTS]
+    prompts = [served_ids(tokenizer, p) for p in PROMPTS]
     expected = [plain_greedy(model, tokenizer, p, settings) for p in prompts]
     engine = SlotEngine(model, tokenizer, settings, slots=4, length=96)
+    # The cache holds the model's key/value heads (2 for the 4 query heads of the GQA families), not its query heads.
+    config = model.config
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    assert engine.cache.keys[0].shape[1] == kv_heads
+    assert (kv_heads < config.num_attention_heads) == (config.model_type != "gpt_neox")
     got = run_staggered(engine, prompts)
     assert [got[i] for i in range(len(prompts))] == expected
     assert sum(map(len, expected)) > 4 * len(prompts)  # replies long enough to overlap in the batch
@@ -134,19 +152,18 @@ def test_sampled_replies_differ_by_seed_and_repeat_with_the_same_seed(loaded):
     assert sample(7) != sample(8)
 
 
-def tiny_llama(vocab: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def test_an_architecture_outside_the_families_gives_the_same_greedy_tokens(loaded):
+    """Phi-3 (one fused qkv projection, grouped-query attention), with the gpt_neox tokenizer as a stand-in: the
+    engine reads each layer's key shape from the model, not from a list of architectures."""
+    from transformers import Phi3Config, Phi3ForCausalLM
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         attn_implementation="sdpa")
-    return LlamaForCausalLM(config).eval()
-
-
-def test_another_architecture_with_grouped_query_attention_gives_the_same_greedy_tokens(loaded):
     tokenizer = loaded.tokenizer
-    model = tiny_llama(loaded.model.config.vocab_size)
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(Phi3Config(vocab_size=loaded.model.config.vocab_size, hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       max_position_embeddings=256, bos_token_id=tokenizer.bos_id,
+                                       eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+                                       attn_implementation="sdpa")).eval()
     settings = GenerationSettings(max_new_tokens=20, temperature=0.0, repetition_penalty=1.0)
     prompts = [tokenizer.encode(tokenizer.to_model_text(p)) for p in PROMPTS[:4]]
     expected = [plain_greedy(model, tokenizer, p, settings) for p in prompts]
@@ -246,14 +263,14 @@ def test_a_row_ends_as_soon_as_the_model_starts_another_speakers_turn(loaded):
     assert finished.text == "ひまだよ!"
 
 
-def test_a_follow_up_message_reuses_its_chats_cache_and_still_gives_generates_tokens(loaded):
+def test_a_follow_up_message_reuses_its_chats_cache_and_still_gives_generates_tokens(family):
     """A chat's next prompt is its last prompt + the reply + a new turn: only the new part is computed,
     while other chats come and go in the other slots, and the tokens are still generate()'s."""
-    tokenizer, model = loaded.tokenizer, loaded.model
+    tokenizer, model = family.tokenizer, family.model
     settings = GenerationSettings(max_new_tokens=12, temperature=0.0, repetition_penalty=1.3)
     engine = SlotEngine(model, tokenizer, settings, slots=3, length=192)
     encode = lambda text: tokenizer.encode(tokenizer.to_model_text(text))  # noqa: E731
-    firsts = [encode(f"翔太: {p}\n美咲: ") for p in PROMPTS[:3]]
+    firsts = [served_ids(tokenizer, f"翔太: {p}\n美咲: ") for p in PROMPTS[:3]]
     replies = run_staggered(engine, firsts, join_every=2)
     follow_ups = [firsts[i] + replies[i] + encode(f"\n翔太: {PROMPTS[3 + i]}\n美咲: ") for i in range(3)]
     prefilled_before = engine.prefilled_tokens

@@ -311,3 +311,100 @@ def test_tiny_model_cli_trains_the_tokenizer_on_the_given_corpus(tmp_path, capsy
 
     assert run(parser.parse_args([str(tmp_path / "model")])) == 1  # exists: refused, not overwritten
     assert "already exists" in capsys.readouterr().err
+
+
+# --- the other model families' tokenizers -----------------------------------------------------------------
+
+
+def _llama_folder(folder: Path, config: dict | None, tokenizer_json: dict | None = None) -> Path:
+    """The llama family's tokenizer.model, with the tokenizer_config.json (and tokenizer.json) given."""
+    from finetune.tiny_tokenizers import llama_tokenizer
+
+    folder.mkdir(parents=True)
+    (folder / "tokenizer.model").write_bytes(llama_tokenizer([]).files["tokenizer.model"])
+    if config is not None:
+        (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    if tokenizer_json is not None:
+        (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json), encoding="utf-8")
+    return folder
+
+
+def _template(first: str) -> dict:
+    return {"post_processor": {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": first, "type_id": 0}},
+                                                                       {"Sequence": {"id": "A", "type_id": 0}}]}}
+
+
+@pytest.mark.parametrize(("config", "tokenizer_json", "adds_bos"), [
+    ({"tokenizer_class": "LlamaTokenizer", "add_bos_token": True}, None, True),
+    ({"tokenizer_class": "LlamaTokenizer", "add_bos_token": False}, None, False),  # the key wins over the class
+    ({"tokenizer_class": "LlamaTokenizerFast"}, None, True),  # the class's default
+    ({"tokenizer_class": "T5Tokenizer"}, None, False),  # rinna's
+    ({"tokenizer_class": "PreTrainedTokenizerFast"}, _template("<s>"), True),  # the fast tokenizer's template
+    ({"tokenizer_class": "PreTrainedTokenizerFast"}, _template("</s>"), False),
+    (None, None, False),  # a bare SentencePiece model: nothing says to add one
+], ids=["add_bos_token", "add_bos_token-false", "llama-default", "t5", "template-bos", "template-other", "bare"])
+def test_a_sentencepiece_model_starts_texts_with_bos_as_its_folder_says(tmp_path, config, tokenizer_json, adds_bos):
+    from finetune.prompt import ChatTurn, encode_prompt
+
+    tok = load_tokenizer(str(_llama_folder(tmp_path / "llama", config, tokenizer_json)))
+    assert tok.backend == "sentencepiece" and tok.bos_id == 1
+    assert tok.add_bos is adds_bos
+    prompt = encode_prompt(tok, [ChatTurn("健太", "おはよう")], "美咲", "transcript")
+    assert (prompt[0] == tok.bos_id) is adds_bos
+    assert prompt[adds_bos:] == tok.encode("健太: おはよう\n美咲: ")
+
+
+def test_a_corrupt_tokenizer_config_is_a_clear_error(tmp_path):
+    folder = _llama_folder(tmp_path / "llama", None)
+    (folder / "tokenizer_config.json").write_text('{"add_bos_token": tru', encoding="utf-8")
+    with pytest.raises(ValueError, match="tokenizer_config.json is not valid JSON"):
+        load_tokenizer(str(folder))
+
+
+# --- the default vocabulary, on the built-in corpus and on a real-size one ------------------------------------
+
+
+def test_the_default_vocabulary_keeps_the_built_in_corpus_model_as_it_was():
+    # The built-in corpus cannot fill 1,000 pieces: sized from the corpus, the vocabulary comes out the same.
+    assert train_sentencepiece([]) == train_sentencepiece([], vocab_size=1000)
+    assert train_sentencepiece(DEFAULT_CORPUS[:5]) == train_sentencepiece(DEFAULT_CORPUS[:5], vocab_size=1000)
+
+
+@pytest.fixture(scope="module")
+def real_size_corpus(tmp_path_factory) -> Path:
+    from tests.support.varied_corpus import varied_lines
+
+    path = tmp_path_factory.mktemp("corpus") / "chats.txt"
+    path.write_text("\n".join(varied_lines(20_000)), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama", "qwen2"])
+def test_the_default_vocabulary_trains_on_a_real_size_corpus(arch, real_size_corpus, tmp_path, capsys):
+    """20,000 varied chat lines over ~4,800 distinct characters: a fixed 1,000 failed on them (SentencePiece's
+    "Vocabulary size is smaller than required_chars"); the default is sized from the corpus."""
+    from collections import Counter
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp_path / "model"
+    assert run(parser.parse_args([str(out), "--arch", arch, "--corpus", str(real_size_corpus)])) == 0, capsys.readouterr().err
+    tok = load_tokenizer(str(out))
+    lines = real_size_corpus.read_text(encoding="utf-8").splitlines()
+    counts = Counter("".join(lines))
+    assert tok.vocab_size > 4000  # far past the old 1,000: the bound grew with the corpus
+    if tok.backend == "sentencepiece":  # every common character has a piece of its own, not byte fallback
+        common = [c for c, _ in counts.most_common(1500)]
+        assert not [c for c in common if any(tok.sp.is_byte(i) for i in tok.encode(c))]
+    for line in lines[:200]:
+        assert tok.decode(tok.encode(line)) == line
+
+
+def test_a_vocab_size_too_small_for_the_corpus_says_what_to_do(real_size_corpus, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([str(tmp_path / "model"), "--corpus", str(real_size_corpus), "--vocab-size", "1000"])
+    assert run(args) == 1
+    err = capsys.readouterr().err
+    assert "leave out --vocab-size to size it from the corpus" in err and "required_chars" in err
+    assert not (tmp_path / "model").exists()
