@@ -216,7 +216,11 @@ class PersonMemory:
         query = "\n".join(t.text for t in context[-QUERY_TURNS:])
         skip = {" ".join(t.split()) for t in exclude_texts}
         hits = []
-        for doc, _score in self.index.search(query, k + len(skip), limit=limit):
+        found = self.index.search(query, k + len(skip), limit=limit)
+        floor = found[0][1] * RELATIVE_FLOOR if found else 0.0
+        for doc, score in found:
+            if score < floor:
+                break  # sharing only a question word (だっけ, どこ) with the best note: noise, not memory
             entry = self.entries[doc]
             if " ".join(entry.text.split()) in skip:
                 continue
@@ -227,6 +231,7 @@ class PersonMemory:
 
 
 QUERY_TURNS = 3  # the conversation's latest turns make the query: what the reply is about
+RELATIVE_FLOOR = 0.3  # a note scoring under this share of the best note's score is left out
 
 
 def notes(entries: Sequence[MemoryEntry]) -> list[MemoryNote]:
