@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from .prompt import ChatTurn, MemoryNote
+from .prompt import ChatTurn, MemoryNote, as_turns
 from .recall_index import RecallIndex
 
 MEMORY_FILE = "memory.jsonl"
@@ -176,9 +176,10 @@ def _read_entries(path: Path) -> tuple[list[MemoryEntry], str]:
 class PersonMemory:
     """The notes and their index, checked to belong together; `recall` finds notes for a conversation."""
 
-    def __init__(self, entries: list[MemoryEntry], index: RecallIndex):
+    def __init__(self, entries: list[MemoryEntry], index: RecallIndex, sha256: str = ""):
         self.entries = entries
         self.index = index
+        self.sha256 = sha256  # of the memory.jsonl the notes came from
         self._times = [e.time for e in entries]
 
     @classmethod
@@ -199,7 +200,7 @@ class PersonMemory:
             raise PersonMemoryError(
                 f"{index_path}: built from another {MEMORY_FILE} (another dataset or an edited file); rebuild it with `{rebuild}`"
             )
-        return cls(entries, index)
+        return cls(entries, index, digest)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -236,3 +237,27 @@ RELATIVE_FLOOR = 0.3  # a note scoring under this share of the best note's score
 
 def notes(entries: Sequence[MemoryEntry]) -> list[MemoryNote]:
     return [e.note() for e in entries]
+
+
+def sample_notes(memory: PersonMemory | None, sample: dict, k: int) -> list[MemoryNote]:
+    """The notes a prepared sample's prompt carries: recalled from before its conversation began.
+
+    A sample without `conversation_start` (a dataset prepared before the memory existed) gets none rather
+    than a guess: a later cut-off could show the model its own conversation."""
+    start = sample.get("conversation_start")
+    if memory is None or k <= 0 or not isinstance(start, str):
+        return []
+    try:
+        before = datetime.fromisoformat(start)
+    except ValueError:
+        return []
+    return notes(memory.recall(as_turns(sample["context"]), k, before=before))
+
+
+def copy_memory(source: Path, target: Path) -> None:
+    """memory.jsonl and its index from a dataset folder into an adapter's staging folder."""
+    import shutil
+
+    for name in (MEMORY_FILE, INDEX_FILE):
+        shutil.copyfile(Path(source) / name, Path(target) / name)
+

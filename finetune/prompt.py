@@ -73,6 +73,20 @@ def render_memory(notes: Sequence[MemoryNote]) -> str:
     return "\n".join([MEMORY_OPEN, *lines, BLOCK_CLOSE])
 
 
+def fit_notes(tokenizer: ChatTokenizer, notes: Sequence[MemoryNote], budget: int) -> list[MemoryNote]:
+    """The notes whose block fits `budget` tokens: the oldest go first (what was said last matters most).
+
+    Training and serving both call this with a share of the prompt (MEMORY_SHARE), so the memory never
+    crowds the conversation itself out of the prompt, and a model sees as much memory as it learned with."""
+    kept = list(notes)
+    while kept and len(tokenizer.encode(tokenizer.to_model_text(render_memory(kept)))) > budget:
+        kept.pop(0)
+    return kept
+
+
+MEMORY_SHARE = 3  # memory gets at most a third of the prompt budget
+
+
 def render_profile(profile: Sequence[str], persona: str) -> str:
     if not profile:
         return ""
@@ -134,6 +148,7 @@ def encode_sample(
     reply = encode_reply(tokenizer, target)
     if len(reply) >= max_length:
         return None
+    memory = fit_notes(tokenizer, memory, (max_length - len(reply)) // MEMORY_SHARE) if memory else ()
     _, prompt = drop_oldest_turns(tokenizer, context, persona, template, max_length - len(reply), memory=memory, profile=profile)
     if len(prompt) + len(reply) > max_length:
         return None
