@@ -162,9 +162,9 @@ class RemoteBackend:
     def settings(self):
         return self.prompting.settings
 
-    def prompt_ids(self, turns) -> list[int]:
+    def prompt_ids(self, turns, memory=()) -> list[int]:
         with self.tokenizer_lock:
-            return self.prompting.prompt_ids(turns)
+            return self.prompting.prompt_ids(turns, memory)
 
     def speakers_in(self, turns) -> list[str]:
         return self.prompting.speakers_in(turns)
@@ -447,8 +447,8 @@ class RemoteStepper:
     def busy(self) -> int:
         return len(self._in_flight)
 
-    def admit(self, key, turns: list[ChatTurn]) -> None:
-        ids = self.backend.prompt_ids(turns)
+    def admit(self, key, turns: list[ChatTurn], memory=()) -> None:
+        ids = self.backend.prompt_ids(turns, memory)
         speakers = self.backend.speakers_in(turns)
         self._in_flight[key] = asyncio.run_coroutine_threadsafe(self._reply(key, ids, speakers), self._loop)
 

@@ -261,3 +261,17 @@ def copy_memory(source: Path, target: Path) -> None:
     for name in (MEMORY_FILE, INDEX_FILE):
         shutil.copyfile(Path(source) / name, Path(target) / name)
 
+
+def example_notes(memory: PersonMemory, sample: dict, count: int, seed: int, besides: Sequence[MemoryNote] = ()) -> list[MemoryNote]:
+    """`count` of the persona's messages as examples of how they write (the prompt-only system's few shots):
+    drawn with `seed` and the sample's id from before the sample's conversation (all of them for a probe),
+    leaving out notes already recalled."""
+    import random
+
+    start = sample.get("conversation_start")
+    limit = bisect_left(memory._times, datetime.fromisoformat(start)) if isinstance(start, str) else len(memory)
+    taken = {n.turns[-1].text for n in besides}
+    pool = [e for e in memory.entries[:limit] if e.note().turns[-1].text not in taken]
+    rng = random.Random(f"{seed}-{sample.get('id', '')}")
+    return [e.note() for e in rng.sample(pool, min(count, len(pool)))]
+

@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -143,14 +143,14 @@ def checkpoint_dir(out: Path) -> Path:
 
 
 def encode_all(tokenizer, samples: list[dict], template: str, max_length: int,
-               memory: Callable[[dict], list] | None = None) -> tuple[list, int]:
+               memory: Callable[[dict], list] | None = None, profile: Sequence[str] = ()) -> tuple[list, int]:
     """(input ids, labels) of every sample that fits, and how many did not. `memory`: the notes a sample's
     prompt carries (person_memory.sample_notes), as the bot's prompt carries them when serving."""
     encoded, skipped = [], 0
     for s in samples:
         notes = memory(s) if memory else ()
         pair = encode_sample(tokenizer, as_turns(s["context"]), s["persona"], s["target"], template, max_length,
-                             memory=notes)
+                             memory=notes, profile=profile)
         if pair is None:
             skipped += 1
         else:
@@ -558,21 +558,23 @@ def short_style_eval(args: argparse.Namespace, plan: RunPlan, setup: ModelSetup,
     if not plan.eval_samples or args.no_style_eval or args.style_eval_samples <= 0:
         return {}
     return _short_style_eval(setup.loaded, model, plan.persona, args, plan.speakers, setup.max_length,
-                             plan.train_samples, plan.eval_samples)
+                             plan.train_samples, plan.eval_samples, plan.memory)
 
 
-def _short_style_eval(loaded, model, persona, args, speakers, max_length, train_samples, eval_samples) -> dict:
-    """Base and tuned replies to a few held-out conversations, scored as `finetune eval` scores them."""
+def _short_style_eval(loaded, model, persona, args, speakers, max_length, train_samples, eval_samples, memory) -> dict:
+    """Base and tuned replies to a few held-out conversations, scored as `finetune eval` scores them; tuned
+    answers with the memory when it learned with one, as the bot will serve it."""
     from .eval_inputs import choose_samples
     from .eval_models import base_and_tuned, with_model
-    from .evaluate import build_report, short_summary
+    from .evaluate import build_report, held_out_notes, short_summary
     from .generation import GenerationSettings
 
     chosen = choose_samples(eval_samples, args.style_eval_samples, args.seed)
+    notes_for = held_out_notes(memory, chosen, args.memory_notes, args.seed) if memory is not None else None
     # No loss: the summary keeps none, and the manifest has both losses on all of eval.jsonl already.
     made = base_and_tuned(with_model(loaded, model), persona=persona, template=args.template,
                           settings=GenerationSettings.from_manifest(DEFAULT_GENERATION), speakers=speakers,
-                          max_length=max_length, samples=chosen, seed=args.seed, with_loss=False)
+                          max_length=max_length, samples=chosen, seed=args.seed, with_loss=False, notes_for=notes_for)
     report = build_report(chosen, {n: s.replies for n, s in made.items()}, {}, train_samples, seed=args.seed)
     return short_summary(report)
 
