@@ -30,7 +30,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .prompt import ChatTurn, MemoryNote, as_turns
-from .recall_index import RecallIndex
+from .recall_index import RecallIndex, top
 
 MEMORY_FILE = "memory.jsonl"
 INDEX_FILE = "memory.index.npz"
@@ -214,10 +214,14 @@ class PersonMemory:
         if k <= 0 or not self.entries or not context:
             return []
         limit = bisect_left(self._times, before) if before is not None else None
-        query = "\n".join(t.text for t in context[-QUERY_TURNS:])
+        # The latest turn is what the reply answers; the two before it say what the talk is about.
+        scores = self.index.scores(context[-1].text, limit=limit)
+        earlier = "\n".join(t.text for t in context[-QUERY_TURNS:-1])
+        if earlier.strip():
+            scores += EARLIER_WEIGHT * self.index.scores(earlier, limit=limit)
         skip = {" ".join(t.split()) for t in exclude_texts}
         hits = []
-        found = self.index.search(query, k + len(skip), limit=limit)
+        found = top(scores, k + len(skip))
         floor = found[0][1] * RELATIVE_FLOOR if found else 0.0
         for doc, score in found:
             if score < floor:
@@ -232,6 +236,7 @@ class PersonMemory:
 
 
 QUERY_TURNS = 3  # the conversation's latest turns make the query: what the reply is about
+EARLIER_WEIGHT = 0.5  # the turns before the latest count half as much in the query
 RELATIVE_FLOOR = 0.3  # a note scoring under this share of the best note's score is left out
 
 

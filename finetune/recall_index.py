@@ -185,14 +185,7 @@ class RecallIndex:
                min_score: float = 0.0) -> list[tuple[int, float]]:
         """The `k` best (document, score) pairs with a score above `min_score`, best first; ties go to the
         later document (the index is in time order: what was said last wins)."""
-        scores = self.scores(query, limit=limit, allowed=allowed)
-        if not len(scores) or k <= 0:
-            return []
-        candidates = np.flatnonzero(scores > min_score)
-        if len(candidates) > k:
-            candidates = candidates[np.argpartition(-scores[candidates], k - 1)[:k]]
-        order = np.lexsort((-candidates, -scores[candidates]))
-        return [(int(candidates[i]), float(scores[candidates[i]])) for i in order]
+        return top(self.scores(query, limit=limit, allowed=allowed), k, min_score)
 
     def save(self, file: BinaryIO, **meta: str) -> None:
         """Plain arrays in an .npz (no pickle); `meta` strings (e.g. the source file's hash) ride along."""
@@ -233,4 +226,15 @@ class RecallIndex:
         )
         if not ok:
             raise ValueError("unreadable (inconsistent arrays)")
+
+
+def top(scores: np.ndarray, k: int, min_score: float = 0.0) -> list[tuple[int, float]]:
+    """The `k` best (document, score) pairs of a scores array (RecallIndex.scores), best first, later first on ties."""
+    if not len(scores) or k <= 0:
+        return []
+    candidates = np.flatnonzero(scores > min_score)
+    if len(candidates) > k:
+        candidates = candidates[np.argpartition(-scores[candidates], k - 1)[:k]]
+    order = np.lexsort((-candidates, -scores[candidates]))
+    return [(int(candidates[i]), float(scores[candidates[i]])) for i in order]
 
