@@ -30,7 +30,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .prompt import ChatTurn, MemoryNote, as_turns
-from .recall_index import RecallIndex, top
+from .recall_index import RecallIndex, conversation_scores, relevant
 
 MEMORY_FILE = "memory.jsonl"
 INDEX_FILE = "memory.index.npz"
@@ -214,30 +214,13 @@ class PersonMemory:
         if k <= 0 or not self.entries or not context:
             return []
         limit = bisect_left(self._times, before) if before is not None else None
-        # The latest turn is what the reply answers; the two before it say what the talk is about.
-        scores = self.index.scores(context[-1].text, limit=limit)
-        earlier = "\n".join(t.text for t in context[-QUERY_TURNS:-1])
-        if earlier.strip():
-            scores += EARLIER_WEIGHT * self.index.scores(earlier, limit=limit)
         skip = {" ".join(t.split()) for t in exclude_texts}
-        hits = []
-        found = top(scores, k + len(skip))
-        floor = found[0][1] * RELATIVE_FLOOR if found else 0.0
-        for doc, score in found:
-            if score < floor:
-                break  # sharing only a question word (だっけ, どこ) with the best note: noise, not memory
-            entry = self.entries[doc]
-            if " ".join(entry.text.split()) in skip:
-                continue
-            hits.append(entry)
-            if len(hits) == k:
-                break
+        scores = conversation_scores(self.index, [t.text for t in context], limit=limit)
+        hits = [self.entries[doc] for doc in relevant(scores, k + len(skip))]
+        hits = [e for e in hits if " ".join(e.text.split()) not in skip][:k]
         return sorted(hits, key=lambda e: e.time)
 
 
-QUERY_TURNS = 3  # the conversation's latest turns make the query: what the reply is about
-EARLIER_WEIGHT = 0.5  # the turns before the latest count half as much in the query
-RELATIVE_FLOOR = 0.3  # a note scoring under this share of the best note's score is left out
 
 
 def notes(entries: Sequence[MemoryEntry]) -> list[MemoryNote]:

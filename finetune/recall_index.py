@@ -238,3 +238,29 @@ def top(scores: np.ndarray, k: int, min_score: float = 0.0) -> list[tuple[int, f
     order = np.lexsort((-candidates, -scores[candidates]))
     return [(int(candidates[i]), float(scores[candidates[i]])) for i in order]
 
+
+# Searching with a conversation: the latest turn is what a reply answers, the two before it say what the talk
+# is about; a note scoring under RELATIVE_FLOOR of the best one shares no more than a question word (だっけ,
+# どこ) with the conversation and is noise, not memory.
+QUERY_TURNS = 3
+EARLIER_WEIGHT = 0.5
+RELATIVE_FLOOR = 0.3
+
+
+def conversation_scores(index: RecallIndex, texts: Sequence[str], *, limit: int | None = None) -> np.ndarray:
+    """Every document's score for a conversation (its turns' texts, oldest first)."""
+    scores = index.scores(texts[-1], limit=limit) if texts else np.zeros(0)
+    earlier = "\n".join(texts[-QUERY_TURNS:-1])
+    if earlier.strip():
+        scores += EARLIER_WEIGHT * index.scores(earlier, limit=limit)
+    return scores
+
+
+def relevant(scores: np.ndarray, k: int) -> list[int]:
+    """The documents of the `k` best scores that are within reach of the best one, best first."""
+    found = top(scores, k)
+    if not found:
+        return []
+    floor = found[0][1] * RELATIVE_FLOOR
+    return [doc for doc, score in found if score >= floor]
+
