@@ -5,7 +5,8 @@ The daemon reads it at start; `finetune prepare --config` takes its [prepare] ta
 in it is reported by whichever reads it first.
 
 Every table forbids unknown keys and every value is checked strictly (no "8080" for 8080), so
-a typo fails at start with a line per problem: `FILE: [section] key: why`. Defaults make an
+a typo fails at start with a line per problem: `FILE: [section] key: why` (an unknown name as
+`FILE:LINE: [section] key: unknown key (did you mean ...?)`, found by `key_lines`). Defaults make an
 empty file valid; `config.toml` at the repository root documents every key.
 
 Secrets never live in the file or in this object: `*_env` keys name environment variables,
@@ -375,12 +376,16 @@ class BotConfig(_Section):
         return cls()
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "<config>") -> BotConfig:
-        """Validate a dict shaped like the TOML file (tests, --demo); problems raise ConfigError."""
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<config>", text: str | None = None) -> BotConfig:
+        """Validate a dict shaped like the TOML file (tests, --demo); problems raise ConfigError.
+
+        With the file's `text`, an unknown section or key is reported at its line (`FILE:LINE: ...`): a typo is
+        found by where it is, since its name is not one the user would search for."""
         try:
             config = cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError([f"{source}: {_describe(err)}" for err in exc.errors()]) from None
+            lines = key_lines(text) if text is not None else {}
+            raise ConfigError([f"{_at(source, lines, err)}: {_describe(err)}" for err in exc.errors()]) from None
         config._source = source
         return config
 
@@ -458,7 +463,8 @@ def load_config(path: Path) -> BotConfig:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: not valid UTF-8: {exc}"]) from None
-    return BotConfig.from_dict(data, source=str(path))
+    # tomllib read the bytes as UTF-8 already, so this decode cannot fail.
+    return BotConfig.from_dict(data, source=str(path), text=path.read_bytes().decode("utf-8"))
 
 
 # --- pydantic's errors in plain words ----------------------------------------------------
@@ -507,10 +513,16 @@ def _describe(err: dict) -> str:
     where = f"{section} {key}" if key else section
     if kind == "extra_forbidden":
         if not key:
-            return f"{where}: unknown section; known: {', '.join(_sections())}"
+            close = _closest(section.strip("[]"), _sections())
+            hint = f" (did you mean [{close}]?)" if close else ""
+            return f"{where}: unknown section{hint}; known: {', '.join(_sections())}"
         known = list(_section_model(loc[:-1]).model_fields)
-        close = difflib.get_close_matches(key, known, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
+        close = _closest(key, known)
+        if close:
+            hint = f" (did you mean {close}?)"
+        else:  # the right key in the wrong table: `[server] adapter = ...`
+            homes = [f"[{name}] {key}" for name in _sections() if key in getattr(_field_model(name), "model_fields", {})]
+            hint = f" (did you mean {homes[0]}?)" if len(homes) == 1 else ""
         return f"{where}: unknown key{hint}; known: {', '.join(known)}"
     if kind in _TYPE_WORDS:
         got = _TOML_TYPES.get(type(err["input"]))
@@ -525,9 +537,73 @@ def _describe(err: dict) -> str:
     return f"{where}: {err['msg'][:1].lower()}{err['msg'][1:]}"
 
 
+def _closest(name: str, known: list[str]) -> str | None:
+    """The known name a misspelt one most likely meant: the same but for case, else difflib's closest."""
+    same = [k for k in known if k.casefold() == name.casefold()]
+    close = same or difflib.get_close_matches(name.casefold(), known, n=1)
+    return close[0] if close else None
+
+
+def _field_model(section: str) -> Any:
+    return BotConfig.model_fields[section].annotation
+
+
 def _section_model(loc: tuple) -> type[BaseModel]:
     model: type[BaseModel] = BotConfig
     for part in loc:
         if isinstance(part, str):
             model = model.model_fields[part].annotation
     return model
+
+
+# --- where a key is in the file ----------------------------------------------------------------
+
+_BARE_KEY = r"[A-Za-z0-9_-]+"
+_ONE_KEY = rf"""(?:{_BARE_KEY}|"(?:[^"\\]|\\.)*"|'[^']*')"""
+_DOTTED_KEY = rf"{_ONE_KEY}(?:\s*\.\s*{_ONE_KEY})*"
+_TABLE_LINE = re.compile(rf"^\s*\[\[?\s*({_DOTTED_KEY})\s*\]\]?\s*(?:#.*)?$")
+_KEY_LINE = re.compile(rf"^\s*({_DOTTED_KEY})\s*=")
+
+
+def _key_parts(dotted: str) -> tuple[str, ...]:
+    parts = re.findall(_ONE_KEY, dotted)
+    return tuple(json.loads(p) if p.startswith('"') else p.strip("'") for p in parts)
+
+
+def key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Every table and key path in a TOML file -> the line it first appears on (1-based), its parents included.
+
+    A line scan, not a parser: tomllib has read the file already and keeps no positions. Lines inside a
+    multi-line string are skipped; a key inside an inline table is found at its table's line."""
+    found: dict[tuple[str, ...], int] = {}
+    table: tuple[str, ...] = ()
+    open_string = None  # the delimiter of a multi-line string being read
+    for number, line in enumerate(text.splitlines(), 1):
+        if open_string:
+            if open_string in line:
+                open_string = None
+            continue
+        if m := _TABLE_LINE.match(line):
+            table = _key_parts(m[1])
+            path = table
+        elif m := _KEY_LINE.match(line):
+            path = table + _key_parts(m[1])
+        else:
+            path = None
+        for i in range(1, len(path or ()) + 1):
+            found.setdefault(path[:i], number)
+        for delimiter in ('"""', "'''"):
+            if line.count(delimiter) % 2:
+                open_string = delimiter
+                break
+    return found
+
+
+def _at(source: str, lines: dict[tuple[str, ...], int], err: dict) -> str:
+    """`FILE:LINE` for an unknown section or key whose line is known, else `FILE`."""
+    if err["type"] != "extra_forbidden":
+        return source
+    path = tuple(str(part) for part in err["loc"] if isinstance(part, str))
+    while path and path not in lines:
+        path = path[:-1]  # inside an inline table: its table's line
+    return f"{source}:{lines[path]}" if path else source

@@ -1,3 +1,10 @@
-from .cli import main
+from .dependencies import run
 
-raise SystemExit(main())
+
+def main() -> int:
+    from .cli import main  # only once dependencies.run has found every package it needs
+
+    return main()
+
+
+raise SystemExit(run("finetune", main))

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from .importers import FORMATS, ExportError, ReadOptions, open_export
+from .importers import FORMATS, ExportError, ExportErrors, ReadOptions, SpeakersNeeded, open_export, speakers_flag
 
 
 def _add_read_options(p: argparse.ArgumentParser) -> None:
@@ -72,23 +72,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def report_export_errors(errors: list[ExportError], speakers: tuple[str, ...], after: str = "") -> int:
+    """Print each error, then the one `--speakers` flag that would read every LINE PC export among them.
+
+    Exit status 2 when only speakers were missing (the command line needs a flag, as for any usage error),
+    else 1."""
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    likely = [name for error in errors if isinstance(error, SpeakersNeeded) for name in error.likely]
+    if likely:
+        names = list(dict.fromkeys([*speakers, *likely]))
+        print(f"hint: run again with {speakers_flag(names)} (names guessed from the file: check them; "
+              "a name with spaces may be cut short)", file=sys.stderr)
+    if after:
+        print(after, file=sys.stderr)
+    return 2 if all(isinstance(error, SpeakersNeeded) for error in errors) else 1
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
+    """A summary of every export that can be read, then what stopped the others (exit status 1 or 2)."""
     from .summary import summarize
 
     options = _read_options(args)
-    summaries = []
+    summaries, errors = [], []
     for path in args.paths:
-        fmt, records = open_export(path, args.format, options)
-        summaries.append((path, summarize(fmt, records)))
+        try:
+            fmt, records = open_export(path, args.format, options)
+            summaries.append((path, summarize(fmt, records)))
+        except ExportError as exc:
+            errors.append(exc)
     if args.json:
-        if len(summaries) == 1:
-            print(json.dumps(summaries[0][1].as_json(), ensure_ascii=False))
+        if len(args.paths) == 1:
+            if summaries:
+                print(json.dumps(summaries[0][1].as_json(), ensure_ascii=False))
         else:
             print(json.dumps([{"path": str(p), **s.as_json()} for p, s in summaries], ensure_ascii=False))
-        return 0
-    from .summary_table import print_summaries
+    elif summaries:
+        from .summary_table import print_summaries
 
-    print_summaries(summaries)
+        print_summaries(summaries)
+    if errors:
+        sys.stdout.flush()  # the summaries first, then what is wrong, in this order in a terminal too
+        return report_export_errors(errors, args.speakers)
     return 0
 
 
@@ -131,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"inspect": cmd_inspect, "prepare": cmd_prepare}[args.command]
     try:
         return handler(args)
+    except ExportErrors as exc:  # prepare's check of every input before reading any
+        return report_export_errors(exc.errors, args.speakers, after="nothing was written")
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

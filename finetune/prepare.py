@@ -19,7 +19,7 @@ from datetime import datetime, tzinfo
 from pathlib import Path
 
 from .atomic_output import atomic_directory, check_writable
-from .importers import ReadOptions, open_export
+from .importers import ReadOptions, check_exports, open_export
 from .person_memory import entries_from_conversations, write_memory
 from .progress import WatchedProgress
 from .records import ChatRecord
@@ -93,10 +93,12 @@ class _Progress(WatchedProgress):
             self.done_before += path.stat().st_size
 
 
-def read_streams(args: argparse.Namespace, read_options: Callable) -> tuple[list[tuple[str, str, list[ChatRecord]]], list[dict]]:
-    """Every input as (source, format, records), one entry per chat inside each input."""
+def read_streams(args: argparse.Namespace, read_options: Callable) -> tuple[list[tuple[str, str, list[ChatRecord]]], list[dict], list[int]]:
+    """Every input as (source, format, records), one entry per chat inside each input; the inputs' counts;
+    and for each stream the index of its input."""
     streams = []
     inputs = []
+    stream_inputs = []
     with _Progress(args.paths, not args.no_progress) as progress:
         for path in args.paths:
             options: ReadOptions = read_options(args, progress.start(path))
@@ -106,10 +108,12 @@ def read_streams(args: argparse.Namespace, read_options: Callable) -> tuple[list
                 by_chat.setdefault(record.chat, []).append(record)
             progress.finish_file(path)
             counts = Counter(r.kind for chat in by_chat.values() for r in chat)
-            inputs.append({"path": str(path), "format": fmt, "chats": len(by_chat), **{k: counts[k] for k in ("text", "placeholder", "system")}})
+            inputs.append({"path": str(path), "format": fmt, "chats": len(by_chat), "records": sum(counts.values()),
+                           **{k: counts[k] for k in ("text", "placeholder", "system")}})
             for chat, chat_records in by_chat.items():
                 streams.append((f"{path.name}#{chat}" if chat else path.name, fmt, chat_records))
-    return streams, inputs
+                stream_inputs.append(len(inputs) - 1)
+    return streams, inputs, stream_inputs
 
 
 def drop_package_overlap(streams: list[tuple[str, str, list[ChatRecord]]]) -> int:
@@ -136,6 +140,7 @@ def run_prepare(args: argparse.Namespace, read_options: Callable) -> int:
 def _run(args: argparse.Namespace, read_options: Callable) -> int:
     check_writable(args.out, replace=args.force)  # before reading gigabytes of exports, not after
     local = _local_timezone(args.timezone)
+    check_exports(args.paths, args.format, read_options(args))  # every bad input named before the first is read
     options = SampleOptions(
         session_gap_s=args.session_gap,
         max_context_turns=args.max_context_turns,
@@ -144,7 +149,7 @@ def _run(args: argparse.Namespace, read_options: Callable) -> int:
         min_context_turns=args.min_context_turns,
         eval_fraction=args.eval_fraction,
     )
-    streams, inputs = read_streams(args, read_options)
+    streams, inputs, stream_inputs = read_streams(args, read_options)
     overlap = drop_package_overlap(streams)
 
     said = Counter(r.speaker for _, _, records in streams for r in records if r.speaker and r.kind == "text")
@@ -166,13 +171,19 @@ def _run(args: argparse.Namespace, read_options: Callable) -> int:
     rename = (lambda s: args.persona if s in aliases else s) if aliases else (lambda s: s)
     stats = BuildStats()
     conversations: list[Conversation] = []
+    conversation_inputs: list[int] = []  # the input each conversation came from, for the counts per input
     excluded = frozenset(args.exclude_speaker)
     redactor = Redactor()
-    for source, _fmt, records in streams:
-        conversations += split_conversations(
+    for (source, _fmt, records), input_index in zip(streams, stream_inputs, strict=True):
+        found = split_conversations(
             records, source=source, rename=rename, excluded=excluded, gap_s=options.session_gap_s,
             burst_gap_s=BURST_GAP_S, local=local, redact=(lambda t: t) if args.no_redact else redactor, stats=stats,
         )
+        conversations += found
+        conversation_inputs += [input_index] * len(found)
+        # What this input gave the persona, after a data package's copies of exported messages were dropped.
+        inputs[input_index]["persona_messages"] = inputs[input_index].get("persona_messages", 0) + sum(
+            1 for r in records if r.kind == "text" and r.speaker in persona_names)
     samples = build_samples(conversations, args.persona, options, stats)
     if not samples:
         raise PrepareError(
@@ -181,6 +192,12 @@ def _run(args: argparse.Namespace, read_options: Callable) -> int:
             f"{stats.too_little_context} with fewer than --min-context-turns earlier turns"
         )
     train, held_out = split_by_time(samples, conversations, options.eval_fraction)
+    for item in inputs:
+        item.setdefault("persona_messages", 0)
+        item["samples"] = {"train": 0, "eval": 0}
+    for part, part_samples in (("train", train), ("eval", held_out)):
+        for sample in part_samples:
+            inputs[conversation_inputs[sample.conversation]]["samples"][part] += 1
     # The persona's memory: every typed turn of theirs, eval conversations included (a sample only ever
     # recalls what was said before its conversation began, so eval replies cannot leak into eval prompts).
     memory_entries = entries_from_conversations(conversations, args.persona)
@@ -234,6 +251,9 @@ def _run(args: argparse.Namespace, read_options: Callable) -> int:
         f"redacted {red['url']} URLs, {red['email']} e-mails, {red['phone']} phone numbers, {red['postal_code']} postal codes, "
         f"{red['address']} addresses, {red['card']} card numbers, {red['my_number']} My Numbers"
     )
+    for item in inputs:
+        print(f"  {item['path']} ({item['format']}): {item['records']} records, {item['persona_messages']} text messages "
+              f"by {args.persona} -> {item['samples']['train']} train / {item['samples']['eval']} eval samples")
     if written:
         print(f"{args.out}: for other trainers: {', '.join(written)}")
     if not held_out:

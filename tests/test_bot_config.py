@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -19,14 +20,20 @@ def _write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def _problems(tmp_path: Path, text: str) -> list[str]:
+def _located_problems(tmp_path: Path, text: str) -> list[tuple[int | None, str]]:
+    """(line or None, problem) for each problem of the file: `FILE:LINE: problem` or `FILE: problem`."""
     path = _write(tmp_path, text)
     with pytest.raises(ConfigError) as info:
         load_config(path)
     lines = str(info.value).splitlines()
     assert lines == info.value.problems
-    assert all(line.startswith(f"{path}: ") for line in lines), lines
-    return [line.removeprefix(f"{path}: ") for line in lines]
+    located = [re.fullmatch(rf"{re.escape(str(path))}(?::(\d+))?: (.+)", line) for line in lines]
+    assert all(located), lines
+    return [(int(m[1]) if m[1] else None, m[2]) for m in located]
+
+
+def _problems(tmp_path: Path, text: str) -> list[str]:
+    return [problem for _, problem in _located_problems(tmp_path, text)]
 
 
 def test_root_config_loads_and_matches_the_defaults():
@@ -85,7 +92,7 @@ level = "debug"
     ("toml", "expected"),
     [
         ("[memory]\nmax_turn = 5\n", "[memory] max_turn: unknown key (did you mean max_turns?); known: path, max_turns, reset_commands"),
-        ("[memroy]\npath = 'x'\n", "[memroy]: unknown section; known: model, persona, generation, memory"),
+        ("[memroy]\npath = 'x'\n", "[memroy]: unknown section (did you mean [memory]?); known: model, persona, generation, memory"),
         ("[server]\nport = '8080'\n", "[server] port: expected an integer, got a string"),
         ("[server]\nport = 70000\n", "[server] port: must be <= 65535"),
         ("[server]\nport = -1\n", "[server] port: must be >= 0"),
@@ -162,6 +169,47 @@ def test_nested_table_is_named_with_a_dot(tmp_path):
     assert problem.startswith("[discord] intents: unknown key")
     (problem,) = _problems(tmp_path, "[model]\nbase = 'x'\n[memory.sqlite]\nx = 1\n")
     assert problem.startswith("[memory] sqlite: unknown key")
+
+
+@pytest.mark.parametrize(
+    ("toml", "line", "expected"),
+    [
+        ("[model]\nadapter = 'x'\n\n[servr]\nport = 8090\n", 4, "[servr]: unknown section (did you mean [server]?); known: model,"),
+        ("[Server]\nport = 8090\n", 1, "[Server]: unknown section (did you mean [server]?)"),
+        ("[prepair]\nredact = false\n", 1, "[prepair]: unknown section (did you mean [prepare]?)"),
+        ("servr.port = 8090\n", 1, "[servr]: unknown section (did you mean [server]?)"),
+        ("[frobnicate]\nx = 1\n", 1, "[frobnicate]: unknown section; known: model,"),  # nothing close: no guess
+        ("[model]\nbase = 'x'\nadaptor = 'runs/misaki'\n", 3, "[model] adaptor: unknown key (did you mean adapter?)"),
+        ("[discord]\nenabled = true\nTOKEN_ENV = 'X'\n", 3, "[discord] TOKEN_ENV: unknown key (did you mean token_env?)"),
+        # the right key in the wrong table
+        ("[server]\nport = 8090\nadapter = 'runs/misaki'\n", 3, "[server] adapter: unknown key (did you mean [model] adapter?)"),
+        # at any depth: a sub-table, a dotted key, an inline table (found at its table's line)
+        ("[line]\nenabled = true\n[line.webhook]\npath = '/cb'\n", 3, "[line] webhook: unknown key (did you mean webhook_path?)"),
+        ("[queue]\nlimits.max = 3\n", 2, "[queue] limits: unknown key"),
+        ("[memory]\npath = 'm.sqlite3'\n\nserver = { prot = 1 }\n", 4, "[memory] server: unknown key"),
+        ("server = { prot = 1 }\n", 1, "[server] prot: unknown key (did you mean port?)"),
+        # a multi-line string's lines are no keys: the typo is found where it really is
+        ('[persona]\nname = """\n[servr]\nprot = 1\n"""\n[servr]\n', 6, "[servr]: unknown section"),
+        ("[people]\n\"discord:1\" = '健太'\n[model]\n\"adaptor\" = 'x'\n", 4, "[model] adaptor: unknown key (did you mean adapter?)"),
+    ],
+)
+def test_a_misspelt_section_or_key_gets_its_line_and_the_closest_name(tmp_path, toml, line, expected):
+    ((at, problem),) = _located_problems(tmp_path, toml)
+    assert problem.startswith(expected), problem
+    assert at == line, (at, problem)
+
+
+def test_a_bad_value_keeps_the_plain_prefix(tmp_path):
+    """Only unknown names get a line: for a bad value the section and key are what to search for."""
+    assert _located_problems(tmp_path, "[server]\nport = '8080'\n") == [
+        (None, "[server] port: expected an integer, got a string")]
+
+
+def test_the_daemon_reports_a_misspelt_section_by_line(tmp_path, cli):
+    path = _write(tmp_path, "[model]\nadapter = 'runs/misaki'\n[servr]\nport = 8090\n")
+    proc = cli("--config", path, module="bot", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"error: {path}:3: [servr]: unknown section (did you mean [server]?); known: "), proc.stderr
 
 
 def test_every_problem_is_reported_one_per_line(tmp_path):

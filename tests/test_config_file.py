@@ -17,9 +17,9 @@ from finetune.cli import _parse_args
 
 LINE = EXAMPLES / "line_demo.txt"
 BAD_PREPARE = "[prepare]\nmax_context_turn = 5\nsession_gap = true\n"
-BAD_PREPARE_PROBLEMS = [
-    "[prepare] session_gap: must be a duration",
-    "[prepare] max_context_turn: unknown key (did you mean max_context_turns?)",
+BAD_PREPARE_PROBLEMS = [  # what FILE is followed by: a misspelt key gets its line
+    ": [prepare] session_gap: must be a duration",
+    ":2: [prepare] max_context_turn: unknown key (did you mean max_context_turns?)",
 ]
 
 
@@ -43,7 +43,7 @@ def test_a_bad_prepare_table_is_the_same_clear_error_from_each_reader(tmp_path, 
     lines = proc.stderr.strip().removeprefix("error: ").splitlines()
     assert len(lines) == len(BAD_PREPARE_PROBLEMS), proc.stderr
     for line, problem in zip(lines, BAD_PREPARE_PROBLEMS, strict=True):
-        assert line.startswith(f"{config}: {problem}"), proc.stderr
+        assert line.startswith(f"{config}{problem}"), proc.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "adapter").exists()
 
 

@@ -604,3 +604,35 @@ def test_csv_bytes_that_are_not_utf8_are_located(tmp_path):
     records = read(path, encoding="cp932", on_progress=progress.append)
     assert [r.text for r in records] == ["ok", "こんにちは"]
     assert progress[-1] == path.stat().st_size
+
+
+# --- exports bunshin does not read: named, with what to export instead ---
+
+UNREAD = FIXTURES / "unread"
+
+
+@pytest.mark.parametrize(("name", "kind"), [
+    ("dce_current.html", "DiscordChatExporter HTML export"),  # today's template (preamble__, chatlog__)
+    ("dce_2x.html", "DiscordChatExporter HTML export"),  # 2.x (info__, chatlog__)
+    ("dce_first.html", "DiscordChatExporter HTML export"),  # the first versions ("Discord Chat Log", msg-user)
+    ("dce.txt", "DiscordChatExporter plain-text export"),
+    ("dce_2x.txt", "DiscordChatExporter plain-text export"),
+])
+def test_a_dce_export_bunshin_does_not_read_says_to_export_json_or_csv(cli, name, kind):
+    path = UNREAD / name
+    proc = cli("inspect", path)
+    assert proc.returncode == 1 and proc.stdout == "", proc.stdout
+    assert proc.stderr == (f"error: {path}: is a {kind}, which bunshin does not read: export it again as JSON "
+                           "(`-f Json`: best, keeps replies) or CSV (`-f Csv`), which bunshin reads\n")
+
+
+def test_another_html_page_is_named_as_html():
+    error = export_error(UNREAD / "saved_page.html")
+    assert error.line is None and error.message.startswith("is an HTML page, not a chat export bunshin reads; expected")
+
+
+def test_prepare_with_a_dce_html_export_among_the_inputs_writes_nothing(cli, tmp_path):
+    out = tmp_path / "out"
+    proc = cli("prepare", DCE_JSON / "dm_basic.json", UNREAD / "dce_current.html", "--persona", "misaki", "--out", out)
+    assert proc.returncode == 1 and "dce_current.html: is a DiscordChatExporter HTML export" in proc.stderr, proc.stderr
+    assert not out.exists()

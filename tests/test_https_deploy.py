@@ -33,7 +33,7 @@ import aiohttp
 import pytest
 from conftest import REPO, write_toml
 
-from bot.config import load_config
+from bot.config import BotConfig, load_config
 from finetune.tiny_model import build_tiny_model
 from tests.support.fake_line_api import REPLY, serving_fake_line, sign, text_event, webhook_bytes
 
@@ -41,6 +41,10 @@ DEPLOY = REPO / "deploy"
 PERSONA = "美咲"
 SECRET, TOKEN = "https-channel-secret-7a7a", "https-access-token-8b8b"
 SECRET_ENV, TOKEN_ENV = "BUNSHIN_TEST_LINE_SECRET", "BUNSHIN_TEST_LINE_TOKEN"
+_DEFAULTS = BotConfig.default()
+# The variables the *_env keys name by default: what deploy/.env can hold for the daemon.
+SECRET_ENVS = (_DEFAULTS.line.channel_secret_env, _DEFAULTS.line.access_token_env, _DEFAULTS.discord.token_env,
+               _DEFAULTS.api.key_env)
 
 
 def _caddy_or_skip() -> str:
@@ -223,6 +227,23 @@ def test_caddyfile_is_valid_for_a_public_domain(tmp_path):
     assert result.returncode == 0 and "Valid configuration" in result.stdout + result.stderr, result.stderr
 
 
+CADDYFILE_DOMAIN_DEFAULT = re.search(r"(?m)^\{\$BUNSHIN_DOMAIN:(\S+)\} \{$", (DEPLOY / "Caddyfile").read_text())[1]
+
+
+@pytest.mark.parametrize("domain", [None, CADDYFILE_DOMAIN_DEFAULT])  # unset (systemd), compose's default
+def test_caddyfile_without_a_domain_is_refused_naming_the_variable(tmp_path, domain):
+    """Not "unrecognized global option: @public", which is what an empty site address gave."""
+    env = {k: v for k, v in caddy_env(tmp_path).items() if k != "BUNSHIN_DOMAIN"}
+    if domain is not None:
+        env["BUNSHIN_DOMAIN"] = domain
+    result = subprocess.run(
+        [_caddy_or_skip(), "validate", "--adapter", "caddyfile", "--config", str(DEPLOY / "Caddyfile")],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, env=env)
+    assert result.returncode != 0, result.stdout
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert "BUNSHIN_DOMAIN" in error and "is-not-set" in error, error
+
+
 def test_caddyfile_passes_on_the_configured_webhook_path(deploy_config):
     public = re.search(r"@public path (.+)", (DEPLOY / "Caddyfile").read_text())[1].split()
     assert deploy_config.line.webhook_path in public and "/metrics" not in public
@@ -252,9 +273,10 @@ def test_compose_reserves_a_gpu_keeps_state_and_outwaits_the_drain(deploy_config
     assert str(Path(deploy_config.memory.path).parent) in mounts and "/cache" in mounts
     assert mounts["/adapters"].endswith(":ro") and mounts["/config/config.toml"].endswith(":ro")
     assert all(name in compose["volumes"] for name in (mounts["/data"].split(":")[0], mounts["/cache"].split(":")[0]))
-    # The secrets the config names, from .env, and nothing baked in.
-    assert set(bot["environment"]) == {deploy_config.line.channel_secret_env, deploy_config.line.access_token_env}
-    assert all(re.fullmatch(r"\$\{\w+:\?.+\}", v) for v in bot["environment"].values())
+    # The secrets every platform's *_env names by default, from .env, each optional (the daemon checks the
+    # enabled ones), and nothing baked in.
+    assert set(bot["environment"]) == set(SECRET_ENVS)
+    assert all(v == f"${{{k}:-}}" for k, v in bot["environment"].items()), bot["environment"]
     assert compose_seconds(bot["stop_grace_period"]) > deploy_config.queue.drain_timeout_s + 5
     assert bot["restart"] in ("unless-stopped", "always", "on-failure")
     assert f"127.0.0.1:{deploy_config.server.port}:{deploy_config.server.port}" in bot["ports"]
@@ -263,7 +285,49 @@ def test_compose_reserves_a_gpu_keeps_state_and_outwaits_the_drain(deploy_config
     assert {"80:80", "443:443"} <= set(caddy["ports"])
     assert "./Caddyfile:/etc/caddy/Caddyfile:ro" in caddy["volumes"]
     assert caddy["environment"]["BUNSHIN_UPSTREAM"] == f"bunshin:{deploy_config.server.port}"
+    # Unset or empty in .env: the Caddyfile's own default, so Caddy's error names the variable (see below).
+    assert caddy["environment"]["BUNSHIN_DOMAIN"] == f"${{BUNSHIN_DOMAIN:-{CADDYFILE_DOMAIN_DEFAULT}}}"
     assert any(v.endswith(":/data") for v in caddy["volumes"]), "Caddy's certificates must outlive the container"
+
+
+def compose_environment(service: dict, dotenv: dict[str, str]) -> dict[str, str]:
+    """What compose hands the container: each `${VAR:-default}` (the only form compose.yaml uses) read from .env."""
+    resolved = {}
+    for key, value in service["environment"].items():
+        m = re.fullmatch(r"\$\{(\w+):-(.*)\}", value)
+        resolved[key] = (dotenv.get(m[1]) or m[2]) if m else value
+    return resolved
+
+
+def test_env_example_names_every_variable_compose_reads():
+    example = (DEPLOY / ".env.example").read_text()
+    names = set(re.findall(r"(?m)^([A-Z_]+)=", example))
+    compose_text = (DEPLOY / "compose.yaml").read_text()
+    assert names == set(re.findall(r"\$\{(\w+):-", compose_text)) == {*SECRET_ENVS, "BUNSHIN_DOMAIN"}
+
+
+def test_a_discord_only_deployment_needs_no_line_secret_and_without_its_token_is_refused_by_name(tmp_path):
+    import yaml
+
+    # deploy/config.toml made Discord-only, as its user would: LINE off, Discord on.
+    text = (DEPLOY / "config.toml").read_text()
+    assert "[line]\nenabled = true\n" in text
+    config = tmp_path / "config.toml"
+    config.write_text(text.replace("[line]\nenabled = true\n", "[line]\nenabled = false\n\n[discord]\nenabled = true\n"),
+                      encoding="utf-8")
+    bot = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["bunshin"]
+    outside = {k: v for k, v in os.environ.items() if k not in SECRET_ENVS}
+
+    # .env copied from the example and nothing filled in: compose starts the daemon, which names what is missing.
+    empty = compose_environment(bot, {})
+    assert empty == dict.fromkeys(SECRET_ENVS, "")
+    proc = subprocess.run([sys.executable, "-m", "bot", "--config", str(config)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL, env={**outside, **empty})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == f"error: {config}: [discord] token_env: environment variable DISCORD_BOT_TOKEN is not set"
+
+    # The token alone is enough: LINE's empty variables are not asked for.
+    load_config(config).check_ready(compose_environment(bot, {"DISCORD_BOT_TOKEN": "discord-token-1c1c"}))
 
 
 def unit_sections(text: str) -> dict[str, dict[str, list[str]]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 from datetime import datetime
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from finetune.importers import ReadOptions, open_export
+from finetune.importers import ReadOptions, SpeakersNeeded, open_export, speakers_flag
 from finetune.importers.line_shapes import PC_BARE_PLACEHOLDERS, is_pc_bare_placeholder
 from finetune.records import PLACEHOLDER, SYSTEM, TEXT
 
@@ -481,3 +482,95 @@ def test_bad_input_is_reported_with_file_and_line(name, line, words):
 def test_pc_file_reads_once_speakers_are_given():
     proc = run_inspect(BAD / "pc_no_speakers.txt", "--speakers", "山口 由美,田村")
     assert proc.returncode == 0, proc.stderr
+
+
+# --------------------------------------------------------------------------- PC exports without --speakers
+
+
+def speakers_needed(path: Path, speakers: tuple[str, ...] = ()) -> SpeakersNeeded:
+    with pytest.raises(SpeakersNeeded) as info:
+        read(path, speakers=speakers)
+    return info.value
+
+
+@pytest.mark.parametrize(("name", "likely"), [
+    ("pc_ja.txt", ("山口 由美", "田村")),
+    ("pc_bom_crlf.txt", ("山口 由美", "田村")),  # two lines each are enough to see the name go on
+    ("pc_ja_ui_words.txt", ("山口 由美", "田村")),  # 田村's スタンプ/ファイル lines do not lengthen his name
+    ("pc_titled_items.txt", ("山口 由美", "田村")),
+    ("pc_en.txt", ("Bob Smith", "Alice")),
+    ("pc_en_ui_words.txt", ("Joe", "Mika Tanaka")),  # most lines first
+    ("pc_th.txt", ("โอ๊ต", "มายด์")),
+    ("pc_zh_tw.txt", ("阿華", "小明")),
+])
+def test_without_speakers_the_error_names_the_full_likely_names(name, likely):
+    error = speakers_needed(LINE_PC / name)
+    assert error.likely == likely
+    assert all(f"{n} (" in error.message for n in likely), error.message
+
+
+def test_a_name_of_three_words_and_a_one_word_name_with_stickers(tmp_path):
+    path = tmp_path / "talk.txt"
+    lines = ["2024.03.09 土曜日"]
+    for minute, said in enumerate(["see you at 9", "ok", "the station then", "bring the tickets", "lol"]):
+        lines += [f"21:{minute:02d} Mary Ann Smith {said}", f"21:{minute:02d} Joe Stickers",
+                  f"21:{minute:02d} Joe Stickers", f"21:{minute:02d} Joe ok then", f"21:{minute:02d} Kai おけ"]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # Kai always says the same one word: a message, not the rest of a name.
+    assert speakers_needed(path).likely == ("Joe", "Mary Ann Smith", "Kai")
+
+
+def test_a_speaker_left_out_of_speakers_is_named_in_full():
+    error = speakers_needed(LINE_PC / "pc_en.txt", speakers=("Alice",))
+    assert error.likely == ("Bob Smith",) and "not in --speakers: Bob Smith (3 lines)" in error.message
+
+
+def test_speakers_flag_is_one_shell_word():
+    assert speakers_flag(["山口 由美", "田村"]) == '--speakers "山口 由美,田村"'
+    assert speakers_flag(['Joe "JJ"', "$x"]) == "--speakers 'Joe \"JJ\",$x'"
+
+
+def hinted_speakers(stderr: str) -> list[str]:
+    (hint,) = [line for line in stderr.splitlines() if line.startswith("hint: run again with --speakers ")]
+    return shlex.split(hint.removeprefix("hint: run again with ").split(" (names guessed")[0])
+
+
+def test_inspect_of_several_exports_shows_the_readable_ones_then_the_flag_for_the_pc_ones():
+    mobile, pc_ja, pc_en = LINE / "ja_1to1_basic.txt", LINE_PC / "pc_ja.txt", LINE_PC / "pc_en.txt"
+    proc = run_cli("inspect", pc_ja, mobile, pc_en, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert str(mobile) in proc.stdout and str(pc_ja) not in proc.stdout  # the readable one's table, only
+    assert "Traceback" not in proc.stderr
+    assert f"error: {pc_ja}:2: " in proc.stderr and f"error: {pc_en}:2: " in proc.stderr
+    flag = hinted_speakers(proc.stderr)
+    assert flag == ["--speakers", "山口 由美,田村,Bob Smith,Alice"]
+
+    # The flag as printed reads them all.
+    proc = run_cli("inspect", "--json", pc_ja, mobile, pc_en, *flag, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert [(e["path"], e["format"]) for e in json.loads(proc.stdout)] == [
+        (str(pc_ja), "line-pc"), (str(mobile), "line"), (str(pc_en), "line-pc")]
+
+
+def test_inspect_json_of_several_exports_lists_the_readable_ones():
+    mobile, pc_ja = LINE / "ja_1to1_basic.txt", LINE_PC / "pc_ja.txt"
+    proc = run_cli("inspect", "--json", mobile, pc_ja, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert [e["path"] for e in json.loads(proc.stdout)] == [str(mobile)]
+    # Another kind of error among them: status 1, each error named, the hint still given for the PC file.
+    proc = run_cli("inspect", "--json", mobile, pc_ja, LINE / "missing.txt", timeout=120)
+    assert proc.returncode == 1 and f"{LINE / 'missing.txt'}: no such file" in proc.stderr
+    assert hinted_speakers(proc.stderr) == ["--speakers", "山口 由美,田村"]
+
+
+def test_prepare_refuses_before_reading_naming_every_pc_export_and_the_flag(tmp_path):
+    out = tmp_path / "out"
+    mobile, pc_ja = LINE / "ja_1to1_basic.txt", LINE_PC / "pc_ja.txt"
+    proc = run_cli("prepare", mobile, pc_ja, "--persona", "田村", "--out", out, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"error: {pc_ja}:2: " in proc.stderr and proc.stderr.rstrip().endswith("nothing was written")
+    flag = hinted_speakers(proc.stderr)
+    assert not out.exists()
+    proc = run_cli("prepare", mobile, pc_ja, "--persona", "田村", "--out", out, *flag, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "train.jsonl").exists()

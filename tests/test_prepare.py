@@ -168,3 +168,48 @@ def test_data_package_adds_persona_only_samples_and_skips_what_the_export_has(tm
     # The duplicated ones appear once, from the export, with their real context.
     assert sum(1 for s in train + held_out if s["target"] == "いけるよ〜21時からなら") == 1
     assert by_target["いけるよ〜21時からなら"]["context"] == [{"speaker": "ryo_k", "text": "今日のボス戦いける人いる？"}]
+
+
+def _inspected(path: Path) -> dict:
+    proc = run_cli("inspect", "--json", path)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_stats_count_what_each_input_gave(dataset):
+    train, held_out, stats = dataset
+    for item, path in zip(stats["inputs"], (LINE, DISCORD), strict=True):
+        assert item["path"] == str(path)
+        # Read, as inspect counts it; the persona's text messages under its name or its alias.
+        seen = _inspected(path)
+        assert item["records"] == item["text"] + item["placeholder"] + item["system"]
+        assert item["records"] == seen["system"] + sum(c["text"] + c["placeholder"] for c in seen["speakers"].values())
+        assert item["persona_messages"] == sum(seen["speakers"].get(n, {}).get("text", 0) for n in ("美咲", "misaki")) > 0
+        # Contributed: the samples whose source is this file, counted from the written files.
+        assert item["samples"] == {
+            "train": sum(1 for s in train if s["source"].split("#")[0] == path.name),
+            "eval": sum(1 for s in held_out if s["source"].split("#")[0] == path.name),
+        }
+    assert sum(i["samples"]["train"] for i in stats["inputs"]) == stats["samples"]["train"] == len(train)
+    assert sum(i["samples"]["eval"] for i in stats["inputs"]) == stats["samples"]["eval"] == len(held_out)
+
+
+def test_inputs_of_the_same_name_are_counted_apart_and_the_summary_shows_them(tmp_path):
+    # Two copies of one export under one file name: every sample of the second is a duplicate of the first's,
+    # so all go to the first input (by position, not by name) and the second contributed none.
+    first, second = tmp_path / "a" / "chat.txt", tmp_path / "b" / "chat.txt"
+    for copy in (first, second):
+        copy.parent.mkdir()
+        copy.write_bytes(LINE.read_bytes())
+    out = tmp_path / "out"
+    proc = run_cli("prepare", first, second, "--persona", "美咲", "--timezone", "Asia/Tokyo", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    train, held_out, stats = _load(out)
+    a, b = stats["inputs"]
+    assert a["persona_messages"] == b["persona_messages"] > 0
+    assert a["samples"]["train"] + a["samples"]["eval"] == len(train) + len(held_out) > 0
+    assert b["samples"] == {"train": 0, "eval": 0} and stats["skipped"]["duplicate"] == len(train) + len(held_out)
+    lines = proc.stdout.splitlines()
+    for item in (a, b):
+        assert (f"  {item['path']} (line): {item['records']} records, {item['persona_messages']} text messages by 美咲 -> "
+                f"{item['samples']['train']} train / {item['samples']['eval']} eval samples") in lines

@@ -25,6 +25,15 @@ _LINE_HEADER = re.compile(r"^\[LINE\] ")
 _DCE_CSV_HEADER = re.compile(r'^(?:"?AuthorID"?[,;])?"?Author"?[,;]"?Date"?[,;]"?Content"?', re.I)
 _PACKAGE_CSV_HEADER = re.compile(r'^"?ID"?,"?Timestamp"?,"?Contents"?', re.I)
 _PLAIN_LINE = re.compile(r"^[^:\t\n]{1,40}:", re.M)
+# Exports we recognise but do not read, so that the error can say what to export instead. HTML: from the
+# doctype or the root element; DiscordChatExporter's pages carry its `chatlog` CSS classes (every version
+# since 2.x, in the <style> and the body both, beside `info__` or later `preamble__`) or, in the first
+# versions, the title "Discord Chat Log" and `msg-user`. Its plain text starts with a rule of `=` and
+# `Guild: NAME` (PlainTextMessageWriter's preamble, the same since 2.x).
+_HTML_START = re.compile(r"^(?:<!doctype\s+html|<html[\s>]|<head[\s>]|<meta[\s>])", re.I)
+_DCE_HTML_MARK = re.compile(r"\bchatlog(?:__|\b)|\bpreamble__|<title>Discord Chat Log</title>|\bmsg-user\b", re.I)
+_DCE_TEXT_PREAMBLE = re.compile(r"^={20,}[ \t]*\r?\n[ \t]*Guild:", re.M)
+_EXPORT_AGAIN = "export it again as JSON (`-f Json`: best, keeps replies) or CSV (`-f Csv`), which bunshin reads"
 
 FORMAT_HELP = (
     "expected LINE talk history (.txt), DiscordChatExporter JSON or CSV, a Discord data package "
@@ -49,6 +58,7 @@ def detect_format(path: Path) -> str:
     if not stripped:
         raise ExportError(path, None, "is empty")
     first_line = stripped.split("\n", 1)[0].strip()
+    _refuse_unread_kinds(path, stripped)
     if stripped.startswith("{"):
         return "discord-json"
     if stripped.startswith("["):
@@ -71,6 +81,17 @@ def detect_format(path: Path) -> str:
     if lines and sum(1 for ln in lines if _PLAIN_LINE.match(ln)) >= 0.8 * len(lines):
         return "plain"
     raise ExportError(path, None, "cannot tell the export format from its content; " + FORMAT_HELP)
+
+
+def _refuse_unread_kinds(path: Path, stripped: str) -> None:
+    """An export in a shape bunshin does not read, named with what to do, rather than "cannot tell the format".
+    Checked before the formats we read: a page whose lines mostly looked like `Name:` must not pass for `plain`."""
+    if _HTML_START.match(stripped):
+        if _DCE_HTML_MARK.search(stripped):
+            raise ExportError(path, None, f"is a DiscordChatExporter HTML export, which bunshin does not read: {_EXPORT_AGAIN}")
+        raise ExportError(path, None, "is an HTML page, not a chat export bunshin reads; " + FORMAT_HELP)
+    if _DCE_TEXT_PREAMBLE.match(stripped):
+        raise ExportError(path, None, f"is a DiscordChatExporter plain-text export, which bunshin does not read: {_EXPORT_AGAIN}")
 
 
 def _is_package_folder(path: Path) -> bool:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..records import PLACEHOLDER, SYSTEM, TEXT, ChatRecord
-from .errors import ExportError
+from .errors import ExportError, SpeakersNeeded
 from .line_shapes import (
     chat_title_before_first_day,
     classify,
@@ -44,6 +44,8 @@ _NOTICE = re.compile(
     r"|^ยกเลิกข้อความแล้ว$| เพิ่ม .+ เข้ากลุ่ม$)"
 )
 _MISSING_SPEAKER_THRESHOLD = 3  # an unknown first word this often is a speaker missing from --speakers
+_MAX_NAME_WORDS = 4  # `Mary Ann Smith` and a little more
+_MAX_LISTED = 12
 
 
 def read(path: Path, options: ReadOptions) -> Iterator[ChatRecord]:
@@ -54,7 +56,8 @@ def read(path: Path, options: ReadOptions) -> Iterator[ChatRecord]:
     speakers = sorted(options.speakers, key=len, reverse=True)  # longest first: `山口 由美` before `山口`
     if not speakers:
         first = next((n for n, line in enumerate(lines, 1) if _MESSAGE.match(line)), None)
-        raise ExportError(path, first, _needs_speakers_message(lines))
+        likely = likely_speakers(lines, [])
+        raise SpeakersNeeded(path, first, _needs_speakers_message(likely), tuple(name for name, _ in likely))
     _check_no_missing_speakers(lines, speakers, path)
     return _parse(lines, speakers, path, options)
 
@@ -66,28 +69,65 @@ def _split_speaker(rest: str, speakers: list[str]) -> tuple[str, str] | None:
     return None
 
 
-def _first_word_counts(lines: list[str], speakers: list[str]) -> Counter:
-    counts: Counter = Counter()
+def _unnamed_bodies(lines: list[str], speakers: list[str]) -> list[str]:
+    """`name text` after the time of every message line that no listed speaker starts and that is no notice."""
+    bodies = []
     for line in lines:
         m = _MESSAGE.match(line)
         if m and not _split_speaker(m.group(2), speakers) and not _NOTICE.search(m.group(2)):
-            counts[m.group(2).split(" ", 1)[0]] += 1
-    return counts
+            bodies.append(m.group(2))
+    return bodies
 
 
-def _needs_speakers_message(lines: list[str]) -> str:
-    seen = ", ".join(f"{w} ({n} lines)" for w, n in _first_word_counts(lines, []).most_common(6))
+def _full_name(first: str, bodies: list[str]) -> str:
+    """`山口` -> `山口 由美` when (nearly) every line of that first word goes on with the same word and then more
+    text: a name with spaces. Not when that word is all there is (`Kai おけ`, a one-word reply), nor a bare
+    placeholder word (`Joe Stickers`), nor from a single line, which cannot tell a name from a message's
+    first word."""
+    name = first
+    for _ in range(_MAX_NAME_WORDS - 1):
+        rests = [b[len(name) + 1:] for b in bodies if b.startswith(name + " ")]
+        if len(rests) < 2:
+            break
+        word, n = Counter(r.split(" ", 1)[0] for r in rests).most_common(1)[0]
+        goes_on = sum(1 for r in rests if r.startswith(word + " ") and r[len(word) + 1:].strip())
+        if not word or n < 0.9 * len(bodies) or goes_on < n / 2 or is_pc_bare_placeholder(word):
+            break
+        name = f"{name} {word}"
+    return name
+
+
+def likely_speakers(lines: list[str], speakers: list[str]) -> list[tuple[str, int]]:
+    """(full name, lines) of the people who start message lines but are not in `speakers`, most lines first.
+
+    A one-line "name" is left out of a long file: it is more likely a message's later line that happens to
+    start with a time (`10:00 集合ね`) than a person (who, if real, is named by the error at their line)."""
+    bodies = _unnamed_bodies(lines, speakers)
+    by_first: dict[str, list[str]] = {}
+    for body in bodies:
+        by_first.setdefault(body.split(" ", 1)[0], []).append(body)
+    ranked = sorted(by_first.items(), key=lambda kv: -len(kv[1]))
+    least = 1 if len(bodies) < 50 else 2
+    return [(_full_name(first, group), len(group)) for first, group in ranked if len(group) >= least][:_MAX_LISTED]
+
+
+def _listed(likely: list[tuple[str, int]]) -> str:
+    return ", ".join(f"{name} ({n} line{'s' if n != 1 else ''})" for name, n in likely) or "none"
+
+
+def _needs_speakers_message(likely: list[tuple[str, int]]) -> str:
     return (
         'looks like a LINE PC "save chat" export, whose names cannot be told from the text without '
-        '--speakers "Name A,Name B" (names may contain spaces). First words after the time: ' + (seen or "none")
+        "--speakers (names may contain spaces). The likely speakers: " + _listed(likely)
     )
 
 
 def _check_no_missing_speakers(lines: list[str], speakers: list[str], path: Path) -> None:
-    missing = [(w, n) for w, n in _first_word_counts(lines, speakers).most_common() if n >= _MISSING_SPEAKER_THRESHOLD]
+    missing = [(name, n) for name, n in likely_speakers(lines, speakers) if n >= _MISSING_SPEAKER_THRESHOLD]
     if missing:
-        listed = ", ".join(f"{w} ({n} lines)" for w, n in missing[:6])
-        raise ExportError(path, None, f"these start many lines but are not in --speakers: {listed}; add them (with their full names)")
+        raise SpeakersNeeded(
+            path, None, f"these start many lines but are not in --speakers: {_listed(missing)}; add them "
+            "(with their full names)", tuple(name for name, _ in missing))
 
 
 def _finished(pending: list, chat: str) -> ChatRecord:
