@@ -12,6 +12,7 @@ group or another DM.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,13 +34,16 @@ class _ChatIndex:
 
 
 class ChatRecall:
-    """Recalls a chat's earlier turns. One per daemon; `notes` is called on the event loop, per reply."""
+    """Recalls a chat's earlier turns. One per daemon; `notes` is called per reply, from worker threads (the router's
+    asyncio.to_thread), so that indexing a chat never holds up the event loop. One chat is recalled by one thread at a
+    time (the dispatcher answers a chat's messages in order); the cache they share is guarded by a lock."""
 
     def __init__(self, memory, keep: int, k: int):
         self.memory = memory  # bot.memory.ConversationMemory
         self.keep = keep  # earlier turns searched at most
         self.k = k
         self._cache: OrderedDict[str, _ChatIndex] = OrderedDict()
+        self._lock = threading.Lock()  # held for the cache's bookkeeping only, never while indexing
 
     def notes(self, chat_key: str, window: Sequence[ChatRecord]) -> list[MemoryNote]:
         """Up to k notes from the chat's turns before `window` (its records from `recent`), oldest first."""
@@ -47,23 +51,26 @@ class ChatRecall:
             return []
         earlier = self.memory.earlier(chat_key, window[0].message_id, self.keep)
         if not earlier:
-            self._cache.pop(chat_key, None)
+            self.forget(chat_key)
             return []
-        cached = self._cache.get(chat_key)
+        with self._lock:
+            cached = self._cache.get(chat_key)
         if cached is None or (cached.first, cached.last) != (earlier[0].message_id, earlier[-1].message_id):
             # The window moved (in jumps: memory.window_start) or the chat was pruned or reset: index again.
             cached = _ChatIndex(earlier[0].message_id, earlier[-1].message_id, earlier,
                                 RecallIndex.build([r.text for r in earlier]))
+        with self._lock:
             self._cache[chat_key] = cached
+            self._cache.move_to_end(chat_key)
             while len(self._cache) > CACHED_CHATS:
                 self._cache.popitem(last=False)
-        self._cache.move_to_end(chat_key)
         picked = relevant(conversation_scores(cached.index, [r.text for r in window]), self.k)
         return [_note(cached.turns, doc) for doc in sorted(picked)]
 
     def forget(self, chat_key: str) -> None:
         """After /reset: the chat's index goes with its turns."""
-        self._cache.pop(chat_key, None)
+        with self._lock:
+            self._cache.pop(chat_key, None)
 
 
 def _note(turns: list[ChatRecord], doc: int) -> MemoryNote:

@@ -67,3 +67,6 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(run_daemon(config))
     except KeyboardInterrupt:
         return 0
+    except ConfigError as exc:  # a file the configuration names ([memory] profile, the adapter's memory) is unusable
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

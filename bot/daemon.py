@@ -7,7 +7,8 @@
 Platform adapters start before the model loads: what they accept meanwhile waits in the inbox (on
 disk), with whatever the last run left unanswered, and is answered once serving starts. Files live
 next to [memory] path: the memory, the inbox, and with LINE the names its profiles gave (bot/names.py,
-opened and closed by the LINE platform adapter).
+opened and closed by the LINE platform adapter). What replies recall beyond a chat's window ([memory] person,
+chat_recall, profile: bot/reply_memory.py) is read at start as well; a file it cannot use stops the start.
 
 Shutdown (SIGINT, SIGTERM, or the console's end of input): every message accepted before it is
 answered and delivered, up to [queue] drain_timeout_s (the worker keeps generating meanwhile); what
@@ -33,6 +34,7 @@ from .inbox import Inbox, InboxError
 from .memory import ConversationMemory, MemoryStoreError
 from .metrics import BotMetrics
 from .names import NameCacheError
+from .reply_memory import ReplyMemory
 from .router import Router
 from .server import build_app, start_server
 from .worker import Worker
@@ -53,6 +55,27 @@ def load_model(config):
         return load_persona_model(Path(m.adapter), base=base, quantize=quantize, device=device, dtype=dtype,
                             merge=m.merge_adapter and quantize == "none")
     return load_base_model(m.base, revision=m.revision, quantize=quantize, device=device, dtype=dtype)
+
+
+def load_backend(config, profile=()):
+    """The configured model as the daemon serves it: the local one ([model] engine "slots" or "plain") or the remote
+    engine's prompting ("openai"), with the `profile` lines ([memory] profile) atop every prompt. Blocks (run it in a
+    thread); ModelLoadError or ValueError (e.g. a [persona] that contradicts the adapter's manifest) say why not."""
+    if config.model.engine == "openai":
+        # The weights are served elsewhere (bot/remote_engine.py): only the tokenizer and the manifest load here.
+        from .remote_engine import RemoteBackend
+
+        return RemoteBackend.from_config(config, profile)
+    return ModelBackend.from_loaded(
+        load_model(config),
+        persona=config.persona.name or None,
+        template=config.persona.template or None,
+        generation_overrides=config.generation.overrides(),
+        engine=config.model.engine,
+        cuda_graphs=config.model.cuda_graphs,
+        compile=config.model.compile,
+        profile=profile,
+    )
 
 
 def configured_persona(config) -> str:
@@ -94,8 +117,8 @@ async def run_daemon(config, stop: asyncio.Event | None = None, backend=None) ->
     metrics = BotMetrics()
     state = {"phase": "loading"}
     try:
-        # Keep a few times what the prompt uses, so a long /reset-less chat stays small on disk.
-        memory = ConversationMemory(config.memory.path, keep=4 * config.memory.max_turns)
+        # Keep a few times what the prompt uses (or what chat recall searches), so a long chat stays bounded on disk.
+        memory = ConversationMemory(config.memory.path, keep=config.memory.kept_turns())
     except MemoryStoreError as exc:
         raise SystemExit(f"error: {exc}") from None
     try:
@@ -111,6 +134,10 @@ async def run_daemon(config, stop: asyncio.Event | None = None, backend=None) ->
     tasks: list[asyncio.Task] = []
     try:
         persona = configured_persona(config)  # the manifest is read once, for the platform adapters and the API
+        # The profile and the persona's memory are read before anything starts: a file that cannot be used is a
+        # ConfigError naming it (python -m bot exits 2), not a failure an hour into serving.
+        recall = ReplyMemory.from_config(config, memory)
+        log.info("%s", recall.describe())
         try:
             adapters = build_platform_adapters(config, persona, metrics)
         except NameCacheError as exc:
@@ -146,31 +173,12 @@ async def run_daemon(config, stop: asyncio.Event | None = None, backend=None) ->
             state["port"] = port
         # Messages are taken from now on, while the model loads too: they wait in the inbox.
         tasks = [asyncio.create_task(a.run(dispatcher.accept, stopping), name=a.name) for a in adapters]
-        if backend is None and config.model.engine == "openai":
-            # The weights are served elsewhere (bot/remote_engine.py): only the tokenizer and the manifest load here.
-            from .remote_engine import RemoteBackend
-
-            try:
-                backend = await asyncio.to_thread(RemoteBackend.from_config, config)
-            except ModelLoadError as exc:
-                raise SystemExit(f"error: {exc}") from None
-            except ValueError as exc:  # e.g. a [persona] that contradicts the adapter's manifest
-                raise SystemExit(f"error: {config.source}: {exc}") from None
         if backend is None:
             try:
-                loaded = await asyncio.to_thread(load_model, config)
+                backend = await asyncio.to_thread(load_backend, config, recall.profile)
             except ModelLoadError as exc:
-                raise SystemExit(f"error: {exc}\n{DEMO_HINT}") from None
-            try:
-                backend = ModelBackend.from_loaded(
-                    loaded,
-                    persona=config.persona.name or None,
-                    template=config.persona.template or None,
-                    generation_overrides=config.generation.overrides(),
-                    engine=config.model.engine,
-                    cuda_graphs=config.model.cuda_graphs,
-                    compile=config.model.compile,
-                )
+                hint = "" if config.model.engine == "openai" else f"\n{DEMO_HINT}"
+                raise SystemExit(f"error: {exc}{hint}") from None
             except ValueError as exc:  # e.g. a [persona] that contradicts the adapter's manifest
                 raise SystemExit(f"error: {config.source}: {exc}") from None
         worker = Worker(backend, metrics, max_queue=config.queue.max_size, max_batch=config.queue.max_batch,
@@ -183,9 +191,9 @@ async def run_daemon(config, stop: asyncio.Event | None = None, backend=None) ->
         # collection no longer walks it; unfrozen, each one paused the event loop ~100 ms on the
         # 2-core CI machine, which alone put LINE's webhook p99 over 50 ms (bench/line_load.py).
         gc.freeze()
-        router = Router(config, memory, worker, metrics, backend.persona)
+        router = Router(config, memory, worker, metrics, backend.persona, recall)
         if api is not None:
-            api.attach(worker, backend)
+            api.attach(worker, backend, recall)
         if not adapters:
             log.warning("no platform adapter is enabled: only %s are served",
                         "the API, /healthz and /metrics" if api is not None else "/healthz and /metrics")

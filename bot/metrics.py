@@ -16,7 +16,8 @@ OUTCOMES = ("replied", "busy", "error", "expired", "ignored", "rate_limited", "r
 # delivered (a stale LINE token without push, too old, the platform gone), or a delivery or a bug failed it.
 DELIVERY_OUTCOMES = ("replied", "quiet", "maybe_delivered", "dropped", "failed")
 # Error kinds known up front (so their series show 0 before the first error); others may be added.
-ERROR_KINDS = ("oom", "generation", "deadline", "engine")  # engine: [model] engine = "openai" failed a request
+# engine: [model] engine = "openai" failed a request; recall: recalling a reply's notes failed (it went without them)
+ERROR_KINDS = ("oom", "generation", "deadline", "engine", "recall")
 
 # A 3.6B model answers in seconds on a GPU and in tens of seconds on a CPU; a queued reply waits longer.
 _SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
@@ -49,6 +50,10 @@ class BotMetrics:
         # requests that reach the model are counted in bunshin_messages as well, with the platforms' outcomes.
         self.api_responses = Counter("bunshin_api_responses", "OpenAI-compatible API answers by HTTP status", ["status"],
                                      registry=r)
+        # Recalling a reply's notes ([memory] person and chat_recall, bot/reply_memory.py), off the event loop.
+        self.recall_seconds = Histogram(
+            "bunshin_recall_seconds", "Recalling the memory notes of one reply",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1), registry=r)
         for outcome in OUTCOMES:
             self.messages.labels(outcome)
         for outcome in DELIVERY_OUTCOMES:
