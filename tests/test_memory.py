@@ -26,7 +26,8 @@ def test_append_and_recent_order_and_limit(db_path):
         last3 = memory.recent("discord:1", 3)
         assert [r.text for r in last3] == ["msg 2", "msg 3", "msg 4"]
         assert all(isinstance(r, ChatRecord) for r in last3)
-        assert last3[0] == ChatRecord("美咲", T0 + timedelta(minutes=2), "msg 2", "text", chat="discord:1")
+        # message_id is the turn's row id: chat recall reads the turns before it (ConversationMemory.earlier).
+        assert last3[0] == ChatRecord("美咲", T0 + timedelta(minutes=2), "msg 2", "text", chat="discord:1", message_id="3")
         assert [r.text for r in memory.recent("discord:1", 100)] == [f"msg {i}" for i in range(5)]
         assert memory.recent("discord:1", 0) == []
         assert memory.recent("discord:unknown", 5) == []
