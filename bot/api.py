@@ -8,8 +8,7 @@ Served on the daemon's own HTTP server ([server] host and port, 127.0.0.1 by def
 /metrics and LINE's webhook: one port to open, one process, one model. It is enabled by `[api] enabled`.
 
 The API is stateless, as OpenAI's is: the client sends the conversation every time, and nothing is written to
-the bot's memory. The persona's own memory is recalled for it as for a platform's reply (bot/reply_memory.py); a
-chat's recall is not, since the API has no chat. Each message becomes a `name: text` turn of the same prompt the persona was trained on:
+the bot's memory. Each message becomes a `name: text` turn of the same prompt the persona was trained on:
 `name` (if given) is the speaker, else `user` is `[api] user_name` and `assistant` the persona. The persona never
 saw a system prompt in training, so `system` (and `developer`) messages are dropped (`[api] system_messages =
 "ignore"`, most tools send one by default) or refused with a 400 ("reject").
@@ -26,6 +25,9 @@ exceptions: 401 a missing or wrong key, 400 a malformed request (naming the fiel
 max_body_bytes`, 429 (with Retry-After) a full queue or a client over its rate, 503 still loading / past the
 deadline / shutting down, 500 a failed generation. The log names the client's address and the status, never
 the conversation or the key.
+
+Each reply gets notes from the persona's own memory, as a platform's does (bot/reply_memory.py); not from a chat's
+past, since the API has no chat.
 """
 
 from __future__ import annotations

@@ -49,14 +49,19 @@ class ChatRecall:
         """Up to k notes from the chat's turns before `window` (its records from `recent`), oldest first."""
         if self.k <= 0 or not window:
             return []
-        earlier = self.memory.earlier(chat_key, window[0].message_id, self.keep)
-        if not earlier:
+        span = self.memory.earlier_span(chat_key, window[0].message_id, self.keep)
+        if span is None:
             self.forget(chat_key)
             return []
         with self._lock:
             cached = self._cache.get(chat_key)
-        if cached is None or (cached.first, cached.last) != (earlier[0].message_id, earlier[-1].message_id):
-            # The window moved (in jumps: memory.window_start) or the chat was pruned or reset: index again.
+        if cached is None or (cached.first, cached.last) != span:
+            # The window moved (in jumps: memory.window_start) or the chat was pruned or reset: read and index again.
+            # (Reading 2,000 turns takes longer than searching them, so it is done only then.)
+            earlier = self.memory.earlier(chat_key, window[0].message_id, self.keep)
+            if not earlier:
+                self.forget(chat_key)
+                return []
             cached = _ChatIndex(earlier[0].message_id, earlier[-1].message_id, earlier,
                                 RecallIndex.build([r.text for r in earlier]))
         with self._lock:

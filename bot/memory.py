@@ -203,6 +203,18 @@ class ConversationMemory:
         return [ChatRecord(speaker, datetime.fromisoformat(time), text, kind, chat=chat_key, message_id=str(row_id))
                 for row_id, speaker, time, text, kind in rows]
 
+    def earlier_span(self, chat_key: str, before: str | None, limit: int) -> tuple[str, str] | None:
+        """The message_ids of the oldest and newest of the turns `earlier` would return, or None for none: read from
+        the index alone, so chat recall can tell in a fraction of a millisecond whether its cached index is current."""
+        if limit <= 0 or before is None:
+            return None
+        with self._lock, self._errors("read the conversation"):
+            first, last = self._db.execute(
+                "SELECT MIN(id), MAX(id) FROM (SELECT id FROM turns WHERE chat_key = ? AND id < ? ORDER BY id DESC LIMIT ?)",
+                (chat_key, int(before), limit),
+            ).fetchone()
+        return None if first is None else (str(first), str(last))
+
     def reset(self, chat_key: str) -> int:
         """Forget a chat (the rows are deleted, not hidden); returns how many turns went."""
         with self._lock, self._errors("forget a chat"):

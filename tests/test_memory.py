@@ -34,6 +34,19 @@ def test_append_and_recent_order_and_limit(db_path):
     assert db_path.is_file()
 
 
+def test_earlier_reads_only_that_chats_turns_before_the_window(db_path):
+    with ConversationMemory(db_path) as memory:
+        for i in range(6):
+            memory.append("discord:a", "健太", f"a{i}")
+            memory.append("discord:b", "美咲", f"b{i}")
+        window = memory.recent("discord:a", 2)
+        earlier = memory.earlier("discord:a", window[0].message_id, 3)
+        assert [r.text for r in earlier] == ["a1", "a2", "a3"]  # the newest 3 before the window, oldest first
+        assert memory.earlier_span("discord:a", window[0].message_id, 3) == (earlier[0].message_id,
+                                                                             earlier[-1].message_id)
+        assert memory.earlier("discord:b", "1", 3) == [] and memory.earlier_span("discord:b", "1", 3) is None
+
+
 def test_kind_and_default_time(db_path):
     with ConversationMemory(db_path) as memory:
         before = datetime.now().astimezone()
