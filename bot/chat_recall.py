@@ -22,6 +22,7 @@ from finetune.recall_index import RecallIndex, conversation_scores, relevant
 from finetune.records import ChatRecord
 
 CACHED_CHATS = 256  # chats whose index is kept between messages (the least recently used go first)
+NEW_TURNS_READ = 64  # when a cached chat's window moved on: turns read first, in the hope they reach the cached ones
 NOTE_CHARS = 200
 
 
@@ -56,9 +57,8 @@ class ChatRecall:
         with self._lock:
             cached = self._cache.get(chat_key)
         if cached is None or (cached.first, cached.last) != span:
-            # The window moved (in jumps: memory.window_start) or the chat was pruned or reset: read and index again.
-            # (Reading 2,000 turns takes longer than searching them, so it is done only then.)
-            earlier = self.memory.earlier(chat_key, window[0].message_id, self.keep)
+            # The window moved (in jumps: memory.window_start) or the chat was pruned or reset: index again.
+            earlier = self._read(chat_key, window[0].message_id, span, cached)
             if not earlier:
                 self.forget(chat_key)
                 return []
@@ -71,6 +71,19 @@ class ChatRecall:
                 self._cache.popitem(last=False)
         picked = relevant(conversation_scores(cached.index, [r.text for r in window]), self.k)
         return [_note(cached.turns, doc) for doc in sorted(picked)]
+
+    def _read(self, chat_key: str, before: str, span: tuple[str, str], cached: _ChatIndex | None) -> list[ChatRecord]:
+        """The turns `span` names. Reading 2,000 turns takes longer than searching them, so when the window only moved
+        on, the turns still cached are kept and only those that left the window since are read."""
+        if cached is not None and int(span[0]) >= int(cached.first):
+            newest = self.memory.earlier(chat_key, before, NEW_TURNS_READ)
+            if newest and int(newest[0].message_id) <= int(cached.last):  # they reach back to what is cached
+                # A new turn always gets a higher id than every turn there is, so nothing can have come in between.
+                turns = [r for r in cached.turns if int(r.message_id) >= int(span[0])]
+                turns += [r for r in newest if int(r.message_id) > int(cached.last)]
+                if turns and (turns[0].message_id, turns[-1].message_id) == span:
+                    return turns
+        return self.memory.earlier(chat_key, before, self.keep)
 
     def forget(self, chat_key: str) -> None:
         """After /reset: the chat's index goes with its turns."""

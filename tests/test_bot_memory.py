@@ -271,6 +271,24 @@ async def test_a_changed_fact_comes_oldest_first_with_the_new_value_last(tmp_pat
     assert "船橋" in chat.splitlines()[-2]
 
 
+def test_chat_recall_kept_between_messages_equals_a_fresh_one_as_chats_grow_and_are_pruned(tmp_path):
+    """The cached index (read in part when the window moves on) recalls what one built from scratch does."""
+    import random
+
+    from bot.chat_recall import ChatRecall
+    from bot.router import WINDOW_SLACK
+
+    rng = random.Random(3)
+    words = ["猫", "こむぎ", "柏", "船橋", "ラーメン", "仕事", "雨", "映画", "新潟", "駅"]
+    with ConversationMemory(tmp_path / "m.sqlite3", keep=40) as memory:  # pruned as it goes
+        kept = ChatRecall(memory, keep=30, k=3)
+        for step in range(150):
+            chat = rng.choice(["discord:a", "discord:b", "line:c"])
+            memory.append(chat, rng.choice([FRIEND, PERSONA]), "".join(rng.sample(words, 3)) + f"{step}")
+            window = memory.recent(chat, 6, slack=WINDOW_SLACK)
+            assert kept.notes(chat, window) == ChatRecall(memory, keep=30, k=3).notes(chat, window), step
+
+
 def test_notes_are_merged_oldest_first_and_each_once():
     said = lambda day, text: MemoryNote(day, (ChatTurn(FRIEND, "どう？"), ChatTurn(PERSONA, text)))  # noqa: E731
     person = [said("2023-05-10", "銀行"), said("2024-05-10", "物流")]
