@@ -30,6 +30,9 @@ rate, 503 still loading / past the deadline / shutting down, 500 a failed genera
 surrogates, any header bytes) is a 4xx (bot/http_input.py; tests/test_api_bad_input.py fuzzes it). Error
 messages name fields and positions, never the conversation's text; the log names the client's address and the
 status, never the conversation or the key.
+
+Each reply gets notes from the persona's own memory, as a platform's does (bot/reply_memory.py); not from a chat's
+past, since the API has no chat.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from finetune.prompt import ChatTurn
 from .http_input import BadBody, header_bytes, is_utf8, parse_json, read_capped
 from .memory import window_start
 from .names import apart_from_persona
+from .reply_memory import recall_in_thread
 from .router import WINDOW_SLACK, RateLimiter
 from .worker import DeadlineExceeded, GenerationFailed, QueueFull, WorkerStopped
 
@@ -278,6 +282,7 @@ class OpenAIApi:
         self.limiter = RateLimiter(self.api.requests_per_minute, self.api.burst)
         self.worker = None
         self.backend = None
+        self.recall = None  # bot.reply_memory.ReplyMemory: the persona's memory for each request
         self.created = int(time.time())
         self._ignored_logged: set[str] = set()
 
@@ -285,9 +290,10 @@ class OpenAIApi:
     def model_id(self) -> str:
         return self.api.model_id or self.persona
 
-    def attach(self, worker, backend) -> None:
-        """Serving starts: requests go to `worker`; `backend` names the persona and counts prompt tokens."""
-        self.worker, self.backend = worker, backend
+    def attach(self, worker, backend, recall=None) -> None:
+        """Serving starts: requests go to `worker`; `backend` names the persona and counts prompt tokens; `recall`
+        (a ReplyMemory) gives each request the persona's notes."""
+        self.worker, self.backend, self.recall = worker, backend, recall
         self.persona = getattr(backend, "persona", None) or self.persona
 
     def web_routes(self) -> list:
@@ -375,8 +381,10 @@ class OpenAIApi:
             raise ApiError(503, "the model is still loading; try again shortly", kind="server_error",
                            retry_after=LOADING_RETRY_S)
         self._log_ignored(chat.ignored)
+        notes = await self._recalled(chat.turns)
         try:
-            reply = await worker.submit(chat.turns, deadline=received + self.config.queue.deadline_s, received=received)
+            reply = await worker.submit(chat.turns, memory=notes, deadline=received + self.config.queue.deadline_s,
+                                        received=received)
         except QueueFull:
             self.metrics.messages.labels(outcome="busy").inc()
             raise ApiError(429, "bunshin is busy: the queue of replies is full; retry shortly", kind="requests",
@@ -393,7 +401,7 @@ class OpenAIApi:
         except WorkerStopped:
             raise ApiError(503, "bunshin is shutting down", kind="server_error", retry_after=LOADING_RETRY_S) from None
         self.metrics.messages.labels(outcome="replied").inc()
-        usage = await self._usage(chat.turns, reply.tokens)
+        usage = await self._usage(chat.turns, reply.tokens, notes)
         finish = self._finish_reason(reply.tokens)
         reply_id = f"chatcmpl-{uuid.uuid4().hex}"
         headers = {IGNORED_HEADER: ", ".join(chat.ignored)} if chat.ignored else {}
@@ -434,13 +442,20 @@ class OpenAIApi:
             log.info("the client at %s left before the streamed reply was sent", request.remote)
         return response
 
-    async def _usage(self, turns: list[ChatTurn], completion_tokens: int) -> dict:
+    async def _recalled(self, turns: list[ChatTurn]) -> list:
+        """The persona's notes for this conversation (in a thread, as the router recalls); none without memory."""
+        if self.recall is None or not self.recall.recalls:
+            return []
+        return await recall_in_thread(self.metrics, "an API request", self.recall.for_turns, turns)
+
+    async def _usage(self, turns: list[ChatTurn], completion_tokens: int, notes=()) -> dict:
         """OpenAI's usage; prompt tokens are counted again (the worker does not report them) when the backend can."""
         count = getattr(self.backend, "prompt_ids", None)
         usage = {"completion_tokens": completion_tokens}
         if count is not None:
+            args = (turns, notes) if notes else (turns,)  # the notes are part of the prompt too
             try:
-                prompt = len(await asyncio.to_thread(count, turns))
+                prompt = len(await asyncio.to_thread(count, *args))
             except Exception as exc:  # noqa: BLE001 - a count is not worth failing a finished reply
                 log.warning("could not count the prompt's tokens: %s", type(exc).__name__)
             else:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from finetune.generation import GenerationSettings, fit_context, generate_replies
 from finetune.model_loading import LoadedModel
-from finetune.prompt import TEMPLATES, ChatTurn, prefix_ids
+from finetune.prompt import TEMPLATES, ChatTurn, MemoryNote, prefix_ids
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class ModelBackend:
     engine: str = "slots"  # "slots": continuous batching (slot_engine.py); "plain": batched generate()
     cuda_graphs: bool = True
     compile: bool = False  # torch.compile the decode step (GPU): faster steps after a longer warm-up
+    profile: tuple[str, ...] = ()  # the persona's profile lines, at the top of every prompt ([memory] profile)
 
     @classmethod
     def from_loaded(
@@ -53,6 +54,7 @@ class ModelBackend:
         engine: str = "slots",
         cuda_graphs: bool = True,
         compile: bool = False,
+        profile: Sequence[str] = (),
     ) -> ModelBackend:
         """An adapter (or merged model) brings persona, template and generation defaults in its manifest;
         a bare base model needs them given (persona at least)."""
@@ -91,7 +93,7 @@ class ModelBackend:
             )
         if engine not in ("slots", "plain"):
             raise ValueError(f"unknown engine {engine!r}; choose slots or plain")
-        return cls(loaded, persona, template, settings, speakers, budget, engine, cuda_graphs, compile)
+        return cls(loaded, persona, template, settings, speakers, budget, engine, cuda_graphs, compile, tuple(profile))
 
     def make_stepper(self, capacity: int, seed: int | None = None, length: int | None = None):
         """The slot engine with `capacity` slots, warmed up (CUDA graphs captured) and checked against
@@ -129,18 +131,22 @@ class ModelBackend:
                  engine.describe_cache(), engine.graph_count)
         return EngineStepper(self, engine)
 
-    def generate(self, conversations: list[list[ChatTurn]]) -> list[tuple[str, int]]:
-        """(reply text, tokens generated) for each conversation, generated as one batch."""
+    def generate(self, conversations: list[list[ChatTurn]],
+                 memories: Sequence[Sequence[MemoryNote]] | None = None) -> list[tuple[str, int]]:
+        """(reply text, tokens generated) for each conversation, generated as one batch; `memories`: each
+        conversation's recalled notes."""
         if not conversations:
             return []
-        prompts = [self.prompt_ids(turns) for turns in conversations]
+        memories = memories or [()] * len(conversations)
+        prompts = [self.prompt_ids(turns, memory) for turns, memory in zip(conversations, memories, strict=True)]
         speakers = self.speakers_in([t for turns in conversations for t in turns])
         return generate_replies(self.loaded.model, self.loaded.tokenizer, prompts, self.settings, speakers)
 
-    def prompt_ids(self, turns: Sequence[ChatTurn]) -> list[int]:
-        """The prompt for a conversation: its latest turns that leave room for the reply."""
+    def prompt_ids(self, turns: Sequence[ChatTurn], memory: Sequence[MemoryNote] = ()) -> list[int]:
+        """The prompt for a conversation: the profile, its latest turns that leave room for the reply, and the
+        recalled notes right before the reply (the start stays put, for the engine's reuse of it)."""
         return fit_context(self.loaded.tokenizer, turns, self.persona, self.template, self.max_prompt_tokens,
-                           block=DROP_BLOCK)
+                           block=DROP_BLOCK, memory=memory, profile=self.profile)
 
     def speakers_in(self, turns: Sequence[ChatTurn]) -> list[str]:
         """Names whose `name: ` line ends a reply: the training's, and the people in these turns

@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         code = asyncio.run(run_daemon(config, new_inbox=args.new_inbox))
     except KeyboardInterrupt:
         code = 0
+    except ConfigError as exc:  # a file the configuration names ([memory] profile, the adapter's memory) is unusable
+        print(f"error: {exc}", file=sys.stderr)
+        code = 2
     if still_running():
         # A signal stopped the daemon while the model loaded: the files are closed, the load runs on in its thread
         # and cannot be stopped. End now, without waiting for it or finalizing the interpreter under it.

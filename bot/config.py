@@ -167,6 +167,18 @@ class MemoryConfig(_Section):
     path: str = ""
     max_turns: int = Field(20, gt=0)
     reset_commands: list[NonEmpty] = Field(default_factory=lambda: ["/reset", "リセット"])
+    # What a reply recalls beyond the window (bot/reply_memory.py): the persona's memory from the adapter folder,
+    # the chat's own older turns, and a profile file at the top of every prompt.
+    person: bool = True
+    notes: int = Field(0, ge=0, le=64)  # notes per reply from each source; 0 = as trained (the manifest's memory.notes)
+    chat_recall: bool = True
+    recall_keep: int = Field(2000, gt=0, le=100_000)  # a chat's turns kept on disk and searched for recall
+    profile: str = ""  # "" = none
+
+    def kept_turns(self) -> int:
+        """Turns kept per chat in the SQLite file (ConversationMemory's `keep`): a few prompts' worth, or what
+        chat recall searches."""
+        return max(4 * self.max_turns, self.recall_keep) if self.chat_recall else 4 * self.max_turns
 
 
 class QueueConfig(_Section):

@@ -7,7 +7,9 @@
 Platform adapters start before the model loads: what they accept meanwhile waits in the inbox (on
 disk), with whatever the last run left unanswered, and is answered once serving starts. Files live
 next to [memory] path, by default in the persona home (bot/memory_location.py): the memory, the inbox,
-and with LINE the names its profiles gave (bot/names.py, opened and closed by the LINE platform adapter).
+and with LINE the names its profiles gave (bot/names.py, opened and closed by the LINE platform adapter). What
+replies recall beyond a chat's window ([memory] person, chat_recall, profile: bot/reply_memory.py) is read at
+start as well; a file it cannot use stops the start.
 
 Shutdown (SIGINT, SIGTERM, or the console's end of input): every message accepted before it is
 answered and delivered, up to [queue] drain_timeout_s (the worker keeps generating meanwhile); what
@@ -44,6 +46,7 @@ from .memory import ConversationMemory, MemoryStoreError
 from .memory_location import with_memory_path
 from .metrics import BotMetrics
 from .names import NameCacheError
+from .reply_memory import ReplyMemory
 from .router import Router
 from .server import build_app, start_server
 from .worker import Worker
@@ -62,6 +65,27 @@ def load_model(config):
         return load_persona_model(Path(m.adapter), quantize=quantize, device=device, dtype=dtype,
                                   merge=m.merge_adapter and quantize == "none")
     return load_base_model(m.base_model, revision=m.revision, quantize=quantize, device=device, dtype=dtype)
+
+
+def load_backend(config, profile=()):
+    """The configured model as the daemon serves it: the local one ([model] engine "slots" or "plain") or the remote
+    engine's prompting ("openai"), with the `profile` lines ([memory] profile) atop every prompt. Blocks (run it in a
+    thread); ModelLoadError or ValueError (e.g. a [persona] that contradicts the adapter's manifest) say why not."""
+    if config.model.engine == "openai":
+        # The weights are served elsewhere (bot/remote_engine.py): only the tokenizer and the manifest load here.
+        from .remote_engine import RemoteBackend
+
+        return RemoteBackend.from_config(config, profile)
+    return ModelBackend.from_loaded(
+        load_model(config),
+        persona=config.persona.name or None,
+        template=config.persona.template or None,
+        generation_overrides=config.generation.overrides(),
+        engine=config.model.engine,
+        cuda_graphs=config.model.cuda_graphs,
+        compile=config.model.compile,
+        profile=profile,
+    )
 
 
 def configured_persona(config) -> str:
@@ -135,8 +159,8 @@ async def run_daemon(config, stop: asyncio.Event | None = None, backend=None, ne
         _forget_signals(signals)
         raise SystemExit(f"error: {exc}") from None
     try:
-        # Keep a few times what the prompt uses, so a long /reset-less chat stays small on disk.
-        memory = ConversationMemory(config.memory.path, keep=4 * config.memory.max_turns)
+        # Keep a few times what the prompt uses (or what chat recall searches), so a long chat stays bounded on disk.
+        memory = ConversationMemory(config.memory.path, keep=config.memory.kept_turns())
     except MemoryStoreError as exc:
         inbox.close()
         _forget_signals(signals)
@@ -148,6 +172,10 @@ async def run_daemon(config, stop: asyncio.Event | None = None, backend=None, ne
     tasks: list[asyncio.Task] = []
     try:
         persona = configured_persona(config)  # the manifest is read once, for the platform adapters and the API
+        # The profile and the persona's memory are read before anything starts: a file that cannot be used is a
+        # ConfigError naming it (python -m bot exits 2), not a failure an hour into serving.
+        recall = ReplyMemory.from_config(config, memory)
+        log.info("%s", recall.describe())
         try:
             adapters = build_platform_adapters(config, persona, metrics)
         except NameCacheError as exc:
@@ -184,7 +212,7 @@ async def run_daemon(config, stop: asyncio.Event | None = None, backend=None, ne
         # Messages are taken from now on, while the model loads too: they wait in the inbox.
         tasks = [asyncio.create_task(a.run(dispatcher.accept, stopping), name=a.name) for a in adapters]
         try:
-            backend = await _unless_stopped(_load_backend(config, backend), stopping)
+            backend = await _unless_stopped(_load_backend(config, backend, recall.profile), stopping)
             worker = Worker(backend, metrics, max_queue=config.queue.max_size, max_batch=config.queue.max_batch,
                             batch_wait_s=config.queue.batch_wait_ms / 1000)
             # Warm-up (the slot engine's cache, CUDA graphs and self-check) happens before "serving", so
@@ -202,9 +230,9 @@ async def run_daemon(config, stop: asyncio.Event | None = None, backend=None, ne
         # collection no longer walks it; unfrozen, each one paused the event loop ~100 ms on the
         # 2-core CI machine, which alone put LINE's webhook p99 over 50 ms (bench/line_load.py).
         gc.freeze()
-        router = Router(config, memory, worker, metrics, backend.persona)
+        router = Router(config, memory, worker, metrics, backend.persona, recall)
         if api is not None:
-            api.attach(worker, backend)
+            api.attach(worker, backend, recall)
         if not adapters:
             log.warning("no platform adapter is enabled: only %s are served",
                         "the API, /healthz and /metrics" if api is not None else "/healthz and /metrics")
@@ -238,37 +266,19 @@ class _CannotStart(Exception):
     """The model cannot be loaded: str() says why (the error message, "error: " aside)."""
 
 
-async def _load_backend(config, backend):
-    """The configured model (or engine) as a backend, unless `backend` is given; _CannotStart saying why it cannot.
-    (Not SystemExit: this runs as a task, and asyncio lets a task's SystemExit escape the event loop at once.)"""
-    if backend is None and config.model.engine == "openai":
-        # The weights are served elsewhere (bot/remote_engine.py): only the tokenizer and the manifest load here.
-        from .remote_engine import RemoteBackend
-
-        try:
-            return await in_thread(RemoteBackend.from_config, config, name="bunshin-load")
-        except (ModelLoadError, ConfigError) as exc:
-            raise _CannotStart(str(exc)) from None
-        except ValueError as exc:  # e.g. a [persona] that contradicts the adapter's manifest
-            raise _CannotStart(f"{config.source}: {exc}") from None
+async def _load_backend(config, backend, profile=()):
+    """The configured model (or engine) as a backend (load_backend), unless `backend` is given; _CannotStart saying
+    why it cannot. (Not SystemExit: this runs as a task, and asyncio lets a task's SystemExit escape the event loop
+    at once.)"""
     if backend is not None:
         return backend
     try:
-        loaded = await in_thread(load_model, config, name="bunshin-load")
+        return await in_thread(load_backend, config, profile, name="bunshin-load")
     except ModelLoadError as exc:
-        raise _CannotStart(f"{exc}\n{DEMO_HINT}") from None
+        hint = "" if config.model.engine == "openai" else f"\n{DEMO_HINT}"
+        raise _CannotStart(f"{exc}{hint}") from None
     except ConfigError as exc:  # the adapter's manifest changed since configured_persona read it
         raise _CannotStart(str(exc)) from None
-    try:
-        return ModelBackend.from_loaded(
-            loaded,
-            persona=config.persona.name or None,
-            template=config.persona.template or None,
-            generation_overrides=config.generation.overrides(),
-            engine=config.model.engine,
-            cuda_graphs=config.model.cuda_graphs,
-            compile=config.model.compile,
-        )
     except ValueError as exc:  # e.g. a [persona] that contradicts the adapter's manifest
         raise _CannotStart(f"{config.source}: {exc}") from None
 

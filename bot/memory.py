@@ -193,8 +193,36 @@ class ConversationMemory:
             ).fetchall()
         rows.reverse()
         rows = rows[window_start([row[0] for row in rows], limit, slack):]
-        return [ChatRecord(speaker, datetime.fromisoformat(time), text, kind, chat=chat_key)
-                for _, speaker, time, text, kind in rows]
+        # message_id is the row's id: `earlier` takes it to find what came before the window.
+        return [ChatRecord(speaker, datetime.fromisoformat(time), text, kind, chat=chat_key, message_id=str(row_id))
+                for row_id, speaker, time, text, kind in rows]
+
+    def earlier(self, chat_key: str, before: str | None, limit: int) -> list[ChatRecord]:
+        """Up to `limit` turns of a chat older than the turn whose message_id (from `recent`) is `before`,
+        oldest first: the chat's past beyond the prompt's window, for recall (bot/chat_recall.py). Only this
+        chat's turns: nothing said in one chat is ever read for another."""
+        if limit <= 0 or before is None:
+            return []
+        with self._lock, self._errors("read the conversation"):
+            rows = self._db.execute(
+                "SELECT id, speaker, time, text, kind FROM turns WHERE chat_key = ? AND id < ? ORDER BY id DESC LIMIT ?",
+                (chat_key, int(before), limit),
+            ).fetchall()
+        rows.reverse()
+        return [ChatRecord(speaker, datetime.fromisoformat(time), text, kind, chat=chat_key, message_id=str(row_id))
+                for row_id, speaker, time, text, kind in rows]
+
+    def earlier_span(self, chat_key: str, before: str | None, limit: int) -> tuple[str, str] | None:
+        """The message_ids of the oldest and newest of the turns `earlier` would return, or None for none: read from
+        the index alone, so chat recall can tell in a fraction of a millisecond whether its cached index is current."""
+        if limit <= 0 or before is None:
+            return None
+        with self._lock, self._errors("read the conversation"):
+            first, last = self._db.execute(
+                "SELECT MIN(id), MAX(id) FROM (SELECT id FROM turns WHERE chat_key = ? AND id < ? ORDER BY id DESC LIMIT ?)",
+                (chat_key, int(before), limit),
+            ).fetchone()
+        return None if first is None else (str(first), str(last))
 
     def reset(self, chat_key: str) -> int:
         """Forget a chat (the rows are deleted, not hidden); returns how many turns went."""

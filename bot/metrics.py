@@ -18,7 +18,8 @@ OUTCOMES = ("replied", "busy", "error", "expired", "ignored", "rate_limited", "r
 # [line] unknown_outcome pushed it (perhaps a second time) or did not (perhaps never delivered).
 DELIVERY_OUTCOMES = ("replied", "quiet", "maybe_delivered", "dropped", "failed", "unknown_pushed", "unknown_dropped")
 # Error kinds known up front (so their series show 0 before the first error); others may be added.
-ERROR_KINDS = ("oom", "generation", "deadline", "engine")  # engine: [model] engine = "openai" failed a request
+# engine: [model] engine = "openai" failed a request; recall: recalling a reply's notes failed (it went without them)
+ERROR_KINDS = ("oom", "generation", "deadline", "engine", "recall")
 
 # A 3.6B model answers in seconds on a GPU and in tens of seconds on a CPU; a queued reply waits longer.
 _SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
@@ -54,6 +55,10 @@ class BotMetrics:
         # Bytes that are not valid HTTP, answered 400 by aiohttp's parser before any route (bot/server.py).
         self.http_rejected = Counter("bunshin_http_rejected", "Requests refused as not valid HTTP, before any route",
                                      registry=r)
+        # Recalling a reply's notes ([memory] person and chat_recall, bot/reply_memory.py), off the event loop.
+        self.recall_seconds = Histogram(
+            "bunshin_recall_seconds", "Recalling the memory notes of one reply",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1), registry=r)
         for outcome in OUTCOMES:
             self.messages.labels(outcome)
         for outcome in DELIVERY_OUTCOMES:

@@ -9,7 +9,8 @@ What travels, and why:
 - The prompt is token ids (`"prompt": [ids...]` to `POST {base_url}/completions`), fitted to the
   context by the renderer training used (ModelBackend.prompt_ids), from bunshin's own tokenizer: an
   engine's tokenizer load can fall into the transformers trap (tokenization.py) and encode rinna's
-  text otherwise than it was trained.
+  text otherwise than it was trained. The profile and each reply's recalled notes (bot/reply_memory.py) are
+  in it as in the local engines' prompt: the worker hands RemoteStepper.admit the same notes.
 - The reply comes back as token ids too (vLLM's `return_token_ids`) and is decoded and cut by
   bunshin's tokenizer and `reply_text`, so it is the text the local engines would make of the same
   tokens. An engine that returns only text (SGLang, llama.cpp) gets the same cleanup on its text.
@@ -44,6 +45,7 @@ import logging
 import queue
 import threading
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -82,9 +84,10 @@ class Endpoint:
         return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
 
 
-def load_prompting(config) -> ModelBackend:
-    """How to prompt the model ([model] adapter's manifest, or [model] base with [persona]), with no weights:
-    the tokenizer files and config.json only. Raises ModelLoadError, ConfigError or ValueError."""
+def load_prompting(config, profile: Sequence[str] = ()) -> ModelBackend:
+    """How to prompt the model ([model] adapter's manifest, or [model] base with [persona]; the `profile` lines of
+    [memory] profile), with no weights: the tokenizer files and config.json only. Raises ModelLoadError, ConfigError
+    or ValueError."""
     m = config.model
     manifest = config.adapter_manifest()  # refuses a [model] base that is not the adapter's
     if manifest is None:
@@ -111,6 +114,7 @@ def load_prompting(config) -> ModelBackend:
         template=config.persona.template or None,
         generation_overrides=config.generation.overrides(),
         engine="plain",  # never stepped here: RemoteBackend makes the stepper
+        profile=profile,
     )
 
 
@@ -144,11 +148,11 @@ class RemoteBackend:
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
-    def from_config(cls, config) -> RemoteBackend:
+    def from_config(cls, config, profile: Sequence[str] = ()) -> RemoteBackend:
         m = config.model
         api_key = config.secret(m.api_key_env) if m.api_key_env else None
         endpoint = Endpoint(m.base_url.rstrip("/"), m.remote_model, api_key, m.max_concurrency, m.timeout_s)
-        return cls(load_prompting(config), endpoint)
+        return cls(load_prompting(config, profile), endpoint)
 
     @property
     def persona(self) -> str:
@@ -158,9 +162,9 @@ class RemoteBackend:
     def settings(self):
         return self.prompting.settings
 
-    def prompt_ids(self, turns) -> list[int]:
+    def prompt_ids(self, turns, memory=()) -> list[int]:
         with self.tokenizer_lock:
-            return self.prompting.prompt_ids(turns)
+            return self.prompting.prompt_ids(turns, memory)
 
     def speakers_in(self, turns) -> list[str]:
         return self.prompting.speakers_in(turns)
@@ -443,8 +447,8 @@ class RemoteStepper:
     def busy(self) -> int:
         return len(self._in_flight)
 
-    def admit(self, key, turns: list[ChatTurn]) -> None:
-        ids = self.backend.prompt_ids(turns)
+    def admit(self, key, turns: list[ChatTurn], memory=()) -> None:
+        ids = self.backend.prompt_ids(turns, memory)
         speakers = self.backend.speakers_in(turns)
         self._in_flight[key] = asyncio.run_coroutine_threadsafe(self._reply(key, ids, speakers), self._loop)
 

@@ -1,6 +1,6 @@
 """Every platform's messages come through here: should the bot answer, and what.
 
-    dispatcher ─► answer(message) ─► allowlists ─► reset (admins only)? ─► memory ─► rate limit ─► worker ─► reply
+    dispatcher ─► answer(message) ─► allowlists ─► reset (admins only)? ─► memory ─► rate limit ─► recall ─► worker ─► reply
 
 The platform adapter has already decided whether the bot was addressed (a mention, a DM, a reply, a
 LINE 1:1). Messages that were not addressed are still remembered: in a group the next question is
@@ -9,6 +9,10 @@ often about what was just said.
 A message may be answered a second time after a crash (the inbox keeps it until its reply is
 delivered). Memory is written under the message's inbox key, so it is remembered once, and a reply
 generated before the crash is found there and delivered instead of a new one.
+
+Each reply also gets notes recalled beyond its window (bot/reply_memory.py: the persona's memory and the chat's
+own older turns, never another chat's). Recall runs in a worker thread: re-indexing a chat whose window moved
+takes tens of milliseconds, which the event loop (every platform's webhooks) must not wait for.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ import logging
 import time
 from dataclasses import dataclass
 
-from finetune.prompt import ChatTurn
+from finetune.prompt import ChatTurn, MemoryNote
+from finetune.records import ChatRecord
 
 from .memory import MemoryStoreError
 from .messages import IncomingMessage
+from .reply_memory import recall_in_thread
 from .worker import DeadlineExceeded, GenerationFailed, QueueFull, WorkerStopped
 
 log = logging.getLogger("bunshin.router")
@@ -69,9 +75,10 @@ class RateLimiter:
 
 
 class Router:
-    def __init__(self, config, memory, worker, metrics, persona: str):
+    def __init__(self, config, memory, worker, metrics, persona: str, recall=None):
         self.config = config
         self.memory = memory
+        self.recall = recall  # bot.reply_memory.ReplyMemory, or None: the window alone
         self.worker = worker
         self.metrics = metrics
         self.persona = persona
@@ -122,6 +129,8 @@ class Router:
                 log.warning("reset refused for %s in %s: not in [limits] admins", message.user_key, message.chat_key)
                 return NOT_ADMIN_REPLY
             self.memory.reset(message.chat_key)
+            if self.recall is not None:
+                self.recall.forget(message.chat_key)
             log.info("memory reset for %s by %s", message.chat_key, message.user_key)
             return RESET_REPLY
         self.memory.append(message.chat_key, message.user_name, text, event=key)
@@ -140,9 +149,10 @@ class Router:
         # this chat's last prompt when the next one begins the same way.
         window = self.memory.recent(message.chat_key, self.config.memory.max_turns, slack=WINDOW_SLACK)
         turns = [ChatTurn(r.speaker, r.text) for r in window]
+        notes = await self._recalled(message.chat_key, window)
         deadline = message.received + self.config.queue.deadline_s
         try:
-            reply = await self.worker.submit(turns, deadline=deadline, received=message.received)
+            reply = await self.worker.submit(turns, memory=notes, deadline=deadline, received=message.received)
         except QueueFull:
             self.metrics.messages.labels(outcome="busy").inc()
             self._log_busy(message.chat_key)
@@ -162,3 +172,9 @@ class Router:
         if self.config.logging.log_message_text:
             log.debug("%s <- %r", message.chat_key, text_out)
         return text_out
+
+    async def _recalled(self, chat_key: str, window: list[ChatRecord]) -> list[MemoryNote]:
+        """This reply's notes; none when recall is off."""
+        if self.recall is None or not self.recall.recalls:
+            return []
+        return await recall_in_thread(self.metrics, chat_key, self.recall.for_chat, chat_key, window)

@@ -12,9 +12,10 @@ Keys are the worker's request objects; a stepper never looks inside them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
-from finetune.prompt import ChatTurn
+from finetune.prompt import ChatTurn, MemoryNote
 
 
 class Stepper(Protocol):
@@ -23,7 +24,8 @@ class Stepper(Protocol):
     @property
     def busy(self) -> int: ...  # requests admitted and not yet finished
 
-    def admit(self, key, turns: list[ChatTurn]) -> None: ...
+    # `memory`: notes recalled for this reply (the persona's memory, older turns of the chat), shown before it.
+    def admit(self, key, turns: list[ChatTurn], memory: Sequence[MemoryNote] = ()) -> None: ...
 
     def step(self) -> list[tuple[object, str, int]]:  # (key, reply text, tokens generated) that finished
         ...
@@ -39,7 +41,7 @@ class BatchStepper:
     def __init__(self, backend, capacity: int, seed: int | None = None) -> None:
         self.backend = backend
         self.capacity = capacity
-        self._admitted: list[tuple[object, list[ChatTurn]]] = []
+        self._admitted: list[tuple[object, list[ChatTurn], Sequence[MemoryNote]]] = []
         if seed is not None:  # generate() draws from torch's global generator
             import torch
 
@@ -49,19 +51,23 @@ class BatchStepper:
     def busy(self) -> int:
         return len(self._admitted)
 
-    def admit(self, key, turns: list[ChatTurn]) -> None:
-        self._admitted.append((key, turns))
+    def admit(self, key, turns: list[ChatTurn], memory: Sequence[MemoryNote] = ()) -> None:
+        self._admitted.append((key, turns, memory))
 
     def step(self) -> list[tuple[object, str, int]]:
         if not self._admitted:
             return []
-        results = self.backend.generate([turns for _, turns in self._admitted])
-        finished = [(key, text, tokens) for (key, _), (text, tokens) in zip(self._admitted, results, strict=True)]
+        conversations = [turns for _, turns, _ in self._admitted]
+        memories = [memory for _, _, memory in self._admitted]
+        # A stand-in backend of a test or benchmark may know nothing of memory; it is only asked when there is some.
+        results = (self.backend.generate(conversations, memories) if any(memories)
+                   else self.backend.generate(conversations))
+        finished = [(key, text, tokens) for (key, _, _), (text, tokens) in zip(self._admitted, results, strict=True)]
         self._admitted = []
         return finished
 
     def abort(self) -> list:
-        keys = [key for key, _ in self._admitted]
+        keys = [key for key, _, _ in self._admitted]
         self._admitted = []
         return keys
 
@@ -81,8 +87,8 @@ class EngineStepper:
     def busy(self) -> int:
         return self.engine.busy
 
-    def admit(self, key, turns: list[ChatTurn]) -> None:
-        self.engine.add(key, self.backend.prompt_ids(turns), self.backend.speakers_in(turns))
+    def admit(self, key, turns: list[ChatTurn], memory: Sequence[MemoryNote] = ()) -> None:
+        self.engine.add(key, self.backend.prompt_ids(turns, memory), self.backend.speakers_in(turns))
 
     def step(self) -> list[tuple[object, str, int]]:
         return [(f.key, f.text, f.tokens) for f in self.engine.step()]

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from finetune.prompt import ChatTurn
+from finetune.prompt import ChatTurn, MemoryNote
 
 from .loading import in_thread
 from .metrics import BotMetrics
@@ -65,7 +65,10 @@ class GeneratedReply:
 
 
 class Backend(Protocol):
-    def generate(self, conversations: list[list[ChatTurn]]) -> list[tuple[str, int]]: ...
+    # `memories`: each conversation's recalled notes, passed only when some reply has notes (BatchStepper), so a
+    # stand-in backend of a test may take the conversations alone.
+    def generate(self, conversations: list[list[ChatTurn]],
+                 memories: Sequence[Sequence[MemoryNote]] | None = None) -> list[tuple[str, int]]: ...
 
 
 @dataclass(eq=False)
@@ -74,6 +77,7 @@ class _Request:
     deadline: float  # time.monotonic() after which no reply is wanted
     received: float  # time.monotonic() when the message arrived, for the latency metric
     future: asyncio.Future = field(repr=False)
+    memory: tuple[MemoryNote, ...] = ()  # notes recalled for this reply (bot/reply_memory.py), shown before it
 
 
 _CLOSE = object()  # tells the stepping thread to end
@@ -128,16 +132,18 @@ class Worker:
         self._thread.start()
         self._task = asyncio.create_task(self._admit_forever(), name="bunshin-worker")
 
-    def submit(self, turns: Sequence[ChatTurn], *, deadline: float, received: float) -> asyncio.Future:
-        """Queue a conversation; the future gets a GeneratedReply, or DeadlineExceeded / GenerationFailed /
-        WorkerStopped. Raises QueueFull at once when the queue is full, WorkerStopped once stop() began."""
+    def submit(self, turns: Sequence[ChatTurn], *, deadline: float, received: float,
+               memory: Sequence[MemoryNote] = ()) -> asyncio.Future:
+        """Queue a conversation (and the notes recalled for its reply); the future gets a GeneratedReply, or
+        DeadlineExceeded / GenerationFailed / WorkerStopped. Raises QueueFull at once when the queue is full,
+        WorkerStopped once stop() began."""
         if self._stopping:
             raise WorkerStopped("the bot is shutting down")
         if self._task is None:
             raise RuntimeError("Worker.start() was not awaited: nothing would answer this request")
         future = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait(_Request(list(turns), deadline, received, future))
+            self._queue.put_nowait(_Request(list(turns), deadline, received, future, tuple(memory)))
         except asyncio.QueueFull:
             raise QueueFull(f"{self._queue.maxsize} messages are already waiting for a reply") from None
         self.metrics.queue_depth.set(self._queue.qsize())
@@ -262,7 +268,7 @@ class Worker:
 
     def _admit(self, stepper, request: _Request) -> None:
         try:
-            stepper.admit(request, request.turns)
+            stepper.admit(request, request.turns, request.memory)
         except Exception as exc:  # e.g. a prompt the tokenizer rejects: only this request fails
             log.error("worker: cannot start a reply (%s: %s)", type(exc).__name__, exc, exc_info=True)
             self._post(self._fail, request, GenerationFailed("generation", f"{type(exc).__name__}: {exc}"))

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("eval", "evaluate", "score how closely a tuned model (or any replies) talks like the persona"),
         ("merge", "merge", "fold an adapter into a full model for other serving engines"),
         ("tiny-model", "tiny_model", "build an offline tiny base model (tests, demos)"),
+        ("memory", "memory_command", "rebuild or search the persona's memory"),
+        ("synth-persona", "synthetic_persona", "write a made-up persona's LINE export with facts and probes"),
     ):
         p = commands.add_parser(name, help=help_text)
         importlib.import_module(f"{__package__}.{module}").add_arguments(p)

@@ -1,4 +1,7 @@
-"""The base and the tuned model's side of `finetune eval` (and of the short eval that ends `train`).
+"""The model systems of `finetune eval` (and of the short eval that ends `train`).
+
+Four ways of answering (SYSTEMS): the base model; tuned (the LoRA); prompt-only (the base with the persona's
+memory and a few of their messages as examples in the prompt); hybrid (the LoRA with the memory).
 
 Replies are generated exactly as the bot would answer the same conversation: the bot's prompt
 renderer and context fitting (bot.backend.ModelBackend), the adapter's generation settings, the slot
@@ -16,7 +19,7 @@ on the same samples as everything else in the report.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from .generation import GenerationSettings
@@ -29,6 +32,28 @@ class ModelSystem:
     replies: list[str]
     loss: float | None
     seconds: float  # generating and scoring, for the progress line
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    """One way of answering: with or without the LoRA, with or without the persona's memory in the prompt."""
+
+    name: str
+    lora: bool  # the adapter on (tuned, hybrid) or switched off (base, prompt-only)
+    memory: bool  # recalled notes before the reply
+    examples: int = 0  # a few of the person's own messages shown as notes too (prompt-only: style by example)
+
+
+PROMPT_EXAMPLES = 4
+SYSTEMS = {
+    "base": SystemSpec("base", lora=False, memory=False),
+    "tuned": SystemSpec("tuned", lora=True, memory=False),
+    "prompt-only": SystemSpec("prompt-only", lora=False, memory=True, examples=PROMPT_EXAMPLES),
+    "hybrid": SystemSpec("hybrid", lora=True, memory=True),
+}
+
+# notes_for(spec, index): the memory notes of the index-th context's prompt for that system.
+NotesFor = Callable[[SystemSpec, int], list]
 
 
 def base_and_tuned(
@@ -44,33 +69,73 @@ def base_and_tuned(
     slots: int = 32,
     progress: Callable[[str, int], None] | None = None,
     with_loss: bool = True,
+    notes_for: NotesFor | None = None,
 ) -> dict[str, ModelSystem]:
     """{"base": ..., "tuned": ...} for a peft model; {"tuned": ...} for a model without a LoRA to switch off
-    (a merged folder), since its base is not in memory. `with_loss` False: no loss is computed (None)."""
-    # One tokenizer: the same rows serve both systems.
-    rows = loss_rows(loaded, samples, template, max_length) if with_loss else []
+    (a merged folder), since its base is not in memory. `with_loss` False: no loss is computed (None).
+    With `notes_for`, "tuned" answers with the memory, as the bot serves an adapter trained with one."""
+    specs = [SYSTEMS["base"], replace(SYSTEMS["tuned"], memory=notes_for is not None)]
+    return model_systems(loaded, specs, persona=persona, template=template, settings=settings, speakers=speakers,
+                         max_length=max_length, contexts=[s["context"] for s in samples], seed=seed, slots=slots,
+                         progress=progress, loss_samples=samples if with_loss else None, notes_for=notes_for)
 
-    def one(name: str) -> ModelSystem:
-        return _one_system(name, loaded, rows, persona, template, settings, speakers, max_length, samples, seed, slots,
-                           progress)
 
+def model_systems(
+    loaded: LoadedModel,
+    specs: list[SystemSpec],
+    *,
+    persona: str,
+    template: str,
+    settings: GenerationSettings,
+    speakers: list[str],
+    max_length: int,
+    contexts: list[list],
+    seed: int,
+    slots: int = 32,
+    progress: Callable[[str, int], None] | None = None,
+    loss_samples: list[dict] | None = None,
+    notes_for: NotesFor | None = None,
+    profile: Sequence[str] = (),
+) -> dict[str, ModelSystem]:
+    """Replies (and the real replies' loss, for `loss_samples`, the samples `contexts` came from) per system.
+
+    Systems without the LoRA are skipped for a model that has none to switch off (a merged folder). Memory
+    systems need `notes_for`; they also carry the `profile` (the others never see one)."""
+    has_lora = hasattr(loaded.model, "disable_adapter")
     systems: dict[str, ModelSystem] = {}
-    if hasattr(loaded.model, "disable_adapter"):
-        with loaded.model.disable_adapter():
-            systems["base"] = one("base")
-    systems["tuned"] = one("tuned")
+    for spec in specs:
+        if spec.memory and notes_for is None:
+            raise ValueError(f"system {spec.name} answers with memory, but there is none")
+        if not spec.lora and not has_lora:
+            continue
+        memories = [notes_for(spec, i) for i in range(len(contexts))] if spec.memory else None
+
+        def one(spec=spec, memories=memories) -> ModelSystem:
+            return _one_system(spec.name, loaded, persona, template, settings, speakers, max_length, contexts,
+                               memories, loss_samples, seed, slots, progress, tuple(profile) if spec.memory else ())
+
+        if spec.lora:
+            systems[spec.name] = one()
+        else:
+            with loaded.model.disable_adapter():
+                systems[spec.name] = one()
     return systems
 
 
-def _one_system(name, loaded, rows, persona, template, settings, speakers, max_length, samples, seed, slots,
-                progress) -> ModelSystem:
+def _one_system(name, loaded, persona, template, settings, speakers, max_length, contexts, memories, loss_samples,
+                seed, slots, progress, profile) -> ModelSystem:
     import time
 
     started = time.monotonic()
-    loss = reply_loss(loaded, rows)
+    loss = None
+    if loss_samples is not None:
+        by_id = {id(s): memories[i] for i, s in enumerate(loss_samples)} if memories is not None else None
+        rows = loss_rows(loaded, loss_samples, template, max_length,
+                         memory=(lambda s: by_id[id(s)]) if by_id is not None else None, profile=profile)
+        loss = reply_loss(loaded, rows)
     replies = generate(loaded, persona=persona, template=template, settings=settings, speakers=speakers,
-                       max_length=max_length, contexts=[s["context"] for s in samples], seed=seed, slots=slots,
-                       on_reply=(lambda: progress(name, 1)) if progress else None)
+                       max_length=max_length, contexts=contexts, memories=memories, seed=seed, slots=slots,
+                       on_reply=(lambda: progress(name, 1)) if progress else None, profile=profile)
     return ModelSystem(replies, loss, time.monotonic() - started)
 
 
@@ -86,6 +151,8 @@ def generate(
     seed: int,
     slots: int = 32,
     on_reply: Callable[[], None] | None = None,
+    memories: list[list] | None = None,
+    profile: Sequence[str] = (),
 ) -> list[str]:
     """One reply per context, as the bot's worker makes them: every admitted chat decodes in the same step."""
     from bot.backend import ModelBackend, served_context
@@ -97,9 +164,11 @@ def generate(
     if budget < 16:
         raise ValueError(f"max_new_tokens {settings.max_new_tokens} leaves {budget} of {max_length} tokens for the prompt")
     backend = ModelBackend(loaded, persona, template, settings, tuple(speakers), budget,
-                           cuda_graphs=loaded.device.startswith("cuda"))
+                           cuda_graphs=loaded.device.startswith("cuda"), profile=tuple(profile))
     # The prompts are the bot's (its budget), but the cache need only hold the longest of them and a reply.
-    longest = max(len(backend.prompt_ids(as_turns(c))) for c in contexts) + settings.max_new_tokens
+    memories = memories or [[] for _ in contexts]
+    longest = max(len(backend.prompt_ids(as_turns(c), m)) for c, m in zip(contexts, memories, strict=True))
+    longest += settings.max_new_tokens
     length = min(budget + settings.max_new_tokens, -(-longest // 64) * 64)
     stepper = backend.make_stepper(max(1, min(slots, len(contexts))), seed=seed, length=length)
     replies: list[str | None] = [None] * len(contexts)
@@ -109,7 +178,7 @@ def generate(
     try:
         while done < len(contexts):
             while next_index is not None and stepper.busy < stepper.capacity:
-                stepper.admit(next_index, as_turns(contexts[next_index]))
+                stepper.admit(next_index, as_turns(contexts[next_index]), memories[next_index])
                 next_index = next(waiting, None)
             for key, text, _tokens in stepper.step():
                 replies[key] = text
@@ -121,12 +190,13 @@ def generate(
     return [r or "" for r in replies]
 
 
-def loss_rows(loaded: LoadedModel, samples: list[dict], template: str, max_length: int) -> list:
+def loss_rows(loaded: LoadedModel, samples: list[dict], template: str, max_length: int,
+              memory: Callable[[dict], list] | None = None, profile: Sequence[str] = ()) -> list:
     """The samples' real replies encoded as training encodes them (prompt tokens unscored), packed into rows."""
     from .packing import pack_samples
     from .train import encode_all
 
-    encoded, _ = encode_all(loaded.tokenizer, samples, template, max_length)
+    encoded, _ = encode_all(loaded.tokenizer, samples, template, max_length, memory, profile)
     if not encoded:
         return []
     context = getattr(loaded.model.config, "max_position_embeddings", None) or 2048

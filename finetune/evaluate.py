@@ -26,6 +26,9 @@ from .dataset_files import DatasetError, read_samples
 from .eval_inputs import EvalError, check_names, choose_samples, parse_system_arg, read_system_replies
 from .manifest import bunshin_version
 from .model_loading import DTYPE_CHOICES, QUANTIZE_CHOICES, ModelLoadError
+from .person_memory import MEMORY_FILE, PersonMemory, PersonMemoryError
+from .probes import ProbeError, read_probes
+from .profile import ProfileError, read_profile
 from .progress import WatchedProgress
 
 
@@ -48,6 +51,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
+    p.add_argument("--systems", default=None, metavar="A,B",
+                   help="model systems to run: base, tuned, prompt-only, hybrid (default: all four where the dataset "
+                   "has the persona's memory, else base and tuned)")
+    p.add_argument("--memory-notes", type=int, default=None, metavar="K",
+                   help="notes recalled into a memory system's prompt (default: the adapter's, else 3)")
+    p.add_argument("--probes", type=Path, default=None, metavar="PROBES.jsonl",
+                   help="fact probes: does each system know what the person said (right / stale / wrong / abstained)")
+    p.add_argument("--profile", type=Path, default=None, metavar="PROFILE.txt",
+                   help="the persona's profile, at the top of the memory systems' prompts (as [memory] profile in the bot)")
     p.add_argument("--force", action="store_true", help="replace an existing REPORT folder")
     p.add_argument("--no-progress", action="store_true")
 
@@ -55,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         return _evaluate(args)
-    except (EvalError, DatasetError, ModelLoadError, FileExistsError) as exc:
+    except (EvalError, DatasetError, ModelLoadError, FileExistsError, ProbeError, PersonMemoryError, ProfileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -86,11 +98,19 @@ def _evaluate(args: argparse.Namespace) -> int:
         replies[system.name] = [by_id[i] for i in ids]
     train_samples = read_samples(args.data / "train.jsonl") if (args.data / "train.jsonl").is_file() else []
 
+    probes = read_probes(args.probes) if args.probes is not None else None  # a bad file fails before any model loads
+    profile = read_profile(args.profile) if args.profile is not None else ()
+    if probes is not None and args.adapter is None:
+        raise EvalError("--probes needs an ADAPTER: probes are answered by the model systems")
+    memory = PersonMemory.load(args.data) if (args.data / MEMORY_FILE).is_file() else None
+    specs = _chosen_systems(args.systems, memory is not None, args.adapter is not None)
+
     losses: dict[str, float | None] = {}
     timing: dict[str, float] = {}
     adapter_info = generation = None
+    probe_report = None
     if args.adapter is not None:
-        from .eval_models import base_and_tuned
+        from .eval_models import model_systems
         from .generation import GenerationSettings
         from .model_loading import load_persona_model
 
@@ -102,17 +122,28 @@ def _evaluate(args: argparse.Namespace) -> int:
         if persona != manifest.persona:
             raise EvalError(f"{args.data} is {persona}'s data but {args.adapter} was trained as {manifest.persona}")
         settings = GenerationSettings.from_manifest(manifest.generation)
+        k = args.memory_notes if args.memory_notes is not None else int(manifest.memory.get("notes") or DEFAULT_NOTES)
+        run = dict(persona=manifest.persona, template=manifest.template, settings=settings,
+                   speakers=list(manifest.speakers), max_length=manifest.max_length, seed=args.seed, slots=args.batch)
         with _Progress(len(samples), enabled=not args.no_progress) as progress:
-            made = base_and_tuned(loaded, persona=manifest.persona, template=manifest.template, settings=settings,
-                                  speakers=list(manifest.speakers), max_length=manifest.max_length, samples=samples,
-                                  seed=args.seed, slots=args.batch, progress=progress.advance)
+            made = model_systems(loaded, specs, contexts=[s["context"] for s in samples], progress=progress.advance,
+                                 loss_samples=samples, notes_for=held_out_notes(memory, samples, k, args.seed),
+                                 profile=profile, **run)
         for name, system in made.items():
             replies[name] = system.replies
             losses[name] = system.loss
             timing[f"{name}_s"] = round(system.seconds, 2)  # its loss, warm-up and generation
-        adapter_info = {"path": str(args.adapter), "base_model": manifest.base_model, "merged": manifest.merged}
+        if probes is not None:
+            probing = time.monotonic()
+            contexts = [[{"speaker": t.speaker, "text": t.text} for t in p.turns] for p in probes]
+            answered = model_systems(loaded, specs, contexts=contexts, notes_for=_probe_notes(memory, probes, k, args.seed),
+                                     profile=profile, **run)
+            probe_report = probe_results(probes, {n: s.replies for n, s in answered.items()}, args.probes)
+            timing["probes_s"] = round(time.monotonic() - probing, 2)
+        adapter_info = {"path": str(args.adapter), "base_model": manifest.base_model, "merged": manifest.merged,
+                        "memory": manifest.memory}
         generation = vars(settings).copy()
-        # Model systems first in the report, in the order base, tuned.
+        # Model systems first in the report, in the order base, tuned, prompt-only, hybrid.
         replies = {**{n: replies[n] for n in made}, **{n: r for n, r in replies.items() if n not in made}}
 
     scoring = time.monotonic()
@@ -121,10 +152,84 @@ def _evaluate(args: argparse.Namespace) -> int:
     report["dataset"] = _dataset_info(args.data, samples, len(every_sample))
     report["adapter"] = adapter_info
     report["generation"] = generation
+    report["probes"] = probe_report
+    report["memory"] = {"notes": len(memory), "profile_lines": len(profile)} if memory is not None else None
     report["timing"] = {**timing, "total_s": round(time.monotonic() - started, 2)}
     write_report(args.out, report, replies, ids, replace=args.force)
     print(summary_lines(report, args.out))
     return 0
+
+
+DEFAULT_NOTES = 3
+
+
+def _chosen_systems(given: str | None, has_memory: bool, has_adapter: bool) -> list:
+    from .eval_models import SYSTEMS
+
+    if given is None:
+        names = ["base", "tuned", "prompt-only", "hybrid"] if has_memory else ["base", "tuned"]
+    else:
+        names = list(dict.fromkeys(n.strip() for n in given.split(",") if n.strip()))
+        unknown = [n for n in names if n not in SYSTEMS]
+        if unknown or not names:
+            raise EvalError(f"--systems {given!r}: choose from {', '.join(SYSTEMS)}")
+        if not has_adapter:
+            raise EvalError("--systems needs an ADAPTER: they are the model's ways of answering")
+    specs = [SYSTEMS[n] for n in names]
+    if not has_memory and any(s.memory for s in specs):
+        raise EvalError("prompt-only and hybrid answer with the persona's memory, and the dataset has none "
+                        f"({MEMORY_FILE} is made by `python -m finetune prepare`: re-run it)")
+    return specs
+
+
+def held_out_notes(memory: PersonMemory | None, samples: list[dict], k: int, seed: int):
+    """notes_for a held-out sample: recalled from before its conversation began (never its own, never later),
+    and for prompt-only a few of the persona's earlier messages as examples of how they write."""
+    if memory is None:
+        return None
+    from .person_memory import example_notes, sample_notes
+
+    def notes_for(spec, i: int) -> list:
+        sample = samples[i]
+        found = sample_notes(memory, sample, k)
+        if spec.examples:
+            found = example_notes(memory, sample, spec.examples, seed, besides=found) + found
+        return sorted(found, key=lambda n: n.date)
+
+    return notes_for
+
+
+def _probe_notes(memory: PersonMemory | None, probes: list, k: int, seed: int):
+    """notes_for a probe: asked now, so the whole memory may answer it."""
+    if memory is None:
+        return None
+    from .person_memory import example_notes, notes
+    from .prompt import ChatTurn
+
+    def notes_for(spec, i: int) -> list:
+        found = notes(memory.recall([ChatTurn(t.speaker, t.text) for t in probes[i].turns], k))
+        if spec.examples:
+            found = example_notes(memory, {"id": probes[i].id}, spec.examples, seed, besides=found) + found
+        return sorted(found, key=lambda n: n.date)
+
+    return notes_for
+
+
+def probe_results(probes: list, replies: dict[str, list[str]], path: Path) -> dict:
+    """report.json's "probes": each system's summary (probes.summarize) and every probe's reply and outcome."""
+    from .probes import score_reply, summarize
+
+    outcomes = {name: [score_reply(p, r) for p, r in zip(probes, texts, strict=True)] for name, texts in replies.items()}
+    return {
+        "file": str(path),
+        "systems": {name: summarize(probes, found) for name, found in outcomes.items()},
+        "items": [
+            {"id": p.id, "turns": [{"speaker": t.speaker, "text": t.text} for t in p.turns], "right": list(p.right),
+             "stale": list(p.stale), "never_stated": p.never_stated,
+             "replies": {name: {"reply": replies[name][i], "outcome": outcomes[name][i]} for name in replies}}
+            for i, p in enumerate(probes)
+        ],
+    }
 
 
 def build_report(samples: list[dict], replies: dict[str, list[str]], losses: dict[str, float | None],

@@ -12,7 +12,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .manifest import DEFAULT_GENERATION
-from .prompt import ChatTurn, drop_oldest_turns, encode_prompt, prefix_ids, turn_end
+from .prompt import (
+    MEMORY_SHARE,
+    ChatTurn,
+    MemoryNote,
+    drop_oldest_turns,
+    encode_prompt,
+    fit_notes,
+    prefix_ids,
+    turn_end,
+)
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ufffd]")
 
@@ -33,19 +42,21 @@ class GenerationSettings:
 
 
 def fit_context(tokenizer, turns: Sequence[ChatTurn], persona: str, template: str, budget: int,
-                block: int = 1) -> list[int]:
-    """Prompt ids for the latest turns that fit `budget` tokens (the oldest are dropped first).
+                block: int = 1, *, memory: Sequence[MemoryNote] = (), profile: Sequence[str] = ()) -> list[int]:
+    """Prompt ids for the latest turns that fit `budget` tokens (the oldest are dropped first), with the
+    memory notes that fit a share of the budget (prompt.fit_notes, as in training) and the profile.
 
     `block` > 1 drops old turns in multiples of `block`: the prompt then keeps its start for several
     messages as the conversation grows, so the serving engine can reuse what it computed for the last
     one (dropping one turn per message would change the start, and the whole prompt, every time)."""
     turns = list(turns)
-    dropped, ids = drop_oldest_turns(tokenizer, turns, persona, template, budget)
+    memory = fit_notes(tokenizer, memory, budget // MEMORY_SHARE) if memory else ()
+    dropped, ids = drop_oldest_turns(tokenizer, turns, persona, template, budget, memory=memory, profile=profile)
     if block > 1 and 0 < dropped < len(turns):
         rounded = min(len(turns) - 1, -(-dropped // block) * block)
         if rounded != dropped:
             dropped = rounded
-            ids = encode_prompt(tokenizer, turns[dropped:], persona, template)
+            ids = encode_prompt(tokenizer, turns[dropped:], persona, template, memory=memory, profile=profile)
     if len(ids) <= budget:
         return ids
     # Even the last turn alone is too long: keep its end, and the BOS the model expects at the start.

@@ -58,6 +58,9 @@ class AdapterManifest:
     lora: dict = field(default_factory=dict)  # r, alpha, dropout, target modules
     training: dict = field(default_factory=dict)  # steps, epochs, lr, seconds, tokens/s, device ...
     speakers: list = field(default_factory=list)  # names in the training contexts, to spot a new turn
+    # The persona's memory the adapter learned to read (person_memory.py): {"notes": notes per prompt,
+    # "entries": notes in memory.jsonl, "sha256": of memory.jsonl}; empty when trained without one.
+    memory: dict = field(default_factory=dict)
     merged: bool = False  # the folder holds full merged weights, not a peft adapter
     created: str = ""
     bunshin_version: str = ""

@@ -1,8 +1,8 @@
 """`finetune merge HOME` (or `ADAPTER --out DIR`): base + LoRA folded into one full model.
 
 For engines that serve plain weights (vLLM, llama.cpp converters, TGI). The folder also gets
-the tokenizer files and a manifest marked `merged`, so `finetune chat DIR` and the bot load it
-like an adapter.
+the tokenizer files, the persona's memory (memory.jsonl and its index, when the adapter has them) and a
+manifest marked `merged`, so `finetune chat DIR` and the bot load it like an adapter.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .atomic_output import atomic_directory
 from .model_loading import DTYPE_CHOICES, ModelLoadError, load_persona_model
+from .person_memory import INDEX_FILE, MEMORY_FILE
 from .persona_home import refuse_source_package
 from .tokenization import TOKENIZER_FILES, tokenizer_folder
 
@@ -47,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
                 if name != "config.json" and (tokenizer_source / name).is_file():
                     shutil.copyfile(tokenizer_source / name, staging / name)
             manifest.write(staging / "bunshin.json")
+            for name in (MEMORY_FILE, INDEX_FILE):  # the persona's memory: the bot recalls from this folder alone
+                if (Path(args.adapter) / name).is_file():
+                    shutil.copyfile(Path(args.adapter) / name, staging / name)
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

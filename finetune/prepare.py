@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .atomic_output import atomic_directory, check_writable
 from .importers import ReadOptions, check_exports, open_export
+from .person_memory import entries_from_conversations, write_memory
 from .progress import WatchedProgress
 from .records import ChatRecord
 from .redact import KINDS, Redactor
@@ -197,6 +198,9 @@ def _run(args: argparse.Namespace, read_options: Callable) -> int:
     for part, part_samples in (("train", train), ("eval", held_out)):
         for sample in part_samples:
             inputs[conversation_inputs[sample.conversation]]["samples"][part] += 1
+    # The persona's memory: every typed turn of theirs, eval conversations included (a sample only ever
+    # recalls what was said before its conversation began, so eval replies cannot leak into eval prompts).
+    memory_entries = entries_from_conversations(conversations, args.persona)
 
     train_rows = [s.as_json(args.persona) for s in train]
     eval_rows = [s.as_json(args.persona) for s in held_out]
@@ -232,11 +236,13 @@ def _run(args: argparse.Namespace, read_options: Callable) -> int:
         "options": {**asdict(options), "burst_gap_s": BURST_GAP_S, "redact": not args.no_redact, "timezone": str(local)},
         "fingerprint": fingerprint.hexdigest(),
         "exports": exports,
+        "memory": {"notes": len(memory_entries)},
     }
     with atomic_directory(args.out, replace=args.force) as staging:
         (staging / "train.jsonl").write_text("".join(line + "\n" for line in train_lines), encoding="utf-8")
         (staging / "eval.jsonl").write_text("".join(line + "\n" for line in eval_lines), encoding="utf-8")
         written = write_exports(staging, exports, train_rows, eval_rows)  # inside: all files appear or none
+        report["memory"]["sha256"] = write_memory(staging, memory_entries)
         (staging / "stats.json").write_text(json.dumps(report, ensure_ascii=False, indent=2, default=str) + "\n", encoding="utf-8")
 
     red = report["redactions"]

@@ -34,6 +34,23 @@ class ChatTurn:
     text: str
 
 
+@dataclass(frozen=True)
+class MemoryNote:
+    """Something said before, shown to the model with its date: a persona's note (person_memory.py) or an
+    older turn of the same chat. `turns` are one line each; the last is usually the persona's."""
+
+    date: str  # YYYY-MM-DD
+    turns: tuple[ChatTurn, ...]
+
+
+# The memory block goes after the conversation, right before the reply: a chat's prompt then keeps its start
+# (profile + turns) from one message to the next, so the engine reuses what it computed, and the notes are
+# what the model reads last. The profile is the same for every reply, so it opens the prompt.
+MEMORY_OPEN = "［記憶］"
+PROFILE_OPEN = "［{persona}のプロフィール］"
+BLOCK_CLOSE = "［ここまで］"
+
+
 def as_turns(context: Iterable) -> list[ChatTurn]:
     """Accept prepare's `{"speaker", "text"}` dicts, ChatTurns or (speaker, text) pairs."""
     turns = []
@@ -48,13 +65,48 @@ def as_turns(context: Iterable) -> list[ChatTurn]:
     return turns
 
 
-def render_prompt(context: Sequence[ChatTurn], persona: str, template: str = "transcript") -> str:
-    """The prompt as plain text with "\\n" line breaks (the tokenizer's convention is applied later)."""
+def render_memory(notes: Sequence[MemoryNote]) -> str:
+    """The notes as dated transcript lines between two markers, oldest first ("" for none)."""
+    if not notes:
+        return ""
+    lines = [f"{note.date} {t.speaker}: {t.text}" for note in notes for t in note.turns]
+    return "\n".join([MEMORY_OPEN, *lines, BLOCK_CLOSE])
+
+
+def fit_notes(tokenizer: ChatTokenizer, notes: Sequence[MemoryNote], budget: int) -> list[MemoryNote]:
+    """The notes whose block fits `budget` tokens: the oldest go first (what was said last matters most).
+
+    Training and serving both call this with a share of the prompt (MEMORY_SHARE), so the memory never
+    crowds the conversation itself out of the prompt, and a model sees as much memory as it learned with."""
+    kept = list(notes)
+    while kept and len(tokenizer.encode(tokenizer.to_model_text(render_memory(kept)))) > budget:
+        kept.pop(0)
+    return kept
+
+
+MEMORY_SHARE = 3  # memory gets at most a third of the prompt budget
+
+
+def render_profile(profile: Sequence[str], persona: str) -> str:
+    if not profile:
+        return ""
+    return "\n".join([PROFILE_OPEN.format(persona=persona), *profile, BLOCK_CLOSE])
+
+
+def render_prompt(context: Sequence[ChatTurn], persona: str, template: str = "transcript", *,
+                  memory: Sequence[MemoryNote] = (), profile: Sequence[str] = ()) -> str:
+    """The prompt as plain text with "\\n" line breaks (the tokenizer's convention is applied later).
+
+    Without memory and profile it is exactly the prompt of a model trained before either existed."""
     lines = "\n".join(f"{t.speaker}: {t.text}" for t in context)
+    head = render_profile(profile, persona)
+    notes = render_memory(memory)
     if template == "transcript":
-        return f"{lines}\n{persona}: " if lines else f"{persona}: "
+        parts = [p for p in (head, lines, notes) if p]
+        return "\n".join(parts) + f"\n{persona}: " if parts else f"{persona}: "
     if template == "instruction":
-        return _INSTRUCTION_HEAD.format(persona=persona) + lines + _INSTRUCTION_TAIL
+        body = _INSTRUCTION_HEAD.format(persona=persona) + (head + "\n\n" if head else "") + lines
+        return body + (f"\n\n### 記憶:\n{notes}" if notes else "") + _INSTRUCTION_TAIL
     raise ValueError(f"unknown prompt template {template!r}; known: {', '.join(TEMPLATES)}")
 
 
@@ -63,8 +115,10 @@ def prefix_ids(tokenizer: ChatTokenizer) -> list[int]:
     return [tokenizer.bos_id] if tokenizer.add_bos else []
 
 
-def encode_prompt(tokenizer: ChatTokenizer, context: Sequence[ChatTurn], persona: str, template: str) -> list[int]:
-    return prefix_ids(tokenizer) + tokenizer.encode(tokenizer.to_model_text(render_prompt(context, persona, template)))
+def encode_prompt(tokenizer: ChatTokenizer, context: Sequence[ChatTurn], persona: str, template: str, *,
+                  memory: Sequence[MemoryNote] = (), profile: Sequence[str] = ()) -> list[int]:
+    text = render_prompt(context, persona, template, memory=memory, profile=profile)
+    return prefix_ids(tokenizer) + tokenizer.encode(tokenizer.to_model_text(text))
 
 
 def encode_reply(tokenizer: ChatTokenizer, text: str) -> list[int]:
@@ -78,6 +132,9 @@ def encode_sample(
     target: str,
     template: str,
     max_length: int,
+    *,
+    memory: Sequence[MemoryNote] = (),
+    profile: Sequence[str] = (),
 ) -> tuple[list[int], list[int]] | None:
     """(input_ids, labels) for one training sample; labels are IGNORE_INDEX on the prompt.
 
@@ -87,14 +144,16 @@ def encode_sample(
     reply = encode_reply(tokenizer, target)
     if len(reply) >= max_length:
         return None
-    _, prompt = drop_oldest_turns(tokenizer, context, persona, template, max_length - len(reply))
+    memory = fit_notes(tokenizer, memory, (max_length - len(reply)) // MEMORY_SHARE) if memory else ()
+    _, prompt = drop_oldest_turns(tokenizer, context, persona, template, max_length - len(reply), memory=memory, profile=profile)
     if len(prompt) + len(reply) > max_length:
         return None
     return prompt + reply, [IGNORE_INDEX] * len(prompt) + reply
 
 
 def drop_oldest_turns(
-    tokenizer: ChatTokenizer, context: Sequence[ChatTurn], persona: str, template: str, budget: int
+    tokenizer: ChatTokenizer, context: Sequence[ChatTurn], persona: str, template: str, budget: int, *,
+    memory: Sequence[MemoryNote] = (), profile: Sequence[str] = (),
 ) -> tuple[int, list[int]]:
     """(how many of the oldest turns were dropped, the prompt of the rest): the fewest dropped for the prompt
     to fit `budget` tokens, so training (encode_sample) and serving (generation.fit_context) cut alike. With
@@ -104,7 +163,7 @@ def drop_oldest_turns(
     than needed. Context is <= 10 turns in training, a memory's worth when serving: cheap."""
     dropped = 0
     while True:
-        prompt = encode_prompt(tokenizer, context[dropped:], persona, template)
+        prompt = encode_prompt(tokenizer, context[dropped:], persona, template, memory=memory, profile=profile)
         if len(prompt) <= budget or dropped >= len(context):
             return dropped, prompt
         dropped += 1

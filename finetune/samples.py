@@ -131,12 +131,15 @@ class Sample:
     context: list[dict]
     target: str
     key: str = field(default="")
+    # When the sample's conversation began: its memory may only hold what was said before (person_memory.py).
+    conversation_start: datetime | None = None
 
     def as_json(self, persona: str) -> dict:
         return {
             "id": self.key[:16],
             "persona": persona,
             "time": self.time.isoformat(),
+            "conversation_start": (self.conversation_start or self.time).isoformat(),
             "source": self.source,
             "conversation": self.conversation,  # which conversation of the inputs: the blind test spreads over them
             "context": self.context,
@@ -182,7 +185,7 @@ def build_samples(conversations: list[Conversation], persona: str, options: Samp
                 stats.duplicates += 1
                 continue
             seen.add(key)
-            samples.append(Sample(index, turn.time, conv.source, context, turn.typed, key))
+            samples.append(Sample(index, turn.time, conv.source, context, turn.typed, key, conv.start))
     return samples
 
 

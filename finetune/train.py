@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,6 +40,7 @@ from .model_loading import (
 )
 from .nonfinite import GRADIENT, LOSS, NonFiniteError, NonFiniteWatch, describe, likely_causes, nonfinite_tensors
 from .packing import USEFUL_TOKENS, FlatCollator, PackedCollator, PackedRow, pack_samples
+from .person_memory import MEMORY_FILE, PersonMemory, PersonMemoryError, copy_memory, sample_notes
 from .persona_home import make_output_parent, refuse_source_package
 from .private_files import create_private_file, make_private_dirs, make_tree_private
 from .prompt import TEMPLATES, as_turns, encode_sample
@@ -87,6 +89,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=100, help="evaluate on eval.jsonl every N steps (0: only at the end)")
     p.add_argument("--save-every", type=int, default=100, help="write a checkpoint every N steps")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--memory-notes", type=int, default=3, metavar="K",
+                   help="the persona's memory: notes recalled into each training prompt from before its conversation, "
+                   "as the bot recalls them when it replies (default 3; 0: train without memory)")
     p.add_argument("--style-eval-samples", type=int, default=64,
                    help="held-out replies the short eval at the end generates and scores (default 64; "
                    "`finetune eval` makes the full report)")
@@ -145,10 +150,15 @@ def checkpoint_dir(out: Path) -> Path:
     return out.with_name(out.name + ".checkpoints")
 
 
-def encode_all(tokenizer, samples: list[dict], template: str, max_length: int) -> tuple[list, int]:
+def encode_all(tokenizer, samples: list[dict], template: str, max_length: int,
+               memory: Callable[[dict], list] | None = None, profile: Sequence[str] = ()) -> tuple[list, int]:
+    """(input ids, labels) of every sample that fits, and how many did not. `memory`: the notes a sample's
+    prompt carries (person_memory.sample_notes), as the bot's prompt carries them when serving."""
     encoded, skipped = [], 0
     for s in samples:
-        pair = encode_sample(tokenizer, as_turns(s["context"]), s["persona"], s["target"], template, max_length)
+        notes = memory(s) if memory else ()
+        pair = encode_sample(tokenizer, as_turns(s["context"]), s["persona"], s["target"], template, max_length,
+                             memory=notes, profile=profile)
         if pair is None:
             skipped += 1
         else:
@@ -195,7 +205,7 @@ def train_defaults_from_config(path: Path) -> dict:
 
 def _run_identity(args, base: str, dataset_fingerprint: str) -> dict:
     keys = ("template", "quantize", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lr", "max_length",
-            "pack_length", "batch_tokens", "seed")
+            "pack_length", "batch_tokens", "seed", "memory_notes")
     return {"base": base, "dataset": dataset_fingerprint, **{k: getattr(args, k) for k in keys}}
 
 
@@ -296,6 +306,7 @@ class RunPlan:
     speakers: list[str]  # everyone in the training data, the persona included
     train_samples: list[dict]
     eval_samples: list[dict]
+    memory: PersonMemory | None = None  # the dataset's memory, when training with it
 
 
 def plan_run(args: argparse.Namespace) -> RunPlan:
@@ -339,7 +350,24 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
     speakers = sorted({c["speaker"] for s in train_samples for c in s["context"]} | {persona})
     return RunPlan(base=base, checkpoints=ckpt, resume_from=resume_from, identity=identity, stats_path=stats_path,
                    fingerprint=fingerprint, persona=persona, speakers=speakers, train_samples=train_samples,
-                   eval_samples=eval_samples)
+                   eval_samples=eval_samples, memory=_dataset_memory(args))
+
+
+def _dataset_memory(args: argparse.Namespace) -> PersonMemory | None:
+    """The dataset's memory when --memory-notes asks for it. A dataset from before the memory existed trains
+    without it (said on stderr); one whose memory is damaged stops the run, naming the command that rebuilds it."""
+    if args.memory_notes < 0:
+        raise TrainError("--memory-notes must be >= 0")
+    if args.memory_notes == 0:
+        return None
+    if not (args.data / MEMORY_FILE).is_file():
+        print(f"note: {args.data} has no {MEMORY_FILE} (prepared by an older bunshin): training without the persona's "
+              "memory; re-run prepare to train with it", file=sys.stderr)
+        return None
+    try:
+        return PersonMemory.load(args.data)
+    except PersonMemoryError as exc:
+        raise TrainError(str(exc)) from None
 
 
 @dataclass
@@ -393,8 +421,9 @@ class PackedData:
 def pack(args: argparse.Namespace, plan: RunPlan, setup: ModelSetup) -> PackedData:
     """Each sample rendered with the bot's prompt and tokenized (loss on the reply alone), then packed into rows."""
     tokenizer = setup.loaded.tokenizer
-    encoded_train, skipped_train = encode_all(tokenizer, plan.train_samples, args.template, setup.max_length)
-    encoded_eval, skipped_eval = encode_all(tokenizer, plan.eval_samples, args.template, setup.max_length)
+    recall = memory_recall(plan.memory, args.memory_notes)
+    encoded_train, skipped_train = encode_all(tokenizer, plan.train_samples, args.template, setup.max_length, recall)
+    encoded_eval, skipped_eval = encode_all(tokenizer, plan.eval_samples, args.template, setup.max_length, recall)
     if not encoded_train:
         raise TrainError(f"every training sample is longer than --max-length {setup.max_length} tokens")
     train_rows = pack_samples(encoded_train, setup.pack_length)
@@ -402,6 +431,13 @@ def pack(args: argparse.Namespace, plan: RunPlan, setup: ModelSetup) -> PackedDa
     return PackedData(train_rows=train_rows, eval_rows=eval_rows, train_samples=len(encoded_train),
                       eval_samples=len(encoded_eval), skipped_too_long=skipped_train + skipped_eval,
                       useful_tokens=sum(len(r.input_ids) for r in train_rows))
+
+
+def memory_recall(memory: PersonMemory | None, k: int) -> Callable[[dict], list] | None:
+    """A sample's notes (person_memory.sample_notes) or None without a memory."""
+    if memory is None or k <= 0:
+        return None
+    return lambda sample: sample_notes(memory, sample, k)
 
 
 def wrap_with_lora(args: argparse.Namespace, setup: ModelSetup):
@@ -534,21 +570,23 @@ def short_style_eval(args: argparse.Namespace, plan: RunPlan, setup: ModelSetup,
     if not plan.eval_samples or args.no_style_eval or args.style_eval_samples <= 0:
         return {}
     return _short_style_eval(setup.loaded, model, plan.persona, args, plan.speakers, setup.max_length,
-                             plan.train_samples, plan.eval_samples)
+                             plan.train_samples, plan.eval_samples, plan.memory)
 
 
-def _short_style_eval(loaded, model, persona, args, speakers, max_length, train_samples, eval_samples) -> dict:
-    """Base and tuned replies to a few held-out conversations, scored as `finetune eval` scores them."""
+def _short_style_eval(loaded, model, persona, args, speakers, max_length, train_samples, eval_samples, memory) -> dict:
+    """Base and tuned replies to a few held-out conversations, scored as `finetune eval` scores them; tuned
+    answers with the memory when it learned with one, as the bot will serve it."""
     from .eval_inputs import choose_samples
     from .eval_models import base_and_tuned, with_model
-    from .evaluate import build_report, short_summary
+    from .evaluate import build_report, held_out_notes, short_summary
     from .generation import GenerationSettings
 
     chosen = choose_samples(eval_samples, args.style_eval_samples, args.seed)
+    notes_for = held_out_notes(memory, chosen, args.memory_notes, args.seed) if memory is not None else None
     # No loss: the summary keeps none, and the manifest has both losses on all of eval.jsonl already.
     made = base_and_tuned(with_model(loaded, model), persona=persona, template=args.template,
                           settings=GenerationSettings.from_manifest(DEFAULT_GENERATION), speakers=speakers,
-                          max_length=max_length, samples=chosen, seed=args.seed, with_loss=False)
+                          max_length=max_length, samples=chosen, seed=args.seed, with_loss=False, notes_for=notes_for)
     report = build_report(chosen, {n: s.replies for n, s in made.items()}, {}, train_samples, seed=args.seed)
     return short_summary(report)
 
@@ -606,6 +644,8 @@ def build_manifest(args: argparse.Namespace, plan: RunPlan, setup: ModelSetup, d
             "wall_seconds": round(time.time() - started, 1),
         },
         speakers=plan.speakers,
+        memory=({"notes": args.memory_notes, "entries": len(plan.memory), "sha256": plan.memory.sha256}
+                if plan.memory is not None else {}),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         bunshin_version=bunshin_version(),
     )
@@ -616,6 +656,8 @@ def write_adapter(args: argparse.Namespace, plan: RunPlan, model, manifest: Adap
     with atomic_directory(args.out, replace=args.force) as staging:
         model.save_pretrained(str(staging))
         manifest.write(staging / "bunshin.json")
+        if plan.memory is not None:
+            copy_memory(args.data, staging)  # the bot recalls from the adapter folder alone
         if plan.stats_path.is_file():
             shutil.copyfile(plan.stats_path, staging / "dataset_stats.json")
 

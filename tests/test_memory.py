@@ -26,11 +26,25 @@ def test_append_and_recent_order_and_limit(db_path):
         last3 = memory.recent("discord:1", 3)
         assert [r.text for r in last3] == ["msg 2", "msg 3", "msg 4"]
         assert all(isinstance(r, ChatRecord) for r in last3)
-        assert last3[0] == ChatRecord("美咲", T0 + timedelta(minutes=2), "msg 2", "text", chat="discord:1")
+        # message_id is the turn's row id: chat recall reads the turns before it (ConversationMemory.earlier).
+        assert last3[0] == ChatRecord("美咲", T0 + timedelta(minutes=2), "msg 2", "text", chat="discord:1", message_id="3")
         assert [r.text for r in memory.recent("discord:1", 100)] == [f"msg {i}" for i in range(5)]
         assert memory.recent("discord:1", 0) == []
         assert memory.recent("discord:unknown", 5) == []
     assert db_path.is_file()
+
+
+def test_earlier_reads_only_that_chats_turns_before_the_window(db_path):
+    with ConversationMemory(db_path) as memory:
+        for i in range(6):
+            memory.append("discord:a", "健太", f"a{i}")
+            memory.append("discord:b", "美咲", f"b{i}")
+        window = memory.recent("discord:a", 2)
+        earlier = memory.earlier("discord:a", window[0].message_id, 3)
+        assert [r.text for r in earlier] == ["a1", "a2", "a3"]  # the newest 3 before the window, oldest first
+        assert memory.earlier_span("discord:a", window[0].message_id, 3) == (earlier[0].message_id,
+                                                                             earlier[-1].message_id)
+        assert memory.earlier("discord:b", "1", 3) == [] and memory.earlier_span("discord:b", "1", 3) is None
 
 
 def test_kind_and_default_time(db_path):

@@ -458,25 +458,27 @@ DAEMON = ("import sys; from bot.cli import main; rc = main(sys.argv[1:]); "
           "print('torch imported:', 'torch' in sys.modules, file=sys.stderr); sys.exit(rc)")
 
 
-def test_the_daemon_serves_from_the_remote_engine_without_weights_or_torch(weightless, tokenizer, tmp_path):
-    assert not list(weightless.glob("*.safetensors"))
-    fake = FakeEngine(tokenizer, script=[Answer("うん、いいよ\n健太: またね"), Answer(status=500)])
+def daemon_on(fake: FakeEngine, weightless: Path, tmp_path: Path, lines: str, **sections):
+    """`python -m bot` with the console (as 健太) in front of `fake`, `lines` typed in; `sections` add keys."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     runner = asyncio.run_coroutine_threadsafe(serve(fake), loop).result(10)
+    table = {
+        "model": {"adapter": str(weightless), "engine": "openai", "base_url": fake.url + "/v1",
+                  "remote_model": SERVED, "api_key_env": "BUNSHIN_ENGINE_KEY"},
+        "memory": {"path": str(tmp_path / "memory.sqlite3")},
+        "console": {"enabled": True, "user_name": FRIEND},
+        "server": {"port": 0},
+    }
+    for name, values in sections.items():
+        table.setdefault(name, {}).update(values)
     try:
-        config = write_toml(tmp_path / "bot.toml", {
-            "model": {"adapter": str(weightless), "engine": "openai", "base_url": fake.url + "/v1",
-                      "remote_model": SERVED, "api_key_env": "BUNSHIN_ENGINE_KEY"},
-            "memory": {"path": str(tmp_path / "memory.sqlite3")},
-            "console": {"enabled": True, "user_name": FRIEND},
-            "server": {"port": 0},
-        })
+        config = write_toml(tmp_path / "bot.toml", table)
         import subprocess
 
-        done = subprocess.run(
-            [sys.executable, "-c", DAEMON, "--config", str(config)], cwd=REPO, input="おはよう\n今日ひま？\n",
+        return subprocess.run(
+            [sys.executable, "-c", DAEMON, "--config", str(config)], cwd=REPO, input=lines,
             capture_output=True, text=True, encoding="utf-8", timeout=120,
             env={**os.environ, "PYTHONIOENCODING": "utf-8", "BUNSHIN_ENGINE_KEY": "sk-daemon"},
         )
@@ -484,6 +486,12 @@ def test_the_daemon_serves_from_the_remote_engine_without_weights_or_torch(weigh
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
+
+
+def test_the_daemon_serves_from_the_remote_engine_without_weights_or_torch(weightless, tokenizer, tmp_path):
+    assert not list(weightless.glob("*.safetensors"))
+    fake = FakeEngine(tokenizer, script=[Answer("うん、いいよ\n健太: またね"), Answer(status=500)])
+    done = daemon_on(fake, weightless, tmp_path, "おはよう\n今日ひま？\n")
     assert done.returncode == 0, done.stderr
     replies = [line for line in done.stdout.splitlines() if line.startswith(f"{PERSONA}: ")]
     assert replies == [f"{PERSONA}: うん、いいよ", f"{PERSONA}: {ERROR_REPLY}"]
@@ -493,3 +501,25 @@ def test_the_daemon_serves_from_the_remote_engine_without_weights_or_torch(weigh
     # The second message's prompt holds the first exchange, as the local engines' would.
     second = tokenizer.decode(fake.bodies[1]["prompt"])
     assert "おはよう" in second and "うん、いいよ" in second and second.endswith(f"{PERSONA}: ")
+
+
+def test_the_engine_is_sent_the_profile_and_each_replys_recalled_notes(weightless, tokenizer, tmp_path):
+    """The daemon's router recalls the chat's own past beyond the window and the remote engine gets it in the
+    prompt, with the profile on top, as the local engines would (bot/reply_memory.py)."""
+    profile = tmp_path / "profile.txt"
+    profile.write_text("# 美咲のこと\n新潟出身\n", encoding="utf-8")
+    said = ["うちの猫はこむぎって名前", "今日は雨", "お昼なに食べた？", "電車こんでた", "眠い", "また明日ね",
+            "猫の名前おぼえてる？"]
+    fake = FakeEngine(tokenizer, default=Answer("うん"))
+    done = daemon_on(fake, weightless, tmp_path, "".join(line + "\n" for line in said),
+                     memory={"max_turns": 2, "notes": 2, "profile": str(profile)},
+                     limits={"messages_per_minute": 6000.0, "burst": 1000})
+    assert done.returncode == 0, done.stderr
+    assert "torch imported: False" in done.stderr
+    prompts = [tokenizer.from_model_text(tokenizer.decode(body["prompt"])) for body in fake.bodies]
+    assert len(prompts) == len(said)
+    assert all(p.startswith(f"［{PERSONA}のプロフィール］\n新潟出身\n［ここまで］\n") for p in prompts)
+    last = prompts[-1]
+    # Past the 2-turn window by now, the cat's name is a note: after the turns, right before the reply.
+    assert "こむぎ" in last[last.index("［記憶］"):] and last.endswith(f"［ここまで］\n{PERSONA}: ")
+    assert "こむぎ" not in last[: last.index("［記憶］")]

@@ -453,6 +453,9 @@ def test_merged_model_chats_and_computes_what_base_plus_adapter_does(merged, ada
     assert manifest["merged"] is True and manifest["persona"] == PERSONA
     assert {"model.safetensors", "config.json", "spiece.model"} <= {p.name for p in merged.iterdir()}
     assert not list(merged.glob("adapter_*"))
+    # The persona's memory comes along: the bot serving the merged folder recalls from it as from the adapter.
+    assert manifest["memory"]["notes"] > 0
+    assert all((merged / name).read_bytes() == (adapter / name).read_bytes() for name in ("memory.jsonl", "memory.index.npz"))
 
     proc = run_cli_input("chat", merged, "--seed", "0", "--max-new-tokens", "8", stdin="おはよう\n")
     assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,169 @@
+"""The persona's memory: the n-gram BM25 index, the notes prepare writes, and how they are refused when wrong."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from finetune.person_memory import INDEX_FILE, MEMORY_FILE, PersonMemory, PersonMemoryError, rebuild_index
+from finetune.prompt import ChatTurn, render_prompt
+from finetune.recall_index import RecallIndex
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _top(index: RecallIndex, docs: list[str], query: str, k: int = 1, **kw) -> list[str]:
+    return [docs[d] for d, _ in index.search(query, k, **kw)]
+
+
+def test_two_character_names_and_places_are_found():
+    # SQLite FTS5's trigram tokenizer finds nothing for these; character bigrams must.
+    docs = ["新潟出身だよ", "柏木さんと会った", "今日は雨", "ラーメン食べたい", "東京に行く"]
+    index = RecallIndex.build(docs)
+    assert _top(index, docs, "新潟") == ["新潟出身だよ"]
+    assert _top(index, docs, "柏木って誰？") == ["柏木さんと会った"]
+
+
+def test_one_character_words_and_english_words_are_found():
+    docs = ["猫がかわいい", "柏に住んでる", "I work at Acme now", "working from home", "ねむい"]
+    index = RecallIndex.build(docs)
+    assert _top(index, docs, "猫") == ["猫がかわいい"]
+    assert _top(index, docs, "柏") == ["柏に住んでる"]
+    assert _top(index, docs, "where is ACME?") == ["I work at Acme now"]
+    assert _top(index, docs, "home") == ["working from home"]
+    assert index.search("ぬ", 3) == []  # nothing shares a token: nothing comes back, not a random note
+
+
+def test_width_and_case_are_folded():
+    docs = ["ｶﾀｶﾅで書いた", "ＡＢＣマート行った", "その他"]
+    index = RecallIndex.build(docs)
+    assert _top(index, docs, "カタカナ") == ["ｶﾀｶﾅで書いた"]
+    assert _top(index, docs, "abcマート") == ["ＡＢＣマート行った"]
+
+
+def test_limit_searches_only_the_past_and_ties_go_to_the_later_note():
+    docs = ["銀行で働いてる", "銀行で働いてる", "物流の会社にいる"]
+    index = RecallIndex.build(docs)
+    hits = index.search("銀行", 5)
+    assert [d for d, _ in hits] == [1, 0]  # the same text twice: the later one first
+    assert [d for d, _ in index.search("銀行", 5, limit=1)] == [0]
+    assert index.search("物流", 5, limit=2) == []  # said after the cut: invisible
+    mask = np.array([True, False, True])
+    assert [d for d, _ in index.search("銀行", 5, allowed=mask)] == [0]
+
+
+def test_index_round_trips_and_refuses_damage():
+    docs = ["新潟出身だよ", "猫の名前はこむぎ"]
+    index = RecallIndex.build(docs)
+    buf = io.BytesIO()
+    index.save(buf, source_sha256="abc")
+    loaded, meta = RecallIndex.load(io.BytesIO(buf.getvalue()))
+    assert meta == {"source_sha256": "abc"}
+    assert loaded.search("こむぎ", 1) == index.search("こむぎ", 1)
+    for damaged in (buf.getvalue()[: len(buf.getvalue()) // 2], b"not an npz", b""):
+        with pytest.raises(ValueError, match="unreadable"):
+            RecallIndex.load(io.BytesIO(damaged))
+
+
+def test_index_with_inconsistent_arrays_is_refused(tmp_path):
+    index = RecallIndex.build(["新潟出身だよ", "猫"])
+    index.postings_doc = index.postings_doc + 5  # points past the last note
+    path = tmp_path / "x.npz"
+    with open(path, "wb") as f:
+        index.save(f)
+    with pytest.raises(ValueError, match="inconsistent"):
+        RecallIndex.load(path)
+
+
+def _prepare(tmp_path: Path, export: Path, persona: str, *extra: str) -> Path:
+    out = tmp_path / "dataset"
+    subprocess.run(
+        [sys.executable, "-m", "finetune", "prepare", str(export), "--persona", persona, "--out", str(out),
+         "--timezone", "Asia/Tokyo", *extra],
+        check=True, capture_output=True, text=True, cwd=REPO,
+    )
+    return out
+
+
+FACT_CHAT = """[LINE] みんなのトーク履歴
+保存日時：2024/06/02 23:10
+
+2023/01/10(火)
+10:00\tゆうと\t出身どこだっけ？
+10:01\t彩花\t新潟だよ〜 電話は090-1234-5678
+10:02\tけん\t秘密の話: 柏木さんの住所しってる
+10:03\t彩花\tへー
+2023/05/10(水)
+10:00\tゆうと\t仕事なにしてるの？
+10:01\t彩花\t銀行の窓口だよ
+2024/05/10(金)
+10:00\tゆうと\t仕事どう？
+10:01\t彩花\t転職して物流の会社にいる！
+2024/05/20(月)
+10:00\tゆうと\tひま？
+10:01\t彩花\tひま〜
+"""
+
+
+def test_prepare_writes_the_personas_notes_redacted_and_without_excluded_speakers(tmp_path):
+    export = tmp_path / "chat.txt"
+    export.write_text(FACT_CHAT, encoding="utf-8")
+    out = _prepare(tmp_path, export, "彩花", "--exclude-speaker", "けん")
+    rows = [json.loads(line) for line in (out / MEMORY_FILE).read_text(encoding="utf-8").splitlines()]
+    # with けん's line gone, her two messages are one burst, as in the training samples
+    assert [r["text"] for r in rows] == ["新潟だよ〜 電話は<PHONE>\nへー", "銀行の窓口だよ", "転職して物流の会社にいる！", "ひま〜"]
+    assert rows[0]["answered"] == [{"speaker": "ゆうと", "text": "出身どこだっけ？"}]
+    assert all("けん" not in json.dumps(r, ensure_ascii=False) and "柏木" not in r["text"] for r in rows)
+    assert json.loads((out / "stats.json").read_text())["memory"]["notes"] == 4
+    # every training sample says when its conversation began: its memory may only be older than that
+    sample = json.loads((out / "train.jsonl").read_text(encoding="utf-8").splitlines()[-1])
+    assert sample["conversation_start"] <= sample["time"]
+
+    memory = PersonMemory.load(out)
+    ask = [ChatTurn("ゆうと", "そういえば仕事なにしてるんだっけ？")]
+    assert [e.text for e in memory.recall(ask, 2)] == ["銀行の窓口だよ", "転職して物流の会社にいる！"]  # oldest first
+    before_change = datetime(2024, 5, 10, tzinfo=timezone.utc)
+    assert [e.text for e in memory.recall(ask, 2, before=before_change)] == ["銀行の窓口だよ"]
+    assert memory.recall([ChatTurn("ゆうと", "新潟？")], 3, before=datetime(2023, 1, 1, tzinfo=timezone.utc)) == []
+
+    prompt = render_prompt(ask, "彩花", memory=[e.note() for e in memory.recall(ask, 2)])
+    assert prompt.index("銀行") < prompt.index("物流") < prompt.rindex("彩花: ")  # the later fact is read last
+    assert "2024-05-10 彩花: 転職して物流の会社にいる！" in prompt
+
+
+def test_a_missing_corrupt_or_foreign_index_is_refused_with_the_rebuild_command(tmp_path):
+    export = tmp_path / "chat.txt"
+    export.write_text(FACT_CHAT, encoding="utf-8")
+    out = _prepare(tmp_path, export, "彩花")
+    index = out / INDEX_FILE
+    good = index.read_bytes()
+
+    index.unlink()
+    with pytest.raises(PersonMemoryError, match=rf"{INDEX_FILE}: the memory index is missing; rebuild it with `python -m finetune memory rebuild"):
+        PersonMemory.load(out)
+
+    index.write_bytes(good[:100])
+    with pytest.raises(PersonMemoryError, match="unreadable.*rebuild it with"):
+        PersonMemory.load(out)
+
+    index.write_bytes(good)
+    notes = out / MEMORY_FILE
+    notes.write_text(notes.read_text(encoding="utf-8").replace("銀行", "病院"), encoding="utf-8")  # another dataset's notes
+    with pytest.raises(PersonMemoryError, match="built from another memory.jsonl"):
+        PersonMemory.load(out)
+    assert rebuild_index(out) == 5
+    assert [e.text for e in PersonMemory.load(out).recall([ChatTurn("x", "病院")], 1)] == ["病院の窓口だよ"]
+
+    notes.write_text('{"text": "x"}\n', encoding="utf-8")
+    with pytest.raises(PersonMemoryError, match=rf"{MEMORY_FILE}:1: not a memory note"):
+        PersonMemory.load(out)
+    notes.unlink()
+    with pytest.raises(PersonMemoryError, match="no memory file"):
+        PersonMemory.load(out)
