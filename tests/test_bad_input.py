@@ -81,7 +81,7 @@ def test_existing_output_is_kept_without_force(tmp_path):
     assert (out / "train.jsonl").read_text(encoding="utf-8") == "precious\n"
     proc = run_cli("prepare", LINE, "--persona", "美咲", "--out", out, "--force")
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["eval.jsonl", "stats.json", "train.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["eval.jsonl", "memory.index.npz", "memory.jsonl", "stats.json", "train.jsonl"]
     assert not [p for p in tmp_path.iterdir() if p.name != "out"], "no staging or old folder left behind"
 
 

@@ -230,7 +230,7 @@ def test_prepare_killed_while_writing_leaves_no_output_and_the_next_run_cleans_u
 
     done = run_cli(*args)
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["eval.jsonl", "stats.json", "train.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["eval.jsonl", "memory.index.npz", "memory.jsonl", "stats.json", "train.jsonl"]
     assert json.loads((out / "stats.json").read_text(encoding="utf-8"))["samples"]["train"] > 1000
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # the dead run's staging removed
 

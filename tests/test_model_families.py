@@ -235,7 +235,9 @@ def test_the_daemon_serves_the_adapter_on_the_base_its_manifest_names(pipeline, 
     config = write_toml(tmp_path / "bot.toml", {
         "model": {"adapter": str(pipeline.adapter), "device": "cpu"},  # no base: the adapter's bunshin.json names it
         "generation": GREEDY,
-        "memory": {"path": str(tmp_path / "memory.sqlite3")},
+        # Recall off: the reply is compared with one generated from the window alone (tests/test_bot_memory.py
+        # checks replies made with the persona's memory).
+        "memory": {"path": str(tmp_path / "memory.sqlite3"), "person": False, "chat_recall": False},
         "console": {"enabled": True, "user_name": FRIEND},
         "server": {"port": 0},
         "api": {"enabled": True},

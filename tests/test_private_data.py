@@ -217,7 +217,8 @@ def test_an_output_inside_a_source_package_is_refused_naming_it_and_nothing_is_w
 
     assert git("status", "--porcelain", "--ignored=no", "--untracked-files=all", cwd=clone) == ""
     _, created = tracked_and_created(clone)
-    assert created == {"personas/.gitignore", *(f"personas/misaki/dataset/{f}" for f in ("train.jsonl", "eval.jsonl", "stats.json"))}
+    dataset = ("train.jsonl", "eval.jsonl", "stats.json", "memory.jsonl", "memory.index.npz")
+    assert created == {"personas/.gitignore", *(f"personas/misaki/dataset/{f}" for f in dataset)}
 
 
 def test_bunshin_home_moves_the_homes_and_a_folder_of_the_users_keeps_its_mode(tmp_path):

@@ -131,8 +131,8 @@ def test_bunshin_file_loads_with_explicit_features_where_type_guessing_fails(pre
     samples = _samples(prepared)["train"]
     assert any("." in s["time"] for s in samples) and any(s["context"] for s in samples)
     string = datasets.Value("string")
-    features = datasets.Features({"id": string, "persona": string, "time": string, "source": string,
-                                  "conversation": datasets.Value("int64"),
+    features = datasets.Features({"id": string, "persona": string, "time": string, "conversation_start": string,
+                                  "source": string, "conversation": datasets.Value("int64"),
                                   "context": [{"speaker": string, "text": string}], "target": string})
     first_chunks = {
         "no context": {**samples[0], "context": []},
