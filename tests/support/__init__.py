@@ -7,6 +7,7 @@ drive the real programs. Nothing here is a test; test files import from here, ne
     fake_line_api.py    LINE's Messaging API on loopback, and webhooks signed as LINE signs them
     webhook_load.py     load on the LINE webhook: a plan of events, an open-loop sender, the exactly-once count
     synthetic_chats.py  chats with speakers whose styles are known, for the eval instrument
+    real_base.py        Gemma 3 270M (a real pretrained base) the way `finetune get-base` gets it, cached
 
 Fixtures several files use are registered in tests/conftest.py (e.g. `fake_discord`), not imported from here:
 a fixture imported by name shadows the test's argument and pytest cannot tell it is one.
