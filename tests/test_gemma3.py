@@ -145,6 +145,7 @@ def test_prepare_train_chat_merge_on_gemma_and_a_few_steps_lower_the_loss(gemma3
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((adapter / "bunshin.json").read_text())
     assert manifest["base_shape"]["model_type"] == "gemma3_text" and manifest["newline"] == "\n"
+    assert manifest["lora"]["targets"] == ["q_proj", "k_proj", "v_proj", "o_proj"]  # finetune/model_loading.py's
     losses = [float(m) for m in re.findall(r"'loss': '?([0-9.]+)", proc.stdout)]
     assert len(losses) == 4 and losses[-1] < losses[0], proc.stdout
     assert manifest["eval_loss"]["tuned"] < manifest["eval_loss"]["base"], manifest["eval_loss"]
