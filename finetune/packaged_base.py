@@ -127,7 +127,8 @@ def ensure_base(name: str, out: Path | None = None, *, force: bool = False,
 def verify_folder(folder: Path, spec: PackagedBase) -> None:
     """Every file the stamp lists is there with its sha256; else BaseInstallError naming the first that is not."""
     stamp_path = folder / STAMP_NAME
-    rebuild = f"rebuild it with `python -m finetune get-base {spec.name} --force`"
+    out = "" if folder == default_folder(spec.name) else f" --out {folder}"
+    rebuild = f"rebuild it with `python -m finetune get-base {spec.name}{out} --force`"
     if not folder.is_dir() or not stamp_path.is_file():
         raise BaseInstallError(f"{folder} exists but was not made by get-base (no {STAMP_NAME}); choose another folder or {rebuild}")
     try:
@@ -202,9 +203,12 @@ def convert_gguf(gguf: Path, out: Path) -> None:
 
     quiet_libraries()
     folder, name = str(gguf.parent), gguf.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True, dtype=torch.bfloat16,
-                                                 quantization_config=GgufConfig(dequantize=True))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True, dtype=torch.bfloat16,
+                                                     quantization_config=GgufConfig(dequantize=True))
+    except (ValueError, RuntimeError, ImportError, MemoryError) as exc:  # an unsupported file, or too little memory
+        raise BaseInstallError(f"transformers cannot convert {name}: {type(exc).__name__}: {exc}") from None
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
 

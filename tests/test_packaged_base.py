@@ -42,7 +42,7 @@ def test_a_damaged_folder_is_refused_naming_what_and_how_to_rebuild(stamped, dam
     damage(stamped)
     with pytest.raises(BaseInstallError, match=expected) as error:
         verify_folder(stamped, GEMMA_3_270M)
-    assert "get-base gemma-3-270m --force" in str(error.value)
+    assert f"get-base gemma-3-270m --out {stamped} --force" in str(error.value)
 
 
 def test_get_base_refuses_a_folder_it_did_not_make_and_leaves_it_alone(tmp_path):
