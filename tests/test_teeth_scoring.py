@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from finetune.scoring import chrf_scores, score_systems, stock_phrases
+from finetune.scoring import STOCK_PHRASES, chrf_scores, reply_summary, score_systems, stock_phrases, verbatim_repeats
+from finetune.style import FEATURES
+from finetune.verbatim import TrainIndex
 
 # sacrebleu's CHRF() defaults: character n-grams of orders 1-6, whitespace dropped, beta = 2 (recall weighs
 # twice as much as precision), precision and recall averaged over the orders both sides have, then
@@ -68,3 +70,97 @@ def test_stock_phrases_in_the_report_count_a_pair():
     assert system["stock_phrases"] == [{"reply": "わかった", "count": 2}]
     assert system["stock_rate"] == pytest.approx(round(2 / 3, 4))
     assert report["real"]["stock_phrases"] == [] and report["real"]["stock_rate"] == 0.0
+
+
+# --- the figures of the summary, the stock phrases and the verbatim repeats, worked by hand --------------------------
+# (docs/mutation.md: each test below kills mutants that the suite let through)
+
+
+def test_the_reply_summary_figures():
+    summary = reply_summary(["おはよう", "おはよう\nまたね", ""])
+    # characters without line breaks: 4, 7, 0; messages (non-empty lines): 1, 2, 0
+    assert summary["mean_chars"] == pytest.approx(11 / 3)
+    assert summary["median_chars"] == 4
+    assert summary["mean_messages"] == pytest.approx(1.0)
+    assert summary["empty_rate"] == pytest.approx(1 / 3)
+    # character bigrams, a line break read as a space: おは はよ よう | おは はよ よう "う " " ま" また たね
+    # -> 7 distinct of 10 (trigrams would give 6 of 8)
+    assert summary["distinct_2"] == pytest.approx(7 / 10)
+
+
+def test_no_replies_summarise_to_zeros():
+    assert reply_summary([]) == {"mean_chars": 0, "median_chars": 0, "mean_messages": 0, "distinct_2": 0,
+                                 "empty_rate": 0}
+    assert stock_phrases([]) == ([], 0.0)
+    assert chrf_scores([], []) == (0.0, 0.0)
+
+
+def test_at_most_five_stock_phrases_are_listed_and_the_rate_counts_those():
+    replies = [phrase for phrase in ("うん", "そう", "まじ", "えー", "草", "ね") for _ in range(2)] + ["ひとつだけ"]
+    phrases, rate = stock_phrases(replies)
+    assert len(phrases) == STOCK_PHRASES == 5
+    assert all(p["count"] == 2 for p in phrases)
+    assert rate == pytest.approx(10 / 13)
+
+
+def test_replies_and_their_references_or_ids_must_pair_up():
+    with pytest.raises(ValueError):
+        chrf_scores([SHORT, LONG], [LONG])  # sacrebleu itself would score the first pair and drop the rest
+    with pytest.raises(ValueError):
+        verbatim_repeats([SHORT, LONG], ["s0"], None, 20)
+    with pytest.raises(ValueError, match="1 real replies, 1 contexts, 0 ids: one of each per sample"):
+        score_systems([LONG], {}, [[]], [], None)
+    with pytest.raises(ValueError, match="1 real replies, 0 contexts, 1 ids: one of each per sample"):
+        score_systems([LONG], {}, [], ["s0"], None)
+
+
+TRAINING_TEXT = "明日の会議は午後三時からに変更になりました。資料は前日までに送ります。"
+
+
+def test_verbatim_repeats_counts_each_reply_that_repeats_training_text_and_names_it():
+    index = TrainIndex({TRAINING_TEXT: "健太"}, min_chars=10)
+    replies = ["ふつうの返事", "え、会議は午後三時からに変更になりました。って本当?", "ちがう話", "資料は前日までに送ります。了解"]
+    found = verbatim_repeats(replies, ["a", "b", "c", "d"], index, 10)
+    assert found["count"] == 2 and found["rate"] == pytest.approx(2 / 4)  # a miss does not end the search
+    assert found["examples"] == [
+        {"id": "b", "reply": replies[1], "match": "会議は午後三時からに変更になりました。", "speaker": "健太"},
+        {"id": "d", "reply": replies[3], "match": "資料は前日までに送ります。", "speaker": "健太"},
+    ]
+    assert verbatim_repeats([], [], index, 10) == {"rate": 0.0, "count": 0, "examples": []}
+
+
+def test_verbatim_repeats_uses_the_threshold_it_is_given_not_the_index_floor():
+    """An index built for 10+ characters asked for 15+: a 13-character repeat is not one."""
+    index = TrainIndex({TRAINING_TEXT: "健太"}, min_chars=10)
+    reply = "資料は前日までに送ります。"  # 13 characters of the training text
+    assert verbatim_repeats([reply], ["a"], index, 13)["count"] == 1
+    assert verbatim_repeats([reply], ["a"], index, 15)["count"] == 0
+    report = score_systems([LONG], {"x": [reply]}, [[]], ["a"], index, verbatim_chars=15)
+    assert report["systems"]["x"]["verbatim"]["count"] == 0
+
+
+def test_score_systems_counts_repeats_of_twenty_characters_by_default():
+    twenty = TRAINING_TEXT[:20]
+    index = TrainIndex({TRAINING_TEXT: "健太"})
+    report = score_systems([LONG, LONG], {"x": [f"ね、{twenty}", f"ね、{twenty[:19]}"]}, [[], []], ["a", "b"], index)
+    assert report["systems"]["x"]["verbatim"]["count"] == 1
+
+
+def test_the_report_names_each_feature_with_its_label_and_measure():
+    report = score_systems([LONG], {}, [[]], ["a"], None)
+    assert report["features"] == {key: {"label": label, "measure": measure}
+                                  for key, (label, measure) in FEATURES.items()}
+
+
+def test_the_real_replies_verbatim_baseline_uses_the_index_and_the_threshold():
+    """The real replies' own repeats are the baseline a system's rate is read against (docs/evaluation.md)."""
+    index = TrainIndex({TRAINING_TEXT: "健太"}, min_chars=10)
+    real = ["え、会議は午後三時からに変更になりました。って本当?", "資料は前日までに送ります。"]  # 19 and 13 characters
+    report = score_systems(real, {}, [[], []], ["a", "b"], index, verbatim_chars=15)
+    assert report["real"]["verbatim"]["count"] == 1
+    assert report["real"]["verbatim"]["examples"][0]["id"] == "a"
+
+
+def test_a_system_with_a_reply_missing_is_refused_by_name():
+    with pytest.raises(ValueError, match="system 'x' has 0 replies for 1 samples"):
+        score_systems([LONG], {"x": []}, [[]], ["a"], None)
