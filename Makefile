@@ -43,7 +43,7 @@ bench: setup
 # Results are kept in mutants/ and reused; `rm -rf mutants` starts over.
 JOBS ?= 2
 mutants: setup
-	$(BIN)/mutmut run --max-children $(JOBS) $(if $(MODULE),"$(MODULE).*")
+	BUNSHIN_MUTANTS_MODULE=$(MODULE) $(BIN)/mutmut run --max-children $(JOBS) $(if $(MODULE),"$(MODULE).*")
 	$(BIN)/python tests/mutants.py $(MODULE) --jobs $(JOBS)
 
 clean:

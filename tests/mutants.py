@@ -23,9 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # The modules where a silent bug loses or leaks data, each with the tests that check it (the fast and the
-# teeth-first ones first: `-x` stops at the first failure). Their union is [tool.mutmut]'s test selection.
+# teeth-first ones first: `-x` stops at the first failure). Their union is [tool.mutmut]'s test selection; with
+# BUNSHIN_MUTANTS_MODULE set (make mutants MODULE=...), tests/conftest.py runs only the module's own.
 MODULES = {
-    "bot.inbox": ["tests/test_teeth_inbox.py", "tests/test_inbox.py", "tests/test_teeth_dispatcher.py"],
+    "bot.inbox": ["tests/test_teeth_inbox.py", "tests/test_inbox.py", "tests/test_discord_adapter.py"],
     "bot.dispatcher": ["tests/test_teeth_dispatcher.py", "tests/test_discord_adapter.py", "tests/test_line_adapter.py"],
     "bot.api": ["tests/test_teeth_api.py", "tests/test_api.py"],
     "finetune.redact": [
@@ -38,6 +39,14 @@ MODULES = {
                       "tests/test_secrets_in_logs.py", "tests/test_line_webhook_input.py"],
     "adapters.line_api": ["tests/test_line_faults.py", "tests/test_line_adapter.py", "tests/test_line_names.py"],
 }
+
+
+def test_files(module: str) -> set[str]:
+    """The test files of a module's selection (its --deselect arguments left out)."""
+    args = MODULES[module]
+    return {arg for i, arg in enumerate(args) if arg.endswith(".py") and (i == 0 or args[i - 1] != "--deselect")}
+
+
 RECHECK_TIMEOUT_S = 900  # a mutant that hangs its tests (a loop that never ends) is caught by the timeout
 
 

@@ -89,3 +89,15 @@ async def test_under_load_every_commit_with_an_acceptance_or_attempt_is_full(tmp
     assert sorted(writes) == sorted(["accept", "attempt", "finish"] * 60)
     assert all(level == FULL for commit, level in watched.commits if {"accept", "attempt"} & set(commit))
     assert all(level == NORMAL for commit, level in watched.commits if set(commit) == {"finish"})
+
+
+async def test_an_attempt_leaves_the_entry_in_hand_as_the_file_has_it(tmp_path):
+    """The entry a platform adapter holds says what was recorded: the reply and the method, as a restart reads them."""
+    inbox = Inbox(tmp_path / "bot.inbox.sqlite3")
+    (entry,) = await inbox.accept([message("E1")])
+    await inbox.attempt(entry, "reply", "返事")
+    await inbox.attempt(entry, "push", "返事")  # the same reply, pushed when the token would not do
+    inbox.close()
+    (recovered,) = Inbox(tmp_path / "bot.inbox.sqlite3").recovered
+    assert (entry.reply, [m for m, _ in entry.attempts]) == (recovered.reply, [m for m, _ in recovered.attempts])
+    assert entry.reply == "返事"
