@@ -137,13 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     for module in modules:
         mine = {name: status for name, status in alive.items() if module_of(name) == module}
         unchecked = sum(status == "not checked" for status in mine.values())
-        left = [name for name, status in mine.items() if status != "not checked" and not caught.get(name)]
+        # A mutant that made its tests run past mutmut's time limit (a loop that never ends) was noticed: not left.
+        timeouts = sum(status == "timeout" for status in mine.values())
+        left = [name for name, status in mine.items() if status not in ("not checked", "timeout") and not caught.get(name)]
         rechecked = sum(module_of(name) == module for name in caught)
         killed = sum(module_of(name) == module and hit for name, hit in caught.items())
         print(f"\n## {module}: {rechecked} survived mutmut, {killed} of them caught by the module's tests; "
-              f"{len(left)} left" + (f"; {unchecked} not checked yet (make mutants MODULE={module})" if unchecked else ""))
+              f"{timeouts} timed out; {len(left)} left"
+              + (f"; {unchecked} not checked yet (make mutants MODULE={module})" if unchecked else ""))
         for name in left:
-            print(f"\n### {name} ({alive[name]})\n{changed_lines(name)}")
+            print(f"\n### {name} ({mine[name]})\n{changed_lines(name)}")
     return 0
 
 
