@@ -7,9 +7,11 @@ transaction holds."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
+import threading
 
-from bot.inbox import Inbox
+from bot.inbox import DONE_KEEP_MAX, DONE_KEEP_S, MAX_BATCH, Inbox
 from bot.messages import IncomingMessage
 
 FULL, NORMAL = 2, 1  # PRAGMA synchronous as SQLite reports it
@@ -101,3 +103,138 @@ async def test_an_attempt_leaves_the_entry_in_hand_as_the_file_has_it(tmp_path):
     (recovered,) = Inbox(tmp_path / "bot.inbox.sqlite3").recovered
     assert (entry.reply, [m for m, _ in entry.attempts]) == (recovered.reply, [m for m, _ in recovered.attempts])
     assert entry.reply == "返事"
+
+
+# --- from the mutation run (docs/mutation.md): what the writer thread must do, observed ------------------------------
+
+
+class HeldConnection(WatchedConnection):
+    """Also holds the writer thread at its next BEGIN until `release` is set, so that work piles up in its queue
+    as it does under load; `held` is set once it waits there."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        super().__init__(db)
+        self.held, self.release = threading.Event(), threading.Event()
+        self.holding = True
+
+    def execute(self, sql: str, *args):
+        if sql == "BEGIN IMMEDIATE" and self.holding:
+            self.holding = False
+            self.held.set()
+            assert self.release.wait(30), "the test never released the writer"
+        return super().execute(sql, *args)
+
+
+async def held_inbox(path, done_keep_s: float = DONE_KEEP_S, done_keep_max: int = DONE_KEEP_MAX):
+    """An inbox whose writer is held at the start of its next commit, that commit's work queued (a first acceptance)."""
+    inbox = Inbox(path, done_keep_s=done_keep_s, done_keep_max=done_keep_max)
+    watched = inbox._db = HeldConnection(inbox._db)
+    first = asyncio.ensure_future(inbox.accept([message("first")]))
+    assert await asyncio.to_thread(watched.held.wait, 30)
+    return inbox, watched, first
+
+
+def committed(path, event_id: str) -> tuple | None:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return db.execute("SELECT outcome FROM entries WHERE event_id = ?", (event_id,)).fetchone()
+
+
+async def test_recovered_entries_keep_who_wrote_them(tmp_path):
+    path = tmp_path / "bot.inbox.sqlite3"
+    inbox = Inbox(path)
+    await inbox.accept([IncomingMessage("discord", "c1", "u42", "健太", "やあ", True, event_id="E1")])
+    inbox.close()
+    (entry,) = Inbox(path).recovered
+    assert (entry.message.user_id, entry.message.user_name, entry.message.user_key) == ("u42", "健太", "discord:u42")
+
+
+async def test_a_finished_mark_alone_reaches_the_file_without_other_writes(tmp_path):
+    path = tmp_path / "bot.inbox.sqlite3"
+    inbox = Inbox(path)
+    (entry,) = await inbox.accept([message("E1")])
+    inbox.finish(entry, "replied")  # nothing else is written after it, and the inbox stays open
+    for _ in range(1000):
+        if committed(path, "E1") == ("replied",):
+            break
+        await asyncio.sleep(0.01)
+    assert committed(path, "E1") == ("replied",)
+    inbox.close()
+
+
+async def test_a_burst_is_committed_in_batches_of_at_most_max_batch_and_the_inbox_goes_on(tmp_path):
+    path = tmp_path / "bot.inbox.sqlite3"
+    inbox = Inbox(path)
+    entries = await inbox.accept([message(f"E{i}") for i in range(MAX_BATCH + 200)])
+    inbox.close()
+    inbox, watched, first = await held_inbox(path)
+    for entry in entries:
+        inbox.finish(entry, "replied")  # all waiting at once behind the held commit
+    watched.release.set()
+    await asyncio.wait_for(first, 30)
+    (last,) = await asyncio.wait_for(inbox.accept([message("after the burst")]), 30)
+    assert last is not None
+    assert await inbox.counts() == {"replied": MAX_BATCH + 200, "unfinished": 2}
+    inbox.close()
+    assert max(len(writes) for writes, _ in watched.commits) <= MAX_BATCH
+
+
+async def test_close_with_work_queued_commits_it_and_ends_the_writer(tmp_path):
+    path = tmp_path / "bot.inbox.sqlite3"
+    inbox, watched, first = await held_inbox(path)
+    queued = [asyncio.ensure_future(inbox.accept([message(f"Q{i}")])) for i in range(5)]
+    await asyncio.sleep(0)  # each has queued its acceptance
+    closer = threading.Thread(target=inbox.close)  # queues its close behind them, then waits for the writer
+    closer.start()
+    while inbox._ops.qsize() < 6:
+        await asyncio.sleep(0.001)
+    watched.release.set()
+    await asyncio.to_thread(closer.join)
+    assert not inbox._writer.is_alive()  # close() did not give up waiting on a writer still blocked on its queue
+    answers = [await task for task in [first, *queued]]
+    assert all(entry is not None for (entry,) in answers)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT COUNT(*) FROM entries").fetchone() == (6,)
+    # Group commit: what waited behind the held commit shared the next one (one fsync for the five).
+    assert watched.commits == [(("accept",), FULL), (("accept",) * 5, FULL)]
+
+
+async def test_a_cancelled_waiter_does_not_keep_the_others_of_its_commit_from_hearing(tmp_path):
+    inbox, watched, first = await held_inbox(tmp_path / "bot.inbox.sqlite3")
+    gave_up = asyncio.ensure_future(inbox.accept([message("A")]))
+    waits = asyncio.ensure_future(inbox.accept([message("B")]))
+    await asyncio.sleep(0)  # both queued behind the held commit
+    gave_up.cancel()
+    watched.release.set()
+    (entry,) = await asyncio.wait_for(waits, 30)
+    assert entry is not None and entry.message.event_id == "B"
+    await asyncio.wait_for(first, 30)
+    assert await inbox.counts() == {"unfinished": 3}  # A was committed all the same
+    inbox.close()
+
+
+async def test_pruning_keeps_what_is_recent_and_the_inbox_goes_on(tmp_path):
+    """1000 finished marks make a commit prune: answered entries within DONE_KEEP_S stay to recognise redeliveries."""
+    path = tmp_path / "bot.inbox.sqlite3"
+    inbox = Inbox(path)
+    entries = await inbox.accept([message(f"E{i}") for i in range(2100)])
+    for entry in entries:
+        inbox.finish(entry, "replied")
+    assert await inbox.accept([message("E0"), message("E2099")]) == [None, None]  # still known: not answered again
+    (later,) = await inbox.accept([message("later")])
+    inbox.finish(later, "replied")
+    assert await inbox.counts() == {"replied": 2101}
+    inbox.close()
+
+
+async def test_pruning_keeps_at_most_done_keep_max_answered_entries_the_newest(tmp_path):
+    path = tmp_path / "bot.inbox.sqlite3"
+    inbox = Inbox(path, done_keep_max=100)
+    entries = await inbox.accept([message(f"E{i}") for i in range(1000)])
+    for entry in entries:
+        inbox.finish(entry, "replied")  # the 1000th makes its commit prune (after the commit's other work)
+    await inbox.counts()
+    assert 0 < (await inbox.counts())["replied"] <= 100
+    assert await inbox.accept([message("E999")]) == [None]  # the newest is still known
+    (again,) = await inbox.accept([message("E0")])
+    assert again is not None  # forgotten: a redelivery this late is taken as new
+    inbox.close()
