@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo demo-data test lint bench clean
+.PHONY: setup demo demo-data test lint bench mutants clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,5 +38,13 @@ bench: setup
 	$(BIN)/python bench/inspect_1m.py
 	$(BIN)/python bench/bot_overhead.py
 
+# Mutation testing (docs/mutation.md): all the modules of [tool.mutmut] only_mutate, or one, e.g. MODULE=bot.inbox;
+# then each survivor is run against its module's whole test selection and what still survives is listed.
+# Results are kept in mutants/ and reused; `rm -rf mutants` starts over.
+JOBS ?= 2
+mutants: setup
+	BUNSHIN_MUTANTS_MODULE=$(MODULE) $(BIN)/mutmut run --max-children $(JOBS) $(if $(MODULE),"$(MODULE).*")
+	$(BIN)/python tests/mutants.py $(MODULE) --jobs $(JOBS)
+
 clean:
-	rm -rf out .pytest_cache
+	rm -rf out .pytest_cache mutants

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from contextlib import asynccontextmanager
 
 import pytest
@@ -84,3 +85,20 @@ async def answered_by(adapter, router, inbox_path=":memory:"):
     finally:
         await dispatcher.drain(10)
         inbox.close()
+
+
+def pytest_collection_modifyitems(config, items):
+    """`make mutants MODULE=...` sets BUNSHIN_MUTANTS_MODULE: then only that module's tests (tests/mutants.py) are
+    collected, so mutmut records and runs those against its mutants, not every test of [tool.mutmut]'s selection
+    that happens to call the module (the LINE tests all pass through the inbox, for one)."""
+    module = os.environ.get("BUNSHIN_MUTANTS_MODULE")
+    if not module:
+        return
+    from tests.mutants import MODULES, test_files
+
+    if module not in MODULES:
+        raise pytest.UsageError(f"BUNSHIN_MUTANTS_MODULE={module}: not one of {', '.join(MODULES)}")
+    files = test_files(module)
+    kept = [item for item in items if item.nodeid.split("::", 1)[0] in files]
+    config.hook.pytest_deselected(items=[item for item in items if item.nodeid.split("::", 1)[0] not in files])
+    items[:] = kept

@@ -46,7 +46,10 @@ async def test_no_secret_in_the_whole_debug_log(tmp_path, monkeypatch, fake_disc
     handler = logging.StreamHandler(output)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
-    monkeypatch.setattr(root, "level", logging.DEBUG)
+    # setLevel, not the attribute: it also clears each logger's cache of enabled levels, which an earlier test
+    # filled while the root was at WARNING (a run of a subset in another order, as mutmut's, then missed INFO lines)
+    level = root.level
+    root.setLevel(logging.DEBUG)
     root.addHandler(handler)
     try:
         async with serving_fake_line(LINE_TOKEN) as fake:
@@ -88,6 +91,7 @@ async def test_no_secret_in_the_whole_debug_log(tmp_path, monkeypatch, fake_disc
             assert await asyncio.wait_for(daemon, 30) == 0
     finally:
         root.removeHandler(handler)
+        root.setLevel(level)
     log = output.getvalue()
     captured = capfd.readouterr()
     # The run did go through the paths worth checking, at DEBUG.

@@ -1,0 +1,148 @@
+"""The dispatcher after restarts, on real parts: the inbox and memory as SQLite files, the router and the worker
+on the tiny model, the console platform adapter printing to a buffer. A "restart" is the inbox (and the router)
+opened again on the same files, which is what the next start of the daemon does.
+
+- A message left unfinished is answered by the next start, up to MAX_RECOVERIES starts; one that this many
+  starts did not get answered is given up (a message that crashes the process must not crash every start).
+- A reply generated before the crash and not delivered is delivered as it was, without asking the model again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+
+from adapters.console import ConsoleAdapter
+from bot.backend import ModelBackend
+from bot.config import BotConfig
+from bot.dispatcher import MAX_RECOVERIES, Dispatcher
+from bot.inbox import Inbox
+from bot.memory import ConversationMemory
+from bot.messages import IncomingMessage
+from bot.metrics import BotMetrics
+from bot.router import Router
+from bot.worker import Worker
+from finetune.model_loading import load_base_model
+from finetune.tiny_model import build_tiny_model
+
+PERSONA = "美咲"
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory):
+    loaded = load_base_model(str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")), device="cpu")
+    return ModelBackend.from_loaded(loaded, persona=PERSONA, generation_overrides={"max_new_tokens": 8,
+                                                                                    "temperature": 0.0})
+
+
+class Recording:
+    """The real backend, keeping every conversation it was asked to answer."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.persona = inner.persona
+        self.conversations = []
+
+    def generate(self, conversations):
+        self.conversations += conversations
+        return self.inner.generate(conversations)
+
+
+class Start:
+    """One start of the bot on the files in `folder`: inbox, memory, router, worker, the console adapter."""
+
+    def __init__(self, folder, backend):
+        self.config = BotConfig.from_dict({"persona": {"name": PERSONA},
+                                           "memory": {"path": str(folder / "memory.sqlite3")}}, source="test")
+        self.metrics = BotMetrics()
+        self.model = Recording(backend)
+        self.memory = ConversationMemory(self.config.memory.path)
+        self.inbox = Inbox(Inbox.path_for(self.config.memory.path))
+        self.worker = Worker(self.model, self.metrics)
+        self.router = Router(self.config, self.memory, self.worker, self.metrics, PERSONA)
+        self.printed = io.StringIO()
+        self.console = ConsoleAdapter("健太", PERSONA, stdout=self.printed)
+        self.dispatcher = Dispatcher(self.inbox, {"console": self.console}, self.metrics)
+
+    async def serve_what_was_left(self) -> None:
+        """The daemon's start: recover, start the worker and the dispatcher, answer everything waiting."""
+        self.dispatcher.recover(self.inbox.recovered)
+        await self.worker.start()
+        self.dispatcher.start(self.router)
+        await self.dispatcher.idle()
+
+    async def stop(self) -> dict[str, int]:
+        """Shut down in order; the inbox's counts by outcome."""
+        await self.dispatcher.drain(10)
+        counts = await self.inbox.counts()
+        await self.worker.stop(5)
+        self.inbox.close()
+        self.memory.close()
+        return counts
+
+    def replies(self) -> list[str]:
+        return [line.removeprefix(f"{PERSONA}: ") for line in self.printed.getvalue().splitlines()]
+
+    def outcomes(self, outcome: str) -> float:
+        return self.metrics.registry.get_sample_value("bunshin_deliveries_total", {"outcome": outcome}) or 0.0
+
+
+def typed(text: str) -> IncomingMessage:
+    return IncomingMessage("console", "local", "local", "健太", text, addressed=True)
+
+
+@contextlib.asynccontextmanager
+async def crashed(folder, backend):
+    """A start that is killed after what the block does: nothing is finished or closed in order (the files
+    stay as the process left them; the connection is dropped as the kernel would drop it)."""
+    start = Start(folder, backend)
+    yield start
+    start.inbox.close()  # commits nothing more than what was committed: no entry was finished
+    start.memory.close()
+
+
+async def test_a_message_left_unanswered_by_max_recoveries_starts_is_still_answered_and_one_more_is_given_up(
+        tmp_path, backend):
+    async with crashed(tmp_path, backend) as start:  # killed before answering what it took, as each start is
+        await start.inbox.accept([typed("最初のメッセージ")])
+    async with crashed(tmp_path, backend) as start:
+        assert [e.message.text for e in start.inbox.recovered] == ["最初のメッセージ"]
+        await start.inbox.accept([typed("あとのメッセージ")])
+    for _ in range(MAX_RECOVERIES - 1):
+        async with crashed(tmp_path, backend) as start:
+            assert [e.message.text for e in start.inbox.recovered] == ["最初のメッセージ", "あとのメッセージ"]
+    # The next start is the (MAX_RECOVERIES + 1)th to find the first message, the MAX_RECOVERIES-th for the second.
+    start = Start(tmp_path, backend)
+    assert [(e.message.text, e.recoveries) for e in start.inbox.recovered] == [
+        ("最初のメッセージ", MAX_RECOVERIES + 1), ("あとのメッセージ", MAX_RECOVERIES)]
+    await start.serve_what_was_left()
+    assert len(start.replies()) == 1  # the second one, answered
+    assert [turn[-1].text for turn in start.model.conversations] == ["あとのメッセージ"]
+    assert (start.outcomes("dropped"), start.outcomes("replied")) == (1, 1)
+    assert await start.stop() == {"dropped": 1, "replied": 1}
+
+
+async def test_a_reply_generated_before_a_crash_is_delivered_as_it_was_without_asking_the_model_again(
+        tmp_path, backend):
+    async with crashed(tmp_path, backend) as start:
+        (entry,) = await start.inbox.accept([typed("明日どこ行く？")])
+        await start.worker.start()
+        # What the dispatcher does before delivering: the router answers (the reply is in memory now)...
+        made = await start.router.answer(entry.message, entry.key)
+        await start.worker.stop(5)
+        # ... and the process is killed before the console printed it.
+    assert made and len(start.model.conversations) == 1
+
+    again = Start(tmp_path, backend)
+    assert [e.recovered for e in again.inbox.recovered] == [True]
+    await again.serve_what_was_left()
+    assert again.replies() == [made]
+    assert again.model.conversations == []  # the model was not asked a second time
+    assert await again.stop() == {"replied": 1}
+    # Memory holds the message and the one reply, once each.
+    memory = ConversationMemory(again.config.memory.path)
+    assert [(turn.speaker, turn.text) for turn in memory.recent("console:local", 10)] == [
+        ("健太", "明日どこ行く？"), (PERSONA, made)]
+    memory.close()
