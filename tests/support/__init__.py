@@ -9,6 +9,7 @@ drive the real programs. Nothing here is a test; test files import from here, ne
     synthetic_chats.py  chats with speakers whose styles are known, for the eval instrument
     leaky_chats.py      a LINE export that repeats itself in every way a blind test can leak through
     exact_interval.py   scipy's exact binomial interval, the reference for the blind test's verdict
+    adversarial_text.py runs of digits and address words that a backtracking redaction rule would choke on
     real_base.py        Gemma 3 270M (a real pretrained base) the way `finetune get-base` gets it, cached
 
 Fixtures several files use are registered in tests/conftest.py (e.g. `fake_discord`), not imported from here:
