@@ -29,7 +29,7 @@ demo-data: setup
 	@head -n 1 personas/demo/dataset/train.jsonl
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 lint: setup
 	$(BIN)/ruff check finetune bot adapters tests bench
