@@ -31,6 +31,7 @@ REQUIRED = {
     "prometheus_client": "prometheus-client",
     "sacrebleu": "sacrebleu",
     "regex": "regex",
+    "gguf": "gguf",  # get-base reads Gemma 3 270M's GGUF through it
 }
 if sys.version_info < (3, 11):
     REQUIRED["tomli"] = "tomli"  # tomllib's twin; the standard library has it from 3.11

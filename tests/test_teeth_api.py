@@ -25,9 +25,9 @@ async def loading_api():
     config = BotConfig.from_dict({"persona": {"name": PERSONA}, "api": {"enabled": True}}, source="test")
     metrics = BotMetrics()
     api = OpenAIApi(config, metrics, PERSONA, KEY)
-    app = build_app(metrics, lambda: (False, {"phase": "loading"}))
+    app = build_app(metrics, lambda: (False, {"phase": "loading"}), middlewares=[api.errors])  # as bot/daemon.py does
     app.router.add_routes(api.web_routes())
-    runner, port = await start_server(app, "127.0.0.1", 0)
+    runner, port = await start_server(app, "127.0.0.1", 0, metrics)
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=30)
     try:
         yield client
