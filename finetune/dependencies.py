@@ -15,7 +15,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 # import name -> the distribution pyproject.toml's `dependencies` names (tests/test_dependencies.py keeps them
-# equal). Not bitsandbytes: it is installed only on Linux and Windows and imported only for --quantize.
+# equal). Not bitsandbytes: an optional extra (`.[quantize]`), imported only for --quantize.
 REQUIRED = {
     "torch": "torch",
     "transformers": "transformers",

@@ -152,7 +152,8 @@ def load_base_model(
         try:
             import bitsandbytes  # noqa: F401
         except ImportError as exc:
-            raise ModelLoadError(f"--quantize {quantize} needs bitsandbytes: pip install bitsandbytes ({exc})") from None
+            raise ModelLoadError(f"--quantize {quantize} needs bitsandbytes: pip install -e '.[quantize]' "
+                                 f"(or pip install bitsandbytes) ({exc})") from None
     try:
         tokenizer = load_tokenizer(base, revision)
     except Exception as exc:

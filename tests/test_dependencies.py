@@ -85,5 +85,5 @@ def test_the_checked_packages_are_pyproject_dependencies():
 
     declared = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
     wanted = {r.name.lower() for r in map(Requirement, declared) if r.marker is None or r.marker.evaluate()}
-    # bitsandbytes: Linux and Windows only, imported only for --quantize (the run() fallback names it)
-    assert set(dependencies.REQUIRED.values()) == wanted - {"bitsandbytes"}
+    # bitsandbytes is the optional extra `quantize`, imported only for --quantize (the run() fallback names it)
+    assert set(dependencies.REQUIRED.values()) == wanted and "bitsandbytes" not in wanted
