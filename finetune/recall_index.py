@@ -140,9 +140,7 @@ class RecallIndex:
     terms: np.ndarray  # sorted unique term keys (int64)
     indptr: np.ndarray  # postings of terms[i] are postings_doc[indptr[i]:indptr[i + 1]]
     postings_doc: np.ndarray  # int32 document numbers, ascending within a term
-    # float64 BM25 weight of the term in that document (idf included), rounded to float32 as saved: a built
-    # index scores exactly as a loaded one, and np.add.at's fast path needs the scores' own dtype
-    postings_weight: np.ndarray
+    postings_weight: np.ndarray  # float32 BM25 weight of the term in that document (idf included)
     doc_count: int
 
     @classmethod
@@ -151,7 +149,7 @@ class RecallIndex:
         keys, docs = text_keys(texts)
         if not len(keys):
             empty = np.zeros(0, np.int64)
-            return cls(empty, np.zeros(1, np.int64), empty.astype(np.int32), empty.astype(np.float64), n)
+            return cls(empty, np.zeros(1, np.int64), empty.astype(np.int32), empty.astype(np.float32), n)
         terms, term_of = np.unique(keys, return_inverse=True)
         lengths = np.bincount(docs, minlength=n).astype(np.float64)
         pair = term_of.astype(np.int64) * max(n, 1) + docs
@@ -165,7 +163,7 @@ class RecallIndex:
         weight = idf[p_term] * tf * (K1 + 1) / (tf + norm)
         indptr = np.zeros(len(terms) + 1, np.int64)
         np.cumsum(df.astype(np.int64), out=indptr[1:])
-        return cls(terms, indptr, p_doc.astype(np.int32), weight.astype(np.float32).astype(np.float64), n)
+        return cls(terms, indptr, p_doc.astype(np.int32), weight.astype(np.float32), n)
 
     def scores(self, query: str, *, limit: int | None = None, allowed: np.ndarray | None = None) -> np.ndarray:
         """BM25 score of every document (0 where nothing matches). `limit`: only documents 0..limit-1
@@ -193,8 +191,10 @@ class RecallIndex:
         for lo, hi, weight in zip(self.indptr[terms].tolist(), self.indptr[terms + 1].tolist(), term_weight.tolist(), strict=True):
             if n < self.doc_count:  # postings are ascending within a term: the past is a prefix of each
                 hi = lo + int(np.searchsorted(self.postings_doc[lo:hi], n))
-            weights = self.postings_weight[lo:hi]
-            np.add.at(out, self.postings_doc[lo:hi], weights if weight == 1.0 else weight * weights)
+            weights = self.postings_weight[lo:hi].astype(np.float64)  # np.add.at's fast path: the scores' own dtype
+            if weight != 1.0:
+                weights *= weight
+            np.add.at(out, self.postings_doc[lo:hi], weights)
         if allowed is not None:
             out[~allowed[:n]] = 0.0
         return out
@@ -222,7 +222,7 @@ class RecallIndex:
         """Plain arrays in an .npz (no pickle); `meta` strings (e.g. the source file's hash) ride along."""
         np.savez(
             file, version=np.array(FORMAT_VERSION), terms=self.terms, indptr=self.indptr,
-            postings_doc=self.postings_doc, postings_weight=self.postings_weight.astype(np.float32),
+            postings_doc=self.postings_doc, postings_weight=self.postings_weight,
             doc_count=np.array(self.doc_count, np.int64),
             **{f"meta_{k}": np.array(v) for k, v in meta.items()},
         )
@@ -237,7 +237,7 @@ class RecallIndex:
                 index = cls(
                     terms=data["terms"].astype(np.int64, copy=False), indptr=data["indptr"].astype(np.int64, copy=False),
                     postings_doc=data["postings_doc"].astype(np.int32, copy=False),
-                    postings_weight=data["postings_weight"].astype(np.float64),
+                    postings_weight=data["postings_weight"].astype(np.float32, copy=False),
                     doc_count=int(data["doc_count"]),
                 )
                 meta = {name[5:]: str(data[name]) for name in data.files if name.startswith("meta_")}
