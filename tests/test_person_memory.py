@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -12,9 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from finetune.person_memory import INDEX_FILE, MEMORY_FILE, PersonMemory, PersonMemoryError, rebuild_index
+from finetune.person_memory import (
+    INDEX_FILE,
+    MEMORY_FILE,
+    MemoryEntry,
+    PersonMemory,
+    PersonMemoryError,
+    rebuild_index,
+    write_memory,
+)
 from finetune.prompt import ChatTurn, render_prompt
-from finetune.recall_index import RecallIndex
+from finetune.recall_index import FORMAT_VERSION, RecallIndex
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,6 +89,31 @@ def test_index_with_inconsistent_arrays_is_refused(tmp_path):
         index.save(f)
     with pytest.raises(ValueError, match="inconsistent"):
         RecallIndex.load(path)
+
+
+def test_a_lone_surrogate_is_indexed_and_searched():
+    # A JSON "\ud83d" cut from its pair decodes to a lone surrogate; it must not make the index or a search crash.
+    docs = ["絵文字が\ud83d切れた", "新潟だよ"]
+    index = RecallIndex.build(docs)
+    assert _top(index, docs, "\ud83d切れ") == ["絵文字が\ud83d切れた"]
+
+
+def test_an_index_of_another_format_version_is_refused_with_the_rebuild_command(tmp_path):
+    when = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    write_memory(tmp_path, [MemoryEntry(0, when, when, "line", (ChatTurn("ゆうと", "出身どこ？"),), "新潟だよ", "彩花")])
+    index = tmp_path / INDEX_FILE
+    with np.load(index) as data:
+        arrays = {name: data[name] for name in data.files}
+    rebuild = re.escape(f"rebuild it with `python -m finetune memory rebuild {tmp_path}`")
+    for version in (FORMAT_VERSION - 1, FORMAT_VERSION + 1, None):
+        with open(index, "wb") as f:
+            np.savez(f, **{k: v for k, v in arrays.items() if k != "version"},
+                     **({"version": np.array(version)} if version is not None else {}))
+        with pytest.raises(PersonMemoryError, match=rf"{INDEX_FILE}: unreadable \(not a bunshin recall index of this version\); {rebuild}"):
+            PersonMemory.load(tmp_path)
+    # the command the message names makes it usable again
+    subprocess.run([sys.executable, "-m", "finetune", "memory", "rebuild", str(tmp_path)], check=True, capture_output=True, cwd=REPO)
+    assert [e.text for e in PersonMemory.load(tmp_path).recall([ChatTurn("x", "新潟？")], 1)] == ["新潟だよ"]
 
 
 def _prepare(tmp_path: Path, export: Path, persona: str, *extra: str) -> Path:
