@@ -26,8 +26,10 @@ FRIEND_LINES = ["おはよう！今日も一日がんばろう", "今どこに�
                 "新しいお店が気になってる"]
 PERSONA_LINES = ["いいね行こう", "まだ家だよ", "楽しかった", "わかった", "ありがとう", "ちょっと待って", "いま向かってる",
                  "それな", "眠いよ", "おつかれ", "ほんとに？", "また明日"]
+# Trained without memory notes: the catchphrase is learned from the replies alone, and notes in every prompt would
+# triple the tokens of its 20 epochs (the memory systems still run in the report: they recall at eval time).
 TRAIN_ARGS = ("--pack-length", "256", "--batch-tokens", "512", "--lr", "3e-3", "--eval-every", "0", "--no-progress",
-              "--epochs", "20", "--save-every", "1000")
+              "--epochs", "20", "--save-every", "1000", "--memory-notes", "0")
 
 
 def signature_chat(path: Path, conversations: int = 80, seed: int = 0) -> Path:
