@@ -26,8 +26,8 @@ FRIEND_LINES = ["おはよう！今日も一日がんばろう", "今どこに�
                 "新しいお店が気になってる"]
 PERSONA_LINES = ["いいね行こう", "まだ家だよ", "楽しかった", "わかった", "ありがとう", "ちょっと待って", "いま向かってる",
                  "それな", "眠いよ", "おつかれ", "ほんとに？", "また明日"]
-# Trained without memory notes: the catchphrase is learned from the replies alone, and notes in every prompt would
-# triple the tokens of its 20 epochs (the memory systems still run in the report: they recall at eval time).
+# Trained without memory notes: the catchphrase is learned from the replies alone, and notes in every prompt add
+# tokens to each of its 20 epochs (the memory systems still run in the report: they recall at eval time).
 TRAIN_ARGS = ("--pack-length", "256", "--batch-tokens", "512", "--lr", "3e-3", "--eval-every", "0", "--no-progress",
               "--epochs", "20", "--save-every", "1000", "--memory-notes", "0")
 
@@ -65,7 +65,7 @@ def trained(tmp_path_factory, dataset) -> tuple[Path, subprocess.CompletedProces
     texts = [json.loads(line)["target"] for line in (dataset / "train.jsonl").read_text(encoding="utf-8").splitlines()]
     tiny = build_tiny_model(folder / "tiny", texts + FRIEND_LINES, head_std=0.5)
     out = folder / "adapter"
-    proc = run_cli("train", dataset, "--base", tiny, "--out", out, *TRAIN_ARGS)
+    proc = run_cli("train", dataset, "--base", tiny, "--out", out, *TRAIN_ARGS, timeout=900)  # 20 epochs: slow on a busy machine
     assert proc.returncode == 0, proc.stderr
     return out, proc
 
