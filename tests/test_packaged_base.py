@@ -65,3 +65,34 @@ def test_the_fixture_fails_under_ci_and_skips_elsewhere_when_the_base_cannot_be_
     monkeypatch.setenv("CI", ci)
     with pytest.raises(outcome, match="Gemma 3 270M cannot be had: cannot create"):
         gemma_base_or_skip()
+
+
+def test_the_conversion_parses_the_gguf_once_and_writes_what_transformers_alone_writes(tmp_path, monkeypatch):
+    """get-base converts through transformers with one shared reader (packaged_base.one_gguf_reader): the same bytes
+    as transformers' own three-reader path, on a tiny Gemma 3 file laid out as the real one."""
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    from finetune.packaged_base import convert_gguf
+    from tests.support.tiny_gguf import write_tiny_gemma3_gguf
+
+    source = write_tiny_gemma3_gguf(tmp_path / "tiny.gguf")
+    alone, shared = tmp_path / "alone", tmp_path / "shared"
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=source.name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=source.name, local_files_only=True,
+                                                 dtype=torch.bfloat16, quantization_config=GgufConfig(dequantize=True))
+    model.save_pretrained(str(alone))
+    tokenizer.save_pretrained(str(alone))
+
+    parsed = []
+    parse = gguf.GGUFReader.__init__
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", lambda self, *a, **kw: (parsed.append(a), parse(self, *a, **kw))[1])
+    shared.mkdir()
+    convert_gguf(source, shared)
+    assert len(parsed) == 1  # config, tokenizer and weights read from one parse of the header
+    assert gguf.GGUFReader.__name__ == "GGUFReader"  # and the library is as it was after
+    files = sorted(p.name for p in alone.iterdir())
+    assert files == sorted(p.name for p in shared.iterdir()) and "model.safetensors" in files
+    for name in files:
+        assert (shared / name).read_bytes() == (alone / name).read_bytes(), name
