@@ -12,7 +12,7 @@
   (ModelBackend.profile).
 
 A reply's notes are both sources' hits merged oldest first, so the latest thing said is read last, next to the
-reply (a fact that changed comes out new), each note once. The OpenAI-compatible API has no chat (its clients send
+message being answered (a fact that changed comes out new), each note once. The OpenAI-compatible API has no chat (its clients send
 the conversation), so it recalls from the persona's memory only.
 
 `ReplyMemory.from_config` is how the daemon builds it; a test or benchmark on a real base does the same.

@@ -37,15 +37,18 @@ class ChatTurn:
 @dataclass(frozen=True)
 class MemoryNote:
     """Something said before, shown to the model with its date: a persona's note (person_memory.py) or an
-    older turn of the same chat. `turns` are one line each; the last is usually the persona's."""
+    older turn of the same chat. `turns` (usually what was asked, then the persona's answer) make one line."""
 
-    date: str  # YYYY-MM-DD
+    date: str  # YYYY-MM-DD ("" where unknown)
     turns: tuple[ChatTurn, ...]
 
 
-# The memory block goes after the conversation, right before the reply: a chat's prompt then keeps its start
-# (profile + turns) from one message to the next, so the engine reuses what it computed, and the notes are
-# what the model reads last. The profile is the same for every reply, so it opens the prompt.
+# The memory block goes right before the latest turn: the prompt still ends as a transcript does (the message,
+# then the persona's name), and a chat's prompt keeps its start (profile + older turns) from one message to the
+# next, so the engine reuses what it computed. Each note is one dated line of quotes, `2024-01-12: 健太「出身
+# どこ？」 → 美咲「新潟だよ」`, not `name: text` lines: a base model reads those as more conversation and goes on
+# writing dated turns instead of answering (docs/architecture.md, "Prompt fitting", has the figures from Gemma 3
+# 270M). The profile is the same for every reply: it opens the prompt.
 MEMORY_OPEN = "［記憶］"
 PROFILE_OPEN = "［{persona}のプロフィール］"
 BLOCK_CLOSE = "［ここまで］"
@@ -66,10 +69,11 @@ def as_turns(context: Iterable) -> list[ChatTurn]:
 
 
 def render_memory(notes: Sequence[MemoryNote]) -> str:
-    """The notes as dated transcript lines between two markers, oldest first ("" for none)."""
+    """The notes between two markers, oldest first, one dated line of quotes each ("" for none)."""
     if not notes:
         return ""
-    lines = [f"{note.date} {t.speaker}: {t.text}" for note in notes for t in note.turns]
+    lines = [(f"{note.date}: " if note.date else "") + " → ".join(f"{t.speaker}「{t.text}」" for t in note.turns)
+             for note in notes]
     return "\n".join([MEMORY_OPEN, *lines, BLOCK_CLOSE])
 
 
@@ -98,13 +102,14 @@ def render_prompt(context: Sequence[ChatTurn], persona: str, template: str = "tr
     """The prompt as plain text with "\\n" line breaks (the tokenizer's convention is applied later).
 
     Without memory and profile it is exactly the prompt of a model trained before either existed."""
-    lines = "\n".join(f"{t.speaker}: {t.text}" for t in context)
+    turns = [f"{t.speaker}: {t.text}" for t in context]
     head = render_profile(profile, persona)
     notes = render_memory(memory)
     if template == "transcript":
-        parts = [p for p in (head, lines, notes) if p]
+        parts = [p for p in (head, *turns[:-1], notes, *turns[-1:]) if p]
         return "\n".join(parts) + f"\n{persona}: " if parts else f"{persona}: "
     if template == "instruction":
+        lines = "\n".join(turns)
         body = _INSTRUCTION_HEAD.format(persona=persona) + (head + "\n\n" if head else "") + lines
         return body + (f"\n\n### 記憶:\n{notes}" if notes else "") + _INSTRUCTION_TAIL
     raise ValueError(f"unknown prompt template {template!r}; known: {', '.join(TEMPLATES)}")

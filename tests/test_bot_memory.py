@@ -242,10 +242,9 @@ async def test_a_fact_said_once_in_training_reaches_the_prompt_through_recall(tm
         reply = await router.answer(dm("ken", ORIGIN_QUESTION))
         prompt = backend.last_prompt
     assert reply is not None
-    # The note, dated, after the conversation and right before the persona's turn.
-    assert "2023-01-10 彩花: 新潟だよ〜 雪すごいとこ" in memory_block(prompt)
-    assert prompt.index(ORIGIN_QUESTION) < prompt.index(MEMORY_OPEN)
-    assert prompt.endswith(f"{BLOCK_CLOSE}\n{PERSONA}: ")
+    # The note, dated, right before the latest message, which the persona's turn follows.
+    assert "2023-01-10: ゆうと「出身どこだっけ？」 → 彩花「新潟だよ〜 雪すごいとこ" in memory_block(prompt)
+    assert prompt.endswith(f"{BLOCK_CLOSE}\nken: {ORIGIN_QUESTION}\n{PERSONA}: ")
 
 
 # --------------------------------------------------------------------------- (3) a changed fact: the new value last
@@ -266,7 +265,7 @@ async def test_a_changed_fact_comes_oldest_first_with_the_new_value_last(tmp_pat
         chat = memory_block(backend.last_prompt)
     assert person.index("銀行の窓口") < person.index("物流の会社") < person.index(BLOCK_CLOSE)
     last_note = person.splitlines()[-2]
-    assert "物流の会社" in last_note  # the newest value closest to the reply
+    assert "物流の会社" in last_note  # the newest value closest to the message and the reply
     assert chat.index("柏に住んでる") < chat.index("船橋に住んでる")
     assert "船橋" in chat.splitlines()[-2]
 
@@ -414,11 +413,12 @@ async def test_the_slot_engine_reuses_a_chats_prompt_with_memory_in_it(tmp_path,
         reused, computed = counts[n]
         assert reused + computed == len(prompt)  # the engine was given exactly this prompt
         shared = common_prefix(previous, prompt)
-        # The previous prompt's whole conversation is shared (the notes sit after the turns) ...
-        conversation = texts[n - 1][: texts[n - 1].index(MEMORY_OPEN)]
-        assert questions[n - 1] in conversation and backend.text(prompt[:shared]).startswith(conversation[:-1])
-        # ... and taken from the cache: only the new turns and the notes are computed.
+        # The previous prompt up to its notes is shared (they sit before the latest message, after the older turns) ...
+        older_turns = texts[n - 1][: texts[n - 1].index(MEMORY_OPEN)]
+        assert backend.text(prompt[:shared]).startswith(older_turns[:-1])
+        # ... and taken from the cache: only the newer turns and the notes are computed.
         assert reused >= shared and computed <= len(prompt) - shared
+    assert questions[0] in texts[1][: texts[1].index(MEMORY_OPEN)]  # by the third message, the first one is reused
 
 
 # --------------------------------------------------------------------------- the daemon: router, API, metrics

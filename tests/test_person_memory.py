@@ -169,7 +169,7 @@ def test_prepare_writes_the_personas_notes_redacted_and_without_excluded_speaker
 
     prompt = render_prompt(ask, "彩花", memory=[e.note() for e in memory.recall(ask, 2)])
     assert prompt.index("銀行") < prompt.index("物流") < prompt.rindex("彩花: ")  # the later fact is read last
-    assert "2024-05-10 彩花: 転職して物流の会社にいる！" in prompt
+    assert "2024-05-10: ゆうと「仕事どう？」 → 彩花「転職して物流の会社にいる！」" in prompt
 
 
 def test_a_missing_corrupt_or_foreign_index_is_refused_with_the_rebuild_command(tmp_path):

@@ -520,6 +520,6 @@ def test_the_engine_is_sent_the_profile_and_each_replys_recalled_notes(weightles
     assert len(prompts) == len(said)
     assert all(p.startswith(f"［{PERSONA}のプロフィール］\n新潟出身\n［ここまで］\n") for p in prompts)
     last = prompts[-1]
-    # Past the 2-turn window by now, the cat's name is a note: after the turns, right before the reply.
-    assert "こむぎ" in last[last.index("［記憶］"):] and last.endswith(f"［ここまで］\n{PERSONA}: ")
+    # Past the 2-turn window by now, the cat's name is a note: after the older turn, right before the latest message.
+    assert "こむぎ" in last[last.index("［記憶］"):] and last.endswith(f"［ここまで］\n{FRIEND}: {said[-1]}\n{PERSONA}: ")
     assert "こむぎ" not in last[: last.index("［記憶］")]
