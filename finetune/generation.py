@@ -26,6 +26,18 @@ from .prompt import (
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ufffd]")
 
 
+# Tokens of a chat (prompt + reply) served at most. rinna has 2048; newer bases declare 8192 to 128k,
+# which no chat memory of 20 turns needs, while every cache row and warm-up graph would grow with it.
+MAX_SERVED_CONTEXT = 4096
+
+
+def served_context(model, fallback: int) -> int:
+    """Tokens of a chat (prompt + reply) served on `model` (the bot, the eval, `chat` on a base): its whole
+    context, at most MAX_SERVED_CONTEXT; `fallback` (the training length) where the config does not say."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    return min(context, MAX_SERVED_CONTEXT) if context else fallback
+
+
 @dataclass
 class GenerationSettings:
     max_new_tokens: int = DEFAULT_GENERATION["max_new_tokens"]
@@ -94,8 +106,12 @@ def generate_replies(
     )
     if sample:
         kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+    from transformers import StoppingCriteriaList
+
+    stop = StoppingCriteriaList([_TurnEnded(tokenizer, longest, speakers)])
     with torch.no_grad():
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                             stopping_criteria=stop, **kwargs)
     replies = []
     for row in out[:, longest:].tolist():
         if tokenizer.eos_id in row:
@@ -104,6 +120,23 @@ def generate_replies(
             row.pop()
         replies.append((reply_text(tokenizer, row, speakers), len(row)))
     return replies
+
+
+def _TurnEnded(tokenizer, prompt_length: int, speakers: Sequence[str]):  # noqa: N802 - it makes the criterion
+    """A transformers stopping criterion: a row is done once its reply has begun another speaker's turn (turn_end),
+    as the slot engine ends a row. Everything after would be cut from the reply anyway, and on a CPU the tokens
+    up to max_new_tokens are most of a reply's time. The text before the turn is the same either way: its first
+    `\nname: ` stays the first."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class TurnEnded(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            done = [turn_end(tokenizer.from_model_text(tokenizer.decode(row[prompt_length:].tolist())), speakers)
+                    is not None for row in input_ids]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return TurnEnded()
 
 
 def reply_text(tokenizer, ids: list[int], speakers: Sequence[str] = ()) -> str:

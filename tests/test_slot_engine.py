@@ -123,10 +123,9 @@ def test_reply_text_equals_generate_replies_when_a_reply_ends_at_another_speaker
         # not at max_new_tokens.
         assert turn_end(tokenizer.from_model_text(tokenizer.decode(ids[:-1])), speakers) is None, raw
         assert len(ids) < settings.max_new_tokens
-        # The text sent is cut before the turn, and is what plain generation gives once cut afterwards:
-        # generate() does not stop at a turn, so its row ran on to max_new_tokens.
+        # The text sent is cut before the turn, and is what plain generation gives, which stops at the same token.
         assert finished[i].text == reply
-        assert expected[i] == (reply, settings.max_new_tokens)
+        assert expected[i] == (reply, len(ids))
 
 
 def test_sampling_with_top_k_1_or_a_tiny_top_p_is_greedy(loaded):
