@@ -13,16 +13,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from finetune.generation import GenerationSettings, fit_context, generate_replies
+from finetune.generation import GenerationSettings, fit_context, generate_replies, served_context
 from finetune.model_loading import LoadedModel
 from finetune.prompt import TEMPLATES, ChatTurn, MemoryNote, prefix_ids
 
 log = logging.getLogger(__name__)
 
 
-# Tokens of a chat (prompt + reply) served at most. rinna has 2048; newer bases declare 8192 to 128k,
-# which no chat memory of 20 turns needs, while every cache row and warm-up graph would grow with it.
-MAX_SERVED_CONTEXT = 4096
 # Old turns that no longer fit the prompt go 4 at a time, so its start (and the engine's reuse of the
 # chat's cached prompt) holds for several messages.
 DROP_BLOCK = 4
@@ -152,10 +149,3 @@ class ModelBackend:
         """Names whose `name: ` line ends a reply: the training's, and the people in these turns
         (the model may start a turn in their name)."""
         return sorted({*self.speakers, *(t.speaker for t in turns)})
-
-
-def served_context(model, fallback: int) -> int:
-    """Tokens of a chat (prompt + reply) the bot serves on `model`: its whole context, at most
-    MAX_SERVED_CONTEXT; `fallback` (the training length) where the config does not say."""
-    context = getattr(model.config, "max_position_embeddings", None)
-    return min(context, MAX_SERVED_CONTEXT) if context else fallback

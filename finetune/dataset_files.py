@@ -36,3 +36,17 @@ def read_samples(path: Path, *, need_id: bool = False) -> list[dict]:
                 raise DatasetError(f"{path}:{n}: not a prepared sample (needs {needed})")
             samples.append(sample)
     return samples
+
+
+def dataset_persona(folder: Path) -> str:
+    """The persona a prepared dataset is of (its stats.json), for a command that talks as them without an adapter."""
+    path = Path(folder) / "stats.json"
+    if not path.is_file():
+        raise DatasetError(f"{folder}: not a dataset made by `python -m finetune prepare` (no stats.json)")
+    try:
+        persona = json.loads(path.read_text(encoding="utf-8")).get("persona")
+    except (ValueError, AttributeError):
+        persona = None
+    if not isinstance(persona, str) or not persona:
+        raise DatasetError(f"{path}: damaged, it names no persona (run `python -m finetune prepare` again)")
+    return persona

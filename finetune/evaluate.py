@@ -203,14 +203,10 @@ def _probe_notes(memory: PersonMemory | None, probes: list, k: int, seed: int):
     """notes_for a probe: asked now, so the whole memory may answer it."""
     if memory is None:
         return None
-    from .person_memory import example_notes, notes
-    from .prompt import ChatTurn
+    from .person_memory import reply_notes
 
     def notes_for(spec, i: int) -> list:
-        found = notes(memory.recall([ChatTurn(t.speaker, t.text) for t in probes[i].turns], k))
-        if spec.examples:
-            found = example_notes(memory, {"id": probes[i].id}, spec.examples, seed, besides=found) + found
-        return sorted(found, key=lambda n: n.date)
+        return reply_notes(memory, probes[i].turns, k, examples=spec.examples, seed=seed, key=probes[i].id)
 
     return notes_for
 

@@ -250,6 +250,17 @@ def copy_memory(source: Path, target: Path) -> None:
         shutil.copyfile(Path(source) / name, Path(target) / name)
 
 
+def reply_notes(memory: PersonMemory, context: Sequence[ChatTurn], k: int, *, examples: int = 0, seed: int = 0,
+                key: str = "") -> list[MemoryNote]:
+    """The notes of a reply asked now (an eval probe, a `chat` message), oldest first: the `k` the whole memory
+    recalls for the conversation and, for the prompt-only system, `examples` of the persona's other messages
+    (example_notes, drawn with `seed` and `key`)."""
+    found = notes(memory.recall(context, k))
+    if examples:
+        found = example_notes(memory, {"id": key}, examples, seed, besides=found) + found
+    return sorted(found, key=lambda n: n.date)
+
+
 def example_notes(memory: PersonMemory, sample: dict, count: int, seed: int, besides: Sequence[MemoryNote] = ()) -> list[MemoryNote]:
     """`count` of the persona's messages as examples of how they write (the prompt-only system's few shots):
     drawn with `seed` and the sample's id from before the sample's conversation (all of them for a probe),

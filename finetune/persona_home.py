@@ -143,7 +143,8 @@ def resolve_command_paths(args: argparse.Namespace) -> None:
         prepare EXPORTS --persona P [--name N]   --out ROOT/N/dataset (N: the persona's name unless given)
         train HOME                               DATA = HOME/dataset, --out HOME/adapter
         eval HOME                                ADAPTER = HOME/adapter, --data HOME/dataset, --out HOME/report
-        chat HOME                                ADAPTER = HOME/adapter (else HOME/merged)
+        chat HOME                                ADAPTER = HOME/adapter (else HOME/merged); with --system base or
+                                                 prompt-only and no adapter, --data HOME/dataset
         merge HOME                               ADAPTER = HOME/adapter, --out HOME/merged
 
     A flag given explicitly wins over the home's default; the old forms (`train DATA --out ADAPTER`) are left
@@ -180,7 +181,9 @@ def resolve_command_paths(args: argparse.Namespace) -> None:
         home = as_persona_home(args.adapter)
         if home is not None:
             model = (home.adapter if home.adapter.is_dir() else None) if command == "merge" else home.model()
-            if model is None:
+            if model is None and command == "chat" and args.system in ("base", "prompt-only"):
+                args.data = args.data or home.dataset  # the --base model alone, with the dataset's persona and memory
+            elif model is None:
                 raise PersonaHomeError(f"{home.path} has no adapter yet: run `python -m finetune train {home.path}` first")
             args.adapter = model
             if command == "merge":

@@ -23,7 +23,7 @@ import torch
 from conftest import EXAMPLES, REPO, run_cli
 from safetensors.torch import load_file, save_file
 
-from finetune.generation import fit_context
+from finetune.generation import GenerationSettings, fit_context, generate_replies
 from finetune.manifest import DEFAULT_GENERATION
 from finetune.model_loading import ModelLoadError, load_base_model, load_persona_model
 from finetune.packing import FlatCollator, PackedCollator, pack_samples
@@ -190,6 +190,78 @@ def test_chat_answers_each_piped_message_and_reset_forgets(adapter):
     first, after_reset, with_history = chat_replies(proc.stdout)
     assert first == after_reset
     assert with_history != after_reset
+
+
+def _reply_lines(stdout: str) -> list[str]:
+    return [line.removeprefix(f"{PERSONA}: ") for line in stdout.splitlines() if line.startswith(f"{PERSONA}: ")]
+
+
+def test_chat_prompt_only_needs_no_adapter_and_prompts_as_the_eval_does(tiny, dataset, tmp_path):
+    """`chat DATASET --system prompt-only --base BASE`: the base with the dataset's memory, the notes recalled for the
+    message and four of the persona's messages as examples (person_memory.reply_notes, as eval's probes get them),
+    within the context the model serves."""
+    from finetune.eval_models import PROMPT_EXAMPLES
+    from finetune.generation import served_context
+    from finetune.person_memory import PersonMemory, reply_notes
+    from finetune.prompt import MEMORY_SHARE, fit_notes
+
+    message = "映画いかない？"
+    proc = run_cli_input("chat", dataset, "--system", "prompt-only", "--base", tiny, "--name", "健太", "--echo",
+                         "--show-memory", "--temperature", "0", "--max-new-tokens", "8", stdin=f"{message}\n")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"健太: {message}"  # --echo: the transcript, the message before its notes and reply
+    [reply] = _reply_lines(proc.stdout)
+
+    loaded = load_base_model(str(tiny), device="cpu")
+    turns = [ChatTurn("健太", message)]
+    notes = reply_notes(PersonMemory.load(dataset), turns, 3, examples=PROMPT_EXAMPLES, seed=0, key="健太")
+    assert len(notes) > 3 and "いくいく！なに見るの？" in [n.turns[-1].text for n in notes]  # said when asked the same
+    budget = served_context(loaded.model, 2048) - 8
+    fitted = fit_notes(loaded.tokenizer, notes, budget // MEMORY_SHARE)  # the tiny model's context is short
+    assert fitted and [line for line in lines if line.startswith("  (memory 20")] == [
+        f"  (memory {n.date}) {t.speaker}: {t.text}" for n in fitted for t in n.turns]
+    settings = GenerationSettings(max_new_tokens=8, temperature=0.0)
+    prompt = fit_context(loaded.tokenizer, turns, PERSONA, "transcript", budget, memory=notes)
+    [(expected, _)] = generate_replies(loaded.model, loaded.tokenizer, [prompt], settings, ["健太"])
+    assert reply == (expected or "…")
+
+
+def test_chat_system_base_on_an_adapter_switches_its_lora_off(adapter):
+    proc = run_cli_input("chat", adapter, "--system", "base", "--temperature", "0", "--max-new-tokens", "8",
+                         "--show-memory", stdin="おはよう\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "  (memory: nothing recalled)" in proc.stdout.splitlines()  # base: no notes, though the adapter has some
+    [reply] = _reply_lines(proc.stdout)
+    loaded = load_persona_model(adapter, device="cpu")
+    manifest = loaded.manifest
+    settings = GenerationSettings.from_manifest(manifest.generation, max_new_tokens=8, temperature=0.0)
+    prompt = fit_context(loaded.tokenizer, [ChatTurn("あなた", "おはよう")], PERSONA, manifest.template,
+                         manifest.max_length - 8)
+    with loaded.model.disable_adapter():
+        [(untuned, _)] = generate_replies(loaded.model, loaded.tokenizer, [prompt], settings,
+                                          [*manifest.speakers, "あなた"])
+    [(tuned, _)] = generate_replies(loaded.model, loaded.tokenizer, [prompt], settings, [*manifest.speakers, "あなた"])
+    assert reply == (untuned or "…") and untuned != tuned  # the LoRA was off, and that changes the reply
+
+
+def test_chat_without_an_adapter_says_what_it_needs(tiny, dataset, tmp_path):
+    no_adapter = run_cli_input("chat", dataset, stdin="おはよう\n")
+    assert no_adapter.returncode == 1 and "no adapter" in no_adapter.stderr
+    assert "--system base or --system prompt-only" in no_adapter.stderr
+    no_base = run_cli_input("chat", dataset, "--system", "prompt-only", stdin="おはよう\n")
+    assert no_base.returncode == 1 and "needs --base" in no_base.stderr and "get-base gemma-3-270m" in no_base.stderr
+    no_memory = tmp_path / "ds"
+    shutil.copytree(dataset, no_memory)
+    (no_memory / "memory.jsonl").unlink()
+    forgot = run_cli_input("chat", no_memory, "--system", "prompt-only", "--base", tiny, stdin="おはよう\n")
+    assert forgot.returncode == 1 and f"{no_memory} holds no memory.jsonl" in forgot.stderr
+    assert all("Traceback" not in p.stderr and p.stdout == "" for p in (no_adapter, no_base, forgot))
+    home = tmp_path / "home"  # a persona home with a dataset and no adapter: its dataset is used
+    home.mkdir()
+    shutil.copytree(dataset, home / "dataset")
+    proc = run_cli_input("chat", home, "--system", "base", "--base", tiny, "--max-new-tokens", "4", stdin="おはよう\n")
+    assert proc.returncode == 0 and len(_reply_lines(proc.stdout)) == 1, proc.stderr
 
 
 # --------------------------------------------------------------------------- 2. packing is exact
