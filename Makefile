@@ -20,10 +20,11 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 # The prompt-only system (finetune/chat.py): the base model with 美咲's memory from her prepared chats and a few of
-# her messages as examples, no training. In a terminal you talk as 健太; otherwise (CI, a script) it asks
-# DEMO_QUESTIONS and prints each answer with the notes it was given. get-base prints the Gemma terms.
-DEMO_QUESTIONS ?= 今週末ひま？ この前の映画どうだった？ 明日もボス戦やる？
-DEMO_CHAT = $(BIN)/python -m finetune chat personas/demo/dataset --system prompt-only --name 健太 \
+# her messages as examples, no training. In a terminal you talk to her; otherwise (CI, a script) it asks
+# DEMO_QUESTIONS, each in a new conversation, and prints each answer after the notes it was given.
+# get-base prints the Gemma terms.
+DEMO_QUESTIONS ?= 今日のボス戦いける？ /reset 回復役お願いできる？ /reset おみやげ何がいい？
+DEMO_CHAT = $(BIN)/python -m finetune chat personas/demo/dataset --system prompt-only \
 	--temperature 0 --max-new-tokens 40 --show-memory
 demo: setup
 	$(BIN)/python -m finetune prepare examples/line_demo.txt examples/discord_demo.json \
