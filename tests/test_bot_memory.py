@@ -442,7 +442,10 @@ def test_the_daemon_recalls_for_each_console_reply_and_keeps_what_chat_recall_se
         for text in sent:
             proc.stdin.write(text + "\n")
             proc.stdin.flush()
-            assert proc.stdout.readline().startswith(f"{CONSOLE_PERSONA}: ")
+            line = proc.stdout.readline()
+            while line and not line.startswith(f"{CONSOLE_PERSONA}: "):  # the rest of a reply that spans lines
+                line = proc.stdout.readline()
+            assert line.startswith(f"{CONSOLE_PERSONA}: ")
         with urllib.request.urlopen(url.replace("/healthz", "/metrics"), timeout=5) as r:  # noqa: S310
             metrics = r.read().decode()
         proc.stdin.close()
