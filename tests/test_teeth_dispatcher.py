@@ -146,3 +146,55 @@ async def test_a_reply_generated_before_a_crash_is_delivered_as_it_was_without_a
     assert [(turn.speaker, turn.text) for turn in memory.recent("console:local", 10)] == [
         ("健太", "明日どこ行く？"), (PERSONA, made)]
     memory.close()
+
+
+class Gated(Recording):
+    """The real backend, held at the door until the test opens it: a reply still being generated at shutdown."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        import threading
+
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def generate(self, conversations):
+        self.entered.set()
+        self.gate.wait(30)
+        return super().generate(conversations)
+
+
+async def test_drain_counts_what_it_leaves_and_what_came_during_it_and_the_next_start_answers_all_of_it(
+        tmp_path, backend):
+    """Shutdown with a reply being generated: drain's limit cuts it off, two messages arrive while it drains.
+    drain says 3 were left (the operator's log line), none is finished, and the next start answers all three,
+    in the order they came."""
+    import asyncio
+
+    start = Start(tmp_path, backend)
+    start.model = gated = Gated(backend)
+    start.worker = Worker(gated, start.metrics)
+    start.router = Router(start.config, start.memory, start.worker, start.metrics, PERSONA)
+    await start.worker.start()
+    start.dispatcher.start(start.router)
+    await start.dispatcher.accept([typed("一つ目")])
+    assert await asyncio.to_thread(gated.entered.wait, 10)  # its reply is being generated
+    draining = asyncio.create_task(start.dispatcher.drain(0.3))
+    await asyncio.sleep(0)  # drain has begun
+    await start.dispatcher.accept([typed("二つ目")])
+    await start.dispatcher.accept([typed("三つ目")])
+    assert await draining == 3  # 1 cut off by the limit + 2 accepted during the drain
+    assert start.dispatcher.waiting == 1  # the cut-off one, still counted as waiting: nothing finished it
+    gated.gate.set()
+    assert await start.inbox.counts() == {"unfinished": 3}
+    await start.worker.stop(5)
+    start.inbox.close()
+    start.memory.close()
+    assert start.replies() == []
+
+    again = Start(tmp_path, backend)
+    assert [e.message.text for e in again.inbox.recovered] == ["一つ目", "二つ目", "三つ目"]
+    await again.serve_what_was_left()
+    assert [turn[-1].text for turn in again.model.conversations] == ["一つ目", "二つ目", "三つ目"]
+    assert len(again.replies()) == 3
+    assert await again.dispatcher.drain(1) == 0  # nothing left, nothing held
+    assert await again.stop() == {"replied": 3}
