@@ -198,3 +198,85 @@ async def test_drain_counts_what_it_leaves_and_what_came_during_it_and_the_next_
     assert len(again.replies()) == 3
     assert await again.dispatcher.drain(1) == 0  # nothing left, nothing held
     assert await again.stop() == {"replied": 3}
+
+
+class TooLate(ConsoleAdapter):
+    """A platform adapter that can no longer answer (LINE: the reply token expired and push is off)."""
+
+    def can_deliver(self, entry) -> bool:
+        return False
+
+
+class Broken(ConsoleAdapter):
+    """A platform adapter with a bug in its delivery."""
+
+    async def deliver(self, entry, reply, record_attempt):
+        raise RuntimeError("a bug in the platform adapter")
+
+
+class Naming(ConsoleAdapter):
+    """A platform adapter that names senders only when asked (LINE's profile lookup)."""
+
+    async def speaker_name(self, message):
+        return "けんちゃん"
+
+
+def said(platform: str, text: str, *, addressed: bool = True, chat: str = "local", user: str = "健太", **kw):
+    return IncomingMessage(platform, chat, "u1", user, text, addressed=addressed, **kw)
+
+
+async def test_every_way_a_message_ends_is_written_to_the_inbox_and_counted_under_its_own_name(tmp_path, backend):
+    """Each outcome a message can have, finished in the inbox under its name and counted in the metric of that
+    name: a platform that is not enabled (dropped), a message to nobody (quiet), a platform adapter that fails
+    (failed), one that can no longer answer (dropped, remembered with its event key, the model not asked), and a
+    plain reply. Nothing stays unfinished."""
+    start = Start(tmp_path, backend)
+    printed = start.printed
+    start.dispatcher.adapters.update({
+        "late": TooLate("健太", PERSONA, stdout=printed), "broken": Broken("健太", PERSONA, stdout=printed)})
+    await start.worker.start()
+    start.dispatcher.start(start.router)
+    entries = await start.dispatcher.accept([
+        said("line", "LINEは今日おやすみ"),  # no adapter for it in this start
+        said("console", "ひとりごと", addressed=False, chat="group"),
+        said("broken", "届かないかも"),
+        said("late", "遅すぎた質問"),
+        said("console", "こんにちは"),
+    ])
+    await start.dispatcher.idle()
+    assert await start.inbox.counts() == {"dropped": 2, "quiet": 1, "failed": 1, "replied": 1}
+    assert {o: start.outcomes(o) for o in ("dropped", "quiet", "failed", "replied")} == {
+        "dropped": 2, "quiet": 1, "failed": 1, "replied": 1}
+    assert [turn[-1].text for turn in start.model.conversations] == ["届かないかも", "こんにちは"]
+    assert len(start.replies()) == 1
+    # Too late to answer, yet part of the conversation: remembered once, under the inbox's key for it.
+    late = entries[3]
+    assert start.memory.text_of(late.key) == "遅すぎた質問"
+    assert [(t.speaker, t.text) for t in start.memory.recent("late:local", 10)] == [("健太", "遅すぎた質問")]
+    assert await start.stop() == {"dropped": 2, "quiet": 1, "failed": 1, "replied": 1}
+
+
+async def test_messages_wait_for_the_model_then_each_chat_is_answered_once_in_order(tmp_path, backend):
+    """Accepted before start() (the model is loading): nothing is answered and nothing finished; then every
+    message of a chat exactly once, in the order they came, under the name the platform adapter gives, and a
+    message that waited longer than its deadline still gets its whole deadline from the start."""
+    start = Start(tmp_path, backend)
+    start.dispatcher.adapters["named"] = Naming("健太", PERSONA, stdout=start.printed)
+    await start.worker.start()
+    long_ago = said("console", "一時間前のメッセージ")
+    long_ago = IncomingMessage(**{**long_ago.__dict__, "received": long_ago.received - 3600})
+    await start.dispatcher.accept([long_ago, said("console", "二つ目"), said("named", "名前は？")])
+    await start.dispatcher.accept([said("console", "三つ目")])
+    assert start.dispatcher.waiting == 4 and await start.inbox.counts() == {"unfinished": 4}
+    assert start.model.conversations == [] and start.dispatcher._tasks == {}
+    start.dispatcher.start(start.router)
+    await start.dispatcher.idle()
+    asked = [turn[-1].text for turn in start.model.conversations]
+    assert sorted(asked) == sorted(["一時間前のメッセージ", "二つ目", "三つ目", "名前は？"])
+    assert [t for t in asked if t != "名前は？"] == ["一時間前のメッセージ", "二つ目", "三つ目"]  # the chat's order
+    assert len(start.replies()) == 4 and start.dispatcher.waiting == 0
+    # The lookup's name is the one the persona sees and memory keeps.
+    [named] = [turn for turn in start.model.conversations if turn[-1].text == "名前は？"]
+    assert named[-1].speaker == "けんちゃん"
+    assert [t.speaker for t in start.memory.recent("named:local", 10)][0] == "けんちゃん"
+    assert await start.stop() == {"replied": 4}
