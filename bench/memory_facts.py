@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=-1, help="for a smoke run")
     parser.add_argument("--samples", type=int, default=0, help="held-out samples scored (0: all)")
+    parser.add_argument("--memory-from-reply", action="store_true", help="train --memory-from-reply for the hybrid")
     args = parser.parse_args()
 
     work = args.work
@@ -70,7 +71,8 @@ def main() -> None:
     train = ["--base", args.base, "--epochs", args.epochs, "--lr", args.lr, "--seed", args.seed, "--max-steps",
              args.max_steps, "--no-style-eval", "--eval-every", 0, "--no-progress"]
     sh(["train", data, "--out", work / "lora-alone", "--memory-notes", 0, *train], log)
-    sh(["train", data, "--out", work / "with-memory", "--memory-notes", 3, *train], log)
+    from_reply = ["--memory-from-reply"] if args.memory_from_reply else []
+    sh(["train", data, "--out", work / "with-memory", "--memory-notes", 3, *from_reply, *train], log)
     common = ["--data", data, "--probes", synth / "probes.jsonl", "--samples", args.samples, "--seed", args.seed,
               "--base", args.base, "--no-progress"]
     sh(["eval", work / "lora-alone", "--out", work / "report-lora-alone", "--systems", "tuned", *common], log)
@@ -97,7 +99,7 @@ def main() -> None:
         "device": device(),
         "base": args.base,
         "settings": {"epochs": args.epochs, "lr": args.lr, "seed": args.seed, "max_steps": args.max_steps,
-                     "memory_notes": 3},
+                     "memory_notes": 3, "memory_from_reply": args.memory_from_reply},
         "goals": GOALS,
         "systems": systems,
         "verdict": verdict,

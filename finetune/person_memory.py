@@ -227,8 +227,14 @@ def notes(entries: Sequence[MemoryEntry]) -> list[MemoryNote]:
     return [e.note() for e in entries]
 
 
-def sample_notes(memory: PersonMemory | None, sample: dict, k: int) -> list[MemoryNote]:
+def sample_notes(memory: PersonMemory | None, sample: dict, k: int, *, with_reply: bool = False) -> list[MemoryNote]:
     """The notes a prepared sample's prompt carries: recalled from before its conversation began.
+
+    `with_reply` (train --memory-from-reply): the query is the conversation and the reply to learn, so the notes
+    are the past messages that bear on what the person answered. Still only the past: the reply picks among what
+    was said before, it is never a note itself. In real chats a fact is rarely asked twice, so notes recalled by the
+    conversation alone almost never hold the answer, and a LoRA learns to ignore them; with the reply in the
+    query, the notes that hold it are the ones shown, as they are when a later question is served.
 
     A sample without `conversation_start` (a dataset prepared before the memory existed) gets none rather
     than a guess: a later cut-off could show the model its own conversation."""
@@ -239,7 +245,10 @@ def sample_notes(memory: PersonMemory | None, sample: dict, k: int) -> list[Memo
         before = datetime.fromisoformat(start)
     except ValueError:
         return []
-    return notes(memory.recall(as_turns(sample["context"]), k, before=before))
+    query = as_turns(sample["context"])
+    if with_reply:
+        query = [*query, ChatTurn(sample["persona"], sample["target"])]
+    return notes(memory.recall(query, k, before=before))
 
 
 def copy_memory(source: Path, target: Path) -> None:

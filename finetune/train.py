@@ -92,6 +92,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-notes", type=int, default=3, metavar="K",
                    help="the persona's memory: notes recalled into each training prompt from before its conversation, "
                    "as the bot recalls them when it replies (default 3; 0: train without memory)")
+    p.add_argument("--memory-from-reply", action="store_true",
+                   help="recall each training prompt's notes with the reply to learn as well as the conversation "
+                   "(still only from before it): the notes then hold what the reply drew on, which teaches the LoRA to "
+                   "answer from its memory")
     p.add_argument("--style-eval-samples", type=int, default=64,
                    help="held-out replies the short eval at the end generates and scores (default 64; "
                    "`finetune eval` makes the full report)")
@@ -205,7 +209,7 @@ def train_defaults_from_config(path: Path) -> dict:
 
 def _run_identity(args, base: str, dataset_fingerprint: str) -> dict:
     keys = ("template", "quantize", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lr", "max_length",
-            "pack_length", "batch_tokens", "seed", "memory_notes")
+            "pack_length", "batch_tokens", "seed", "memory_notes", "memory_from_reply")
     return {"base": base, "dataset": dataset_fingerprint, **{k: getattr(args, k) for k in keys}}
 
 
@@ -421,7 +425,7 @@ class PackedData:
 def pack(args: argparse.Namespace, plan: RunPlan, setup: ModelSetup) -> PackedData:
     """Each sample rendered with the bot's prompt and tokenized (loss on the reply alone), then packed into rows."""
     tokenizer = setup.loaded.tokenizer
-    recall = memory_recall(plan.memory, args.memory_notes)
+    recall = memory_recall(plan.memory, args.memory_notes, with_reply=args.memory_from_reply)
     encoded_train, skipped_train = encode_all(tokenizer, plan.train_samples, args.template, setup.max_length, recall)
     encoded_eval, skipped_eval = encode_all(tokenizer, plan.eval_samples, args.template, setup.max_length, recall)
     if not encoded_train:
@@ -433,11 +437,11 @@ def pack(args: argparse.Namespace, plan: RunPlan, setup: ModelSetup) -> PackedDa
                       useful_tokens=sum(len(r.input_ids) for r in train_rows))
 
 
-def memory_recall(memory: PersonMemory | None, k: int) -> Callable[[dict], list] | None:
+def memory_recall(memory: PersonMemory | None, k: int, *, with_reply: bool = False) -> Callable[[dict], list] | None:
     """A sample's notes (person_memory.sample_notes) or None without a memory."""
     if memory is None or k <= 0:
         return None
-    return lambda sample: sample_notes(memory, sample, k)
+    return lambda sample: sample_notes(memory, sample, k, with_reply=with_reply)
 
 
 def wrap_with_lora(args: argparse.Namespace, setup: ModelSetup):
@@ -644,7 +648,7 @@ def build_manifest(args: argparse.Namespace, plan: RunPlan, setup: ModelSetup, d
             "wall_seconds": round(time.time() - started, 1),
         },
         speakers=plan.speakers,
-        memory=({"notes": args.memory_notes, "entries": len(plan.memory), "sha256": plan.memory.sha256}
+        memory=({"notes": args.memory_notes, "from_reply": args.memory_from_reply, "entries": len(plan.memory), "sha256": plan.memory.sha256}
                 if plan.memory is not None else {}),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         bunshin_version=bunshin_version(),

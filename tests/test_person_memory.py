@@ -172,6 +172,48 @@ def test_prepare_writes_the_personas_notes_redacted_and_without_excluded_speaker
     assert "2024-05-10: ゆうと「仕事どう？」 → 彩花「転職して物流の会社にいる！」" in prompt
 
 
+
+HOBBY_CHAT = """[LINE] みんなのトーク履歴
+保存日時：2024/06/02 23:10
+
+2023/01/10(火)
+10:00\tゆうと\t週末なにしてた？
+10:01\t彩花\tボルダリング行ってた！腕パンパン
+2023/03/10(金)
+10:00\tゆうと\t週末なにしてた？
+10:01\t彩花\t家でゴロゴロしてた
+2023/06/10(土)
+10:00\tゆうと\t最近どう？
+10:01\t彩花\tまたボルダリング行ってきた〜
+"""
+
+
+def test_training_notes_recalled_with_the_reply_hold_what_it_drew_on_and_never_its_own_conversation(tmp_path):
+    """train --memory-from-reply: the reply to learn joins the query, so the note it drew on is the one recalled
+    ("最近どう？" alone finds nothing about climbing); the cut-off is the same, nothing from the sample's own
+    conversation or later, so the reply itself is never a note."""
+    from finetune.person_memory import sample_notes
+
+    export = tmp_path / "chat.txt"
+    export.write_text(HOBBY_CHAT, encoding="utf-8")
+    out = _prepare(tmp_path, export, "彩花")
+    memory = PersonMemory.load(out)
+    samples = [json.loads(line) for name in ("train.jsonl", "eval.jsonl")
+               for line in (out / name).read_text(encoding="utf-8").splitlines()]
+    [again] = [s for s in samples if s["target"].startswith("また")]
+
+    def said(notes):
+        return [t.text for note in notes for t in note.turns if t.speaker == "彩花"]
+
+    assert said(sample_notes(memory, again, 1, with_reply=True)) == ["ボルダリング行ってた！腕パンパン"]
+    assert "ボルダリング行ってた！腕パンパン" not in said(sample_notes(memory, again, 1))
+    for sample in samples:
+        for with_reply in (False, True):
+            for note in sample_notes(memory, sample, 4, with_reply=with_reply):
+                assert note.date < sample["conversation_start"][:10]  # only the past, the reply never among them
+    [first] = [s for s in samples if s["target"].startswith("ボルダリング")]
+    assert sample_notes(memory, first, 3, with_reply=True) == []  # nothing was said before its conversation
+
 def test_a_missing_corrupt_or_foreign_index_is_refused_with_the_rebuild_command(tmp_path):
     export = tmp_path / "chat.txt"
     export.write_text(FACT_CHAT, encoding="utf-8")
