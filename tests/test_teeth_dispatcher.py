@@ -9,6 +9,7 @@ opened again on the same files, which is what the next start of the daemon does.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 
@@ -280,3 +281,96 @@ async def test_messages_wait_for_the_model_then_each_chat_is_answered_once_in_or
     assert named[-1].speaker == "けんちゃん"
     assert [t.speaker for t in start.memory.recent("named:local", 10)][0] == "けんちゃん"
     assert await start.stop() == {"replied": 4}
+
+
+class TooLateNaming(Naming):
+    def can_deliver(self, entry) -> bool:
+        return False
+
+
+async def test_a_message_too_late_to_answer_is_remembered_under_the_name_the_platform_gives(tmp_path, backend):
+    start = Start(tmp_path, backend)
+    start.dispatcher.adapters["late"] = TooLateNaming("健太", PERSONA, stdout=start.printed)
+    await start.worker.start()
+    start.dispatcher.start(start.router)
+    await start.dispatcher.accept([said("late", "もう遅い？")])
+    await start.dispatcher.idle()
+    assert [(t.speaker, t.text) for t in start.memory.recent("late:local", 10)] == [("けんちゃん", "もう遅い？")]
+    assert start.model.conversations == [] and await start.stop() == {"dropped": 1}
+
+
+async def test_a_message_that_comes_long_after_the_start_has_its_own_deadline(tmp_path, backend):
+    """Only a message that waited for the model gets its deadline moved to the start; one that comes an hour into
+    serving keeps its own (moved to the start, it would be an hour late and never reach the model)."""
+    start = Start(tmp_path, backend)
+    await start.worker.start()
+    start.dispatcher.start(start.router)
+    start.dispatcher._serving_since -= 3600  # serving for an hour
+    await start.dispatcher.accept([said("console", "いまきたよ")])
+    await start.dispatcher.idle()
+    assert [turn[-1].text for turn in start.model.conversations] == ["いまきたよ"]
+    assert len(start.replies()) == 1 and await start.stop() == {"replied": 1}
+
+
+class KilledWhilePrinting(ConsoleAdapter):
+    """Records the attempt as the console does, then the process dies before the line is printed and finished."""
+
+    async def deliver(self, entry, reply, record_attempt):
+        await record_attempt("print")
+        await asyncio.Event().wait()  # never returns: the kill comes first
+
+
+async def test_a_reply_whose_delivery_began_before_a_crash_is_not_delivered_twice_nor_made_again(tmp_path, backend):
+    """The attempt (its method and the reply) is committed before the platform adapter sends: after the crash the
+    next start sees it, does not print a second time and does not ask the model again (maybe_delivered)."""
+    async with crashed(tmp_path, backend) as start:
+        start.dispatcher.adapters["console"] = KilledWhilePrinting("健太", PERSONA, stdout=start.printed)
+        await start.worker.start()
+        start.dispatcher.start(start.router)
+        [entry] = await start.dispatcher.accept([said("console", "届いた？")])
+        for _ in range(200):  # until the attempt is recorded
+            if entry.attempted("print") is not None:
+                break
+            await asyncio.sleep(0.05)
+        made = entry.reply
+        assert made and len(start.model.conversations) == 1
+        for task in list(start.dispatcher._tasks.values()):
+            task.cancel()
+        await start.worker.stop(5)
+    again = Start(tmp_path, backend)
+    [recovered] = again.inbox.recovered
+    assert recovered.reply == made and recovered.attempted("print") is not None
+    await again.serve_what_was_left()
+    assert again.replies() == [] and again.model.conversations == []
+    assert await again.stop() == {"maybe_delivered": 1}
+
+
+class Stuck(ConsoleAdapter):
+    """A platform adapter that ignores its cancellation (a blocking call in a library, say)."""
+
+    released = False  # the test lets it go at the end, so the event loop can close
+
+    async def deliver(self, entry, reply, record_attempt):
+        while not self.released:
+            try:
+                await asyncio.sleep(0.1)
+            except asyncio.CancelledError:
+                continue
+        return "failed"
+
+
+async def test_a_stuck_platform_adapter_cannot_hold_up_shutdown(tmp_path, backend):
+    start = Start(tmp_path, backend)
+    start.dispatcher.adapters["stuck"] = stuck = Stuck("健太", PERSONA, stdout=start.printed)
+    await start.worker.start()
+    start.dispatcher.start(start.router)
+    await start.dispatcher.accept([said("stuck", "おーい")])
+    while not start.model.conversations:
+        await asyncio.sleep(0.05)
+    assert await asyncio.wait_for(start.dispatcher.drain(0.1), timeout=30) == 1  # the limit, then 5 s for the cancel
+    assert await start.inbox.counts() == {"unfinished": 1}
+    stuck.released = True
+    await start.dispatcher.idle()
+    await start.worker.stop(5)
+    start.inbox.close()
+    start.memory.close()
