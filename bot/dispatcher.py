@@ -44,7 +44,6 @@ class Dispatcher:
         self.inbox = inbox
         self.adapters = adapters  # platform name -> platform adapter
         self.metrics = metrics
-        self.max_active = max_active
         self.router = None  # set by start(): until then messages wait
         self._chats: dict[str, deque[InboxEntry]] = {}  # waiting or being answered, per chat in order
         self._tasks: dict[str, asyncio.Task] = {}  # chat key -> the task answering it
