@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bot.api import ApiError, parse_chat_request
+from bot.api_request import ApiError, parse_chat_request
 from bot.config import BotConfig
 from finetune.prompt import ChatTurn
 from tests.support.api_daemon import (
