@@ -172,7 +172,7 @@ class LineApi:
                 if 200 <= r.status < 300:
                     return Attempt("sent", r.status)
                 return self._refused(what, chat_id, r.status, r.reason, r.headers, answer)
-        except aiohttp.ClientConnectorError as exc:  # no connection: the request never left
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:  # no connection: never left
             self.metrics.errors.labels(kind="line_api").inc()
             log.warning("LINE %s for %s failed: %s", what, loggable(chat_id), type(exc).__name__)
             return Attempt("unsent")

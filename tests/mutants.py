@@ -32,9 +32,9 @@ MODULES = {
     "bot.http_input": ["tests/test_http_input.py", "tests/test_api_bad_input.py", "tests/test_line_webhook_input.py", "tests/test_teeth_api.py"],
     "finetune.redact": ["tests/test_teeth_redact.py", "tests/test_redact.py"],
     "finetune.scoring": ["tests/test_teeth_scoring.py", "tests/test_scoring.py"],
-    "adapters.line": ["tests/test_line_adapter.py", "tests/test_line_faults.py", "tests/test_line_names.py",
+    "adapters.line": ["tests/test_teeth_line.py", "tests/test_line_adapter.py", "tests/test_line_faults.py", "tests/test_line_names.py",
                       "tests/test_secrets_in_logs.py", "tests/test_line_webhook_input.py"],
-    "adapters.line_api": ["tests/test_line_faults.py", "tests/test_line_adapter.py", "tests/test_line_names.py"],
+    "adapters.line_api": ["tests/test_teeth_line.py", "tests/test_line_faults.py", "tests/test_line_adapter.py", "tests/test_line_names.py"],
 }
 
 

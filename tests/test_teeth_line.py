@@ -1,0 +1,324 @@
+"""Tests written against the mutants `make mutants` left alive in adapters/line_api.py and adapters/line.py
+(docs/mutation.md): what each call to LINE's API sends and logs, and the retry policy's whole range.
+
+LINE's API is a real aiohttp server on loopback that answers as told and records what it was sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+from contextlib import asynccontextmanager
+
+import pytest
+from aiohttp import web
+
+from adapters import line_api
+from adapters.line_api import LineApi, RetryPolicy
+from bot.metrics import BotMetrics
+
+USER = "U" + "a" * 32
+GROUP = "C" + "b" * 32
+
+
+@asynccontextmanager
+async def line_answering(status: int = 200, body: dict | None = None, headers: dict | None = None, handler=None,
+                         timeout_s: float = 5.0):
+    """A LINE API on loopback that answers every request with `status` and `body` (or as `handler` does);
+    yields (api, requests seen). The raw path is kept as sent (percent-escapes and all)."""
+    seen: list[dict] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        seen.append({"path": request.path, "raw_path": request.raw_path, "method": request.method,
+                     "headers": dict(request.headers), "body": await request.read()})
+        if handler is not None:
+            return await handler(request)
+        return web.json_response(body or {}, status=status, headers=headers)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    api = LineApi(f"http://127.0.0.1:{port}", "token-for-tests", timeout_s, BotMetrics())
+    api.open()
+    try:
+        yield api, seen
+    finally:
+        await api.close()
+        await runner.cleanup()
+
+
+def test_backoff_jitter_spans_the_whole_upper_half_of_each_step(monkeypatch):
+    """Equal jitter: half the step fixed, the other half drawn; after a 429, up to half a base step on top of
+    Retry-After. The draw's bounds are checked at both ends (the policy's range, not only that it stays inside)."""
+    policy = RetryPolicy(base_s=0.5, max_s=4.0)
+    monkeypatch.setattr(line_api.random, "uniform", lambda low, high: high)
+    assert [policy.wait_before_retry(n, None) for n in (1, 2, 3, 4, 5)] == [0.5, 1.0, 2.0, 4.0, 4.0]
+    assert policy.wait_before_retry(1, 3.0) == 3.25
+    monkeypatch.setattr(line_api.random, "uniform", lambda low, high: low)
+    assert [policy.wait_before_retry(n, None) for n in (1, 2, 3, 4, 5)] == [0.25, 0.5, 1.0, 2.0, 2.0]
+    assert policy.wait_before_retry(1, 3.0) == 3.0
+
+
+@pytest.mark.parametrize("call, what", [
+    (lambda api: api.reply(USER, "reply-token-1", [{"type": "text", "text": "x"}], "reply to event 1"),
+     "reply to event 1"),
+    (lambda api: api.push(GROUP, [{"type": "text", "text": "x"}], "retry-key-1", "push for event 2"), "push for event 2"),
+    (lambda api: api.show_loading(USER, 20), "loading animation"),
+])
+async def test_a_refused_call_is_logged_naming_the_call_the_chat_and_lines_reason(call, what, caplog):
+    caplog.set_level(logging.WARNING, logger="bunshin.line")
+    async with line_answering(400, {"message": "The request body has 1 error(s)"}) as (api, seen):
+        attempt = await call(api)
+    assert attempt.outcome == "refused" and attempt.status == 400
+    [record] = [r for r in caplog.records if r.name == "bunshin.line"]
+    chat = GROUP if "push" in what else USER
+    assert record.getMessage() == f"LINE {what} for {chat} failed: HTTP 400 Bad Request The request body has 1 error(s)"
+
+
+async def test_each_call_posts_lines_json_to_its_own_path():
+    async with line_answering(200) as (api, seen):
+        await api.reply(USER, "reply-token-1", [{"type": "text", "text": "返事"}], "reply")
+        await api.push(GROUP, [{"type": "text", "text": "返事"}], "retry-key-1", "push")
+        await api.show_loading(USER, 20)
+    assert [r["path"] for r in seen] == [line_api.REPLY, line_api.PUSH, line_api.LOADING]
+    bodies = [json.loads(r["body"]) for r in seen]
+    assert bodies == [{"replyToken": "reply-token-1", "messages": [{"type": "text", "text": "返事"}]},
+                      {"to": GROUP, "messages": [{"type": "text", "text": "返事"}]},
+                      {"chatId": USER, "loadingSeconds": 20}]
+    assert "返事".encode() in seen[0]["body"]  # UTF-8 as it is, not \u escapes: LINE counts characters either way
+    assert [r["headers"].get("X-Line-Retry-Key") for r in seen] == [None, "retry-key-1", None]
+    assert all(r["headers"]["Authorization"] == "Bearer token-for-tests" for r in seen)
+    assert all(r["headers"]["Content-Type"] == "application/json" for r in seen)
+
+
+def line_api_errors(api: LineApi) -> float:
+    return api.metrics.registry.get_sample_value("bunshin_errors_total", {"kind": "line_api"}) or 0.0
+
+
+@pytest.mark.parametrize("status, outcome", [(200, "sent"), (299, "sent"), (300, "unknown"), (400, "refused"),
+                                             (409, "conflict"), (429, "throttled"), (500, "unknown")])
+async def test_each_answer_is_classified_with_its_status_and_every_failure_counted(status, outcome):
+    async with line_answering(status) as (api, seen):
+        attempt = await api.push(GROUP, [{"type": "text", "text": "x"}], "retry-key-1", "push")
+        assert (attempt.outcome, attempt.status) == (outcome, status)
+        assert line_api_errors(api) == (0 if outcome == "sent" else 1)
+
+
+async def test_a_connection_refused_is_unsent_counted_and_logged(caplog):
+    caplog.set_level(logging.WARNING, logger="bunshin.line")
+    async with line_answering(200) as (api, seen):
+        host = api.host
+    # The server is gone: nothing listens on its port now.
+    api = LineApi(host, "token-for-tests", 5.0, BotMetrics())
+    api.open()
+    try:
+        attempt = await api.reply(USER, "reply-token-1", [{"type": "text", "text": "x"}], "reply to event 1")
+    finally:
+        await api.close()
+    assert (attempt.outcome, attempt.status, attempt.retriable) == ("unsent", None, True)
+    assert line_api_errors(api) == 1
+    assert [r.getMessage() for r in caplog.records if r.name == "bunshin.line"] == [
+        f"LINE reply to event 1 for {USER} failed: ClientConnectorError"]
+
+
+async def test_lines_reason_is_logged_cut_to_200_characters_and_a_body_without_one_adds_nothing(caplog):
+    caplog.set_level(logging.WARNING, logger="bunshin.line")
+    long_reason = "The property, 'to', in the request body is invalid " * 8  # LINE's words, over 200 characters
+    async with line_answering(400, {"message": long_reason}) as (api, seen):
+        await api.push(GROUP, [{"type": "text", "text": "x"}], "retry-key-1", "push")
+    async with line_answering(400, {"details": []}) as (api, seen):
+        await api.push(GROUP, [{"type": "text", "text": "x"}], "retry-key-2", "push")
+    first, second = [r.getMessage() for r in caplog.records if r.name == "bunshin.line"]
+    assert first == f"LINE push for {GROUP} failed: HTTP 400 Bad Request {long_reason[:200]}"
+    assert second == f"LINE push for {GROUP} failed: HTTP 400 Bad Request "
+
+
+async def test_calls_go_through_the_proxy_the_environment_names(monkeypatch):
+    """HTTPS_PROXY / HTTP_PROXY are read once, when the client is made (a server behind a corporate proxy):
+    here LINE's host does not resolve, so only a call through the proxy on loopback can arrive."""
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    async with line_answering(200) as (proxy, seen):
+        monkeypatch.setenv("HTTP_PROXY", proxy.host)
+        # A trailing slash in [line] api_host is dropped, and only it (the host's own last letter stays).
+        api = LineApi("http://api.line.invalidX/", "token-for-tests", 5.0, BotMetrics())
+        api.open()
+        try:
+            attempt = await api.show_loading(USER, 20)
+            name = await api.display_name("user", USER, USER)
+        finally:
+            await api.close()
+    assert attempt.outcome == "sent" and name is None  # the proxy's answer, {}, holds no displayName
+    # A proxy is sent the whole URL (the host as yarl normalises it: lower case).
+    host = "http://api.line.invalidx"
+    assert [r["raw_path"] for r in seen] == [host + line_api.LOADING, f"{host}/v2/bot/profile/{USER}"]
+    assert [r["headers"]["Host"] for r in seen] == ["api.line.invalidx", "api.line.invalidx"]
+
+
+def test_loggable_cuts_to_40_characters_and_writes_anything_else_as_ascii():
+    assert line_api.loggable("U" * 50) == "U" * 40
+    assert line_api.loggable("x" * 50, 45) == "x" * 45
+    assert line_api.loggable("名前\nfoo") == "??\nfoo"
+    assert line_api.loggable(None) == "None"
+
+
+async def test_a_profile_lookup_puts_each_id_in_one_path_segment_whatever_it_holds():
+    """The adapter asks only for ids shaped as LINE's; the client still quotes each whole, so an id could never
+    reach another endpoint of the API (a `/` in it is %2F, not a new segment)."""
+    async with line_answering(200, {"displayName": "翔太"}) as (api, seen):
+        assert await api.display_name("group", "C1/../../message/push", "U2/x") == "翔太"
+        assert await api.display_name("room", "R3", "U4") == "翔太"
+    assert [r["raw_path"] for r in seen] == ["/v2/bot/group/C1%2F..%2F..%2Fmessage%2Fpush/member/U2%2Fx",
+                                            "/v2/bot/room/R3/member/U4"]
+    assert [r["method"] for r in seen] == ["GET", "GET"]
+    assert all(r["headers"]["Authorization"] == "Bearer token-for-tests" for r in seen)
+
+
+@pytest.mark.parametrize("answer", [{"displayName": 17}, {"displayName": None}, {"displayName": " \n "}, ["x"], {}])
+async def test_a_profile_without_a_name_in_text_is_no_name_counted_and_logged(answer, caplog):
+    caplog.set_level(logging.WARNING, logger="bunshin.line")
+
+    async def handler(request):
+        return web.json_response(answer)
+
+    async with line_answering(handler=handler) as (api, seen):
+        assert await api.display_name("user", USER, USER) is None
+        assert line_api_errors(api) == 1
+    assert [r.getMessage() for r in caplog.records if r.name == "bunshin.line"] == [
+        f"LINE profile lookup for {USER} failed: the answer holds no displayName"]
+
+
+async def test_a_refused_profile_lookup_is_counted_and_logged_with_lines_reason(caplog):
+    caplog.set_level(logging.WARNING, logger="bunshin.line")
+    async with line_answering(404, {"message": "Not found"}) as (api, seen):
+        assert await api.display_name("user", USER, USER) is None
+        assert line_api_errors(api) == 1
+    assert [r.getMessage() for r in caplog.records if r.name == "bunshin.line"] == [
+        f"LINE profile lookup for {USER} failed: HTTP 404 Not Found Not found"]
+
+
+async def test_a_profile_lookup_is_bounded_as_a_whole_not_only_each_read():
+    """The reply waits for the name, so a lookup that trickles its answer (every read quick, the whole slow) is
+    given up after [line] api_timeout_s, as a hung one is."""
+    async def trickle(request):
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        for byte in json.dumps({"displayName": "翔太"}).encode():
+            await response.write(bytes([byte]))
+            await asyncio.sleep(0.05)
+        return response
+
+    async with line_answering(handler=trickle, timeout_s=0.3) as (api, seen):
+        began = time.monotonic()
+        assert await api.display_name("user", USER, USER) is None
+        assert time.monotonic() - began < 0.6
+        assert line_api_errors(api) == 1
+
+
+async def test_a_connect_that_never_finishes_is_unsent_after_the_timeout(caplog):
+    """[line] api_timeout_s bounds connecting. A full listen backlog: the handshake never completes, so the
+    request never left: `unsent`, safe to retry with the same reply token. Counted."""
+    caplog.set_level(logging.WARNING, logger="bunshin.line")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    waiting = []
+    for _ in range(3):  # fill the backlog: further SYNs are dropped
+        client = socket.socket()
+        client.setblocking(False)
+        client.connect_ex(("127.0.0.1", port))
+        waiting.append(client)
+    api = LineApi(f"http://127.0.0.1:{port}", "token-for-tests", 0.3, BotMetrics())
+    api.open()
+    try:
+        began = time.monotonic()
+        attempt = await asyncio.wait_for(api.push(GROUP, [{"type": "text", "text": "x"}], "key", "push"), 5)
+        assert attempt.outcome == "unsent" and time.monotonic() - began < 2
+        assert line_api_errors(api) == 1
+    finally:
+        await api.close()
+        for sock in [listener, *waiting]:
+            sock.close()
+    assert [r.getMessage() for r in caplog.records if r.name == "bunshin.line"] == [
+        f"LINE push for {GROUP} failed: ConnectionTimeoutError"]
+
+
+async def test_an_answer_that_does_not_come_in_time_is_unknown_and_counted(caplog):
+    """LINE took the request and did not answer within [line] api_timeout_s: it may have been delivered."""
+    caplog.set_level(logging.WARNING, logger="bunshin.line")
+
+    async def silent(request):
+        await asyncio.sleep(3)
+        return web.json_response({})
+
+    async with line_answering(handler=silent, timeout_s=0.3) as (api, seen):
+        attempt = await asyncio.wait_for(api.push(GROUP, [{"type": "text", "text": "x"}], "key", "push"), 5)
+        assert attempt.outcome == "unknown" and attempt.retriable
+        assert line_api_errors(api) == 1
+    assert [r.getMessage() for r in caplog.records if r.name == "bunshin.line"] == [
+        f"LINE push for {GROUP} failed: SocketTimeoutError"]
+
+
+async def test_an_answer_that_is_not_json_adds_nothing_to_the_log_line(caplog):
+    caplog.set_level(logging.WARNING, logger="bunshin.line")
+
+    async def gateway(request):
+        return web.Response(status=502, text="<html>bad gateway</html>", content_type="text/html")
+
+    async with line_answering(handler=gateway) as (api, seen):
+        attempt = await api.push(GROUP, [{"type": "text", "text": "x"}], "key", "push")
+    assert attempt.outcome == "unknown"
+    assert [r.getMessage() for r in caplog.records if r.name == "bunshin.line"] == [
+        f"LINE push for {GROUP} failed: HTTP 502 Bad Gateway "]
+
+
+async def test_at_most_64_calls_are_open_at_once_the_rest_wait_for_a_connection():
+    """A burst of replies shares the pool of CONNECTIONS; the 65th waits for one (it does not fail, and LINE's
+    API does not see more connections from one bot than that)."""
+    open_now, most, release = 0, 0, asyncio.Event()
+
+    async def hold(request):
+        nonlocal open_now, most
+        open_now += 1
+        most = max(most, open_now)
+        await release.wait()
+        open_now -= 1
+        return web.json_response({})
+
+    async with line_answering(handler=hold) as (api, seen):
+        calls = [asyncio.create_task(api.push(GROUP, [{"type": "text", "text": "x"}], f"key-{i}", "push"))
+                 for i in range(line_api.CONNECTIONS + 6)]
+        try:
+            while len(seen) < line_api.CONNECTIONS:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)  # time for any call beyond the pool to arrive, were it let through
+            assert most == line_api.CONNECTIONS
+        finally:
+            release.set()
+        attempts = await asyncio.gather(*calls)
+    assert [a.outcome for a in attempts] == ["sent"] * (line_api.CONNECTIONS + 6)
+
+
+async def test_the_proxy_is_read_once_when_the_client_starts(monkeypatch):
+    """A proxy set in the environment after start is not used (the client does not read it on each call)."""
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    async with line_answering(200) as (api, seen):
+        monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
+        attempt = await api.show_loading(USER, 20)
+    assert attempt.outcome == "sent" and len(seen) == 1
+
+
+async def test_close_closes_the_session_and_is_safe_before_open():
+    await LineApi("http://127.0.0.1:9", "token-for-tests", 1.0, BotMetrics()).close()  # never opened
+    async with line_answering(200) as (api, seen):
+        await api.push(GROUP, [{"type": "text", "text": "x"}], "key", "push")
+    assert api._session.closed
