@@ -11,14 +11,20 @@ import json
 import logging
 import socket
 import time
+import uuid
 from contextlib import asynccontextmanager
 
 import pytest
 from aiohttp import web
 
-from adapters import line_api
+from adapters import line, line_api
+from adapters.line import LineAdapter
 from adapters.line_api import LineApi, RetryPolicy
+from bot.config import BotConfig
+from bot.inbox import InboxEntry
+from bot.messages import IncomingMessage
 from bot.metrics import BotMetrics
+from tests.support.fake_line_api import PUSH, REPLY, Fault, serving_fake_line
 
 USER = "U" + "a" * 32
 GROUP = "C" + "b" * 32
@@ -322,3 +328,134 @@ async def test_close_closes_the_session_and_is_safe_before_open():
     async with line_answering(200) as (api, seen):
         await api.push(GROUP, [{"type": "text", "text": "x"}], "key", "push")
     assert api._session.closed
+
+
+# --------------------------------------------------------------------------- LineAdapter.deliver, outcome by outcome
+
+SECRET_ENV, TOKEN_ENV = "BUNSHIN_TEETH_LINE_SECRET", "BUNSHIN_TEETH_LINE_TOKEN"
+ACCESS_TOKEN = "teeth-access-token"
+QUICK = RetryPolicy(attempts=3, base_s=0.01, max_s=0.02, max_retry_after_s=1.0)
+
+
+@asynccontextmanager
+async def adapter_and_fake(tmp_path, monkeypatch, **line):
+    """A LineAdapter (its client open, as run() opens it) in front of the fake LINE API of tests/support."""
+    monkeypatch.setenv(SECRET_ENV, "teeth-secret")
+    monkeypatch.setenv(TOKEN_ENV, ACCESS_TOKEN)
+    monkeypatch.setattr(LineAdapter, "retry", QUICK)
+    async with serving_fake_line(ACCESS_TOKEN) as fake:
+        config = BotConfig.from_dict({
+            "persona": {"name": "美咲"}, "memory": {"path": str(tmp_path / "memory.sqlite3")},
+            "line": {"enabled": True, "channel_secret_env": SECRET_ENV, "access_token_env": TOKEN_ENV,
+                     "api_host": fake.url, "api_timeout_s": 0.5, **line},
+        }, source="test")
+        adapter = LineAdapter(config, BotMetrics(), "美咲")
+        stopping = asyncio.Event()
+        running = asyncio.create_task(adapter.run(lambda messages: None, stopping))
+        await asyncio.sleep(0)
+        try:
+            yield adapter, fake
+        finally:
+            stopping.set()
+            await running
+            await adapter.close()
+
+
+def entry(token: str | None = "reply-token-1", *, age_s: float = 0.0, attempts=(), chat: str = USER) -> InboxEntry:
+    at = time.time() - age_s
+    message = IncomingMessage(platform="line", chat_id=chat, user_id=USER, user_name="LINE user aaaa", text="やあ",
+                              addressed=True, event_id="01TEETHEVENT", received_at=at,
+                              delivery={"kind": "user", "reply_token": token, "event_ms": int(at * 1000)})
+    return InboxEntry(7, message, attempts=[(method, time.time() - ago) for method, ago in attempts])
+
+
+class Attempts(list):
+    """record_attempt as the dispatcher passes it: each method named before its first try."""
+
+    async def __call__(self, method: str) -> None:
+        self.append(method)
+
+
+async def deliver(adapter, inbox_entry, reply: str = "返事だよ") -> tuple[str, list[str]]:
+    recorded = Attempts()
+    outcome = await adapter.deliver(inbox_entry, reply, recorded)
+    return outcome, list(recorded)
+
+
+async def test_a_fresh_token_is_replied_with_and_the_attempt_recorded_as_reply_first(tmp_path, monkeypatch):
+    async with adapter_and_fake(tmp_path, monkeypatch) as (adapter, fake):
+        assert await deliver(adapter, entry()) == ("replied", ["reply"])
+        assert [d.texts for d in fake.replies_to("reply-token-1")] == [["返事だよ"]]
+        assert [c["json"]["replyToken"] for c in fake.to(REPLY)] == ["reply-token-1"]
+
+
+async def test_a_reply_that_keeps_failing_is_tried_exactly_attempts_times(tmp_path, monkeypatch):
+    async with adapter_and_fake(tmp_path, monkeypatch, unknown_outcome="drop") as (adapter, fake):
+        fake.script[REPLY] = [Fault(500)] * 5
+        assert await deliver(adapter, entry()) == ("unknown_dropped", ["reply"])
+        assert len(fake.to(REPLY)) == QUICK.attempts
+        fake.script[PUSH] = [Fault(500)] * 5
+        pushed = entry(chat=GROUP, attempts=[("push", 60)])
+        assert await deliver(adapter, pushed) == ("failed", ["push"])
+        assert len(fake.to(PUSH)) == QUICK.attempts
+
+
+@pytest.mark.parametrize("policy, expected", [("push", ("unknown_pushed", ["reply", "push"])),
+                                               ("drop", ("unknown_dropped", ["reply"]))])
+async def test_an_unknown_outcome_follows_the_unknown_outcome_setting(tmp_path, monkeypatch, policy, expected, caplog):
+    caplog.set_level(logging.WARNING, logger="bunshin.line")
+    async with adapter_and_fake(tmp_path, monkeypatch, unknown_outcome=policy) as (adapter, fake):
+        fake.script[REPLY] = [Fault(500)] * 5  # every try answered 500: each may have got through
+        assert await deliver(adapter, entry()) == expected
+        assert [d.path for d in fake.delivered()] == ([PUSH] if policy == "push" else [])
+    warning = next(r.getMessage() for r in caplog.records if "outcome unknown" in r.getMessage())
+    assert "line:" + USER in warning and "event 01TEETHEVENT" in warning and "inbox entry 7" in warning
+
+
+async def test_an_unknown_outcome_whose_push_fails_is_failed_not_pushed(tmp_path, monkeypatch):
+    async with adapter_and_fake(tmp_path, monkeypatch, unknown_outcome="push") as (adapter, fake):
+        fake.script[REPLY] = [Fault(500)] * 5
+        fake.script[PUSH] = [Fault(403)]
+        assert await deliver(adapter, entry()) == ("failed", ["reply", "push"])
+
+
+async def test_a_token_refused_on_a_first_try_was_never_used_and_is_pushed_or_dropped(tmp_path, monkeypatch):
+    async with adapter_and_fake(tmp_path, monkeypatch, push_fallback=True) as (adapter, fake):
+        fake.spent_tokens.add("reply-token-1")  # LINE's "Invalid reply token": expired, and not by us
+        assert await deliver(adapter, entry()) == ("replied", ["reply", "push"])
+        assert [d.texts for d in fake.pushes_to(USER)] == [["返事だよ"]]
+    async with adapter_and_fake(tmp_path, monkeypatch, push_fallback=False) as (adapter, fake):
+        fake.spent_tokens.add("reply-token-1")
+        assert await deliver(adapter, entry()) == ("dropped", ["reply"])
+        assert fake.delivered() == []
+
+
+async def test_a_token_refused_after_a_try_before_a_restart_may_have_been_delivered(tmp_path, monkeypatch):
+    async with adapter_and_fake(tmp_path, monkeypatch, push_fallback=True) as (adapter, fake):
+        fake.spent_tokens.add("reply-token-1")  # spent by the try the last run made
+        assert await deliver(adapter, entry(attempts=[("reply", 5)])) == ("maybe_delivered", ["reply"])
+        assert fake.delivered() == []
+
+
+async def test_a_refusal_other_than_the_token_fails_without_a_push(tmp_path, monkeypatch):
+    async with adapter_and_fake(tmp_path, monkeypatch, push_fallback=True) as (adapter, fake):
+        fake.script[REPLY] = [Fault(403)]
+        assert await deliver(adapter, entry()) == ("failed", ["reply"])
+        assert fake.to(PUSH) == []
+
+
+async def test_a_push_answered_409_was_accepted_before_and_is_replied(tmp_path, monkeypatch):
+    async with adapter_and_fake(tmp_path, monkeypatch) as (adapter, fake):
+        pushed = entry(chat=GROUP, attempts=[("push", 30)])
+        fake.accepted_keys.add(str(uuid.uuid5(line.PUSH_KEYS, pushed.key)))
+        assert await deliver(adapter, pushed) == ("replied", ["push"])
+        assert fake.delivered() == []
+
+
+async def test_a_push_told_to_wait_longer_than_max_retry_after_gives_up(tmp_path, monkeypatch):
+    async with adapter_and_fake(tmp_path, monkeypatch) as (adapter, fake):
+        fake.script[PUSH] = [Fault(429, retry_after="30")] * 3
+        pushed = entry(chat=GROUP, attempts=[("push", 30)])
+        began = time.monotonic()
+        assert await deliver(adapter, pushed) == ("failed", ["push"])
+        assert len(fake.to(PUSH)) == 1 and time.monotonic() - began < 1
