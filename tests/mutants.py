@@ -28,7 +28,7 @@ from pathlib import Path
 MODULES = {
     "bot.inbox": ["tests/test_teeth_inbox.py", "tests/test_inbox.py", "tests/test_discord_adapter.py"],
     "bot.dispatcher": ["tests/test_teeth_dispatcher.py", "tests/test_discord_adapter.py", "tests/test_line_adapter.py"],
-    "bot.api_request": ["tests/test_teeth_api.py", "tests/test_api.py", "tests/test_api_bad_input.py"],
+    "bot.api_request": ["tests/test_teeth_api_request.py", "tests/test_teeth_api.py", "tests/test_api.py", "tests/test_api_bad_input.py"],
     "bot.http_input": ["tests/test_http_input.py", "tests/test_api_bad_input.py", "tests/test_line_webhook_input.py", "tests/test_teeth_api.py"],
     "finetune.redact": ["tests/test_teeth_redact.py", "tests/test_redact.py"],
     "finetune.scoring": ["tests/test_teeth_scoring.py", "tests/test_scoring.py"],
