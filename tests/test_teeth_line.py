@@ -459,3 +459,51 @@ async def test_a_push_told_to_wait_longer_than_max_retry_after_gives_up(tmp_path
         began = time.monotonic()
         assert await deliver(adapter, pushed) == ("failed", ["push"])
         assert len(fake.to(PUSH)) == 1 and time.monotonic() - began < 1
+
+
+async def test_an_empty_reply_is_quiet_and_calls_nothing(tmp_path, monkeypatch):
+    async with adapter_and_fake(tmp_path, monkeypatch) as (adapter, fake):
+        assert await deliver(adapter, entry(), reply="  \n ") == ("quiet", [])
+        assert fake.calls == []
+
+
+@pytest.mark.parametrize("policy, expected", [("drop", ("unknown_dropped", [])),
+                                               ("push", ("unknown_pushed", ["push"]))])
+async def test_a_push_tried_over_a_day_ago_is_no_longer_guarded_by_its_retry_key(tmp_path, monkeypatch, policy,
+                                                                                  expected):
+    async with adapter_and_fake(tmp_path, monkeypatch, unknown_outcome=policy) as (adapter, fake):
+        old = entry(chat=GROUP, attempts=[("push", line.RETRY_KEY_LIFE_S + 60)])
+        assert await deliver(adapter, old) == expected
+        assert [d.texts for d in fake.pushes_to(GROUP)] == ([["返事だよ"]] if policy == "push" else [])
+
+
+async def test_a_push_tried_within_the_day_is_tried_again_with_the_same_key(tmp_path, monkeypatch):
+    async with adapter_and_fake(tmp_path, monkeypatch) as (adapter, fake):
+        pushed = entry(chat=GROUP, attempts=[("push", line.RETRY_KEY_LIFE_S - 60)])
+        assert await deliver(adapter, pushed) == ("replied", ["push"])
+        [call] = fake.to(PUSH)
+        assert call["headers"]["X-Line-Retry-Key"] == str(uuid.uuid5(line.PUSH_KEYS, pushed.key))
+        assert call["json"] == {"to": GROUP, "messages": [{"type": "text", "text": "返事だよ"}]}
+
+
+async def test_no_retry_is_made_when_its_wait_would_outlive_the_token(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.WARNING, logger="bunshin.line")
+    async with adapter_and_fake(tmp_path, monkeypatch, unknown_outcome="drop") as (adapter, fake):
+        monkeypatch.setattr(LineAdapter, "retry", RetryPolicy(attempts=3, base_s=2.0, max_s=2.0))  # waits 1 to 2 s
+        fake.script[REPLY] = [Fault(500)] * 3
+        assert await deliver(adapter, entry(age_s=49.0)) == ("unknown_dropped", ["reply"])  # 50 s of token margin
+        assert len(fake.to(REPLY)) == 1
+    messages = [r.getMessage() for r in caplog.records if r.name == "bunshin.line"]
+    assert f"LINE reply (try 1/3) for {USER} failed: HTTP 500 Internal Server Error fake failure" in messages
+    assert f"reply to line:{USER} (event 01TEETHEVENT, inbox entry 7): no retry, the token would be stale" in messages
+
+
+def test_a_reply_is_cut_by_utf16_units_where_only_characters_beyond_the_bmp_count_two():
+    # U+FFFF is the last character of one unit, U+10000 the first of two.
+    assert line.split_reply("\uffff" * 6, limit=3, max_messages=5) == ["\uffff" * 3] * 2
+    assert line.split_reply("\U00010000" * 4, limit=4, max_messages=5) == ["\U00010000" * 2] * 2
+
+
+def test_a_refused_webhook_says_its_status_and_reason():
+    refused = line.WebhookRejected(401, "bad signature")
+    assert (refused.status, refused.reason, str(refused)) == (401, "bad signature", "HTTP 401: bad signature")
