@@ -36,6 +36,7 @@ MEMORY_FILE = "memory.jsonl"
 INDEX_FILE = "memory.index.npz"
 ANSWERED_TURNS = 2  # the turns before a persona turn that it answered, kept with it
 NOTE_CHARS = 200  # a note's text in a prompt, at most; its start (the answer) matters most
+DISTINCT_POOL = 4  # recall looks at k times this many notes to find k that say different things
 REBUILD = "python -m finetune memory rebuild {folder}"
 
 
@@ -216,9 +217,26 @@ class PersonMemory:
         limit = bisect_left(self._times, before) if before is not None else None
         skip = {" ".join(t.split()) for t in exclude_texts}
         scores = conversation_scores(self.index, [t.text for t in context], limit=limit)
-        hits = [self.entries[doc] for doc in relevant(scores, k + len(skip))]
-        hits = [e for e in hits if " ".join(e.text.split()) not in skip][:k]
-        return sorted(hits, key=lambda e: e.time)
+        # Room for the same words said again (the persona's stock phrases, a fact told twice): they would take the
+        # k places of notes that say something else.
+        candidates = relevant(scores, DISTINCT_POOL * k + len(skip))
+        return sorted(self._distinct(candidates, skip, k), key=lambda e: e.time)
+
+    def _distinct(self, docs: list[int], skip: set[str], k: int) -> list[MemoryEntry]:
+        """The first `k` of `docs` (best first) whose texts differ, leaving out `skip`; of two notes alike, the
+        later one (what was said last of it), as the bot's own recall keeps it (bot/reply_memory.merge_notes)."""
+        by_text: dict[str, MemoryEntry] = {}
+        for doc in docs:
+            entry = self.entries[doc]
+            text = " ".join(entry.text.split())
+            if text in skip:
+                continue
+            if text in by_text:
+                if entry.time > by_text[text].time:
+                    by_text[text] = entry
+            elif len(by_text) < k:
+                by_text[text] = entry
+        return list(by_text.values())
 
 
 

@@ -243,3 +243,32 @@ def test_a_missing_corrupt_or_foreign_index_is_refused_with_the_rebuild_command(
     notes.unlink()
     with pytest.raises(PersonMemoryError, match="no memory file"):
         PersonMemory.load(out)
+
+
+REPEAT_CHAT = """[LINE] みんなのトーク履歴
+保存日時：2024/06/02 23:10
+
+2023/01/10(火)
+10:00\tゆうと\t出身どこだっけ？
+10:01\t彩花\t新潟だよ〜
+2023/03/10(金)
+10:00\tけん\t出身って新潟だよね？
+10:01\t彩花\t新潟だよ〜
+2023/08/10(木)
+10:00\tゆうと\t出身どこだっけ？
+10:01\t彩花\t新潟だよ〜
+2024/02/10(土)
+10:00\tゆうと\t出身どこだっけ？実家の方？
+10:01\t彩花\t実家は長岡！
+"""
+
+
+def test_recall_gives_k_notes_that_say_different_things_each_repeat_at_its_latest(tmp_path):
+    """The same words said three times take one place, not three (as the bot keeps one of two notes alike), so
+    the other place goes to something else said about it; the one kept is the latest of the three."""
+    export = tmp_path / "chat.txt"
+    export.write_text(REPEAT_CHAT, encoding="utf-8")
+    memory = PersonMemory.load(_prepare(tmp_path, export, "彩花"))
+    found = memory.recall([ChatTurn("ゆうと", "出身どこだっけ？")], 2)
+    assert [e.text for e in found] == ["新潟だよ〜", "実家は長岡！"]
+    assert found[0].time == datetime(2023, 8, 10, 1, 1, tzinfo=timezone.utc)  # 10:01 in Tokyo
