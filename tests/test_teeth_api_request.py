@@ -81,3 +81,67 @@ def test_a_missing_or_wrong_key_is_401_saying_which(header, message):
     error = refusal(lambda: check_key(header, KEY))
     assert (error.status, error.code, error.kind) == (401, "invalid_api_key", "invalid_request_error")
     assert error.message == message
+
+
+def body(messages, **fields) -> bytes:
+    return json.dumps({"model": PERSONA, "messages": messages, **fields}, ensure_ascii=False).encode()
+
+
+TOOL_REFUSAL = "is not supported: bunshin does not call tools"
+REFUSALS = [  # (messages, param, code, message)
+    (None, "messages", "missing_required_parameter", "messages: required (the conversation, oldest first)"),
+    ([], "messages", "invalid_value", "messages: must be a non-empty array of messages"),
+    ({"role": "user"}, "messages", "invalid_value", "messages: must be a non-empty array of messages"),
+    (["やあ"], "messages[0]", "invalid_value", "messages[0]: must be an object with role and content"),
+    ([{"role": "tool", "content": "42"}], "messages[0].role", "invalid_value", f"messages[0].role: 'tool' {TOOL_REFUSAL}"),
+    ([{"role": "function", "content": "42"}], "messages[0].role", "invalid_value",
+     f"messages[0].role: 'function' {TOOL_REFUSAL}"),
+    ([{"role": "assistant", "content": "  "}, {"role": "user", "content": None}], "messages", "invalid_value",
+     "messages: no user or assistant message has text"),
+    ([{"role": "user", "content": 5}], "messages[0].content", "invalid_value",
+     "messages[0].content: must be a string or an array of text parts, not a number"),
+    ([{"role": "user", "content": "やあ", "name": "a\nb"}], "messages[0].name", "invalid_value",
+     "messages[0].name: must be one line of at most 64 characters"),
+]
+
+
+@pytest.mark.parametrize("messages, param, code, message", REFUSALS)
+def test_each_refusal_of_the_messages_names_its_field_and_says_why(messages, param, code, message):
+    error = refusal(lambda: parse_chat_request(body(messages), PERSONA, CONFIG, PERSONA))
+    assert (error.status, error.param, error.code, error.message) == (400, param, code, message)
+    assert str(error) == message
+
+
+def test_a_system_message_refused_by_config_says_why():
+    config = BotConfig.from_dict({"persona": {"name": PERSONA}, "api": {"enabled": True, "system_messages": "reject"}},
+                                 source="test")
+    messages = [{"role": "user", "content": "やあ"}, {"role": "developer", "content": "be brief"}]
+    error = refusal(lambda: parse_chat_request(body(messages), PERSONA, config, PERSONA))
+    assert (error.param, error.message) == ("messages[1].role", (
+        'messages[1]: developer messages are refused ([api] system_messages = "reject"): the persona was trained on '
+        "conversations only, never with a system prompt"))
+
+
+def test_messages_without_text_are_passed_over_and_the_rest_kept_in_order():
+    """An assistant turn that only called tools (content null or empty) said nothing: the turns after it count."""
+    messages = [{"role": "user", "content": "一つ目"}, {"role": "assistant", "content": None},
+                {"role": "assistant", "content": ""}, {"role": "user", "content": "二つ目"}]
+    turns = parse_chat_request(body(messages), PERSONA, CONFIG, PERSONA).turns
+    assert [t.text for t in turns] == ["一つ目", "二つ目"]
+
+
+def test_a_message_longer_than_max_message_chars_is_cut_as_a_platforms_is():
+    limit = CONFIG.limits.max_message_chars
+    turns = parse_chat_request(body([{"role": "user", "content": "あ" * (limit + 50)}]), PERSONA, CONFIG, PERSONA).turns
+    assert [len(t.text) for t in turns] == [limit]
+
+
+def test_an_error_response_is_openais_json_in_utf8_and_escapes_a_lone_surrogate():
+    error = ApiError(400, f"model: {PERSONA} はない", param="model", code="invalid_value")
+    response = error.response()
+    assert f"{PERSONA} はない".encode() in response.body  # readable in curl, not \\u escapes
+    assert json.loads(response.body) == {"error": {"message": f"model: {PERSONA} はない", "type": "invalid_request_error",
+                                                   "param": "model", "code": "invalid_value"}}
+    lone = ApiError(400, "messages[0].name: \ud800", param="messages[0].name").response()
+    assert json.loads(lone.body)["error"]["message"] == "messages[0].name: \ud800"  # sent as \\ud800, never a 500
+    assert ApiError(429, "busy", retry_after=1.2).response().headers["Retry-After"] == "2"
