@@ -507,3 +507,37 @@ def test_a_reply_is_cut_by_utf16_units_where_only_characters_beyond_the_bmp_coun
 def test_a_refused_webhook_says_its_status_and_reason():
     refused = line.WebhookRejected(401, "bad signature")
     assert (refused.status, refused.reason, str(refused)) == (401, "bad signature", "HTTP 401: bad signature")
+
+
+@pytest.mark.parametrize("policy, expected", [("drop", ("unknown_dropped", [])),
+                                               ("push", ("unknown_pushed", ["push"]))])
+async def test_a_reply_tried_before_a_restart_whose_token_is_now_stale_is_an_unknown_outcome(tmp_path, monkeypatch,
+                                                                                             caplog, policy, expected):
+    caplog.set_level(logging.WARNING, logger="bunshin.line")
+    async with adapter_and_fake(tmp_path, monkeypatch, unknown_outcome=policy) as (adapter, fake):
+        assert await deliver(adapter, entry(age_s=55, attempts=[("reply", 54)])) == expected
+        assert fake.to(REPLY) == []  # the token is not tried again once it is stale
+    [warning] = [r.getMessage() for r in caplog.records if "outcome unknown" in r.getMessage()]
+    assert "(its reply was tried before a restart and its token is now 55s old)" in warning
+
+
+async def test_the_warning_of_a_push_past_its_retry_key_says_why(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.WARNING, logger="bunshin.line")
+    async with adapter_and_fake(tmp_path, monkeypatch) as (adapter, fake):
+        await deliver(adapter, entry(chat=GROUP, attempts=[("push", line.RETRY_KEY_LIFE_S + 60)]))
+    [warning] = [r.getMessage() for r in caplog.records if "outcome unknown" in r.getMessage()]
+    assert warning == (f"reply to line:{GROUP} (event 01TEETHEVENT, inbox entry 7): outcome unknown (its push was tried "
+                       'over a day ago, when the retry key stopped guarding it): not sent again ([line] unknown_outcome '
+                       '= "drop"), so it may never have arrived')
+
+
+@pytest.mark.parametrize("text, limit, pieces", [
+    ("あ\n" + "い" * 20, 10, ["あ\n" + "い" * 8, "い" * 10, "いい"]),  # a newline in the first half is passed over
+    ("あ。" + "い" * 20, 10, ["あ。" + "い" * 8, "い" * 10, "いい"]),  # so is a sentence end
+    ("あ " + "い" * 20, 10, ["あ " + "い" * 8, "い" * 10, "いい"]),  # and a space
+    ("あ\nいう", 3, ["あ", "いう"]),  # a newline at the window's second place, its floor 1, is a cut
+    ("あ。いう", 3, ["あ。", "いう"]),  # a sentence end there too
+    ("いいいいいい あ あう", 10, ["いいいいいい あ", "あう"]),  # the last space of the window's second half
+])
+def test_a_long_reply_is_cut_at_the_last_boundary_of_the_windows_second_half(text, limit, pieces):
+    assert line.split_reply(text, limit=limit, max_messages=5) == pieces
