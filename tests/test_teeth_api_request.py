@@ -145,3 +145,88 @@ def test_an_error_response_is_openais_json_in_utf8_and_escapes_a_lone_surrogate(
     lone = ApiError(400, "messages[0].name: \ud800", param="messages[0].name").response()
     assert json.loads(lone.body)["error"]["message"] == "messages[0].name: \ud800"  # sent as \\ud800, never a 500
     assert ApiError(429, "busy", retry_after=1.2).response().headers["Retry-After"] == "2"
+
+
+FIELD_REFUSALS = [  # (fields, param, message)
+    ({"n": 2}, "n", "n: bunshin generates one reply per request; leave n out or set it to 1"),
+    ({"n": "1"}, "n", "n: bunshin generates one reply per request; leave n out or set it to 1"),
+    ({"stream": "yes"}, "stream", "stream: must be true or false"),
+    ({"stream_options": []}, "stream_options", "stream_options: must be an object"),
+    ({"max_tokens": "5"}, "max_tokens", "max_tokens: must be an integer"),
+    ({"seed": 1.5}, "seed", "seed: must be an integer"),
+    ({"temperature": "hot"}, "temperature", "temperature: must be a number"),
+    ({"max_tokens": 0}, "max_tokens", "max_tokens: must be at least 1"),
+    ({"temperature": 2.5}, "temperature", "temperature: must be between 0 and 2"),
+    ({"presence_penalty": -3}, "presence_penalty", "presence_penalty: must be between -2 and 2"),
+]
+
+
+@pytest.mark.parametrize("fields, param, message", FIELD_REFUSALS)
+def test_each_refusal_of_a_field_names_it_and_says_what_it_must_be(fields, param, message):
+    error = refusal(lambda: parse_chat_request(body([{"role": "user", "content": "やあ"}], **fields), PERSONA, CONFIG,
+                                               PERSONA))
+    assert (error.status, error.param, error.code, error.message) == (400, param, "invalid_value", message)
+
+
+def test_n_of_one_is_accepted_and_the_fields_not_applied_are_listed():
+    chat = parse_chat_request(body([{"role": "user", "content": "やあ"}], n=1, temperature=0.7, stop=["\n"],
+                                   tools=None, stream=True, stream_options={"include_usage": True}),
+                              PERSONA, CONFIG, PERSONA)
+    assert (chat.stream, chat.include_usage, chat.ignored) == (True, True, ["temperature", "stop"])
+
+
+@pytest.mark.parametrize("part, shown", [("見て", "'見て'"), (5, "a number"), (None, "null"),
+                                         ({"type": "image_url", "text": "x"}, "'image_url'")])
+def test_a_content_part_that_is_not_a_text_part_is_refused_by_its_type(part, shown):
+    messages = [{"role": "user", "content": [{"type": "text", "text": "これ"}, part]}]
+    error = refusal(lambda: parse_chat_request(body(messages), PERSONA, CONFIG, PERSONA))
+    assert (error.param, error.message) == ("messages[0].content[1]", (
+        f"messages[0].content[1]: only text parts are understood (the persona reads text), not {shown}"))
+
+
+def test_text_parts_are_joined_by_newlines():
+    messages = [{"role": "user", "content": [{"type": "text", "text": "一行目"}, {"type": "text", "text": "二行目"}]}]
+    [turn] = parse_chat_request(body(messages), PERSONA, CONFIG, PERSONA).turns
+    assert turn.text == "一行目\n二行目"
+
+
+def test_a_client_named_like_the_persona_is_told_apart_from_it():
+    """Whether by `name` or by [api] user_name, a person called 美咲 is not the persona's own turns."""
+    config = BotConfig.from_dict({"persona": {"name": PERSONA}, "api": {"enabled": True, "user_name": PERSONA}},
+                                 source="test")
+    messages = [{"role": "user", "content": "一"}, {"role": "user", "content": "二", "name": PERSONA},
+                {"role": "assistant", "content": "三", "name": "誰か"}]
+    speakers = [t.speaker for t in parse_chat_request(body(messages), PERSONA, config, PERSONA).turns]
+    assert speakers[2] == PERSONA and speakers[0] != PERSONA and speakers[1] != PERSONA
+    assert PERSONA in speakers[0] and speakers[0] == speakers[1]
+
+
+@pytest.mark.parametrize("name, ok", [("Xavier", True), ("x" * 64, True), ("x" * 65, False), ("a\rb", False)])
+def test_a_name_is_one_line_of_at_most_64_characters(name, ok):
+    raw = body([{"role": "user", "content": "やあ", "name": name}])
+    if ok:
+        [turn] = parse_chat_request(raw, PERSONA, CONFIG, PERSONA).turns
+        assert turn.speaker == name
+    else:
+        assert refusal(lambda: parse_chat_request(raw, PERSONA, CONFIG, PERSONA)).param == "messages[0].name"
+
+
+@pytest.mark.parametrize("max_turns", [1, 2, 3, 5])
+def test_the_window_of_a_long_conversation_is_a_platform_chats(max_turns):
+    """The last max_turns turns, or up to WINDOW_SLACK fewer (never all of them gone), from a start that holds while
+    the client's history grows: with max_turns 1 exactly the last turn."""
+    from bot.memory import window_start
+    from bot.router import WINDOW_SLACK
+
+    config = BotConfig.from_dict({"persona": {"name": PERSONA}, "api": {"enabled": True},
+                                  "memory": {"max_turns": max_turns}}, source="test")
+    for n in range(1, 12):
+        messages = [{"role": "user", "content": f"発言{i}"} for i in range(n)]
+        turns = parse_chat_request(body(messages), PERSONA, config, PERSONA).turns
+        assert turns[-1].text == f"発言{n - 1}"
+        assert max(1, min(n, max_turns - min(WINDOW_SLACK, max_turns - 1))) <= len(turns) <= min(n, max_turns)
+        # ConversationMemory.recent's rule, the request's positions standing in for the memory's ids
+        start = window_start(list(range(n)), max_turns, min(WINDOW_SLACK, max_turns - 1))
+        assert [t.text for t in turns] == [f"発言{i}" for i in range(start, n)]
+    if max_turns == 1:
+        assert len(turns) == 1
