@@ -79,7 +79,8 @@ def report(tmp_path_factory, trained, dataset) -> tuple[Path, dict]:
     echo.write_text("".join(json.dumps({"id": s["id"], "reply": s["context"][-1]["text"]}, ensure_ascii=False) + "\n"
                             for s in samples), encoding="utf-8")
     out = folder / "report"
-    proc = run_cli("eval", adapter, "--data", dataset, "--out", out, "--system", f"echo={echo}", "--no-progress")
+    proc = run_cli("eval", adapter, "--data", dataset, "--out", out, "--system", f"echo={echo}", "--no-progress",
+                   timeout=900)  # four systems on two cores: slow on a busy machine, as the training above
     assert proc.returncode == 0, proc.stderr
     return out, json.loads((out / "report.json").read_text(encoding="utf-8"))
 
