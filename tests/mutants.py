@@ -26,7 +26,8 @@ from pathlib import Path
 # teeth-first ones first: `-x` stops at the first failure). Their union is [tool.mutmut]'s test selection; with
 # BUNSHIN_MUTANTS_MODULE set (make mutants MODULE=...), tests/conftest.py runs only the module's own.
 MODULES = {
-    "bot.inbox": ["tests/test_teeth_inbox.py", "tests/test_inbox.py", "tests/test_discord_adapter.py"],
+    "bot.inbox": ["tests/test_teeth_inbox.py", "tests/test_inbox.py", "tests/test_damaged_rows.py",
+                  "tests/test_discord_adapter.py"],
     "bot.dispatcher": ["tests/test_teeth_dispatcher.py", "tests/test_discord_adapter.py", "tests/test_line_adapter.py"],
     "bot.api_request": ["tests/test_teeth_api_request.py", "tests/test_teeth_api.py", "tests/test_api.py", "tests/test_api_bad_input.py"],
     "bot.http_input": ["tests/test_http_input.py", "tests/test_api_bad_input.py", "tests/test_line_webhook_input.py", "tests/test_teeth_api.py"],
