@@ -541,3 +541,55 @@ async def test_the_warning_of_a_push_past_its_retry_key_says_why(tmp_path, monke
 ])
 def test_a_long_reply_is_cut_at_the_last_boundary_of_the_windows_second_half(text, limit, pieces):
     assert line.split_reply(text, limit=limit, max_messages=5) == pieces
+
+
+async def test_a_reply_tried_before_a_restart_with_its_token_still_fresh_is_tried_again_and_delivered(tmp_path,
+                                                                                                    monkeypatch):
+    async with adapter_and_fake(tmp_path, monkeypatch) as (adapter, fake):
+        assert await deliver(adapter, entry(age_s=5, attempts=[("reply", 4)])) == ("replied", ["reply"])
+        assert [d.texts for d in fake.replies_to("reply-token-1")] == [["返事だよ"]]
+
+
+@pytest.mark.parametrize("token_age, reason", [(0.0, "reply not accepted in time"),
+                                               (55.0, "reply token stale after 55.0s")])
+async def test_a_reply_that_could_not_be_sent_is_dropped_with_its_reason(tmp_path, monkeypatch, caplog, token_age,
+                                                                         reason):
+    """A token LINE refused on the first try (never taken), or one past [line] reply_token_margin_s before any try:
+    without push_fallback the reply is dropped, and the warning says which."""
+    caplog.set_level(logging.WARNING, logger="bunshin.line")
+    async with adapter_and_fake(tmp_path, monkeypatch, push_fallback=False) as (adapter, fake):
+        fake.spent_tokens.add("reply-token-1")
+        assert await deliver(adapter, entry(age_s=token_age)) == ("dropped", ["reply"] if token_age == 0 else [])
+    messages = [r.getMessage() for r in caplog.records if r.name == "bunshin.line"]
+    assert f"{reason} for line:{USER} (event 01TEETHEVENT, inbox entry 7): reply dropped ([line] push_fallback is off)" \
+        in messages
+
+
+async def test_the_warning_of_a_reply_whose_token_ran_out_between_tries_says_why(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.WARNING, logger="bunshin.line")
+    async with adapter_and_fake(tmp_path, monkeypatch) as (adapter, fake):
+        fake.script[REPLY] = [Fault(500)] * 5
+        await deliver(adapter, entry())
+    [warning] = [r.getMessage() for r in caplog.records if "outcome unknown" in r.getMessage()]
+    assert "(its reply may have got through, and its token ran out before a try could tell)" in warning
+
+
+async def test_a_429s_retry_after_is_waited_out_up_to_max_retry_after(tmp_path, monkeypatch):
+    async with adapter_and_fake(tmp_path, monkeypatch) as (adapter, fake):
+        fake.script[PUSH] = [Fault(429, retry_after="1")]  # QUICK.max_retry_after_s is 1: waited, not given up
+        pushed = entry(chat=GROUP, attempts=[("push", 30)])
+        assert await deliver(adapter, pushed) == ("replied", ["push"])
+        first, second = fake.to(PUSH)
+        assert second["at"] - first["at"] >= 1.0
+
+
+async def test_a_reply_throttled_on_every_try_was_never_taken_and_is_dropped_as_not_accepted(tmp_path, monkeypatch,
+                                                                                            caplog):
+    caplog.set_level(logging.WARNING, logger="bunshin.line")
+    async with adapter_and_fake(tmp_path, monkeypatch, push_fallback=False) as (adapter, fake):
+        fake.script[REPLY] = [Fault(429, retry_after="0")] * 5  # a 429 sends nothing: no try may have got through
+        assert await deliver(adapter, entry()) == ("dropped", ["reply"])
+        assert len(fake.to(REPLY)) == QUICK.attempts
+    messages = [r.getMessage() for r in caplog.records if r.name == "bunshin.line"]
+    assert (f"reply not accepted in time for line:{USER} (event 01TEETHEVENT, inbox entry 7): reply dropped "
+            "([line] push_fallback is off)") in messages
