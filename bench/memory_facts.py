@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -60,6 +61,8 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=-1, help="for a smoke run")
     parser.add_argument("--samples", type=int, default=0, help="held-out samples scored (0: all)")
     parser.add_argument("--memory-from-reply", action="store_true", help="train --memory-from-reply for the hybrid")
+    parser.add_argument("--batch-tokens", type=int, default=None,
+                        help="train --batch-tokens (default: train's own, from free GPU memory: set it when runs share a GPU)")
     args = parser.parse_args()
 
     work = args.work
@@ -70,6 +73,8 @@ def main() -> None:
     sh(["prepare", synth / "line_export.txt", "--persona", "彩花", "--out", data, "--timezone", "Asia/Tokyo"], log)
     train = ["--base", args.base, "--epochs", args.epochs, "--lr", args.lr, "--seed", args.seed, "--max-steps",
              args.max_steps, "--no-style-eval", "--eval-every", 0, "--no-progress"]
+    if args.batch_tokens:
+        train += ["--batch-tokens", args.batch_tokens]
     sh(["train", data, "--out", work / "lora-alone", "--memory-notes", 0, *train], log)
     from_reply = ["--memory-from-reply"] if args.memory_from_reply else []
     sh(["train", data, "--out", work / "with-memory", "--memory-notes", 3, *from_reply, *train], log)
@@ -99,7 +104,8 @@ def main() -> None:
         "device": device(),
         "base": args.base,
         "settings": {"epochs": args.epochs, "lr": args.lr, "seed": args.seed, "max_steps": args.max_steps,
-                     "memory_notes": 3, "memory_from_reply": args.memory_from_reply},
+                     "memory_notes": 3, "memory_from_reply": args.memory_from_reply, "batch_tokens": args.batch_tokens,
+                     "environment": {k: v for k, v in os.environ.items() if k.startswith("BUNSHIN_EXP_")}},
         "goals": GOALS,
         "systems": systems,
         "verdict": verdict,
