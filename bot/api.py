@@ -20,6 +20,9 @@ what was ignored, so a client is never led to think they were. With `stream: tru
 is sent as server-sent events in one content delta: valid SSE that every client reads, without faking
 token-by-token timing.
 
+What a request may be (its body field by field, the model, the key) is bot/api_request.py's, with no server
+or model; this module serves it.
+
 Every answer under /v1 goes through `OpenAIApi.errors` (an aiohttp middleware), which gives each error OpenAI's
 shape, `{"error": {"message", "type", "param", "code"}}`, so its clients raise the usual exceptions, and counts
 every answer in `bunshin_api_responses{status}`: 400 a malformed request (naming the field in `param`), 401 a
