@@ -56,6 +56,7 @@ DONE_KEEP_S = 2 * 24 * 3600  # answered entries kept this long to recognise rede
 DONE_KEEP_MAX = 200_000  # ... and at most this many
 MAX_BATCH = 1024  # operations per group commit
 FINISH_LINGER_S = 0.1  # finished marks alone wait this long for company before they are committed
+CLOSE_WAIT_S = 30.0  # close() waits this long for the writer (a stuck disk must not keep the daemon from exiting)
 DURABLE = frozenset({"accept", "attempt"})  # writes fsync'd before their caller goes on
 
 _SCHEMA = """
@@ -327,7 +328,7 @@ class Inbox:
             return
         self._closed = True
         self._ops.put(_CLOSE)
-        self._writer.join(timeout=30)
+        self._writer.join(timeout=CLOSE_WAIT_S)
         self._db.close()
 
 

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 import threading
+import time
 
-from bot.inbox import DONE_KEEP_MAX, DONE_KEEP_S, MAX_BATCH, Inbox
+import pytest
+
+from bot.inbox import DONE_KEEP_MAX, DONE_KEEP_S, MAX_BATCH, SCHEMA_VERSION, Inbox, InboxError
 from bot.messages import IncomingMessage
 
 FULL, NORMAL = 2, 1  # PRAGMA synchronous as SQLite reports it
@@ -238,3 +242,199 @@ async def test_pruning_keeps_at_most_done_keep_max_answered_entries_the_newest(t
     (again,) = await inbox.accept([message("E0")])
     assert again is not None  # forgotten: a redelivery this late is taken as new
     inbox.close()
+
+
+# --- from the second look at the inbox's survivors (docs/mutation.md) --------------------------------------------
+
+
+def test_the_inbox_file_is_private_and_an_in_memory_inbox_writes_no_file(tmp_path, monkeypatch):
+    path = tmp_path / "state" / "bot.inbox.sqlite3"
+    Inbox(path).close()
+    assert (path.stat().st_mode & 0o777, path.parent.stat().st_mode & 0o777) == (0o600, 0o700)
+    monkeypatch.chdir(tmp_path)
+    Inbox(":memory:").close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]  # no file named ":memory:"
+
+
+def test_another_process_holding_the_file_is_waited_for_up_to_five_seconds(tmp_path):
+    """`sqlite3 bot.inbox.sqlite3` in a terminal, or a backup, may hold the write lock for a moment."""
+    path = tmp_path / "bot.inbox.sqlite3"
+    Inbox(path).close()
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    releaser = threading.Timer(0.5, other.execute, ("COMMIT",))
+    releaser.start()
+    inbox = Inbox(path)  # its recovery writes: it waits for the lock instead of failing at once
+    releaser.join()
+    other.close()
+    assert inbox._db.execute("PRAGMA busy_timeout").fetchone() == (5000,)  # and gives up after 5 s
+    inbox.close()
+
+
+def test_a_file_that_is_not_an_inbox_is_refused_saying_why_and_how_to_start_fresh(tmp_path):
+    path = tmp_path / "bot.inbox.sqlite3"
+    path.write_bytes(b"this is not SQLite " * 100)
+    with pytest.raises(InboxError) as refused:
+        Inbox(path)
+    assert str(refused.value) == (
+        f"{path}: cannot open the inbox: file is not a database (move it aside and start with `python -m bot "
+        "--new-inbox` for an empty inbox; messages it held would not be answered)")
+
+
+def test_an_inbox_from_a_newer_bunshin_is_refused_naming_both_versions(tmp_path):
+    path = tmp_path / "bot.inbox.sqlite3"
+    Inbox(path).close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(InboxError) as refused:
+        Inbox(path)
+    assert str(refused.value) == (f"{path}: inbox schema version {SCHEMA_VERSION + 1} is newer than this bunshin "
+                                  f"reads ({SCHEMA_VERSION}); upgrade bunshin")
+
+
+async def test_every_thousandth_finished_mark_prunes_not_one_sooner(tmp_path):
+    """done_keep_s=-1: a prune forgets every answered entry, so the count shows when one ran."""
+    inbox = Inbox(tmp_path / "bot.inbox.sqlite3", done_keep_s=-1)
+    entries = await inbox.accept([message(f"E{i}") for i in range(2000)])
+
+    async def answered(upto: int, start: int) -> dict:
+        for entry in entries[start:upto]:
+            inbox.finish(entry, "replied")
+        await inbox.counts()  # the commit holding the last finished mark (and its prune, after its other work)
+        return await inbox.counts()
+
+    assert await answered(999, 0) == {"replied": 999, "unfinished": 1001}
+    assert await answered(1000, 999) == {"unfinished": 1000}
+    assert await answered(1999, 1000) == {"replied": 999, "unfinished": 1}  # the count starts again from 0
+    assert await answered(2000, 1999) == {}
+    inbox.close()
+
+
+async def test_a_first_commit_of_finished_marks_alone_is_not_fsyncd(tmp_path):
+    """Right after a restart the first write may be a finished mark (a recovered entry answered): NORMAL too."""
+    path = tmp_path / "bot.inbox.sqlite3"
+    inbox = Inbox(path)
+    await inbox.accept([message("E1")])
+    inbox.close()
+    inbox = Inbox(path)
+    watched = inbox._db = WatchedConnection(inbox._db)
+    (recovered,) = inbox.recovered
+    inbox.finish(recovered, "replied")
+    assert await inbox.counts() == {"replied": 1}
+    inbox.close()
+    assert watched.commits == [(("finish",), NORMAL)]
+
+
+async def test_a_finished_mark_waits_for_company_but_a_write_someone_waits_for_does_not(tmp_path, monkeypatch):
+    monkeypatch.setattr("bot.inbox.FINISH_LINGER_S", 5.0)
+    inbox = Inbox(tmp_path / "bot.inbox.sqlite3")
+    first, second = await inbox.accept([message("E1"), message("E2")])
+    watched = inbox._db = WatchedConnection(inbox._db)
+    inbox.finish(first, "replied")
+    await asyncio.sleep(0.05)  # the writer has the finished mark and lingers
+    started = time.monotonic()
+    await asyncio.wait_for(inbox.attempt(second, "reply", "返事"), 30)
+    assert time.monotonic() - started < 2.5  # committed as it came, not after the linger
+    inbox.close()
+    assert watched.commits == [(("finish", "attempt"), FULL)]  # one fsync for both
+
+
+async def test_a_lone_finished_mark_is_committed_when_its_linger_ends(tmp_path, monkeypatch):
+    monkeypatch.setattr("bot.inbox.FINISH_LINGER_S", 0.0)
+    inbox = Inbox(tmp_path / "bot.inbox.sqlite3")
+    first, second = await inbox.accept([message("E1"), message("E2")])
+    watched = inbox._db = WatchedConnection(inbox._db)
+    inbox.finish(first, "replied")
+    await asyncio.sleep(0.5)  # no linger: committed alone long before this
+    await inbox.attempt(second, "reply", "返事")
+    inbox.close()
+    assert watched.commits == [(("finish",), NORMAL), (("attempt",), FULL)]
+
+
+async def test_a_commit_that_fails_tells_every_waiter_why_and_the_inbox_goes_on(tmp_path):
+    path = tmp_path / "bot.inbox.sqlite3"
+    inbox = Inbox(path)
+    with contextlib.closing(sqlite3.connect(path)) as db:  # a full disk, as SQLite would report one
+        db.execute("CREATE TRIGGER refuse BEFORE INSERT ON entries BEGIN SELECT RAISE(ABORT, 'database or disk is "
+                   "full'); END")
+    with pytest.raises(InboxError) as refused:
+        await inbox.accept([message("E1")])
+    assert str(refused.value) == f"{path}: cannot write the inbox: database or disk is full"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("DROP TRIGGER refuse")
+    (entry,) = await inbox.accept([message("E1")])  # nothing of the failed commit was kept
+    assert entry is not None
+    inbox.close()
+
+
+async def test_each_kind_of_damaged_row_is_set_aside_saying_what_without_quoting_it(tmp_path, caplog):
+    path = tmp_path / "bot.inbox.sqlite3"
+    inbox = Inbox(path)
+    entries = await inbox.accept([message(f"E{i}") for i in range(6)])  # E3 stays whole
+    inbox.close()
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        ids = [entry.id for entry in entries]
+        db.execute("UPDATE entries SET received_at = 'yesterday' WHERE id = ?", (ids[0],))  # addressed still a number
+        db.execute("UPDATE entries SET delivery = '[1]' WHERE id = ?", (ids[1],))  # JSON, not an object
+        db.execute("""UPDATE entries SET attempts = '[[1, 1700000000.5]]' WHERE id = ?""", (ids[2],))  # method a number
+        db.execute("UPDATE entries SET event_id = CAST(x'45ff34' AS TEXT) WHERE id = ?", (ids[4],))  # not UTF-8
+    caplog.set_level(logging.ERROR)
+    inbox = Inbox(path)
+    assert [entry.message.event_id for entry in inbox.recovered] == ["E3", "E5"]
+    assert await inbox.counts() == {"unreadable": 4, "unfinished": 2}
+    inbox.close()
+    reasons = [f"inbox entry {ids[0]} (event E0) cannot be read back (a number column holds something else)",
+               f"inbox entry {ids[1]} (event E1) cannot be read back (delivery data or attempts of the wrong shape)",
+               f"inbox entry {ids[2]} (event E2) cannot be read back (delivery data or attempts of the wrong shape)",
+               f"inbox entry {ids[4]} (event E\ufffd4) cannot be read back (text that is not UTF-8)"]
+    lines = [record.getMessage() for record in caplog.records]
+    for reason in reasons:
+        assert any(reason in line for line in lines), (reason, lines)
+
+
+def test_a_row_of_a_file_written_without_column_types_is_set_aside_when_a_text_column_holds_a_number(tmp_path,
+                                                                                                     caplog):
+    """SQLite keeps a number as a number in a column declared without a type (another program's table): the row
+    cannot be an entry, and its event id is no text to show."""
+    path = tmp_path / "bot.inbox.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("CREATE TABLE entries (id INTEGER PRIMARY KEY, platform, event_id, chat_id, user_id, user_name, "
+                   "text, addressed, received_at, delivery, reply, attempts DEFAULT '[]', recoveries DEFAULT 0, "
+                   "outcome, finished_at, UNIQUE (platform, event_id))")
+        db.execute("INSERT INTO entries (platform, event_id, chat_id, user_id, user_name, text, addressed, "
+                   "received_at, delivery) VALUES ('line', 42, 'U1', 'U1', 'LINE user', 'やあ', 1, 1.5, '{}')")
+        db.execute("INSERT INTO entries (platform, event_id, chat_id, user_id, user_name, text, addressed, "
+                   "received_at, delivery) VALUES ('line', 'E2', 'U1', 'U1', 'LINE user', 'やあ', 1, 1.5, '{}')")
+    caplog.set_level(logging.ERROR)
+    inbox = Inbox(path)
+    assert [entry.message.event_id for entry in inbox.recovered] == ["E2"]
+    inbox.close()
+    assert any("inbox entry 1 (event ?) cannot be read back (a text column holds something else)" in r.getMessage()
+               for r in caplog.records), caplog.text
+
+
+async def test_close_while_finished_marks_linger_commits_them_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr("bot.inbox.FINISH_LINGER_S", 5.0)
+    path = tmp_path / "bot.inbox.sqlite3"
+    inbox = Inbox(path)
+    first, _ = await inbox.accept([message("E1"), message("E2")])
+    inbox.finish(first, "replied")
+    await asyncio.sleep(0.05)  # the writer has the finished mark and lingers
+    started = time.monotonic()
+    inbox.close()
+    assert time.monotonic() - started < 2.5  # the close ended the linger
+    inbox = Inbox(path)
+    assert await inbox.counts() == {"replied": 1, "unfinished": 1}
+    inbox.close()
+
+
+
+async def test_a_writer_stuck_on_the_disk_does_not_keep_close_from_returning(tmp_path, monkeypatch):
+    monkeypatch.setattr("bot.inbox.CLOSE_WAIT_S", 0.5)
+    inbox, watched, first = await held_inbox(tmp_path / "bot.inbox.sqlite3")  # its commit never gets the disk
+    started = time.monotonic()
+    inbox.close()
+    assert time.monotonic() - started < 5
+    watched.release.set()  # the disk answers at last: the connection is closed, the waiter hears it
+    with pytest.raises(InboxError, match="cannot write the inbox"):
+        await asyncio.wait_for(first, 30)
