@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=-1, help="for a smoke run")
     parser.add_argument("--samples", type=int, default=0, help="held-out samples scored (0: all)")
     parser.add_argument("--memory-from-reply", action="store_true", help="train --memory-from-reply for the hybrid")
+    parser.add_argument("--memory-drill", type=int, default=1, help="train --memory-drill for the hybrid")
     parser.add_argument("--batch-tokens", type=int, default=None,
                         help="train --batch-tokens (default: train's own, from free GPU memory: set it when runs share a GPU)")
     args = parser.parse_args()
@@ -77,7 +78,8 @@ def main() -> None:
         train += ["--batch-tokens", args.batch_tokens]
     sh(["train", data, "--out", work / "lora-alone", "--memory-notes", 0, *train], log)
     from_reply = ["--memory-from-reply"] if args.memory_from_reply else []
-    sh(["train", data, "--out", work / "with-memory", "--memory-notes", 3, *from_reply, *train], log)
+    sh(["train", data, "--out", work / "with-memory", "--memory-notes", 3, *from_reply, "--memory-drill",
+        args.memory_drill, *train], log)
     common = ["--data", data, "--probes", synth / "probes.jsonl", "--samples", args.samples, "--seed", args.seed,
               "--base", args.base, "--no-progress"]
     sh(["eval", work / "lora-alone", "--out", work / "report-lora-alone", "--systems", "tuned", *common], log)
@@ -104,7 +106,8 @@ def main() -> None:
         "device": device(),
         "base": args.base,
         "settings": {"epochs": args.epochs, "lr": args.lr, "seed": args.seed, "max_steps": args.max_steps,
-                     "memory_notes": 3, "memory_from_reply": args.memory_from_reply, "batch_tokens": args.batch_tokens,
+                     "memory_notes": 3, "memory_from_reply": args.memory_from_reply,
+                     "memory_drill": args.memory_drill, "batch_tokens": args.batch_tokens,
                      "environment": {k: v for k, v in os.environ.items() if k.startswith("BUNSHIN_EXP_")}},
         "goals": GOALS,
         "systems": systems,

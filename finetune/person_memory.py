@@ -24,6 +24,7 @@ import io
 import json
 import os
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -38,6 +39,8 @@ ANSWERED_TURNS = 2  # the turns before a persona turn that it answered, kept wit
 NOTE_CHARS = 200  # a note's text in a prompt, at most; its start (the answer) matters most
 DISTINCT_POOL = 4  # recall looks at k times this many notes to find k that say different things
 REBUILD = "python -m finetune memory rebuild {folder}"
+DRAWN_SHARE = 0.3  # a reply shares this much of its character pairs with a note: it draws on the note
+STOCK_TIMES = 3  # a reply said this many times is a stock phrase, not something it drew from a note
 
 
 class PersonMemoryError(Exception):
@@ -267,6 +270,30 @@ def sample_notes(memory: PersonMemory | None, sample: dict, k: int, *, with_repl
     if with_reply:
         query = [*query, ChatTurn(sample["persona"], sample["target"])]
     return notes(memory.recall(query, k, before=before))
+
+
+def _pairs(text: str) -> set[str]:
+    text = "".join(text.split())
+    return {text[i : i + 2] for i in range(len(text) - 1)}
+
+
+def drawn_on_notes(sample: dict, notes_shown: Sequence[MemoryNote], said_times: Counter) -> bool:
+    """Whether a training sample's reply draws on one of the notes its prompt carries (train --memory-drill):
+    its lines that are no stock phrase (said STOCK_TIMES times or more: "笑った笑" recalled beside "笑った笑"
+    teaches nothing about memory) share DRAWN_SHARE of their character pairs with one of the persona's lines
+    there."""
+    own = [line for line in sample["target"].splitlines() if said_times[" ".join(line.split())] < STOCK_TIMES]
+    pairs = _pairs("".join(own))
+    if len(pairs) < 3:
+        return False
+    persona = sample["persona"]
+    return any(len(pairs & _pairs(turn.text)) >= DRAWN_SHARE * len(pairs)
+               for note in notes_shown for turn in note.turns if turn.speaker == persona)
+
+
+def said_times(memory: PersonMemory) -> Counter:
+    """How often the persona said each line (spaces folded), for drawn_on_notes."""
+    return Counter(" ".join(line.split()) for e in memory.entries for line in e.text.splitlines())
 
 
 def copy_memory(source: Path, target: Path) -> None:

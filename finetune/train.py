@@ -40,7 +40,15 @@ from .model_loading import (
 )
 from .nonfinite import GRADIENT, LOSS, NonFiniteError, NonFiniteWatch, describe, likely_causes, nonfinite_tensors
 from .packing import USEFUL_TOKENS, FlatCollator, PackedCollator, PackedRow, pack_samples
-from .person_memory import MEMORY_FILE, PersonMemory, PersonMemoryError, copy_memory, sample_notes
+from .person_memory import (
+    MEMORY_FILE,
+    PersonMemory,
+    PersonMemoryError,
+    copy_memory,
+    drawn_on_notes,
+    said_times,
+    sample_notes,
+)
 from .persona_home import make_output_parent, refuse_source_package
 from .private_files import create_private_file, make_private_dirs, make_tree_private
 from .prompt import TEMPLATES, as_turns, encode_sample
@@ -96,6 +104,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="recall each training prompt's notes with the reply to learn as well as the conversation "
                    "(still only from before it): the notes then hold what the reply drew on, which teaches the LoRA to "
                    "answer from its memory")
+    p.add_argument("--memory-drill", type=int, default=1, metavar="N",
+                   help="show each training reply that draws on a note of its prompt N times an epoch (default 1: "
+                   "once, like any other). In real chats few replies state a fact the memory holds, so the LoRA "
+                   "rarely sees one answered from its notes")
     p.add_argument("--style-eval-samples", type=int, default=64,
                    help="held-out replies the short eval at the end generates and scores (default 64; "
                    "`finetune eval` makes the full report)")
@@ -209,7 +221,7 @@ def train_defaults_from_config(path: Path) -> dict:
 
 def _run_identity(args, base: str, dataset_fingerprint: str) -> dict:
     keys = ("template", "quantize", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lr", "max_length",
-            "pack_length", "batch_tokens", "seed", "memory_notes", "memory_from_reply")
+            "pack_length", "batch_tokens", "seed", "memory_notes", "memory_from_reply", "memory_drill")
     return {"base": base, "dataset": dataset_fingerprint, **{k: getattr(args, k) for k in keys}}
 
 
@@ -362,6 +374,8 @@ def _dataset_memory(args: argparse.Namespace) -> PersonMemory | None:
     without it (said on stderr); one whose memory is damaged stops the run, naming the command that rebuilds it."""
     if args.memory_notes < 0:
         raise TrainError("--memory-notes must be >= 0")
+    if args.memory_drill < 1:
+        raise TrainError("--memory-drill must be >= 1 (1: each reply once)")
     if args.memory_notes == 0:
         return None
     if not (args.data / MEMORY_FILE).is_file():
@@ -417,6 +431,7 @@ class PackedData:
     train_rows: list[PackedRow]
     eval_rows: list[PackedRow]
     train_samples: int  # encoded, i.e. short enough
+    drilled: int  # of those, shown --memory-drill times an epoch
     eval_samples: int
     skipped_too_long: int
     useful_tokens: int  # per epoch: the train rows' tokens, padding aside
@@ -427,14 +442,26 @@ def pack(args: argparse.Namespace, plan: RunPlan, setup: ModelSetup) -> PackedDa
     tokenizer = setup.loaded.tokenizer
     recall = memory_recall(plan.memory, args.memory_notes, with_reply=args.memory_from_reply)
     encoded_train, skipped_train = encode_all(tokenizer, plan.train_samples, args.template, setup.max_length, recall)
+    train_samples, drilled = len(encoded_train), 0
+    if recall is not None and args.memory_drill > 1:
+        again, _ = encode_all(tokenizer, drill_samples(plan.train_samples, plan.memory, recall), args.template,
+                              setup.max_length, recall)
+        encoded_train += again * (args.memory_drill - 1)
+        drilled = len(again)
     encoded_eval, skipped_eval = encode_all(tokenizer, plan.eval_samples, args.template, setup.max_length, recall)
     if not encoded_train:
         raise TrainError(f"every training sample is longer than --max-length {setup.max_length} tokens")
     train_rows = pack_samples(encoded_train, setup.pack_length)
     eval_rows = pack_samples(encoded_eval, setup.pack_length)
-    return PackedData(train_rows=train_rows, eval_rows=eval_rows, train_samples=len(encoded_train),
+    return PackedData(train_rows=train_rows, eval_rows=eval_rows, train_samples=train_samples, drilled=drilled,
                       eval_samples=len(encoded_eval), skipped_too_long=skipped_train + skipped_eval,
                       useful_tokens=sum(len(r.input_ids) for r in train_rows))
+
+
+def drill_samples(samples: list[dict], memory: PersonMemory, recall: Callable[[dict], list]) -> list[dict]:
+    """The samples whose reply draws on a note their prompt carries (person_memory.drawn_on_notes)."""
+    times = said_times(memory)
+    return [s for s in samples if drawn_on_notes(s, recall(s), times)]
 
 
 def memory_recall(memory: PersonMemory | None, k: int, *, with_reply: bool = False) -> Callable[[dict], list] | None:
@@ -648,7 +675,8 @@ def build_manifest(args: argparse.Namespace, plan: RunPlan, setup: ModelSetup, d
             "wall_seconds": round(time.time() - started, 1),
         },
         speakers=plan.speakers,
-        memory=({"notes": args.memory_notes, "from_reply": args.memory_from_reply, "entries": len(plan.memory), "sha256": plan.memory.sha256}
+        memory=({"notes": args.memory_notes, "from_reply": args.memory_from_reply, "drill": args.memory_drill,
+                 "drilled_samples": data.drilled, "entries": len(plan.memory), "sha256": plan.memory.sha256}
                 if plan.memory is not None else {}),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         bunshin_version=bunshin_version(),

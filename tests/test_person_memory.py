@@ -272,3 +272,68 @@ def test_recall_gives_k_notes_that_say_different_things_each_repeat_at_its_lates
     found = memory.recall([ChatTurn("ゆうと", "出身どこだっけ？")], 2)
     assert [e.text for e in found] == ["新潟だよ〜", "実家は長岡！"]
     assert found[0].time == datetime(2023, 8, 10, 1, 1, tzinfo=timezone.utc)  # 10:01 in Tokyo
+
+
+def test_a_reply_draws_on_a_note_when_its_own_words_are_there_and_a_stock_phrase_never_does():
+    """train --memory-drill's choice: the reply's lines that are no stock phrase share DRAWN_SHARE of their
+    character pairs with one of the persona's lines in the notes; the question's words in a note do not count."""
+    from collections import Counter
+
+    from finetune.person_memory import drawn_on_notes
+    from finetune.prompt import MemoryNote
+
+    climbing = MemoryNote("2023-01-10", (ChatTurn("ゆうと", "週末なにしてた？"), ChatTurn("彩花", "ボルダリング行ってた！腕パンパン")))
+    asked = MemoryNote("2023-01-10", (ChatTurn("ゆうと", "家でゴロゴロしてた"), ChatTurn("彩花", "へー")))
+    laugh = MemoryNote("2023-01-11", (ChatTurn("ゆうと", "見て"), ChatTurn("彩花", "笑った笑")))
+    said = Counter({"笑った笑": 5, "またボルダリング行ってきた〜": 1})
+
+    def drawn(target, *notes, times=said):
+        return drawn_on_notes({"persona": "彩花", "target": target}, notes, times)
+
+    assert drawn("またボルダリング行ってきた〜", laugh, climbing)  # 8 of its 13 pairs are in the note
+    assert not drawn("またボルダリング行ってきた〜", laugh)
+    assert not drawn("家でゴロゴロしてた", asked)  # only a friend said it
+    assert not drawn("笑った笑", laugh)  # said 5 times: a stock phrase
+    assert drawn("笑った笑", laugh, times=Counter({"笑った笑": 2}))  # said twice: not yet one
+    assert drawn("笑った笑\nまたボルダリング行ってきた〜", laugh, climbing)  # its stock line left out, the rest drawn
+    assert not drawn("笑った笑\nへー", laugh, asked)  # what is left has under 3 pairs
+    # The share: 3 of 10 pairs (30%) draw on it, 3 of 11 (27%) do not.
+    assert drawn("ボルダリあいうえおかき", climbing) and not drawn("ボルダリあいうえおかきく", climbing)
+
+
+def test_memory_drill_repeats_exactly_the_replies_drawn_from_their_notes(tmp_path):
+    """train --memory-drill N: the samples drill_samples picks are encoded N times, the rest once; the manifest's
+    train_samples stays the count of distinct samples."""
+    from types import SimpleNamespace
+
+    from finetune.model_loading import load_tokenizer
+    from finetune.person_memory import sample_notes
+    from finetune.prompt import as_turns
+    from finetune.tiny_model import build_tiny_model
+    from finetune.train import drill_samples, encode_sample, memory_recall, pack
+
+    export = tmp_path / "chat.txt"
+    export.write_text(HOBBY_CHAT, encoding="utf-8")
+    out = _prepare(tmp_path, export, "彩花")
+    memory = PersonMemory.load(out)
+    samples = [json.loads(line) for name in ("train.jsonl", "eval.jsonl")
+               for line in (out / name).read_text(encoding="utf-8").splitlines()]
+    recall = memory_recall(memory, 3, with_reply=True)
+    assert [s["target"] for s in drill_samples(samples, memory, recall)] == ["またボルダリング行ってきた〜"]
+    assert drill_samples(samples, memory, memory_recall(memory, 3)) == []  # the conversation alone recalls nothing
+
+    tiny = build_tiny_model(tmp_path / "tiny", HOBBY_CHAT.splitlines() * 20)
+    setup = SimpleNamespace(loaded=SimpleNamespace(tokenizer=load_tokenizer(str(tiny))), max_length=256,
+                            pack_length=256)
+    plan = SimpleNamespace(train_samples=samples, eval_samples=[], memory=memory)
+    packed = {}
+    for drill in (1, 4):
+        args = SimpleNamespace(template="transcript", memory_notes=3, memory_from_reply=True, memory_drill=drill)
+        packed[drill] = pack(args, plan, setup)
+    once, drilled = packed[1], packed[4]
+    assert (once.train_samples, once.drilled) == (drilled.train_samples, 0) == (len(samples), 0)
+    assert drilled.drilled == 1
+    [again] = [s for s in samples if s["target"].startswith("また")]
+    ids, _ = encode_sample(setup.loaded.tokenizer, as_turns(again["context"]), "彩花", again["target"], "transcript",
+                           256, memory=sample_notes(memory, again, 3, with_reply=True))
+    assert drilled.useful_tokens - once.useful_tokens == 3 * len(ids)
