@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from finetune.generation import GenerationSettings, fit_context, generate_replies, served_context
+from finetune.generation import GenerationSettings, fit_context, generate_replies, prompt_budget
 from finetune.model_loading import LoadedModel
 from finetune.prompt import TEMPLATES, ChatTurn, MemoryNote, prefix_ids
 
@@ -71,23 +71,17 @@ class ModelBackend:
             speakers = tuple(manifest.speakers)
             # The whole context the model has (2048 for rinna), not only the length of the training samples:
             # a long chat keeps more of itself in the prompt. The cache is sized for it from free GPU memory.
-            max_length = served_context(loaded.model, manifest.max_length)
+            trained_length = manifest.max_length
         else:
             if not persona:
                 raise ValueError("a base model without an adapter needs a persona name")
             template = template or "transcript"
             settings = GenerationSettings.from_manifest({}, **overrides)
             speakers = ()
-            max_length = getattr(loaded.model.config, "max_position_embeddings", None)
-            if not max_length:
-                raise ValueError("the model's config does not say its context length (max_position_embeddings)")
+            trained_length = None  # no adapter: the model's config must say its context
         if template not in TEMPLATES:
             raise ValueError(f"unknown prompt template {template!r}; known: {', '.join(TEMPLATES)}")
-        budget = max_length - settings.max_new_tokens
-        if budget < 16:
-            raise ValueError(
-                f"max_new_tokens {settings.max_new_tokens} leaves {budget} of {max_length} tokens for the prompt"
-            )
+        budget = prompt_budget(loaded.model, settings.max_new_tokens, trained_length)
         if engine not in ("slots", "plain"):
             raise ValueError(f"unknown engine {engine!r}; choose slots or plain")
         return cls(loaded, persona, template, settings, speakers, budget, engine, cuda_graphs, compile, tuple(profile))

@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
 def _speaker(args: argparse.Namespace, spec: SystemSpec | None) -> Speaker:
     """The model and its prompting for `args`: an adapter (or merged folder) as trained or as `spec` says, or, for
     a system without the LoRA and no adapter, the `--base` model with the dataset's persona and memory."""
-    from .generation import GenerationSettings, served_context
+    from .generation import GenerationSettings, prompt_budget
 
     overrides = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     if args.adapter is not None and _is_dataset(args.adapter):
@@ -157,7 +157,7 @@ def _speaker(args: argparse.Namespace, spec: SystemSpec | None) -> Speaker:
         loaded.model.eval()
         settings = GenerationSettings.from_manifest({}, **overrides)
         # The whole context the model serves (as the bot and `eval` give a base), not a training length.
-        budget = max(16, served_context(loaded.model, FALLBACK_CONTEXT) - settings.max_new_tokens)
+        budget = prompt_budget(loaded.model, settings.max_new_tokens, FALLBACK_CONTEXT)
         notes = _notes(args, spec, learned=0) if memory is not None else 0
         return Speaker(loaded, persona, "transcript", settings, [args.name], budget, memory, notes,
                        spec.examples if notes > 0 else 0, lora_off=False)
@@ -169,7 +169,8 @@ def _speaker(args: argparse.Namespace, spec: SystemSpec | None) -> Speaker:
         raise ModelLoadError(f"{args.adapter} is a merged model: it has no LoRA to switch off for --system {spec.name}; "
                              "give the persona's dataset and --base instead")
     settings = GenerationSettings.from_manifest(manifest.generation, **overrides)
-    budget = max(16, manifest.max_length - settings.max_new_tokens)
+    # The bot's budget on this model (its whole served context), so that chat shows what the bot would say.
+    budget = prompt_budget(loaded.model, settings.max_new_tokens, manifest.max_length)
     learned = int(manifest.memory.get("notes") or 0)
     notes = _notes(args, spec, learned)
     memory = None

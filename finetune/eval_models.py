@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from .generation import GenerationSettings
+from .generation import GenerationSettings, prompt_budget
 from .model_loading import LoadedModel
 from .prompt import as_turns
 
@@ -155,14 +155,12 @@ def generate(
     profile: Sequence[str] = (),
 ) -> list[str]:
     """One reply per context, as the bot's worker makes them: every admitted chat decodes in the same step."""
-    from bot.backend import ModelBackend, served_context
+    from bot.backend import ModelBackend
 
     if not contexts:
         return []
     # The prompt budget the bot has on this model (its whole context), not the training length.
-    budget = served_context(loaded.model, max_length) - settings.max_new_tokens
-    if budget < 16:
-        raise ValueError(f"max_new_tokens {settings.max_new_tokens} leaves {budget} of {max_length} tokens for the prompt")
+    budget = prompt_budget(loaded.model, settings.max_new_tokens, max_length)
     backend = ModelBackend(loaded, persona, template, settings, tuple(speakers), budget,
                            cuda_graphs=loaded.device.startswith("cuda"), profile=tuple(profile))
     # The prompts are the bot's (its budget), but the cache need only hold the longest of them and a reply.

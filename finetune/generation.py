@@ -38,6 +38,23 @@ def served_context(model, fallback: int) -> int:
     return min(context, MAX_SERVED_CONTEXT) if context else fallback
 
 
+MIN_PROMPT_TOKENS = 16  # a prompt shorter than this holds no conversation to answer
+
+
+def prompt_budget(model, max_new_tokens: int, fallback: int | None) -> int:
+    """Prompt tokens of a reply served on `model`: its served context (served_context) less the reply's room.
+    The one rule of the bot, `eval` and `chat`, so that each prompts as the others do. `fallback`: the training
+    length, or None where a model whose config does not say its context is an error. ValueError when the reply
+    leaves too little room, or the context is unknown."""
+    context = served_context(model, fallback)
+    if not context:
+        raise ValueError("the model's config does not say its context length (max_position_embeddings)")
+    budget = context - max_new_tokens
+    if budget < MIN_PROMPT_TOKENS:
+        raise ValueError(f"max_new_tokens {max_new_tokens} leaves {budget} of {context} tokens for the prompt")
+    return budget
+
+
 @dataclass
 class GenerationSettings:
     max_new_tokens: int = DEFAULT_GENERATION["max_new_tokens"]
