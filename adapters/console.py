@@ -11,8 +11,7 @@ import asyncio
 import contextlib
 import sys
 
-from bot.inbox import InboxEntry
-from bot.messages import Accept, IncomingMessage, RecordAttempt
+from bot.messages import Accept, InboxEntry, IncomingMessage, RecordAttempt
 
 
 class ConsoleAdapter:

@@ -35,8 +35,7 @@ from collections import defaultdict, deque
 import aiohttp
 import discord
 
-from bot.inbox import InboxEntry
-from bot.messages import Accept, IncomingMessage, RecordAttempt
+from bot.messages import Accept, InboxEntry, IncomingMessage, RecordAttempt
 from bot.names import apart_from_persona
 
 log = logging.getLogger("bunshin.discord")

@@ -51,8 +51,8 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from bot.http_input import BadBody, header_bytes, is_utf8, parse_json, read_capped
-from bot.inbox import InboxEntry, InboxError
-from bot.messages import Accept, IncomingMessage, RecordAttempt
+from bot.inbox import InboxError
+from bot.messages import Accept, InboxEntry, IncomingMessage, RecordAttempt
 from bot.names import NameCache, apart_from_persona
 
 from .line_api import LINE_ID, PROFILE, LineApi, RetryPolicy, loggable

@@ -29,8 +29,8 @@ import time
 from collections import deque
 from dataclasses import replace
 
-from .inbox import InboxEntry, InboxError
-from .messages import IncomingMessage
+from .inbox import InboxError
+from .messages import InboxEntry, IncomingMessage
 
 log = logging.getLogger("bunshin.dispatcher")
 

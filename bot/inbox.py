@@ -41,12 +41,11 @@ import queue
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.persona_home import make_private_file
 
-from .messages import IncomingMessage
+from .messages import InboxEntry, IncomingMessage
 from .storage_errors import describe
 
 log = logging.getLogger("bunshin.inbox")
@@ -85,31 +84,6 @@ CREATE INDEX IF NOT EXISTS entries_finished ON entries (finished_at) WHERE finis
 
 class InboxError(Exception):
     """The inbox file cannot be used or written; str() names the file and why."""
-
-
-@dataclass
-class InboxEntry:
-    """One accepted message and how far answering it got."""
-
-    id: int
-    message: IncomingMessage
-    reply: str | None = None  # the reply decided before a delivery was attempted
-    attempts: list[tuple[str, float]] = field(default_factory=list)  # (method, wall time) before each first try
-    recoveries: int = 0  # how many starts found it unfinished
-
-    @property
-    def recovered(self) -> bool:
-        """Left unfinished by an earlier run."""
-        return self.recoveries > 0
-
-    @property
-    def key(self) -> str:
-        """Unique per message across platforms: memory keys its turns with it."""
-        return f"{self.message.platform}:{self.message.event_id}"
-
-    def attempted(self, method: str) -> float | None:
-        """When a delivery by `method` was first attempted, or None."""
-        return next((at for m, at in self.attempts if m == method), None)
 
 
 _CLOSE = object()

@@ -1,4 +1,4 @@
-"""The one message type every platform adapter hands the bot, and what a platform adapter is.
+"""The one message type every platform adapter hands the bot, its inbox entry, and what a platform adapter is.
 
     platform adapter ─► accept([IncomingMessage]) ─► inbox ─► dispatcher ─► router ─► deliver(entry, reply)
 """
@@ -14,8 +14,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import asyncio
-
-    from .inbox import InboxEntry
 
 
 @dataclass(frozen=True)
@@ -43,8 +41,33 @@ class IncomingMessage:
         return f"{self.platform}:{self.user_id}"
 
 
+@dataclass
+class InboxEntry:
+    """One accepted message and how far answering it got."""
+
+    id: int
+    message: IncomingMessage
+    reply: str | None = None  # the reply decided before a delivery was attempted
+    attempts: list[tuple[str, float]] = field(default_factory=list)  # (method, wall time) before each first try
+    recoveries: int = 0  # how many starts found it unfinished
+
+    @property
+    def recovered(self) -> bool:
+        """Left unfinished by an earlier run."""
+        return self.recoveries > 0
+
+    @property
+    def key(self) -> str:
+        """Unique per message across platforms: memory keys its turns with it."""
+        return f"{self.message.platform}:{self.message.event_id}"
+
+    def attempted(self, method: str) -> float | None:
+        """When a delivery by `method` was first attempted, or None."""
+        return next((at for m, at in self.attempts if m == method), None)
+
+
 # Stores messages durably and returns, per message, its inbox entry or None for a duplicate.
-Accept = Callable[[list[IncomingMessage]], Awaitable[list["InboxEntry | None"]]]
+Accept = Callable[[list[IncomingMessage]], Awaitable[list[InboxEntry | None]]]
 # Records (durably) that a delivery by a method is about to be tried: see Inbox.attempt.
 RecordAttempt = Callable[[str], Awaitable[None]]
 

@@ -191,8 +191,8 @@ def generate(
 def loss_rows(loaded: LoadedModel, samples: list[dict], template: str, max_length: int,
               memory: Callable[[dict], list] | None = None, profile: Sequence[str] = ()) -> list:
     """The samples' real replies encoded as training encodes them (prompt tokens unscored), packed into rows."""
+    from .encoding import encode_all
     from .packing import pack_samples
-    from .train import encode_all
 
     encoded, _ = encode_all(loaded.tokenizer, samples, template, max_length, memory, profile)
     if not encoded:
@@ -204,7 +204,7 @@ def loss_rows(loaded: LoadedModel, samples: list[dict], template: str, max_lengt
 
 def reply_loss(loaded: LoadedModel, rows: list) -> float | None:
     """Mean loss per reply token of the real replies in `rows` (loss_rows'); None without any."""
-    from .train import token_weighted_loss
+    from .reply_loss import token_weighted_loss
 
     rows_per_batch = 4 if loaded.device.startswith("cuda") else 1
     return token_weighted_loss(loaded.model, rows, loaded.tokenizer.pad_id, rows_per_batch)

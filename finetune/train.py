@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +26,7 @@ from pathlib import Path
 from . import packed_attention
 from .atomic_output import atomic_directory
 from .dataset_files import DatasetError, read_samples
+from .encoding import encode_all
 from .manifest import DEFAULT_GENERATION, AdapterManifest, bunshin_version
 from .model_loading import (
     DEFAULT_BASE,
@@ -51,7 +52,8 @@ from .person_memory import (
 )
 from .persona_home import make_output_parent, refuse_source_package
 from .private_files import create_private_file, make_private_dirs, make_tree_private
-from .prompt import TEMPLATES, as_turns, encode_sample
+from .prompt import TEMPLATES
+from .reply_loss import token_weighted_loss
 
 RUN_FILE = "bunshin-run.json"  # in the checkpoint folder: what run the checkpoints belong to
 
@@ -164,50 +166,6 @@ def latest_whole_checkpoint(ckpt: Path) -> Path | None:
 def checkpoint_dir(out: Path) -> Path:
     # Next to the adapter (in its persona home), not inside it: the adapter folder appears only when complete.
     return out.with_name(out.name + ".checkpoints")
-
-
-def encode_all(tokenizer, samples: list[dict], template: str, max_length: int,
-               memory: Callable[[dict], list] | None = None, profile: Sequence[str] = ()) -> tuple[list, int]:
-    """(input ids, labels) of every sample that fits, and how many did not. `memory`: the notes a sample's
-    prompt carries (person_memory.sample_notes), as the bot's prompt carries them when serving."""
-    encoded, skipped = [], 0
-    for s in samples:
-        notes = memory(s) if memory else ()
-        pair = encode_sample(tokenizer, as_turns(s["context"]), s["persona"], s["target"], template, max_length,
-                             memory=notes, profile=profile)
-        if pair is None:
-            skipped += 1
-        else:
-            encoded.append(pair)
-    return encoded, skipped
-
-
-def token_weighted_loss(model, rows: list[PackedRow], pad_id: int, rows_per_batch: int) -> float | None:
-    """Mean loss per reply token over `rows` (the Trainer's eval averages per batch instead)."""
-    import torch
-
-    if not rows:
-        return None
-    collate = PackedCollator(pad_id)
-    device = next(p for p in model.parameters()).device
-    total, tokens = 0.0, 0
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(rows), rows_per_batch):
-            batch = {k: v.to(device) for k, v in collate(rows[i : i + rows_per_batch]).items() if k != USEFUL_TOKENS}
-            # use_cache=False: with a KV cache transformers ignores the restarting position ids and
-            # lets packed samples attend to each other (the config's default is use_cache=True).
-            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits.float()
-            labels = batch["labels"][:, 1:]
-            mask = labels != -100
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1][mask], labels[mask], reduction="sum"
-            )
-            total += loss.item()
-            tokens += int(mask.sum())
-    model.train(was_training)
-    return total / tokens if tokens else None
 
 
 def train_defaults_from_config(path: Path) -> dict:

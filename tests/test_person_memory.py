@@ -308,9 +308,9 @@ def test_memory_drill_repeats_exactly_the_replies_drawn_from_their_notes(tmp_pat
 
     from finetune.model_loading import load_tokenizer
     from finetune.person_memory import sample_notes
-    from finetune.prompt import as_turns
+    from finetune.prompt import as_turns, encode_sample
     from finetune.tiny_model import build_tiny_model
-    from finetune.train import drill_samples, encode_sample, memory_recall, pack
+    from finetune.train import drill_samples, memory_recall, pack
 
     export = tmp_path / "chat.txt"
     export.write_text(HOBBY_CHAT, encoding="utf-8")

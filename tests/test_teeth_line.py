@@ -21,8 +21,7 @@ from adapters import line, line_api
 from adapters.line import LineAdapter
 from adapters.line_api import LineApi, RetryPolicy
 from bot.config import BotConfig
-from bot.inbox import InboxEntry
-from bot.messages import IncomingMessage
+from bot.messages import InboxEntry, IncomingMessage
 from bot.metrics import BotMetrics
 from tests.support.fake_line_api import PUSH, REPLY, Fault, serving_fake_line
 

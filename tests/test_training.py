@@ -36,9 +36,10 @@ from finetune.prompt import (
     encode_sample,
     render_prompt,
 )
+from finetune.reply_loss import token_weighted_loss
 from finetune.tiny_model import build_tiny_model
 from finetune.tokenization import load_tokenizer
-from finetune.train import checkpoint_dir, token_weighted_loss
+from finetune.train import checkpoint_dir
 
 PERSONA = "美咲"
 # Small rows and a high learning rate: a random 2-layer model learns something in ~90 CPU steps.
