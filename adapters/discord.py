@@ -67,7 +67,6 @@ class DiscordAdapter:
 
     def __init__(self, config, metrics, persona: str):
         self.config = config.discord
-        self.metrics = metrics
         self.persona = persona
         # Read now, so a missing variable stops the daemon before the model loads (ConfigError names it).
         self._token = config.secret(self.config.token_env)

@@ -246,7 +246,6 @@ class LineAdapter:
     def __init__(self, config, metrics, persona: str):
         self.config = config
         self.line = config.line
-        self.metrics = metrics
         self.persona = persona
         # Read once, at start: BotConfig.secret raises ConfigError naming the variable, never the value.
         self._secret = config.secret(self.line.channel_secret_env).encode("utf-8")

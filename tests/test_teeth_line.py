@@ -23,7 +23,17 @@ from adapters.line_api import LineApi, RetryPolicy
 from bot.config import BotConfig
 from bot.messages import InboxEntry, IncomingMessage
 from bot.metrics import BotMetrics
-from tests.support.fake_line_api import PUSH, REPLY, Fault, serving_fake_line
+from tests.support.fake_line_api import (
+    LOADING,
+    PROFILE,
+    PUSH,
+    REPLY,
+    Fault,
+    serving_fake_line,
+    sign,
+    text_event,
+    webhook_bytes,
+)
 
 USER = "U" + "a" * 32
 GROUP = "C" + "b" * 32
@@ -337,14 +347,14 @@ QUICK = RetryPolicy(attempts=3, base_s=0.01, max_s=0.02, max_retry_after_s=1.0)
 
 
 @asynccontextmanager
-async def adapter_and_fake(tmp_path, monkeypatch, **line):
+async def adapter_and_fake(tmp_path, monkeypatch, queue: dict | None = None, **line):
     """A LineAdapter (its client open, as run() opens it) in front of the fake LINE API of tests/support."""
     monkeypatch.setenv(SECRET_ENV, "teeth-secret")
     monkeypatch.setenv(TOKEN_ENV, ACCESS_TOKEN)
     monkeypatch.setattr(LineAdapter, "retry", QUICK)
     async with serving_fake_line(ACCESS_TOKEN) as fake:
         config = BotConfig.from_dict({
-            "persona": {"name": "美咲"}, "memory": {"path": str(tmp_path / "memory.sqlite3")},
+            "persona": {"name": "美咲"}, "memory": {"path": str(tmp_path / "memory.sqlite3")}, "queue": queue or {},
             "line": {"enabled": True, "channel_secret_env": SECRET_ENV, "access_token_env": TOKEN_ENV,
                      "api_host": fake.url, "api_timeout_s": 0.5, **line},
         }, source="test")
@@ -501,6 +511,14 @@ def test_a_reply_is_cut_by_utf16_units_where_only_characters_beyond_the_bmp_coun
     # U+FFFF is the last character of one unit, U+10000 the first of two.
     assert line.split_reply("\uffff" * 6, limit=3, max_messages=5) == ["\uffff" * 3] * 2
     assert line.split_reply("\U00010000" * 4, limit=4, max_messages=5) == ["\U00010000" * 2] * 2
+    for text in ("\uffff", "\U00010000", "あ\uffff\U0001F431x"):
+        assert line.utf16_units(text) == len(text.encode("utf-16-le")) // 2  # as LINE counts a text's length
+
+
+def test_a_reply_of_exactly_max_messages_pieces_is_whole_and_a_longer_one_ends_in_an_ellipsis_within_the_limit():
+    assert line.split_reply("あいうえおかきくけこ\n" * 3, limit=10, max_messages=3) == ["あいうえおかきくけこ"] * 3
+    assert line.split_reply("あいうえおかきくけこ\n" * 4, limit=10, max_messages=3) == (
+        ["あいうえおかきくけこ"] * 2 + ["あいうえおかきくけ…"])  # the ellipsis takes the last piece's 10th unit
 
 
 def test_a_refused_webhook_says_its_status_and_reason():
@@ -537,6 +555,15 @@ async def test_the_warning_of_a_push_past_its_retry_key_says_why(tmp_path, monke
     ("あ\nいう", 3, ["あ", "いう"]),  # a newline at the window's second place, its floor 1, is a cut
     ("あ。いう", 3, ["あ。", "いう"]),  # a sentence end there too
     ("いいいいいい あ あう", 10, ["いいいいいい あ", "あう"]),  # the last space of the window's second half
+    # A window of 12: its second half starts at 6. A newline at 5 is in the first half (not a third of it).
+    ("あいうえお\nかきくけこさしすせそたち", 12, ["あいうえお\nかきくけこさ", "しすせそたち"]),
+    ("あいうえおか\nき\nくけこさしす", 12, ["あいうえおか\nき", "くけこさしす"]),  # the last newline, not the first
+    ("あいうえおか。き。くけこさしす", 12, ["あいうえおか。き。", "くけこさしす"]),  # the last sentence end
+    ("あいう\u3000えおかきくけこさしすせそ", 12, ["あいう\u3000えおかきくけこさ", "しすせそ"]),  # an ideographic space too
+    ("あいうえおか\u3000き\u3000くけこさしす", 12, ["あいうえおか\u3000き", "くけこさしす"]),
+    ("あいうえおかき\u3000くけこさしす", 12, ["あいうえおかき", "くけこさしす"]),
+    ("あ いう", 3, ["あ", "いう"]),  # a space at the window's second place, its floor 1, is a cut
+    ("あいうえおか \nきくけこさしすせ", 12, ["あいうえおか", "きくけこさしすせ"]),  # a piece ends without its spaces
 ])
 def test_a_long_reply_is_cut_at_the_last_boundary_of_the_windows_second_half(text, limit, pieces):
     assert line.split_reply(text, limit=limit, max_messages=5) == pieces
@@ -592,3 +619,141 @@ async def test_a_reply_throttled_on_every_try_was_never_taken_and_is_dropped_as_
     messages = [r.getMessage() for r in caplog.records if r.name == "bunshin.line"]
     assert (f"reply not accepted in time for line:{USER} (event 01TEETHEVENT, inbox entry 7): reply dropped "
             "([line] push_fallback is off)") in messages
+
+
+@pytest.mark.parametrize("deadline_s, seconds", [(3, 5), (12, 15), (15, 15), (61, 60), (600, 60)])
+async def test_the_loading_animation_lasts_the_reply_deadline_in_fives_within_5_to_60_seconds(tmp_path, monkeypatch,
+                                                                                            deadline_s, seconds):
+    monkeypatch.setattr(line, "LOADING_AFTER_S", 0.0)
+    async with adapter_and_fake(tmp_path, monkeypatch, queue={"deadline_s": deadline_s}) as (adapter, fake):
+        async with adapter.working(entry()):
+            for _ in range(500):
+                if fake.to(LOADING):
+                    break
+                await asyncio.sleep(0.01)
+    [loading] = fake.to(LOADING)
+    assert loading["json"] == {"chatId": USER, "loadingSeconds": seconds}
+
+
+async def test_a_failed_name_lookup_keeps_the_name_found_before_until_it_is_asked_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(line, "NAME_REFRESH_S", 0.0)  # a name found is due for a refresh at once
+    message = entry().message
+    async with adapter_and_fake(tmp_path, monkeypatch) as (adapter, fake):
+        fake.profiles[USER] = "健太"
+        assert await adapter.speaker_name(message) == "健太"
+        del fake.profiles[USER]  # LINE answers 404 now (the user blocked the bot)
+        assert await adapter.speaker_name(message) == "健太"  # the refresh failed: the name known before
+        assert await adapter.speaker_name(message) == "健太"  # and for NAME_RETRY_S, without asking
+    assert len(fake.to(PROFILE)) == 2
+
+
+async def test_an_entry_without_lines_timestamp_counts_its_token_as_stale(tmp_path, monkeypatch):
+    """A delivery record without event_ms (written by hand, or by an older bunshin): its token's age is unknown, so it
+    is taken as stale, never as fresh, and the reply is pushed (with push_fallback on)."""
+    stamped = entry()
+    del stamped.message.delivery["event_ms"]
+    async with adapter_and_fake(tmp_path, monkeypatch, push_fallback=True) as (adapter, fake):
+        assert adapter._token_age(stamped.message) > 1e9  # from the epoch
+        assert await deliver(adapter, stamped) == ("replied", ["push"])
+        assert (len(fake.to(PUSH)), fake.to(REPLY)) == (1, [])
+
+
+@asynccontextmanager
+async def posting_webhooks(adapter: LineAdapter):
+    """The adapter's webhook served on loopback; yields post(body) -> (status, text), signed as LINE signs."""
+    import aiohttp
+
+    app = web.Application()
+    app.router.add_post("/callback", adapter.webhook)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/callback"
+
+    async def post(body: bytes) -> tuple[int, str]:
+        async with session.post(url, data=body, headers={"X-Line-Signature": sign(body, "teeth-secret")}) as answer:
+            return answer.status, await answer.text()
+
+    async with aiohttp.ClientSession() as session:
+        try:
+            yield post
+        finally:
+            await runner.cleanup()
+
+
+async def test_the_webhook_answers_ok_takes_each_event_once_and_logs_a_redelivery(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="bunshin.line")
+    taken: list[str] = []
+
+    async def accept(messages):  # as the inbox answers: an entry for a new event, None for one taken already
+        answers = [None if m.event_id in taken else InboxEntry(len(taken) + i, m) for i, m in enumerate(messages)]
+        taken.extend(m.event_id for m in messages)
+        return answers
+
+    async with adapter_and_fake(tmp_path, monkeypatch) as (adapter, _):
+        adapter._accept = accept
+        body = webhook_bytes(text_event("やあ", user=USER, event_id="01FIRSTEVENT"))
+        async with posting_webhooks(adapter) as post:
+            assert await post(body) == (200, "OK")
+            assert not [r for r in caplog.records if "delivered again" in r.getMessage()]
+            assert await post(body) == (200, "OK")  # LINE redelivers: answered 200, and not taken twice
+    assert [r.getMessage() for r in caplog.records if "delivered again" in r.getMessage()] == [
+        "event 01FIRSTEVENT delivered again: already taken"]
+
+
+async def test_a_webhook_the_inbox_cannot_store_is_a_500_and_one_before_start_a_503(tmp_path, monkeypatch):
+    """LINE redelivers what got a 5xx (with redelivery on): a message is never acknowledged and lost."""
+    from bot.inbox import InboxError
+
+    async def full_disk(messages):
+        raise InboxError("cannot write the inbox: database or disk is full")
+
+    body = webhook_bytes(text_event("やあ", user=USER))
+    async with adapter_and_fake(tmp_path, monkeypatch) as (adapter, _):
+        adapter._accept = full_disk
+        async with posting_webhooks(adapter) as post:
+            assert await post(body) == (500, "could not store the events")
+            adapter._accept = None  # as before run(), and after close()
+            assert await post(body) == (503, "not serving")
+            assert await post(b" " * (line.MAX_BODY_BYTES + 1)) == (413, f"body over {line.MAX_BODY_BYTES} bytes")
+
+
+async def test_a_stale_token_without_push_fallback_is_not_worth_a_reply(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.WARNING, logger="bunshin.line")
+    async with adapter_and_fake(tmp_path, monkeypatch) as (adapter, _):
+        assert adapter.can_deliver(entry(age_s=0))
+        assert adapter.can_deliver(entry(age_s=55, attempts=[("reply", 54)]))  # tried before a restart: settle it
+        assert not adapter.can_deliver(entry(age_s=55))  # nobody would get the reply: it is not made
+    async with adapter_and_fake(tmp_path, monkeypatch, push_fallback=True) as (adapter, _):
+        assert adapter.can_deliver(entry(age_s=55))
+    [dropped] = [r.getMessage() for r in caplog.records if "reply dropped" in r.getMessage()]
+    assert dropped.startswith("reply token stale after 55.") and dropped.endswith(
+        f"s for line:{USER} (event 01TEETHEVENT, inbox entry 7): reply dropped ([line] push_fallback is off)")
+
+
+def test_an_event_is_ignored_when_any_of_its_ids_is_no_text_or_its_time_is_out_of_range():
+    """Values LINE never sends would fail later (SQLite cannot store a lone surrogate; a time past 2**53 ms loses
+    precision as a float): the parser drops the event, and takes every time from 0 to 2**53 - 1."""
+    def parsed(*events) -> list[str]:
+        return [e.event_id for e in line.parse_events(json.dumps({"events": list(events)}).encode())]
+
+    fine = text_event("やあ", user=USER, group=GROUP, event_id="FINE")
+    assert parsed(fine) == ["FINE"]
+    assert parsed({**fine, "source": {**fine["source"], "groupId": "C\ud800"}}) == []  # the chat
+    assert parsed({**fine, "source": {**fine["source"], "userId": "U\udc00"}}) == []  # the sender
+    assert parsed({**fine, "replyToken": "\ud800token"}) == []
+    for timestamp, kept in ((0, True), (2**53 - 1, True), (2**53, False), (-1, False)):
+        assert parsed({**fine, "timestamp": timestamp}) == (["FINE"] if kept else []), timestamp
+
+
+async def test_a_webhook_before_run_or_after_close_is_a_503(tmp_path, monkeypatch):
+    body = webhook_bytes(text_event("やあ", user=USER))
+    async with adapter_and_fake(tmp_path, monkeypatch) as (adapter, _):
+        not_started = LineAdapter(adapter.config, BotMetrics(), "美咲")
+        async with posting_webhooks(not_started) as post:
+            assert await post(body) == (503, "not serving")
+        await not_started.close()
+        await adapter.close()
+        async with posting_webhooks(adapter) as post:
+            assert await post(body) == (503, "not serving")
