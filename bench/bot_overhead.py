@@ -47,13 +47,13 @@ async def run(chats: int, rounds: int, max_batch: int, work: Path, person=None, 
     from memory_recall import make_texts
 
     from bot.backend import ModelBackend
-    from bot.config import BotConfig
     from bot.memory import ConversationMemory
     from bot.messages import IncomingMessage
     from bot.metrics import BotMetrics
     from bot.reply_memory import ReplyMemory
     from bot.router import BUSY_REPLY, ERROR_REPLY, TIMEOUT_REPLY, Router
     from bot.worker import Worker
+    from finetune.config import BotConfig
     from finetune.model_loading import load_base_model
     from finetune.tiny_model import build_tiny_model
 

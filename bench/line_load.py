@@ -81,8 +81,8 @@ def serve_daemon(config_json: str, latency_s: float) -> int:
     fixed-latency backend in place of a model."""
     import logging
 
-    from bot.config import BotConfig
     from bot.daemon import run_daemon
+    from finetune.config import BotConfig
     from tests.support.webhook_load import FixedLatencyBackend
 
     config = BotConfig.from_dict(json.loads(config_json), source="bench")

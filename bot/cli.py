@@ -14,7 +14,7 @@ DEMO_PERSONA = "美咲"
 
 def demo_config(base: Path):
     """The offline demo: the tiny model, the console, memory in the user's cache folder."""
-    from .config import BotConfig
+    from finetune.config import BotConfig
 
     cache = base.parent
     return BotConfig.from_dict({
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                              "deleted: what it held unanswered is not answered)")
     args = parser.parse_args(argv)
 
-    from .config import ConfigError, load_config
+    from finetune.config import ConfigError, load_config
 
     try:
         config = demo_config(demo_model_dir()) if args.demo else load_config(args.config)

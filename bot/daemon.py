@@ -34,11 +34,11 @@ import signal
 import time
 from pathlib import Path
 
+from finetune.config import ConfigError
 from finetune.model_loading import ModelLoadError, load_base_model, load_persona_model
 from finetune.persona_home import PersonaHomeError
 
 from .backend import ModelBackend
-from .config import ConfigError
 from .dispatcher import Dispatcher
 from .inbox import Inbox, InboxError
 from .loading import in_thread

@@ -27,6 +27,7 @@ import traceback
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from finetune.config import ConfigError
 from finetune.model_loading import ModelLoadError, read_adapter_manifest
 from finetune.person_memory import INDEX_FILE, MEMORY_FILE, PersonMemory, PersonMemoryError, notes
 from finetune.profile import ProfileError, read_profile
@@ -34,7 +35,6 @@ from finetune.prompt import ChatTurn, MemoryNote
 from finetune.records import ChatRecord
 
 from .chat_recall import ChatRecall
-from .config import ConfigError
 from .memory import MemoryStoreError
 
 log = logging.getLogger("bunshin.memory")

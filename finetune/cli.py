@@ -126,7 +126,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _defaults_from_config(command: str, path: Path) -> dict:
-    """The defaults a --config file gives `command`, read through bot/config.py's one model of the file."""
+    """The defaults a --config file gives `command`, read through finetune/config.py's one model of the file."""
     if command == "prepare":
         from .prepare_args import prepare_defaults_from_config
 
@@ -141,7 +141,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.command in ("prepare", "train") and args.config is not None:
         # Config values become the defaults, then the command line is parsed again so flags win.
-        from bot.config import ConfigError
+        from .config import ConfigError
 
         try:
             args._subparsers[args.command].set_defaults(**_defaults_from_config(args.command, args.config))

@@ -3,21 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
-from .trainer_formats import FORMATS as EXPORT_FORMATS
-
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
-_UNIT_SECONDS = {"": 60, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> float:
-    """'90' (minutes), '30m', '3h', '1d', '45s' -> seconds."""
-    match = _DURATION.match(text.strip().lower())
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (examples: 30m, 3h, 1d)")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+from .cli_values import parse_duration, parse_export_formats
 
 
 def _fraction(text: str) -> float:
@@ -25,17 +13,6 @@ def _fraction(text: str) -> float:
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1): {text}")
     return value
-
-
-def parse_export_formats(text: str) -> list[str]:
-    """'sharegpt,alpaca' -> ['sharegpt', 'alpaca']; an unknown name is a usage error, before any reading."""
-    names = [n.strip().lower() for n in str(text).split(",") if n.strip()]
-    unknown = [n for n in names if n not in EXPORT_FORMATS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown export format {(unknown or [text])[0]!r}; known: {', '.join(EXPORT_FORMATS)}"
-        )
-    return names
 
 
 def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
@@ -80,9 +57,9 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
 
 def prepare_defaults_from_config(path: Path) -> dict:
     """argparse defaults from the [prepare] table of a config file: only the keys it sets, so the other flags
-    keep their own defaults. The whole file is read and validated by bot/config.py (its pydantic model), whose
+    keep their own defaults. The whole file is read and validated by finetune/config.py (its pydantic model), whose
     ConfigError names every problem; imported here, not above, so that `inspect` never loads pydantic."""
-    from bot.config import load_config
+    from .config import load_config
 
     defaults = load_config(path).prepare.overrides()
     if "redact" in defaults:  # the file says what to do, the flag what not to

@@ -170,8 +170,8 @@ def checkpoint_dir(out: Path) -> Path:
 
 def train_defaults_from_config(path: Path) -> dict:
     """argparse defaults from a config file: its [model] base, the model the bot would serve. The whole file is
-    read and validated by bot/config.py, whose ConfigError names every problem (pydantic is imported only here)."""
-    from bot.config import load_config
+    read and validated by finetune/config.py, whose ConfigError names every problem (pydantic is imported only here)."""
+    from .config import load_config
 
     base = load_config(path).model.base
     return {"base": base} if base else {}  # "" means "the adapter's base" to the bot; there is no adapter yet

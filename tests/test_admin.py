@@ -11,11 +11,11 @@ import logging
 import pytest
 
 from adapters.discord import DiscordAdapter
-from bot.config import BotConfig, ConfigError
 from bot.memory import ConversationMemory
 from bot.messages import IncomingMessage
 from bot.metrics import BotMetrics
 from bot.router import NOT_ADMIN_REPLY, RESET_REPLY, Router
+from finetune.config import BotConfig, ConfigError
 from tests.support.fake_discord import (
     ALICE_ID,
     BOB,

@@ -20,7 +20,7 @@ import openai
 import pytest
 from conftest import run_cli, write_toml
 
-from bot.config import BotConfig
+from finetune.config import BotConfig
 from finetune.prompt import ChatTurn
 from tests.support.api_daemon import KEY, PERSONA, HeldBackend, client, get_json, serving, tiny_backend
 

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bot.api_request import ApiError, parse_chat_request
-from bot.config import BotConfig
+from finetune.config import BotConfig
 from finetune.prompt import ChatTurn
 from tests.support.api_daemon import (
     KEY,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from bot.config import BotConfig, ConfigError, load_config
+from finetune.config import BotConfig, ConfigError, load_config
 from finetune.prepare_args import prepare_defaults_from_config
 
 SECRET = "MTIzNDU2Nzg5.secret-token-value-xyz"

@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from bot.config import BotConfig, ConfigError
 from bot.daemon import load_backend, run_daemon
 from bot.memory import ConversationMemory
 from bot.messages import IncomingMessage
@@ -31,6 +30,7 @@ from bot.reply_memory import ReplyMemory, merge_notes
 from bot.router import RESET_REPLY, Router
 from bot.slot_reuse import common_prefix
 from bot.worker import Worker
+from finetune.config import BotConfig, ConfigError
 from finetune.person_memory import INDEX_FILE, MEMORY_FILE
 from finetune.prompt import BLOCK_CLOSE, MEMORY_OPEN, ChatTurn, MemoryNote
 from finetune.tiny_model import build_tiny_model

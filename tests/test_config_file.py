@@ -1,5 +1,5 @@
 """One config file, read one way: the bot, `finetune prepare --config` and `finetune train --config` all read it
-through bot/config.py's model of the whole file, so they report the same problems and read the same values."""
+through finetune/config.py's model of the whole file, so they report the same problems and read the same values."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import EXAMPLES, REPO, run_cli, write_toml
 
-from bot.config import load_config
 from finetune.cli import _parse_args
+from finetune.config import load_config
 
 LINE = EXAMPLES / "line_demo.txt"
 BAD_PREPARE = "[prepare]\nmax_context_turn = 5\nsession_gap = true\n"
@@ -94,12 +94,12 @@ def test_without_a_base_in_the_file_train_uses_the_default_base(tmp_path):
 def test_one_toml_reader():
     readers = [str(path.relative_to(REPO)) for folder in ("bot", "finetune") for path in (REPO / folder).rglob("*.py")
                if re.search(r"^\s*import tom(llib|li)\b", path.read_text(encoding="utf-8"), flags=re.MULTILINE)]
-    assert readers == ["bot/config.py"]
+    assert readers == ["finetune/config.py"]
 
 
 def test_inspect_loads_neither_torch_nor_pydantic():
     code = ("import sys\nfrom finetune.cli import main\nrc = main(['inspect', sys.argv[1]])\n"
-            "print('loaded:', [m for m in ('torch', 'transformers', 'pydantic', 'bot.config') if m in sys.modules])\n"
+            "print('loaded:', [m for m in ('torch', 'transformers', 'pydantic', 'finetune.config') if m in sys.modules])\n"
             "sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code, str(LINE)], cwd=REPO, capture_output=True, text=True,
                           encoding="utf-8", timeout=120)

@@ -17,10 +17,10 @@ import time
 import pytest
 
 from adapters.discord import DiscordAdapter, DiscordStartError, split_message
-from bot.config import BotConfig, ConfigError
 from bot.dispatcher import Dispatcher
 from bot.inbox import Inbox
 from bot.metrics import BotMetrics
+from finetune.config import BotConfig, ConfigError
 from tests.support.fake_discord import (
     ALICE_ID,
     BOB,

@@ -33,7 +33,7 @@ import aiohttp
 import pytest
 from conftest import REPO, write_toml
 
-from bot.config import BotConfig, load_config
+from finetune.config import BotConfig, load_config
 from finetune.tiny_model import build_tiny_model
 from tests.support.fake_line_api import REPLY, serving_fake_line, sign, text_event, webhook_bytes
 

@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 
 import adapters.line as line_module
 from adapters.line import MAX_BODY_BYTES, split_reply, strip_self_mention, utf16_units
-from bot.config import BotConfig
 from bot.daemon import run_daemon
 from bot.router import RATE_LIMIT_REPLY
+from finetune.config import BotConfig
 from finetune.tiny_model import build_tiny_model
 from tests.support.fake_line_api import LOADING, PROFILE, PUSH, REPLY, Fault, serving_fake_line, webhook
 from tests.support.fake_line_api import sign as line_sign

@@ -142,8 +142,8 @@ class SlowModel:
 
 
 async def test_a_drain_cut_short_keeps_the_rest_for_the_next_start_and_says_how_many(tmp_path, caplog, monkeypatch):
-    from bot.config import BotConfig
     from bot.daemon import run_daemon
+    from finetune.config import BotConfig
 
     caplog.set_level("INFO")
     monkeypatch.setenv(SECRET_ENV, SECRET)

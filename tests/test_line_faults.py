@@ -22,8 +22,8 @@ from conftest import ScriptedRouter, answered_by
 
 from adapters.line import LineAdapter, RetryPolicy
 from adapters.line_api import retry_after_seconds
-from bot.config import BotConfig
 from bot.metrics import BotMetrics
+from finetune.config import BotConfig
 from tests.support.fake_line_api import PUSH, REPLY, Fault, serving_fake_line, sign, text_event, webhook_bytes
 
 SECRET, TOKEN = "fault-channel-secret-77aa", "fault-access-token-88bb"

@@ -16,8 +16,8 @@ import aiohttp
 import pytest
 
 from adapters.line import LineAdapter, RetryPolicy
-from bot.config import BotConfig
 from bot.daemon import run_daemon
+from finetune.config import BotConfig
 from tests.support.fake_line_api import PUSH, REPLY, Delivery, FakeLineApi, FakeLineMirror, serving_fake_line
 from tests.support.webhook_load import (
     FixedLatencyBackend,

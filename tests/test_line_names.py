@@ -23,10 +23,10 @@ from conftest import ScriptedRouter, answered_by
 import adapters.line as line_module
 from adapters.discord import DiscordAdapter
 from adapters.line import LineAdapter
-from bot.config import BotConfig
 from bot.daemon import run_daemon
 from bot.metrics import BotMetrics
 from bot.names import NameCache, NameCacheError
+from finetune.config import BotConfig
 from tests.support.fake_discord import ALICE, ALICE_ID, BOT_USER, guild_payload, message_payload, parse
 from tests.support.fake_line_api import (
     GROUP_MEMBER,

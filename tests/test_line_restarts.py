@@ -30,11 +30,11 @@ import pytest
 from conftest import ScriptedRouter
 
 from adapters.line import LineAdapter
-from bot.config import BotConfig
 from bot.dispatcher import Dispatcher
 from bot.inbox import Inbox
 from bot.messages import IncomingMessage
 from bot.metrics import BotMetrics
+from finetune.config import BotConfig
 from finetune.tiny_model import build_tiny_model
 from tests.support.fake_line_api import REPLY, Fault, serving_fake_line, text_event
 from tests.support.line_daemon import (

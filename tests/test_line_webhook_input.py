@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 
 import adapters.line as line_module
 from adapters.line import LineAdapter, TextEvent, WebhookRejected, parse_events
-from bot.config import BotConfig
 from bot.metrics import BotMetrics
+from finetune.config import BotConfig
 from tests.support.fake_line_api import serving_fake_line, sign, text_event, webhook_bytes
 
 SECRET, TOKEN = "fuzz-channel-secret-3c3c", "fuzz-access-token-4d4d"

@@ -304,10 +304,10 @@ def test_a_damaged_file_is_a_clear_error_at_open_and_left_untouched(db_path, dam
 async def test_the_router_answers_an_apology_when_memory_is_locked(db_path, lock_holder, caplog):
     import logging
 
-    from bot.config import BotConfig
     from bot.messages import IncomingMessage
     from bot.metrics import BotMetrics
     from bot.router import ERROR_REPLY, Router
+    from finetune.config import BotConfig
 
     class NoWorker:
         async def submit(self, *args, **kwargs):

@@ -24,11 +24,11 @@ from pathlib import Path
 import pytest
 from conftest import EXAMPLES, REPO, write_toml
 
-from bot.config import BotConfig
 from bot.inbox import Inbox
 from bot.memory import ConversationMemory
 from bot.memory_location import OLD_DEFAULT, memory_path
 from bot.names import NameCache
+from finetune.config import BotConfig
 from finetune.persona_home import ROOT_ENV, PersonaHomeError
 from tests.support.fresh_clone import fresh_clone, git, tracked_and_created
 

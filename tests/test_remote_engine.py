@@ -30,11 +30,11 @@ from aiohttp import web
 from conftest import REPO, write_toml
 
 from bot.backend import ModelBackend
-from bot.config import BotConfig, ConfigError
 from bot.metrics import BotMetrics
 from bot.remote_engine import RemoteBackend
 from bot.router import ERROR_REPLY
 from bot.worker import GeneratedReply, GenerationFailed, Worker
+from finetune.config import BotConfig, ConfigError
 from finetune.generation import reply_text
 from finetune.manifest import AdapterManifest
 from finetune.model_loading import load_persona_model

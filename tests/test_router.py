@@ -9,12 +9,12 @@ import threading
 import pytest
 
 from bot.backend import ModelBackend
-from bot.config import BotConfig
 from bot.memory import ConversationMemory
 from bot.messages import IncomingMessage
 from bot.metrics import BotMetrics
 from bot.router import BUSY_REPLY, ERROR_REPLY, RATE_LIMIT_REPLY, RESET_REPLY, RateLimiter, Router
 from bot.worker import Worker
+from finetune.config import BotConfig
 from finetune.model_loading import load_base_model
 from finetune.tiny_model import build_tiny_model
 

@@ -12,8 +12,8 @@ import logging
 import re
 
 from adapters.line import LineAdapter, RetryPolicy
-from bot.config import BotConfig
 from bot.daemon import run_daemon
+from finetune.config import BotConfig
 from tests.support.fake_discord import DM_ID, TOKEN_ENV, message_payload
 from tests.support.fake_line_api import PUSH, REPLY, Fault, serving_fake_line, sign, text_event, webhook_bytes
 from tests.support.webhook_load import FixedLatencyBackend

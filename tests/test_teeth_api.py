@@ -10,9 +10,9 @@ import openai
 import pytest
 
 from bot.api import OpenAIApi
-from bot.config import BotConfig
 from bot.metrics import BotMetrics
 from bot.server import build_app, start_server
+from finetune.config import BotConfig
 
 PERSONA = "美咲"
 KEY = "sk-teeth-5d1e"

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from bot.api_request import ApiError, check_key, check_model, parse_chat_request
-from bot.config import BotConfig
+from finetune.config import BotConfig
 
 PERSONA = "美咲"
 CONFIG = BotConfig.from_dict({"persona": {"name": PERSONA}, "api": {"enabled": True}}, source="test")

@@ -17,7 +17,6 @@ import pytest
 
 from adapters.console import ConsoleAdapter
 from bot.backend import ModelBackend
-from bot.config import BotConfig
 from bot.dispatcher import MAX_RECOVERIES, Dispatcher
 from bot.inbox import Inbox
 from bot.memory import ConversationMemory
@@ -25,6 +24,7 @@ from bot.messages import IncomingMessage
 from bot.metrics import BotMetrics
 from bot.router import Router
 from bot.worker import Worker
+from finetune.config import BotConfig
 from finetune.model_loading import load_base_model
 from finetune.tiny_model import build_tiny_model
 

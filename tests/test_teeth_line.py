@@ -20,9 +20,9 @@ from aiohttp import web
 from adapters import line, line_api
 from adapters.line import LineAdapter
 from adapters.line_api import LineApi, RetryPolicy
-from bot.config import BotConfig
 from bot.messages import InboxEntry, IncomingMessage
 from bot.metrics import BotMetrics
+from finetune.config import BotConfig
 from tests.support.fake_line_api import (
     LOADING,
     PROFILE,

@@ -215,7 +215,7 @@ def test_without_eval_samples_dataset_info_names_only_train():
 def test_config_file_can_ask_for_exports(tmp_path):
     from conftest import write_toml
 
-    from bot.config import ConfigError
+    from finetune.config import ConfigError
     from finetune.prepare_args import prepare_defaults_from_config
 
     assert prepare_defaults_from_config(write_toml(tmp_path / "a.toml", {"prepare": {"export": ["sharegpt", "messages"]}})) == {

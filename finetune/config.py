@@ -1,7 +1,8 @@
 """bunshin's configuration: one TOML file, one model of it, one loader (`load_config`).
 
 The daemon reads it at start; `finetune prepare --config` takes its [prepare] table and `finetune train
---config` its [model] base as their flags' defaults. Each validates the whole file, so a mistake anywhere
+--config` its [model] base as their flags' defaults. It lives in finetune/, the lower layer, so that both sides read
+it without the offline commands reaching up into bot/. Each validates the whole file, so a mistake anywhere
 in it is reported by whichever reads it first.
 
 Every table forbids unknown keys and every value is checked strictly (no "8080" for 8080), so
@@ -38,9 +39,9 @@ from pydantic import (
     model_validator,
 )
 
-from finetune.manifest import AdapterManifest
-from finetune.model_loading import DEFAULT_BASE, DTYPE_CHOICES, QUANTIZE_CHOICES, ModelLoadError, read_adapter_manifest
-from finetune.prepare_args import parse_duration, parse_export_formats
+from .cli_values import parse_duration, parse_export_formats
+from .manifest import AdapterManifest
+from .model_loading import DEFAULT_BASE, DTYPE_CHOICES, QUANTIZE_CHOICES, ModelLoadError, read_adapter_manifest
 
 PLATFORMS = ("console", "discord", "line")
 
