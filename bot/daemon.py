@@ -103,21 +103,10 @@ def configured_persona(config) -> str:
 
 
 def build_platform_adapters(config, persona: str, metrics) -> list:
-    """The enabled platform adapters (bot/messages.py says what one is)."""
-    adapters = []
-    if config.console.enabled:
-        from adapters.console import ConsoleAdapter
+    """The enabled platform adapters (adapters/registry.py names them; bot/messages.py says what one is)."""
+    from adapters.registry import enabled_platforms
 
-        adapters.append(ConsoleAdapter(config.console.user_name, persona))
-    if config.line.enabled:
-        from adapters.line import LineAdapter
-
-        adapters.append(LineAdapter(config, metrics, persona))
-    if config.discord.enabled:
-        from adapters.discord import DiscordAdapter
-
-        adapters.append(DiscordAdapter(config, metrics, persona))
-    return adapters
+    return enabled_platforms(config, metrics, persona)
 
 
 def refuse_memory_without_inbox(memory_path: str, inbox_path: str) -> None:
