@@ -34,6 +34,7 @@ import signal
 import time
 from pathlib import Path
 
+from adapters.registry import enabled_platforms
 from finetune.config import ConfigError
 from finetune.model_loading import ModelLoadError, load_base_model, load_persona_model
 from finetune.persona_home import PersonaHomeError
@@ -102,13 +103,6 @@ def configured_persona(config) -> str:
     return manifest.persona if manifest is not None else ""
 
 
-def build_platform_adapters(config, persona: str, metrics) -> list:
-    """The enabled platform adapters (adapters/registry.py names them; bot/messages.py says what one is)."""
-    from adapters.registry import enabled_platforms
-
-    return enabled_platforms(config, metrics, persona)
-
-
 def refuse_memory_without_inbox(memory_path: str, inbox_path: str) -> None:
     """SystemExit, saying how to start fresh, when the memory exists and its inbox does not (deleted or moved):
     starting would lose what the inbox held unanswered, and could answer again what it had answered."""
@@ -166,7 +160,7 @@ async def run_daemon(config, stop: asyncio.Event | None = None, backend=None, ne
         recall = ReplyMemory.from_config(config, memory)
         log.info("%s", recall.describe())
         try:
-            adapters = build_platform_adapters(config, persona, metrics)
+            adapters = enabled_platforms(config, metrics, persona)  # bot/messages.py says what one is
         except NameCacheError as exc:
             raise SystemExit(f"error: {exc}") from None
         dispatcher = Dispatcher(inbox, {a.name: a for a in adapters}, metrics, max_active=config.queue.max_active)

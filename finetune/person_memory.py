@@ -32,6 +32,7 @@ from pathlib import Path
 
 from .prompt import ChatTurn, MemoryNote, as_turns
 from .recall_index import RecallIndex, conversation_scores, relevant
+from .style import char_ngrams
 
 MEMORY_FILE = "memory.jsonl"
 INDEX_FILE = "memory.index.npz"
@@ -79,8 +80,13 @@ class MemoryEntry:
         )
 
 
+def _one_line(text: str) -> str:
+    """Runs of spaces and line breaks as one space: how notes are shown, and compared with each other."""
+    return " ".join(text.split())
+
+
 def _clip_turn(turn: ChatTurn) -> ChatTurn:
-    text = " ".join(turn.text.split())  # one line per turn in the note
+    text = _one_line(turn.text)  # one line per turn in the note
     return ChatTurn(turn.speaker, text if len(text) <= NOTE_CHARS else text[: NOTE_CHARS - 1] + "…")
 
 
@@ -218,7 +224,7 @@ class PersonMemory:
         if k <= 0 or not self.entries or not context:
             return []
         limit = bisect_left(self._times, before) if before is not None else None
-        skip = {" ".join(t.split()) for t in exclude_texts}
+        skip = {_one_line(t) for t in exclude_texts}
         scores = conversation_scores(self.index, [t.text for t in context], limit=limit)
         # Room for the same words said again (the persona's stock phrases, a fact told twice): they would take the
         # k places of notes that say something else.
@@ -231,7 +237,7 @@ class PersonMemory:
         by_text: dict[str, MemoryEntry] = {}
         for doc in docs:
             entry = self.entries[doc]
-            text = " ".join(entry.text.split())
+            text = _one_line(entry.text)
             if text in skip:
                 continue
             if text in by_text:
@@ -273,8 +279,7 @@ def sample_notes(memory: PersonMemory | None, sample: dict, k: int, *, with_repl
 
 
 def _pairs(text: str) -> set[str]:
-    text = "".join(text.split())
-    return {text[i : i + 2] for i in range(len(text) - 1)}
+    return set(char_ngrams("".join(text.split()), 2))
 
 
 def drawn_on_notes(sample: dict, notes_shown: Sequence[MemoryNote], said_times: Counter) -> bool:
@@ -282,7 +287,7 @@ def drawn_on_notes(sample: dict, notes_shown: Sequence[MemoryNote], said_times: 
     its lines that are no stock phrase (said STOCK_TIMES times or more: "笑った笑" recalled beside "笑った笑"
     teaches nothing about memory) share DRAWN_SHARE of their character pairs with one of the persona's lines
     there."""
-    own = [line for line in sample["target"].splitlines() if said_times[" ".join(line.split())] < STOCK_TIMES]
+    own = [line for line in sample["target"].splitlines() if said_times[_one_line(line)] < STOCK_TIMES]
     pairs = _pairs("".join(own))
     if len(pairs) < 3:
         return False
@@ -293,7 +298,7 @@ def drawn_on_notes(sample: dict, notes_shown: Sequence[MemoryNote], said_times: 
 
 def said_times(memory: PersonMemory) -> Counter:
     """How often the persona said each line (spaces folded), for drawn_on_notes."""
-    return Counter(" ".join(line.split()) for e in memory.entries for line in e.text.splitlines())
+    return Counter(_one_line(line) for e in memory.entries for line in e.text.splitlines())
 
 
 def copy_memory(source: Path, target: Path) -> None:

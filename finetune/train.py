@@ -399,11 +399,15 @@ def pack(args: argparse.Namespace, plan: RunPlan, setup: ModelSetup) -> PackedDa
     """Each sample rendered with the bot's prompt and tokenized (loss on the reply alone), then packed into rows."""
     tokenizer = setup.loaded.tokenizer
     recall = memory_recall(plan.memory, args.memory_notes, with_reply=args.memory_from_reply)
-    encoded_train, skipped_train = encode_all(tokenizer, plan.train_samples, args.template, setup.max_length, recall)
+    drilling = recall is not None and args.memory_drill > 1
+    # With a drill, each sample's notes are recalled once: the drill's choice and the encoding read the same ones.
+    train_recall = recalled_once(recall, plan.train_samples) if drilling else recall
+    encoded_train, skipped_train = encode_all(tokenizer, plan.train_samples, args.template, setup.max_length,
+                                              train_recall)
     train_samples, drilled = len(encoded_train), 0
-    if recall is not None and args.memory_drill > 1:
-        again, _ = encode_all(tokenizer, drill_samples(plan.train_samples, plan.memory, recall), args.template,
-                              setup.max_length, recall)
+    if drilling:
+        again, _ = encode_all(tokenizer, drill_samples(plan.train_samples, plan.memory, train_recall), args.template,
+                              setup.max_length, train_recall)
         encoded_train += again * (args.memory_drill - 1)
         drilled = len(again)
     encoded_eval, skipped_eval = encode_all(tokenizer, plan.eval_samples, args.template, setup.max_length, recall)
@@ -414,6 +418,12 @@ def pack(args: argparse.Namespace, plan: RunPlan, setup: ModelSetup) -> PackedDa
     return PackedData(train_rows=train_rows, eval_rows=eval_rows, train_samples=train_samples, drilled=drilled,
                       eval_samples=len(encoded_eval), skipped_too_long=skipped_train + skipped_eval,
                       useful_tokens=sum(len(r.input_ids) for r in train_rows))
+
+
+def recalled_once(recall: Callable[[dict], list], samples: list[dict]) -> Callable[[dict], list]:
+    """`recall` of each of `samples`, done now, then looked up (by the sample object)."""
+    shown = {id(s): recall(s) for s in samples}
+    return lambda sample: shown[id(sample)]
 
 
 def drill_samples(samples: list[dict], memory: PersonMemory, recall: Callable[[dict], list]) -> list[dict]:

@@ -55,17 +55,25 @@ async def line_answering(status: int = 200, body: dict | None = None, headers: d
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
+    async with on_loopback(app) as url:
+        api = LineApi(url, "token-for-tests", timeout_s, BotMetrics())
+        api.open()
+        try:
+            yield api, seen
+        finally:
+            await api.close()
+
+
+@asynccontextmanager
+async def on_loopback(app: web.Application):
+    """`app` served on a free port of 127.0.0.1; yields its base URL."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    api = LineApi(f"http://127.0.0.1:{port}", "token-for-tests", timeout_s, BotMetrics())
-    api.open()
     try:
-        yield api, seen
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
     finally:
-        await api.close()
         await runner.cleanup()
 
 
@@ -665,21 +673,14 @@ async def posting_webhooks(adapter: LineAdapter):
 
     app = web.Application()
     app.router.add_post("/callback", adapter.webhook)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/callback"
 
     async def post(body: bytes) -> tuple[int, str]:
-        async with session.post(url, data=body, headers={"X-Line-Signature": sign(body, "teeth-secret")}) as answer:
+        headers = {"X-Line-Signature": sign(body, "teeth-secret")}
+        async with session.post(f"{url}/callback", data=body, headers=headers) as answer:
             return answer.status, await answer.text()
 
-    async with aiohttp.ClientSession() as session:
-        try:
-            yield post
-        finally:
-            await runner.cleanup()
+    async with on_loopback(app) as url, aiohttp.ClientSession() as session:
+        yield post
 
 
 async def test_the_webhook_answers_ok_takes_each_event_once_and_logs_a_redelivery(tmp_path, monkeypatch, caplog):
