@@ -13,12 +13,15 @@ the bot's memory. Each message becomes a `name: text` turn of the same prompt th
 saw a system prompt in training, so `system` (and `developer`) messages are dropped (`[api] system_messages =
 "ignore"`, most tools send one by default) or refused with a 400 ("reject").
 
-The worker generates a whole reply at once and takes no per-request settings: generation uses the adapter's
-settings and `[generation]`. `max_tokens`, `temperature`, `top_p` and the other sampling fields are checked
-(a value OpenAI would refuse is a 400 here too) and not applied; the response's `X-Bunshin-Ignored` header names
-what was ignored, so a client is never led to think they were. With `stream: true` the reply, once generated,
-is sent as server-sent events in one content delta: valid SSE that every client reads, without faking
-token-by-token timing.
+A request's `temperature`, `top_p`, `max_tokens` (or `max_completion_tokens`), `seed` and `stop` are checked as
+OpenAI checks them (a value OpenAI would refuse is a 400 here too) and generate the reply, the adapter's settings
+and `[generation]` filling in what a request leaves out (max_tokens is at most `[generation] max_new_tokens`: the
+prompt budget leaves room for that many). `presence_penalty`, `frequency_penalty`, `logit_bias` and the tool
+fields are accepted and not applied; the response's `X-Bunshin-Ignored` header names them, so a client is never
+led to think they were. `usage` and `finish_reason` are the engine's counts and reason ("length" when max_tokens
+ran out). With `stream: true` the text goes out as server-sent events as the engine decodes it, a piece per step
+(held back only while it may still turn into a stop); the response starts with the first piece, so a reply that
+fails before any text still gets its error status. A client that goes away cancels its reply in the engine.
 
 What a request may be (its body field by field, the model, the key) is bot/api_request.py's, with no server
 or model; this module serves it.
@@ -171,13 +174,38 @@ class OpenAIApi:
                            retry_after=LOADING_RETRY_S)
         self._log_ignored(chat.ignored)
         notes = await self._recalled(chat.turns)
+        headers = {IGNORED_HEADER: ", ".join(chat.ignored)} if chat.ignored else {}
+        pieces: asyncio.Queue[str] | None = asyncio.Queue() if chat.stream else None
         try:
-            reply = await worker.submit(chat.turns, memory=notes, deadline=received + self.config.queue.deadline_s,
-                                        received=received)
+            future = worker.submit(chat.turns, memory=notes, deadline=received + self.config.queue.deadline_s,
+                                   received=received, sampling=chat.sampling,
+                                   on_text=pieces.put_nowait if pieces is not None else None)
         except QueueFull:
             self.metrics.messages.labels(outcome="busy").inc()
             raise ApiError(429, "bunshin is busy: the queue of replies is full; retry shortly", kind="requests",
                            code="rate_limit_exceeded", retry_after=BUSY_RETRY_S) from None
+        except WorkerStopped:
+            raise ApiError(503, "bunshin is shutting down", kind="server_error", retry_after=LOADING_RETRY_S) from None
+        reply_id = f"chatcmpl-{uuid.uuid4().hex}"
+        try:
+            if pieces is not None:
+                return await self._stream(request, future, pieces, reply_id, chat, notes, headers)
+            reply = await self._outcome(future, client)
+        finally:
+            if not future.done():  # the client went away (the handler was cancelled): the engine stops the reply
+                future.cancel()
+        usage = await self._usage(chat.turns, reply, notes)
+        return web.json_response({
+            "id": reply_id, "object": "chat.completion", "created": int(time.time()), "model": self.model_id,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text, "refusal": None},
+                         "logprobs": None, "finish_reason": reply.finish_reason}],
+            "usage": usage,
+        }, headers=headers, dumps=json_text)
+
+    async def _outcome(self, future: asyncio.Future, client: str):
+        """The finished reply, or the ApiError its failure is answered with."""
+        try:
+            reply = await future
         except DeadlineExceeded:
             self.metrics.messages.labels(outcome="expired").inc()
             raise ApiError(503, f"no reply was started within [queue] deadline_s ({self.config.queue.deadline_s:g} s)",
@@ -190,45 +218,50 @@ class OpenAIApi:
         except WorkerStopped:
             raise ApiError(503, "bunshin is shutting down", kind="server_error", retry_after=LOADING_RETRY_S) from None
         self.metrics.messages.labels(outcome="replied").inc()
-        usage = await self._usage(chat.turns, reply.tokens, notes)
-        finish = self._finish_reason(reply.tokens)
-        reply_id = f"chatcmpl-{uuid.uuid4().hex}"
-        headers = {IGNORED_HEADER: ", ".join(chat.ignored)} if chat.ignored else {}
-        if chat.stream:
-            return await self._stream(request, reply_id, reply.text, finish, usage if chat.include_usage else None,
-                                      headers)
-        return web.json_response({
-            "id": reply_id, "object": "chat.completion", "created": int(time.time()), "model": self.model_id,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text, "refusal": None},
-                         "logprobs": None, "finish_reason": finish}],
-            "usage": usage,
-        }, headers=headers, dumps=json_text)
+        return reply
 
-    async def _stream(self, request: web.Request, reply_id: str, text: str, finish: str, usage: dict | None,
-                      headers: dict) -> web.StreamResponse:
-        """The finished reply as server-sent events: the role, the text in one delta, the finish (and usage)."""
+    async def _stream(self, request: web.Request, future: asyncio.Future, pieces: asyncio.Queue, reply_id: str,
+                      chat, notes, headers: dict) -> web.StreamResponse:
+        """The reply as server-sent events as it is decoded: the role, a content delta per piece of text, the finish
+        (and usage). The response starts at the first piece: a reply that fails before any text gets its status."""
+        client = request.remote or "?"
+        trimmed = _Trimmed()
+        first = await _next_piece(pieces, future)
+        if first is None:  # done before any text: its failure is an error answer, or it is an empty reply
+            await self._outcome(future, client)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                **headers})
         await response.prepare(request)
         base = {"id": reply_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": self.model_id}
 
-        def chunk(delta: dict, finish_reason: str | None = None) -> dict:
+        def chunk(delta: dict, finish_reason: str | None = None) -> bytes:
             event = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
-            return {**event, "usage": None} if usage is not None else event
+            if chat.include_usage:
+                event["usage"] = None
+            return f"data: {json_text(event)}\n\n".encode()
 
-        events = [chunk({"role": "assistant", "content": ""})]
-        if text:
-            events.append(chunk({"content": text}))
-        events.append(chunk({}, finish))
-        if usage is not None:
-            events.append({**base, "choices": [], "usage": usage})
         try:
-            for event in events:
-                await response.write(f"data: {json_text(event)}\n\n".encode())
+            await response.write(chunk({"role": "assistant", "content": ""}))
+            piece = first
+            while piece is not None:
+                text = trimmed.add(piece)
+                if text:
+                    await response.write(chunk({"content": text}))
+                piece = await _next_piece(pieces, future)
+            try:
+                reply = await self._outcome(future, client)
+            except ApiError as exc:  # after the first piece: OpenAI's clients raise on an event with an error
+                error = {"error": {"message": exc.message, "type": exc.kind, "param": None, "code": exc.code}}
+                await response.write(f"data: {json_text(error)}\n\n".encode())
+            else:
+                await response.write(chunk({}, reply.finish_reason))
+                if chat.include_usage:
+                    usage = await self._usage(chat.turns, reply, notes)
+                    await response.write(f"data: {json_text({**base, 'choices': [], 'usage': usage})}\n\n".encode())
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
         except ConnectionResetError:
-            log.info("the client at %s left before the streamed reply was sent", request.remote)
+            log.info("the client at %s left before the streamed reply was sent", client)
         return response
 
     async def _recalled(self, turns: list[ChatTurn]) -> list:
@@ -237,33 +270,63 @@ class OpenAIApi:
             return []
         return await recall_in_thread(self.metrics, "an API request", self.recall.for_turns, turns)
 
-    async def _usage(self, turns: list[ChatTurn], completion_tokens: int, notes=()) -> dict:
-        """OpenAI's usage; prompt tokens are counted again (the worker does not report them) when the backend can."""
+    async def _usage(self, turns: list[ChatTurn], reply, notes=()) -> dict:
+        """OpenAI's usage: the engine's counts; the prompt counted again where a stepper did not report it."""
+        completion = reply.tokens
+        prompt = reply.prompt_tokens
         count = getattr(self.backend, "prompt_ids", None)
-        usage = {"completion_tokens": completion_tokens}
-        if count is not None:
+        if prompt is None and count is not None:
             args = (turns, notes) if notes else (turns,)  # the notes are part of the prompt too
             try:
                 prompt = len(await asyncio.to_thread(count, *args))
             except Exception as exc:  # noqa: BLE001 - a count is not worth failing a finished reply
                 log.warning("could not count the prompt's tokens: %s", type(exc).__name__)
-            else:
-                usage = {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
-                         "total_tokens": prompt + completion_tokens}
-        return usage
-
-    def _finish_reason(self, tokens: int) -> str:
-        settings = getattr(self.backend, "settings", None)
-        limit = getattr(settings, "max_new_tokens", None)
-        return "length" if limit is not None and tokens >= limit else "stop"
+        if prompt is None:
+            return {"completion_tokens": completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def _log_ignored(self, ignored: list[str]) -> None:
         fields = {name for name in ignored if not name.startswith("messages[")}
         new = fields - self._ignored_logged
         if new:  # once per field, not per request
             self._ignored_logged |= new
-            log.info("API requests set %s: accepted, not applied (generation uses the adapter's settings and "
-                     "[generation]; responses name what was ignored in %s)", ", ".join(sorted(new)), IGNORED_HEADER)
+            log.info("API requests set %s: accepted, not applied (responses name what was ignored in %s)",
+                     ", ".join(sorted(new)), IGNORED_HEADER)
+
+
+async def _next_piece(pieces: asyncio.Queue, future: asyncio.Future) -> str | None:
+    """The next piece of a streamed reply's text, or None once the reply is done and every piece was taken."""
+    while pieces.empty():
+        if future.done():
+            return None
+        getter = asyncio.ensure_future(pieces.get())
+        await asyncio.wait({getter, future}, return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            return getter.result()
+        getter.cancel()
+    return pieces.get_nowait()
+
+
+class _Trimmed:
+    """A streamed reply's pieces as the whole reply is sent (stripped): no whitespace before its first character,
+    and whitespace held until more text follows it (at the end it is dropped)."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.held = ""
+
+    def add(self, piece: str) -> str:
+        if not self.started:
+            piece = piece.lstrip()
+            if not piece:
+                return ""
+            self.started = True
+        body = piece.rstrip()
+        if not body:
+            self.held += piece
+            return ""
+        text, self.held = self.held + body, piece[len(body):]
+        return text
 
 
 def _url_shown(request: web.Request) -> str:

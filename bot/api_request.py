@@ -28,7 +28,7 @@ from .router import WINDOW_SLACK
 MODELS = "/v1/models"
 json_text = functools.partial(json.dumps, ensure_ascii=False)  # the persona's Japanese readable in curl's output
 
-# Accepted, checked as OpenAI checks them, not applied (the worker generates with the adapter's settings).
+# Checked as OpenAI checks them; the reply is generated with them (the adapter's settings fill in the rest).
 SAMPLING_LIMITS = {  # field -> (kind, lowest, highest)
     "max_tokens": (int, 1, None),
     "max_completion_tokens": (int, 1, None),
@@ -38,8 +38,15 @@ SAMPLING_LIMITS = {  # field -> (kind, lowest, highest)
     "frequency_penalty": (float, -2, 2),
     "seed": (int, None, None),
 }
-OTHER_IGNORED = ("stop", "logit_bias", "logprobs", "top_logprobs", "tools", "tool_choice", "functions",
+# Of those, the ones bunshin does not apply (the model was tuned with the adapter's repetition penalty instead).
+UNAPPLIED_SAMPLING = ("presence_penalty", "frequency_penalty")
+MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_STOP_CHARS = 256
+OTHER_IGNORED = ("logit_bias", "logprobs", "top_logprobs", "tools", "tool_choice", "functions",
                  "function_call", "parallel_tool_calls", "response_format", "reasoning_effort")
+# top_p 0 (OpenAI accepts it) keeps only the most likely token; the engine takes a top_p above 0, and this one
+# keeps only the most likely token as well.
+_SMALLEST_TOP_P = 1e-9
 SYSTEM_ROLES = ("system", "developer")
 
 
@@ -98,6 +105,9 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
     ignored: list[str] = field(default_factory=list)  # fields and messages accepted but not applied
+    # The request's own sampling values, in GenerationSettings.sampling's names (max_tokens, temperature, top_p,
+    # seed, stop): what it leaves out comes from the adapter's settings.
+    sampling: dict = field(default_factory=dict)
 
 
 def parse_chat_request(body: bytes, persona: str, config, model_id: str) -> ChatRequest:
@@ -129,7 +139,19 @@ def parse_chat_request(body: bytes, persona: str, config, model_id: str) -> Chat
         if (lowest is not None and value < lowest) or (highest is not None and value > highest):
             bounds = f"at least {lowest}" if highest is None else f"between {lowest} and {highest}"
             raise bad_request(f"{name}: must be {bounds}", name)
-        ignored.append(name)
+        if name in UNAPPLIED_SAMPLING:
+            ignored.append(name)
+    sampling = {name: data[name] for name in ("temperature", "top_p", "seed") if data.get(name) is not None}
+    limit = data.get("max_completion_tokens", data.get("max_tokens"))  # the newer name wins where both are sent
+    if limit is not None:
+        sampling["max_tokens"] = limit
+    if sampling.get("top_p") == 0:
+        sampling["top_p"] = _SMALLEST_TOP_P
+    if "temperature" in sampling:
+        sampling["temperature"] = float(sampling["temperature"])
+    stop = _stop_strings(data.get("stop"))
+    if stop:
+        sampling["stop"] = stop
     ignored += [name for name in OTHER_IGNORED if data.get(name) is not None]
     # Each message is cut to [limits] max_message_chars, as a platform's message is.
     turns = conversation_turns(data.get("messages"), persona, config.api, ignored, config.limits.max_message_chars)
@@ -137,7 +159,25 @@ def parse_chat_request(body: bytes, persona: str, config, model_id: str) -> Chat
     # As a platform chat's window: the last max_turns or a few fewer, from a start that holds while the client's
     # history grows (positions in the request stand in for the memory's ids), so the engine reuses its prefix.
     turns = turns[window_start(list(range(len(turns))), limit, min(WINDOW_SLACK, limit - 1)):]
-    return ChatRequest(turns, bool(stream), bool(options and options.get("include_usage")), ignored)
+    return ChatRequest(turns, bool(stream), bool(options and options.get("include_usage")), ignored, sampling)
+
+
+def _stop_strings(stop) -> tuple[str, ...]:
+    """OpenAI's `stop`: null, a string, or an array of up to 4 strings; the reply ends before the first of them."""
+    if stop is None:
+        return ()
+    values = [stop] if isinstance(stop, str) else stop
+    if not isinstance(values, list) or len(values) > MAX_STOP_STRINGS:
+        raise bad_request(f"stop: must be a string or an array of at most {MAX_STOP_STRINGS} strings, not "
+                          f"{_shown(stop) if not isinstance(values, list) else f'an array of {len(values)}'}", "stop")
+    for j, value in enumerate(values):
+        where = "stop" if isinstance(stop, str) else f"stop[{j}]"
+        if not isinstance(value, str) or not value or len(value) > MAX_STOP_CHARS:
+            raise bad_request(f"{where}: must be a non-empty string of at most {MAX_STOP_CHARS} characters, not "
+                              f"{_shown(value)}", where)
+        if not is_utf8(value):
+            raise _not_utf8(where)
+    return tuple(values)
 
 
 def check_model(model, model_id: str) -> None:

@@ -39,7 +39,7 @@ from finetune.config import ConfigError
 from finetune.model_loading import ModelLoadError, load_base_model, load_persona_model
 from finetune.persona_home import PersonaHomeError
 
-from .backend import ModelBackend
+from finetune.model_backend import ModelBackend
 from .dispatcher import Dispatcher
 from .inbox import Inbox, InboxError
 from .loading import in_thread

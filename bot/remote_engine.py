@@ -53,12 +53,14 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from engine.request import EngineOutput, SamplingParams
 from finetune.generation import reply_from_model_text, reply_text
+from finetune.model_backend import ModelBackend
 from finetune.model_loading import LoadedModel, ModelLoadError
 from finetune.prompt import ChatTurn, turn_end
+from finetune.steppers import finished_output
 from finetune.tokenization import load_tokenizer, tokenizer_folder
 
-from .backend import ModelBackend
 from .worker import GenerationFailed
 
 log = logging.getLogger(__name__)
@@ -169,6 +171,14 @@ class RemoteBackend:
     def speakers_in(self, turns) -> list[str]:
         return self.prompting.speakers_in(turns)
 
+    def sampling(self, overrides=None) -> SamplingParams:
+        """The adapter's settings with a request's own values; max_tokens no more than the settings' (the prompt
+        budget leaves room for that many, and no more, within the engine's context)."""
+        overrides = dict(overrides or {})
+        if overrides.get("max_tokens") is not None:
+            overrides["max_tokens"] = min(int(overrides["max_tokens"]), self.settings.max_new_tokens)
+        return self.settings.sampling(**overrides)
+
     def make_stepper(self, capacity: int | None = None, seed: int | None = None, length: int | None = None
                      ) -> RemoteStepper:
         """`capacity` (the worker's [queue] max_batch) and `length` (a cache's rows) do not apply: the engine batches
@@ -206,25 +216,31 @@ class RemoteClient:
         if self._session is not None:
             await self._session.close()
 
-    def request_body(self, ids: list[int], speakers: list[str]) -> dict:
-        s = self.prompting.settings
+    def request_body(self, ids: list[int], speakers: list[str], sampling: SamplingParams | None = None) -> dict:
+        """`sampling`: the reply's parameters (the adapter's settings with a request's own values); default the
+        settings alone."""
+        s = sampling or self.prompting.settings.sampling()
         body = {
             "model": self.endpoint.model,
             "prompt": ids,
-            "max_tokens": s.max_new_tokens,
+            "max_tokens": s.max_tokens,
             "temperature": s.temperature,  # 0: greedy, as the local engines
             "top_p": s.top_p,
             "repetition_penalty": s.repetition_penalty,  # vLLM and SGLang: transformers' definition
-            "stop": self.stop_strings(speakers),
-            "stop_token_ids": [self.tokenizer.eos_id],  # bunshin's EOS, whatever the engine's tokenizer thinks
+            # The request's own stop strings are sent as given: the engine ends there, and the reply is cut there
+            # again here (_Reply.result), since the text comes from the ids and the ids run through the stop.
+            "stop": self.stop_strings(speakers) + list(s.stop),
+            # bunshin's EOS, whatever the engine's tokenizer thinks, and the request's own
+            "stop_token_ids": [self.tokenizer.eos_id, *s.stop_token_ids],
             "stream": True,
             "stream_options": {"include_usage": True},
             "return_token_ids": True,  # vLLM: the reply's ids, decoded here by bunshin's tokenizer
         }
         if s.top_k > 0:  # 0 is "off" here; older vLLM refuses 0 (its "off" was -1)
             body["top_k"] = s.top_k
-        if self.seed is not None:
-            body["seed"] = self.seed
+        seed = s.seed if s.seed is not None else self.seed
+        if seed is not None:
+            body["seed"] = seed
         return body
 
     def stop_strings(self, speakers: list[str]) -> list[str]:
@@ -261,17 +277,21 @@ class RemoteClient:
                         needed, needed)
         log.info("remote engine at %s serves %r", self.endpoint.where, self.endpoint.model)
 
-    async def complete(self, ids: list[int], speakers: list[str]) -> tuple[str, int]:
-        """(reply text, tokens generated) for prompt `ids`; GenerationFailed(KIND, why) when the engine fails it."""
+    async def complete(self, ids: list[int], speakers: list[str], sampling: SamplingParams | None = None
+                       ) -> tuple[str, int, str]:
+        """(reply text, tokens generated, finish reason) for prompt `ids`; GenerationFailed(KIND, why) when the engine
+        fails it."""
+        stops = sampling.stop if sampling is not None else ()
         try:
-            async with self._session.post(f"{self.endpoint.base_url}/completions", json=self.request_body(ids, speakers),
+            async with self._session.post(f"{self.endpoint.base_url}/completions",
+                                          json=self.request_body(ids, speakers, sampling),
                                           headers=self._headers, proxy=self._proxy) as r:
                 if r.status != 200:
                     raise GenerationFailed(KIND, f"the engine at {self.endpoint.where} answered HTTP {r.status}: "
                                                  f"{_error_text(await r.content.read(2048))}")
                 if r.content_type == "text/event-stream":
-                    return await self._read_stream(r, speakers)
-                return self._read_whole(await r.json(content_type=None), speakers)
+                    return await self._read_stream(r, speakers, stops)
+                return self._read_whole(await r.json(content_type=None), speakers, stops)
         except GenerationFailed:
             raise
         except asyncio.TimeoutError:  # aiohttp's ServerTimeoutError included
@@ -284,8 +304,8 @@ class RemoteClient:
             raise GenerationFailed(KIND, f"the engine at {self.endpoint.where} failed: {type(exc).__name__}: "
                                          f"{str(exc)[:_ERROR_CHARS]}") from None
 
-    async def _read_stream(self, r: aiohttp.ClientResponse, speakers: list[str]) -> tuple[str, int]:
-        reply = _Reply(self, speakers)
+    async def _read_stream(self, r: aiohttp.ClientResponse, speakers: list[str], stops=()) -> tuple[str, int, str]:
+        reply = _Reply(self, speakers, stops)
         async for raw in r.content:  # server-sent events: `data: {...}` lines, blank lines between them
             line = raw.strip()
             if not line.startswith(b"data:"):  # blank lines, `: keep-alive` comments
@@ -300,13 +320,14 @@ class RemoteClient:
                 # ends the engine's work on it.
                 r.close()
                 reply.finished = True
+                reply.finish_reason = "stop"
                 break
         if not reply.finished:
             raise GenerationFailed(KIND, f"the engine at {self.endpoint.where} ended the stream before the reply")
         return reply.result()
 
-    def _read_whole(self, answer, speakers: list[str]) -> tuple[str, int]:
-        reply = _Reply(self, speakers)
+    def _read_whole(self, answer, speakers: list[str], stops=()) -> tuple[str, int, str]:
+        reply = _Reply(self, speakers, stops)
         reply.add(answer)
         return reply.result()
 
@@ -325,10 +346,12 @@ class RemoteClient:
 class _Reply:
     """One reply as its chunks (or its whole answer) arrive: token ids where the engine sends them, else text."""
 
-    def __init__(self, client: RemoteClient, speakers: list[str]) -> None:
+    def __init__(self, client: RemoteClient, speakers: list[str], own_stops=()) -> None:
         self.client = client
         self.speakers = speakers
+        self.own_stops = tuple(own_stops)  # the request's own stop strings, in the reply's text
         self.stops = client.stop_strings(speakers)
+        self.finish_reason = "stop"
         self.stop_reason = None  # the stop string the engine matched (vLLM: stop_reason, SGLang: matched_stop)
         self.ids: list[int] | None = None  # None until (unless) the engine sends token ids
         self.texts: list[str] = []
@@ -358,6 +381,7 @@ class _Reply:
                 self.pieces += 1
             if choice.get("finish_reason"):
                 self.finished = True
+                self.finish_reason = "length" if choice["finish_reason"] == "length" else "stop"
                 self.stop_reason = choice.get("stop_reason", choice.get("matched_stop"))
 
     def _trimmed_ids(self) -> list[int] | None:
@@ -382,12 +406,15 @@ class _Reply:
             text = text[: len(text) - sent] + stop
         return text
 
-    def result(self) -> tuple[str, int]:
+    def result(self) -> tuple[str, int, str]:
         ids = self._trimmed_ids()
         text = self.client.reply_text(ids, self.model_text() if ids is None else "", self.speakers)
+        cuts = [at for at in (text.find(stop) for stop in self.own_stops) if at != -1]
+        if cuts:
+            text, self.finish_reason = text[: min(cuts)].strip(), "stop"
         if ids is not None:
-            return text, len(ids)
-        return text, self.usage_tokens if self.usage_tokens is not None else self.pieces
+            return text, len(ids), self.finish_reason
+        return text, self.usage_tokens if self.usage_tokens is not None else self.pieces, self.finish_reason
 
 
 def _proxy_for(url: str) -> str | None:
@@ -447,14 +474,18 @@ class RemoteStepper:
     def busy(self) -> int:
         return len(self._in_flight)
 
-    def admit(self, key, turns: list[ChatTurn], memory=()) -> None:
+    def admit(self, key, turns: list[ChatTurn], memory=(), sampling=None, stream: bool = False) -> None:
+        """`sampling`: the request's own values; `stream` is taken, and the reply comes whole when it is done (the
+        engine's stream is read here to stop at an invented speaker's turn, not passed on piece by piece)."""
         ids = self.backend.prompt_ids(turns, memory)
         speakers = self.backend.speakers_in(turns)
-        self._in_flight[key] = asyncio.run_coroutine_threadsafe(self._reply(key, ids, speakers), self._loop)
+        params = self.backend.sampling(sampling)
+        self._in_flight[key] = asyncio.run_coroutine_threadsafe(self._reply(key, ids, speakers, params), self._loop)
 
-    async def _reply(self, key, ids: list[int], speakers: list[str]) -> None:
+    async def _reply(self, key, ids: list[int], speakers: list[str], sampling: SamplingParams | None = None) -> None:
         try:
-            result = await self.client.complete(ids, speakers)
+            text, tokens, reason = await self.client.complete(ids, speakers, sampling)
+            result = finished_output(key, text, tokens, len(ids), reason)
         except GenerationFailed as failure:
             result = failure
         except Exception as exc:  # noqa: BLE001 - a bug here must fail this reply, not leave it waiting forever
@@ -462,7 +493,7 @@ class RemoteStepper:
             result = GenerationFailed(KIND, f"{type(exc).__name__}: {exc}")
         self._done.put((key, result))
 
-    def step(self) -> list[tuple[object, str, int]]:
+    def step(self) -> list[EngineOutput]:
         finished = []
         try:
             item = self._done.get(timeout=POLL_S) if not self._failed else self._done.get_nowait()
@@ -473,7 +504,7 @@ class RemoteStepper:
                         self._failed.append((key, result))
                     else:
                         del self._in_flight[key]
-                        finished.append((key, *result))
+                        finished.append(result)
                 item = self._done.get_nowait()
         except queue.Empty:
             pass
@@ -483,6 +514,12 @@ class RemoteStepper:
         del self._in_flight[key]
         self._aborting = key
         raise failure
+
+    def cancel(self, key) -> None:
+        """The caller gave up: the HTTP request is cancelled (closing it ends the engine's work on it)."""
+        future = self._in_flight.pop(key, None)
+        if future is not None:
+            future.cancel()
 
     def abort(self) -> list:
         if self._aborting is not _ABORTED:  # the one request step() failed

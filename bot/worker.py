@@ -4,13 +4,17 @@ Messages from every platform wait in one queue. The worker admits them, up to `m
 time, to a *stepper* that runs in the worker's own thread (so the event loop keeps serving
 adapters and /healthz meanwhile), and answers each request's future as its reply is done.
 
-Two steppers: with a real model, the slot engine (slot_engine.py) decodes every admitted chat
+Two steppers: with a real model, the slot engine (engine/slot_engine.py) decodes every admitted chat
 together one token per step, and a message that arrives mid-reply joins at the next step
 (continuous batching). Any other backend (one with a `generate(conversations)` method, such as a
 model the slot engine cannot serve) is stepped a whole batch at a time: what is waiting is
 generated together and all of it finishes at once.
 
-What a request becomes for the model (prompt fitting, the stepper) is the backend's: backend.py.
+What a request becomes for the model (prompt fitting, the stepper) is the backend's: finetune/model_backend.py.
+A request may bring its own sampling values (the API's temperature, top_p, max_tokens, seed, stop) and an
+`on_text` callback, which gets the reply's text as the engine decodes it (the API's `stream: true`), called in the
+event loop. A request whose caller gave up (its future cancelled: a streaming client went away) is cancelled in
+the stepper too, so its slot is free at the next step.
 
 A full queue is refused at once (`QueueFull`: the router answers "busy") rather than letting
 replies pile up minutes late. A failed step (CUDA out-of-memory included) fails only the
@@ -24,10 +28,11 @@ import logging
 import queue as thread_queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from engine.request import EngineOutput
 from finetune.prompt import ChatTurn, MemoryNote
 
 from .loading import in_thread
@@ -62,6 +67,8 @@ class GenerationFailed(Exception):
 class GeneratedReply:
     text: str  # may be empty: the model ended its turn at once
     tokens: int  # tokens generated for it
+    finish_reason: str = "stop"  # the engine's: "stop" (an end, a stop, another speaker's turn) or "length"
+    prompt_tokens: int | None = None  # the prompt's tokens, where the stepper counted them
 
 
 class Backend(Protocol):
@@ -78,6 +85,13 @@ class _Request:
     received: float  # time.monotonic() when the message arrived, for the latency metric
     future: asyncio.Future = field(repr=False)
     memory: tuple[MemoryNote, ...] = ()  # notes recalled for this reply (bot/reply_memory.py), shown before it
+    sampling: Mapping[str, object] | None = None  # the request's own values (GenerationSettings.sampling's names)
+    on_text: Callable[[str], None] | None = None  # gets each piece of the reply's text as it is decoded
+
+
+@dataclass(frozen=True)
+class _Cancel:
+    request: _Request  # its caller gave up while it was in flight
 
 
 _CLOSE = object()  # tells the stepping thread to end
@@ -123,7 +137,7 @@ class Worker:
             # Not asyncio.to_thread: a signal during the warm-up must not wait for it at exit (bot/loading.py).
             self.stepper = await in_thread(make, self.max_batch, name="bunshin-warm-up")
         else:
-            from .steppers import BatchStepper
+            from finetune.steppers import BatchStepper
 
             self.stepper = BatchStepper(self.backend, self.max_batch)
         self._loop = asyncio.get_running_loop()
@@ -133,19 +147,23 @@ class Worker:
         self._task = asyncio.create_task(self._admit_forever(), name="bunshin-worker")
 
     def submit(self, turns: Sequence[ChatTurn], *, deadline: float, received: float,
-               memory: Sequence[MemoryNote] = ()) -> asyncio.Future:
-        """Queue a conversation (and the notes recalled for its reply); the future gets a GeneratedReply, or
-        DeadlineExceeded / GenerationFailed / WorkerStopped. Raises QueueFull at once when the queue is full,
-        WorkerStopped once stop() began."""
+               memory: Sequence[MemoryNote] = (), sampling: Mapping[str, object] | None = None,
+               on_text: Callable[[str], None] | None = None) -> asyncio.Future:
+        """Queue a conversation (and the notes recalled for its reply, its own sampling values, a callback for its
+        text as it comes); the future gets a GeneratedReply, or DeadlineExceeded / GenerationFailed /
+        WorkerStopped. Raises QueueFull at once when the queue is full, WorkerStopped once stop() began.
+        Cancelling the future cancels the reply."""
         if self._stopping:
             raise WorkerStopped("the bot is shutting down")
         if self._task is None:
             raise RuntimeError("Worker.start() was not awaited: nothing would answer this request")
         future = asyncio.get_running_loop().create_future()
+        request = _Request(list(turns), deadline, received, future, tuple(memory), sampling, on_text)
         try:
-            self._queue.put_nowait(_Request(list(turns), deadline, received, future, tuple(memory)))
+            self._queue.put_nowait(request)
         except asyncio.QueueFull:
             raise QueueFull(f"{self._queue.maxsize} messages are already waiting for a reply") from None
+        future.add_done_callback(lambda f: self._cancelled(request) if f.cancelled() else None)
         self.metrics.queue_depth.set(self._queue.qsize())
         return future
 
@@ -194,12 +212,32 @@ class Worker:
         self._slots.release()
         self._queue.task_done()
 
-    def _deliver(self, request: _Request, text: str, tokens: int, done: float) -> None:
-        self.metrics.generated_tokens.inc(tokens)
+    def _cancelled(self, request: _Request) -> None:
+        """The caller gave up: the stepper stops working on it (if it was handed over; else admission skips it)."""
+        if request in self._in_flight:
+            self._inbox.put(_Cancel(request))
+
+    def _dropped(self, request: _Request) -> None:
+        if request in self._in_flight:
+            self._release(request)
+
+    def _stream(self, request: _Request, text: str) -> None:
+        if request in self._in_flight and not request.future.done() and request.on_text is not None:
+            request.on_text(text)
+
+    def _deliver(self, request: _Request, output: EngineOutput, done: float) -> None:
+        self.metrics.generated_tokens.inc(output.completion_tokens)
         if request in self._in_flight:
             if not request.future.done():  # else cancelled while generating
-                request.future.set_result(GeneratedReply(text, tokens))
-                self.metrics.reply_latency_seconds.observe(done - request.received)
+                if output.finish_reason == "abort":
+                    request.future.set_exception(DeadlineExceeded(output.error or "the engine aborted the reply"))
+                else:
+                    if output.text and request.on_text is not None:
+                        request.on_text(output.text)  # the last piece, before the reply's end is known
+                    request.future.set_result(GeneratedReply(output.full_text or "", output.completion_tokens,
+                                                             output.finish_reason or "stop",
+                                                             output.prompt_tokens or None))
+                    self.metrics.reply_latency_seconds.observe(done - request.received)
             self._release(request)
 
     def _fail(self, request: _Request, failure: GenerationFailed) -> None:
@@ -252,8 +290,11 @@ class Worker:
                 continue
             done = time.monotonic()
             self.metrics.generation_seconds.observe(done - started)
-            for request, text, tokens in finished:
-                self._post(self._deliver, request, text, tokens, done)
+            for output in finished:
+                if output.finished:
+                    self._post(self._deliver, output.key, output, done)
+                elif output.text and output.key.on_text is not None:
+                    self._post(self._stream, output.key, output.text)
 
     def _admit_waiting(self, stepper) -> bool:
         """Admit everything already handed over (the semaphore keeps it within capacity); False on close."""
@@ -264,11 +305,23 @@ class Worker:
                 return True
             if request is _CLOSE:
                 return False
+            if isinstance(request, _Cancel):
+                cancel = getattr(stepper, "cancel", None)
+                if cancel is not None:
+                    cancel(request.request)
+                self._post(self._dropped, request.request)
+                continue
             self._admit(stepper, request)
 
     def _admit(self, stepper, request: _Request) -> None:
+        if isinstance(request, _Cancel):  # the first thing handed over while idle
+            self._post(self._dropped, request.request)
+            return
         try:
-            stepper.admit(request, request.turns, request.memory)
+            if request.sampling is None and request.on_text is None:
+                stepper.admit(request, request.turns, request.memory)  # a stand-in stepper may take no more
+            else:
+                stepper.admit(request, request.turns, request.memory, request.sampling, request.on_text is not None)
         except Exception as exc:  # e.g. a prompt the tokenizer rejects: only this request fails
             log.error("worker: cannot start a reply (%s: %s)", type(exc).__name__, exc, exc_info=True)
             self._post(self._fail, request, GenerationFailed("generation", f"{type(exc).__name__}: {exc}"))

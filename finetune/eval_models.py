@@ -4,7 +4,7 @@ Four ways of answering (SYSTEMS): the base model; tuned (the LoRA); prompt-only 
 memory and a few of their messages as examples in the prompt); hybrid (the LoRA with the memory).
 
 Replies are generated exactly as the bot would answer the same conversation: the bot's prompt
-renderer and context fitting (bot.backend.ModelBackend), the adapter's generation settings, the slot
+renderer and context fitting (model_backend.ModelBackend), the adapter's generation settings, the slot
 engine where it serves the model (plain batched `generate()` where it does not), and one seed for
 both systems, so base and tuned draw from the same random stream.
 
@@ -155,7 +155,7 @@ def generate(
     profile: Sequence[str] = (),
 ) -> list[str]:
     """One reply per context, as the bot's worker makes them: every admitted chat decodes in the same step."""
-    from bot.backend import ModelBackend
+    from .model_backend import ModelBackend
 
     if not contexts:
         return []
@@ -178,8 +178,10 @@ def generate(
             while next_index is not None and stepper.busy < stepper.capacity:
                 stepper.admit(next_index, as_turns(contexts[next_index]), memories[next_index])
                 next_index = next(waiting, None)
-            for key, text, _tokens in stepper.step():
-                replies[key] = text
+            for output in stepper.step():
+                if not output.finished:
+                    continue
+                replies[output.key] = output.full_text
                 done += 1
                 if on_reply:
                     on_reply()

@@ -1,15 +1,20 @@
-"""Batched reply generation: shared by `finetune chat` and the bot's worker.
+"""Batched reply generation: shared by `finetune chat`, `finetune eval` and the bot's worker.
 
-Prompts are rendered by prompt.py (as in training), left-padded into one batch, and generated
-together. A reply ends at EOS or where the model starts another speaker's turn; `<NL>` becomes
-a newline again.
+Prompts are rendered by prompt.py (as in training). The engine (engine/) takes them as `EngineRequest`s; this
+module says what a persona's request is for it (`GenerationSettings.sampling`, `ReplyCodec`, `turn_rule`), and is
+the plain path beside it: `generate_outputs` left-pads requests into batches for transformers' `generate()`
+(one batch per set of sampling parameters; a seeded request alone). A reply ends at EOS, a stop, or where the
+model starts another speaker's turn; `<NL>` becomes a newline again.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
+
+from engine.request import EngineOutput, EngineRequest, SamplingParams
 
 from .manifest import DEFAULT_GENERATION
 from .prompt import (
@@ -63,6 +68,13 @@ class GenerationSettings:
     top_k: int = DEFAULT_GENERATION["top_k"]
     repetition_penalty: float = DEFAULT_GENERATION["repetition_penalty"]
 
+    def sampling(self, **overrides) -> SamplingParams:
+        """The engine's parameters for a reply: these settings, with a request's own values where it gives them
+        (max_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop, stop_token_ids)."""
+        base = dict(max_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                    repetition_penalty=self.repetition_penalty)
+        return SamplingParams(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
+
     @classmethod
     def from_manifest(cls, generation: dict, **overrides) -> GenerationSettings:
         known = {k: v for k, v in {**generation, **{k: v for k, v in overrides.items() if v is not None}}.items()
@@ -93,6 +105,30 @@ def fit_context(tokenizer, turns: Sequence[ChatTurn], persona: str, template: st
     return start + ids[len(start):][len(ids) - budget:]
 
 
+class ReplyCodec:
+    """What the engine needs of bunshin's tokenizer: the padding and end ids, and a reply's text from its ids (the
+    model's spelling undone, byte-fallback debris dropped; not yet cut or stripped)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_id
+        self.eos_id = tokenizer.eos_id
+
+    def text(self, ids: list[int]) -> str:
+        return _CONTROL.sub("", self.tokenizer.from_model_text(self.tokenizer.decode(ids)))
+
+
+def turn_rule(speakers: Sequence[str]):
+    """The stop rule of a persona's reply: where the model begins another speaker's turn (prompt.turn_end)."""
+    return partial(turn_end, speakers=tuple(speakers))
+
+
+def persona_request(key, prompt: list[int], sampling: SamplingParams, speakers: Sequence[str] = (),
+                    stream: bool = False, deadline: float | None = None) -> EngineRequest:
+    """An engine request for a persona's reply: it ends where another speaker's turn begins."""
+    return EngineRequest(key, list(prompt), sampling, stream=stream, stop_rule=turn_rule(speakers), deadline=deadline)
+
+
 def generate_replies(
     model,
     tokenizer,
@@ -102,58 +138,102 @@ def generate_replies(
     seed: int | None = None,
 ) -> list[tuple[str, int]]:
     """(reply text, tokens generated) for each prompt, generated as one left-padded batch."""
+    requests = [persona_request(i, p, settings.sampling(), speakers) for i, p in enumerate(prompts)]
+    return [(o.full_text.strip(), len(o.token_ids)) for o in generate_outputs(model, tokenizer, requests, seed)]
+
+
+def generate_outputs(model, tokenizer, requests: Sequence[EngineRequest], seed: int | None = None) -> list[EngineOutput]:
+    """Each request's finished output, by transformers' `generate()`: requests with the same sampling parameters
+    (stop strings aside) in one left-padded batch, a seeded request alone (generate() draws from torch's global
+    generator, which the seed then sets)."""
     import torch
 
+    if seed is not None:
+        torch.manual_seed(seed)
+    groups: dict[object, list[int]] = {}
+    for i, request in enumerate(requests):
+        key = (i,) if request.sampling.seed is not None else replace(request.sampling, stop=())
+        groups.setdefault(key, []).append(i)
+    outputs: list[EngineOutput | None] = [None] * len(requests)
+    for members in groups.values():
+        batch = [requests[i] for i in members]
+        for i, output in zip(members, _generate_batch(model, tokenizer, batch), strict=True):
+            outputs[i] = output
+    return outputs
+
+
+def _generate_batch(model, tokenizer, requests: Sequence[EngineRequest]) -> list[EngineOutput]:
+    import torch
+
+    sampling = requests[0].sampling
     device = next(p for p in model.parameters()).device
+    prompts = [r.prompt_ids for r in requests]
     longest = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), longest), tokenizer.pad_id, dtype=torch.long)
     attention = torch.zeros((len(prompts), longest), dtype=torch.long)
     for i, ids in enumerate(prompts):
         input_ids[i, longest - len(ids) :] = torch.tensor(ids, dtype=torch.long)
         attention[i, longest - len(ids) :] = 1
-    if seed is not None:
-        torch.manual_seed(seed)
-    sample = settings.temperature > 0
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed_for_torch())
+    ends = [tokenizer.eos_id, *sampling.stop_token_ids]
     kwargs = dict(
-        max_new_tokens=settings.max_new_tokens,
-        do_sample=sample,
-        repetition_penalty=settings.repetition_penalty,
-        eos_token_id=tokenizer.eos_id,
+        max_new_tokens=sampling.max_tokens,
+        do_sample=not sampling.greedy,
+        repetition_penalty=sampling.repetition_penalty,
+        eos_token_id=ends,
         pad_token_id=tokenizer.pad_id,
     )
-    if sample:
-        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+    if not sampling.greedy:
+        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
     from transformers import StoppingCriteriaList
 
-    stop = StoppingCriteriaList([_TurnEnded(tokenizer, longest, speakers)])
+    codec = ReplyCodec(tokenizer)
+    stop = StoppingCriteriaList([_Stopped(codec, longest, requests)])
     with torch.no_grad():
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                              stopping_criteria=stop, **kwargs)
-    replies = []
-    for row in out[:, longest:].tolist():
-        if tokenizer.eos_id in row:
-            row = row[: row.index(tokenizer.eos_id)]
-        while row and row[-1] == tokenizer.pad_id:
-            row.pop()
-        replies.append((reply_text(tokenizer, row, speakers), len(row)))
-    return replies
+    outputs = []
+    for request, row in zip(requests, out[:, longest:].tolist(), strict=True):
+        ended = next((j for j, token in enumerate(row) if token in ends), None)
+        generated = len(row) if ended is None else ended
+        ids = row[: len(row) if ended is None else ended]
+        while ended is None and ids and ids[-1] == tokenizer.pad_id:  # a row padded after another row's end
+            ids.pop()
+            generated -= 1
+        text = codec.text(ids)
+        cut = _first_stop(text, request)
+        reason = "stop" if ended is not None or cut is not None or generated < sampling.max_tokens else "length"
+        whole = text if cut is None else text[:cut]
+        outputs.append(EngineOutput(request.key, ids, whole, True, reason, len(request.prompt_ids), generated, whole))
+    return outputs
 
 
-def _TurnEnded(tokenizer, prompt_length: int, speakers: Sequence[str]):  # noqa: N802 - it makes the criterion
-    """A transformers stopping criterion: a row is done once its reply has begun another speaker's turn (turn_end),
-    as the slot engine ends a row. Everything after would be cut from the reply anyway, and on a CPU the tokens
-    up to max_new_tokens are most of a reply's time. The text before the turn is the same either way: its first
-    `\nname: ` stays the first."""
+def _first_stop(text: str, request: EngineRequest) -> int | None:
+    """Where a finished reply's text ends: its first stop string, or the stop rule's cut."""
+    cuts = [at for at in (text.find(s) for s in request.sampling.stop) if at != -1]
+    if request.stop_rule is not None:
+        at = request.stop_rule(text)
+        if at is not None:
+            cuts.append(at)
+    return min(cuts) if cuts else None
+
+
+def _Stopped(codec: ReplyCodec, prompt_length: int, requests: Sequence[EngineRequest]):  # noqa: N802 - it makes the criterion
+    """A transformers stopping criterion: a row is done once its reply holds a stop string or has begun another
+    speaker's turn (the stop rule), as the slot engine ends a row. Everything after would be cut from the reply
+    anyway, and on a CPU the tokens up to max_new_tokens are most of a reply's time. The text before the stop is
+    the same either way: its first stop stays the first."""
     import torch
     from transformers import StoppingCriteria
 
-    class TurnEnded(StoppingCriteria):
+    class Stopped(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            done = [turn_end(tokenizer.from_model_text(tokenizer.decode(row[prompt_length:].tolist())), speakers)
-                    is not None for row in input_ids]
+            done = [_first_stop(codec.text(row[prompt_length:].tolist()), request) is not None
+                    for request, row in zip(requests, input_ids, strict=True)]
             return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
-    return TurnEnded()
+    return Stopped()
 
 
 def reply_text(tokenizer, ids: list[int], speakers: Sequence[str] = ()) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 
-from .attention_registry import register_attention
+from engine.attention_registry import register_attention
 
 NAME = "bunshin_varlen"
 

@@ -28,7 +28,7 @@ from bot.messages import IncomingMessage
 from bot.metrics import BotMetrics
 from bot.reply_memory import ReplyMemory, merge_notes
 from bot.router import RESET_REPLY, Router
-from bot.slot_reuse import common_prefix
+from engine.slot_reuse import common_prefix
 from bot.worker import Worker
 from finetune.config import BotConfig, ConfigError
 from finetune.person_memory import INDEX_FILE, MEMORY_FILE

@@ -23,9 +23,9 @@ import pytest
 import torch
 from conftest import EXAMPLES, REPO, run_cli
 
-from bot.backend import ModelBackend
-from bot.slot_engine import SlotEngine
-from bot.steppers import EngineStepper
+from finetune.model_backend import ModelBackend
+from engine.slot_engine import SlotEngine
+from finetune.steppers import EngineStepper
 from finetune.generation import GenerationSettings
 from finetune.model_loading import load_base_model
 from finetune.packaged_base import GEMMA_3_270M, BaseInstallError, assemble_gguf, installed_module

@@ -8,7 +8,7 @@ turns that no longer fit must not move the start with every message.
 from __future__ import annotations
 
 from bot.memory import ConversationMemory, window_start
-from bot.slot_reuse import MIN_REUSE, common_prefix, place
+from engine.slot_reuse import MIN_REUSE, common_prefix, place
 from finetune.generation import fit_context
 from finetune.prompt import ChatTurn
 from finetune.records import TEXT

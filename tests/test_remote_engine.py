@@ -29,7 +29,7 @@ import pytest
 from aiohttp import web
 from conftest import REPO, write_toml
 
-from bot.backend import ModelBackend
+from finetune.model_backend import ModelBackend
 from bot.metrics import BotMetrics
 from bot.remote_engine import RemoteBackend
 from bot.router import ERROR_REPLY

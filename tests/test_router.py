@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from bot.backend import ModelBackend
+from finetune.model_backend import ModelBackend
 from bot.memory import ConversationMemory
 from bot.messages import IncomingMessage
 from bot.metrics import BotMetrics

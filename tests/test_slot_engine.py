@@ -18,12 +18,13 @@ import pytest
 import torch
 from conftest import FAMILIES
 
-from bot.backend import ModelBackend
+from finetune.model_backend import ModelBackend
 from bot.metrics import BotMetrics
-from bot.slot_engine import SlotEngine
-from bot.steppers import BatchStepper, EngineStepper
+from engine.detokenizer import Detokenizer
+from engine.slot_engine import SlotEngine
+from finetune.steppers import BatchStepper, EngineStepper
 from bot.worker import Worker
-from finetune.generation import GenerationSettings, generate_replies
+from finetune.generation import GenerationSettings, ReplyCodec, generate_replies, persona_request
 from finetune.model_loading import LoadedModel, load_base_model, load_persona_model
 from finetune.prompt import ChatTurn, prefix_ids, turn_end
 from finetune.tiny_model import build_tiny_model
@@ -58,7 +59,29 @@ def plain_greedy(model, tokenizer, prompt: list[int], settings: GenerationSettin
     return row[: row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row
 
 
-def run_staggered(engine: SlotEngine, prompts: list[list[int]], join_every: int = 3) -> dict[int, list[int]]:
+class OneSetting:
+    """The slot engine as these tests drive it: every request with the same settings (`add(key, prompt, speakers)`),
+    `step()` giving the finished outputs only."""
+
+    def __init__(self, model, tokenizer, settings: GenerationSettings, **options) -> None:
+        self.engine = SlotEngine(model, ReplyCodec(tokenizer), **options)
+        self.settings = settings
+
+    def add(self, key, prompt: list[int], speakers=()) -> None:
+        self.engine.add(persona_request(key, prompt, self.settings.sampling(), speakers))
+
+    def step(self):
+        return [output for output in self.engine.step() if output.finished]
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+
+def slot_engine(model, tokenizer, settings: GenerationSettings, **options) -> OneSetting:
+    return OneSetting(model, tokenizer, settings, **options)
+
+
+def run_staggered(engine: OneSetting, prompts: list[list[int]], join_every: int = 3) -> dict[int, list[int]]:
     """Feed prompts one every `join_every` steps (so each joins a batch already decoding) and
     return every row's generated tokens (the reply text is cut at a turn; the raw tokens are not)."""
     tokens: dict[int, list[int]] = {}
@@ -69,7 +92,7 @@ def run_staggered(engine: SlotEngine, prompts: list[list[int]], join_every: int 
             key, prompt = waiting.pop(0)
             engine.add(key, prompt)
         for finished in engine.step():
-            tokens[finished.key] = finished.ids
+            tokens[finished.key] = finished.token_ids
         steps += 1
         assert steps < 10_000
     return tokens
@@ -81,7 +104,7 @@ def test_greedy_tokens_equal_plain_generate_with_prompts_joining_mid_batch(famil
     settings = GenerationSettings(max_new_tokens=24, temperature=0.0, repetition_penalty=penalty)
     prompts = [served_ids(tokenizer, p) for p in PROMPTS]
     expected = [plain_greedy(model, tokenizer, p, settings) for p in prompts]
-    engine = SlotEngine(model, tokenizer, settings, slots=4, length=96)
+    engine = slot_engine(model, tokenizer, settings, slots=4, length=96)
     # The cache holds the model's key/value heads (2 for the 4 query heads of the GQA families), not its query heads.
     config = model.config
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -104,7 +127,7 @@ def test_reply_text_equals_generate_replies_when_a_reply_ends_at_another_speaker
     prompts = [prompt_ids(tokenizer, message) for message, _ in EXCHANGES]
     speakers = (FRIEND, PERSONA)
     expected = [generate_replies(model, tokenizer, [p], settings, speakers)[0] for p in prompts]
-    engine = SlotEngine(model, tokenizer, settings, slots=3, length=128)
+    engine = slot_engine(model, tokenizer, settings, slots=3, length=128)
     waiting = list(enumerate(prompts))
     finished = {}
     while waiting or engine.busy:
@@ -114,7 +137,7 @@ def test_reply_text_equals_generate_replies_when_a_reply_ends_at_another_speaker
         for f in engine.step():
             finished[f.key] = f
     for i, (_, reply) in enumerate(EXCHANGES):
-        ids = finished[i].ids  # what the row generated, uncut
+        ids = finished[i].token_ids  # what the row generated, uncut
         raw = tokenizer.from_model_text(tokenizer.decode(ids))
         cut = turn_end(raw, speakers)
         # The model wrote its line and began 翔太's turn...
@@ -124,7 +147,7 @@ def test_reply_text_equals_generate_replies_when_a_reply_ends_at_another_speaker
         assert turn_end(tokenizer.from_model_text(tokenizer.decode(ids[:-1])), speakers) is None, raw
         assert len(ids) < settings.max_new_tokens
         # The text sent is cut before the turn, and is what plain generation gives, which stops at the same token.
-        assert finished[i].text == reply
+        assert finished[i].full_text.strip() == reply
         assert expected[i] == (reply, len(ids))
 
 
@@ -135,7 +158,7 @@ def test_sampling_with_top_k_1_or_a_tiny_top_p_is_greedy(loaded):
     expected = [plain_greedy(model, tokenizer, p, greedy) for p in prompts]
     for sampled in (GenerationSettings(max_new_tokens=16, temperature=1.5, top_k=1, top_p=1.0, repetition_penalty=1.1),
                     GenerationSettings(max_new_tokens=16, temperature=0.7, top_k=0, top_p=1e-6, repetition_penalty=1.1)):
-        engine = SlotEngine(model, tokenizer, sampled, slots=2, length=64, seed=1)
+        engine = slot_engine(model, tokenizer, sampled, slots=2, length=64, seed=1)
         got = run_staggered(engine, prompts, join_every=2)
         assert [got[i] for i in range(len(prompts))] == expected
 
@@ -146,7 +169,7 @@ def test_sampled_replies_differ_by_seed_and_repeat_with_the_same_seed(loaded):
     prompts = [tokenizer.encode(tokenizer.to_model_text(p)) for p in PROMPTS[:3]]
 
     def sample(seed):
-        return run_staggered(SlotEngine(model, tokenizer, settings, slots=3, length=64, seed=seed), prompts, join_every=1)
+        return run_staggered(slot_engine(model, tokenizer, settings, slots=3, length=64, seed=seed), prompts, join_every=1)
 
     assert sample(7) == sample(7)
     assert sample(7) != sample(8)
@@ -167,7 +190,7 @@ def test_an_architecture_outside_the_families_gives_the_same_greedy_tokens(loade
     settings = GenerationSettings(max_new_tokens=20, temperature=0.0, repetition_penalty=1.0)
     prompts = [tokenizer.encode(tokenizer.to_model_text(p)) for p in PROMPTS[:4]]
     expected = [plain_greedy(model, tokenizer, p, settings) for p in prompts]
-    engine = SlotEngine(model, tokenizer, settings, slots=2, length=64)
+    engine = slot_engine(model, tokenizer, settings, slots=2, length=64)
     assert engine.cache.keys[0].shape[1] == 2  # the cache holds the 2 key/value heads, not 4
     got = run_staggered(engine, prompts)
     assert [got[i] for i in range(len(prompts))] == expected
@@ -207,7 +230,7 @@ def test_sliding_window_models_give_generates_tokens_past_the_window(loaded, mak
     encode = lambda text: tokenizer.encode(tokenizer.to_model_text(text))  # noqa: E731
     firsts = [encode(f"翔太: {p}\n美咲: ") for p in PROMPTS[:4]]
     assert min(map(len, firsts)) > 8
-    engine = SlotEngine(model, tokenizer, settings, slots=2, length=128)
+    engine = slot_engine(model, tokenizer, settings, slots=2, length=128)
     replies = run_staggered(engine, firsts)
     assert [replies[i] for i in range(4)] == [plain_greedy(model, tokenizer, p, settings) for p in firsts]
     # The two chats whose caches the two slots still hold come back with another message.
@@ -244,7 +267,7 @@ def test_a_model_the_engine_cannot_serve_falls_back_to_plain_generate(loaded, ca
 
 def test_self_check_of_the_served_model_is_within_float32_rounding(loaded):
     settings = GenerationSettings(max_new_tokens=8, temperature=0.0)
-    engine = SlotEngine(loaded.model, loaded.tokenizer, settings, slots=2, length=64)
+    engine = slot_engine(loaded.model, loaded.tokenizer, settings, slots=2, length=64)
     assert engine.self_check(loaded.tokenizer.encode("おはよう")) < 1e-4
     assert engine.busy == 0  # the check leaves the engine idle
 
@@ -278,7 +301,7 @@ def test_a_merged_adapter_gives_the_unmerged_adapters_greedy_tokens(tmp_path):
     torch.testing.assert_close(logits[2], logits[1], atol=1e-4, rtol=1e-4)  # ...and merging keeps it
     settings = GenerationSettings(max_new_tokens=16, temperature=0.0, repetition_penalty=1.0)
     expected = plain_greedy(unmerged.model, unmerged.tokenizer, prompt, settings)
-    engine = SlotEngine(merged.model, merged.tokenizer, settings, slots=1, length=64)
+    engine = slot_engine(merged.model, merged.tokenizer, settings, slots=1, length=64)
     assert run_staggered(engine, [prompt])[0] == expected
 
 
@@ -303,17 +326,22 @@ def test_a_row_ends_as_soon_as_the_model_starts_another_speakers_turn(loaded):
     """The random tiny model never writes a turn, so the turn's tokens are fed to the row as if chosen."""
     tokenizer = loaded.tokenizer
     settings = GenerationSettings(max_new_tokens=64, temperature=0.0)
-    engine = SlotEngine(loaded.model, tokenizer, settings, slots=1, length=128)
-    engine.add("chat", tokenizer.encode(tokenizer.to_model_text("翔太: 明日ひま?\n美咲: ")), ("翔太", "美咲"))
+    engine = SlotEngine(loaded.model, ReplyCodec(tokenizer), slots=1, length=128)
+    engine.add(persona_request("chat", tokenizer.encode(tokenizer.to_model_text("翔太: 明日ひま?\n美咲: ")),
+                               settings.sampling(), ("翔太", "美咲")))
     engine.step()  # prefill: the row now holds its first token
-    [row] = engine._rows.values()
+    [(slot, row)] = engine._rows.items()
     row.tokens.clear()
+    row.detokenizer = Detokenizer(row.request, engine.codec.text)
     reply = tokenizer.encode(tokenizer.to_model_text("ひまだよ!\n翔太: じゃあ"))
-    ended_at = next(i for i, token in enumerate(reply) if engine._take(row, token))
+    for ended_at, token in enumerate(reply):
+        output = engine._take(slot, row, token)
+        if output is not None:
+            break
     text = tokenizer.from_model_text(tokenizer.decode(reply[: ended_at + 1]))
     assert text.endswith(": ") or text.endswith(":")  # it stops at the turn's colon, not later
-    finished = engine._finish(0)
-    assert finished.text == "ひまだよ!"
+    assert output.finished and output.finish_reason == "stop"
+    assert output.full_text.strip() == "ひまだよ!"
 
 
 def test_a_follow_up_message_reuses_its_chats_cache_and_still_gives_generates_tokens(family):
@@ -321,7 +349,7 @@ def test_a_follow_up_message_reuses_its_chats_cache_and_still_gives_generates_to
     while other chats come and go in the other slots, and the tokens are still generate()'s."""
     tokenizer, model = family.tokenizer, family.model
     settings = GenerationSettings(max_new_tokens=12, temperature=0.0, repetition_penalty=1.3)
-    engine = SlotEngine(model, tokenizer, settings, slots=3, length=192)
+    engine = slot_engine(model, tokenizer, settings, slots=3, length=192)
     encode = lambda text: tokenizer.encode(tokenizer.to_model_text(text))  # noqa: E731
     firsts = [served_ids(tokenizer, f"翔太: {p}\n美咲: ") for p in PROMPTS[:3]]
     replies = run_staggered(engine, firsts, join_every=2)
@@ -338,7 +366,7 @@ def test_a_follow_up_message_reuses_its_chats_cache_and_still_gives_generates_to
 def test_a_prompt_that_changed_at_the_start_is_computed_whole(loaded):
     tokenizer, model = loaded.tokenizer, loaded.model
     settings = GenerationSettings(max_new_tokens=8, temperature=0.0, repetition_penalty=1.0)
-    engine = SlotEngine(model, tokenizer, settings, slots=2, length=160)
+    engine = slot_engine(model, tokenizer, settings, slots=2, length=160)
     first = tokenizer.encode(tokenizer.to_model_text("翔太: " + PROMPTS[3] + "\n美咲: "))
     run_staggered(engine, [first])
     changed = [first[1]] + first  # memory dropped or added something before: no common prefix

@@ -168,11 +168,39 @@ def test_each_refusal_of_a_field_names_it_and_says_what_it_must_be(fields, param
     assert (error.status, error.param, error.code, error.message) == (400, param, "invalid_value", message)
 
 
-def test_n_of_one_is_accepted_and_the_fields_not_applied_are_listed():
+def test_n_of_one_is_accepted_the_sampling_fields_applied_and_the_others_listed():
     chat = parse_chat_request(body([{"role": "user", "content": "やあ"}], n=1, temperature=0.7, stop=["\n"],
-                                   tools=None, stream=True, stream_options={"include_usage": True}),
+                                   tools=None, stream=True, stream_options={"include_usage": True}, top_p=0.9,
+                                   seed=-3, frequency_penalty=0.1, logit_bias={}),
                               PERSONA, CONFIG, PERSONA)
-    assert (chat.stream, chat.include_usage, chat.ignored) == (True, True, ["temperature", "stop"])
+    assert (chat.stream, chat.include_usage, chat.ignored) == (True, True, ["frequency_penalty", "logit_bias"])
+    assert chat.sampling == {"temperature": 0.7, "top_p": 0.9, "seed": -3, "stop": ("\n",)}
+
+
+@pytest.mark.parametrize("fields, sampling", [
+    ({"max_tokens": 5}, {"max_tokens": 5}),
+    ({"max_tokens": 5, "max_completion_tokens": 7}, {"max_tokens": 7}),  # the newer name wins
+    ({"temperature": 1}, {"temperature": 1.0}),
+    ({"top_p": 0}, {"top_p": 1e-9}),  # OpenAI's 0: only the most likely token
+    ({"stop": "。"}, {"stop": ("。",)}),
+    ({"stop": None, "seed": None}, {}),
+])
+def test_the_sampling_fields_become_the_requests_own_values(fields, sampling):
+    assert parse_chat_request(body([{"role": "user", "content": "やあ"}], **fields), PERSONA, CONFIG,
+                              PERSONA).sampling == sampling
+
+
+@pytest.mark.parametrize("stop, param, message", [
+    (["a", "b", "c", "d", "e"], "stop", "stop: must be a string or an array of at most 4 strings, not an array of 5"),
+    (5, "stop", "stop: must be a string or an array of at most 4 strings, not a number"),
+    ([""], "stop[0]", "stop[0]: must be a non-empty string of at most 256 characters, not a string of 0 characters"),
+    (["。", 3], "stop[1]", "stop[1]: must be a non-empty string of at most 256 characters, not a number"),
+    ("x" * 257, "stop", "stop: must be a non-empty string of at most 256 characters, not a string of 257 characters"),
+])
+def test_a_stop_that_is_not_up_to_four_strings_is_refused_naming_it(stop, param, message):
+    error = refusal(lambda: parse_chat_request(body([{"role": "user", "content": "やあ"}], stop=stop), PERSONA, CONFIG,
+                                               PERSONA))
+    assert (error.status, error.param, error.message) == (400, param, message)
 
 
 @pytest.mark.parametrize("part, shown", [("見て", "'見て'"), (5, "a number"), (None, "null"),

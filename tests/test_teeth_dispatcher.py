@@ -16,7 +16,7 @@ import io
 import pytest
 
 from adapters.console import ConsoleAdapter
-from bot.backend import ModelBackend
+from finetune.model_backend import ModelBackend
 from bot.dispatcher import MAX_RECOVERIES, Dispatcher
 from bot.inbox import Inbox
 from bot.memory import ConversationMemory

@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from bot.backend import ModelBackend
+from finetune.model_backend import ModelBackend
 from bot.metrics import BotMetrics
 from bot.worker import (
     DeadlineExceeded,

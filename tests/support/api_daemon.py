@@ -17,7 +17,7 @@ from pathlib import Path
 
 import openai
 
-from bot.backend import ModelBackend
+from finetune.model_backend import ModelBackend
 from bot.daemon import run_daemon
 from finetune.config import BotConfig
 from finetune.model_loading import load_base_model

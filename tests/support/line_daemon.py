@@ -48,7 +48,7 @@ _WARM_START = """
 import runpy, sys
 import torch, transformers, sentencepiece
 import transformers.models.gpt_neox.modeling_gpt_neox
-import bot.daemon, bot.slot_engine, adapters.line
+import bot.daemon, engine.slot_engine, adapters.line
 print("imported, waiting for go", flush=True)
 sys.stdin.readline()
 sys.argv[0] = "bot"

@@ -1,9 +1,10 @@
-"""How the bot prompts its model: the persona, template, generation settings, context budget, and the stepper.
+"""How a persona's model is prompted: the persona, template, generation settings, context budget, and the stepper.
 
-The worker (worker.py) owns the queue and the thread; this owns what a request becomes for the model:
-the conversation's turns fitted into the prompt budget (finetune.generation.fit_context, the renderer
-training used), and the stepper that generates (the slot engine, warmed up and checked against plain
-generation at start, or plain batched `generate()` where the engine cannot serve the model).
+The bot's worker (bot/worker.py) owns the queue and the thread, `finetune eval` and `finetune chat` their loops;
+this owns what a conversation becomes for the model: its turns fitted into the prompt budget (generation.fit_context,
+the renderer training used), an `EngineRequest` with the adapter's settings and the request's own values, and the
+stepper that generates (the slot engine, warmed up and checked against plain generation at start, or plain batched
+`generate()` where the engine cannot serve the model).
 """
 
 from __future__ import annotations
@@ -13,9 +14,21 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from finetune.generation import GenerationSettings, fit_context, generate_replies, prompt_budget
-from finetune.model_loading import LoadedModel
-from finetune.prompt import TEMPLATES, ChatTurn, MemoryNote, prefix_ids
+from collections.abc import Mapping
+
+from engine.request import EngineOutput, EngineRequest
+
+from .generation import (
+    GenerationSettings,
+    ReplyCodec,
+    fit_context,
+    generate_outputs,
+    generate_replies,
+    persona_request,
+    prompt_budget,
+)
+from .model_loading import LoadedModel
+from .prompt import TEMPLATES, ChatTurn, MemoryNote, prefix_ids
 
 log = logging.getLogger(__name__)
 
@@ -91,18 +104,19 @@ class ModelBackend:
         plain generation; plain batched generate() when the engine is off or cannot serve this model.
         `seed` fixes the sampling (`finetune eval` compares systems on the same draws); `length` caps the
         cache rows where every prompt is known to be shorter (the eval's), for fewer graphs to capture."""
+        from engine.slot_attention import UnsupportedModel
+        from engine.slot_engine import SlotEngine
+
         from .steppers import BatchStepper, EngineStepper
 
         if self.engine == "plain":
             return BatchStepper(self, capacity, seed)
-        from .slot_attention import UnsupportedModel
-        from .slot_engine import SlotEngine
 
         model, tokenizer = self.loaded.model, self.loaded.tokenizer
         started = time.monotonic()
         engine = None
         try:
-            engine = SlotEngine(model, tokenizer, self.settings, slots=capacity,
+            engine = SlotEngine(model, ReplyCodec(tokenizer), slots=capacity,
                                 length=length or self.max_prompt_tokens + self.settings.max_new_tokens,
                                 cuda_graphs=self.cuda_graphs,
                                 compile=self.compile, seed=seed)
@@ -132,6 +146,22 @@ class ModelBackend:
         prompts = [self.prompt_ids(turns, memory) for turns, memory in zip(conversations, memories, strict=True)]
         speakers = self.speakers_in([t for turns in conversations for t in turns])
         return generate_replies(self.loaded.model, self.loaded.tokenizer, prompts, self.settings, speakers)
+
+    def request(self, key, turns: Sequence[ChatTurn], memory: Sequence[MemoryNote] = (),
+                sampling: Mapping[str, object] | None = None, stream: bool = False) -> EngineRequest:
+        """The engine request for a reply to `turns`: the fitted prompt, the adapter's settings with the request's own
+        values (`sampling`, as GenerationSettings.sampling takes them), ending where another speaker's turn begins.
+        A reply may not run past the context: max_tokens above the settings' max_new_tokens is cut to it (the prompt
+        budget leaves room for that many)."""
+        overrides = dict(sampling or {})
+        if overrides.get("max_tokens") is not None:
+            overrides["max_tokens"] = min(int(overrides["max_tokens"]), self.settings.max_new_tokens)
+        return persona_request(key, self.prompt_ids(turns, memory), self.settings.sampling(**overrides),
+                               self.speakers_in(turns), stream)
+
+    def generate_requests(self, requests: Sequence[EngineRequest]) -> list[EngineOutput]:
+        """Each request's finished output, by plain batched `generate()` (texts not yet stripped)."""
+        return generate_outputs(self.loaded.model, self.loaded.tokenizer, requests)
 
     def prompt_ids(self, turns: Sequence[ChatTurn], memory: Sequence[MemoryNote] = ()) -> list[int]:
         """The prompt for a conversation: the profile, its latest turns that leave room for the reply, and the

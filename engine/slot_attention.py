@@ -28,7 +28,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from finetune.attention_registry import register_attention
+from .attention_registry import register_attention
 
 NAME = "bunshin_slots"
 _active: SlotStep | ProbeStep | None = None

@@ -1,37 +1,27 @@
-"""Continuous batching: every chat has a row ("slot") in a static KV cache and joins at the next step.
+"""The model runner: the model's forward passes over a static per-chat KV cache, and the CUDA graphs that replay them.
 
-Plain `generate()` runs a batch until its longest reply is done, so a message that arrives
-meanwhile waits for the whole batch, and each decoded token pays Python and kernel-launch
-overhead that leaves the GPU mostly idle. This engine instead:
+The engine (slot_engine.py) decides what each step does and chooses the tokens; this owns everything the GPU
+holds for it: one preallocated cache row per chat ("slot", slot_attention.py) so rows at different positions run
+together; the static input buffers; CUDA graphs captured at start-up for each (batch, cache-length) bucket, so a
+decode step is one graph replay instead of hundreds of kernel launches (and, with `compile`, the step compiled
+to fuse its ~30 small kernels per layer); and the three kinds of forward pass:
 
-- keeps one preallocated cache row per chat (slot_attention.py), so rows at different positions
-  decode together, a finished row frees its slot at once, and a new prompt is prefilled into a
-  free slot between two decode steps;
-- decodes through CUDA graphs captured at start-up for each (batch, cache-length) bucket: one
-  graph replay per token instead of hundreds of kernel launches;
-- chooses tokens with the same processors as `generate()` (sampling.py), so greedy replies are
-  the same tokens.
+- prefill: whole prompts written into fresh slots (logits after each prompt's last token);
+- extend: a prompt whose start the slot's cache already holds (a chat's next message): only its new tokens;
+- decode: one token for every slot in rows 0..batch-1.
 
-`step()` is synchronous and single-threaded: the worker calls it in a loop in its own thread.
-Any causal LM whose attention goes through transformers' attention interface works; a model the
-self-check finds different from plain generation raises UnsupportedModel, and the worker falls
-back to plain batched `generate()`.
+Any causal LM whose attention goes through transformers' attention interface works; `UnsupportedModel` says why
+one does not (the engine's owner then falls back to plain `generate()`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from functools import partial
 
-from finetune.generation import GenerationSettings, reply_text
-from finetune.prompt import turn_end
-
 from . import slot_attention
-from .sampling import next_tokens
 from .slot_attention import ProbeStep, SlotStep, UnsupportedModel, active_step, allocate_cache
-from .slot_reuse import place
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +29,7 @@ _MIN_LENGTH_BUCKET = 64
 # Of the GPU memory free once the model is loaded, what the KV cache may take; the rest is for the
 # activations of the largest prefill, the CUDA graphs' memory pool and the allocator's slack.
 CACHE_SHARE_OF_FREE = 0.6
-_MAX_PREFILL_ROWS = 8  # prompts prefilled in one forward pass (more wait for the next step)
-# New prompts wait at most this many decode steps (or until this many are waiting) to share a prefill step.
-PREFILL_GROUP = 4
-PREFILL_WAIT_STEPS = 4
+MAX_PREFILL_ROWS = 8  # prompts prefilled in one forward pass (more wait for the next step)
 # New tokens of a prompt that extends a slot's cached prefix (a follow-up message: the reply and a new
 # turn), in captured buckets; a longer extension is computed without a graph.
 _EXTEND_BUCKETS = (32, 64, 256)
@@ -51,48 +38,15 @@ _EXTEND_BUCKETS = (32, 64, 256)
 _MIN_EXTEND_READ = 256
 
 
-@dataclass
-class Finished:
-    key: object
-    text: str  # as the chat partner sees it: cut at another speaker's turn
-    ids: list[int]  # the tokens generated (EOS excluded)
-
-    @property
-    def tokens(self) -> int:
-        return len(self.ids)
-
-
-@dataclass
-class _Row:
-    key: object
-    prompt: list[int]
-    speakers: tuple[str, ...]
-    max_new_tokens: int
-    tokens: list[int] = field(default_factory=list)
-    position: int = 0  # cache position the next fed token is written to
-    colon_seen: bool = False  # the latest token had a ':' (a turn may start): check turn_end
-
-
-class SlotEngine:
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        settings: GenerationSettings,
-        *,
-        slots: int,
-        length: int,
-        cuda_graphs: bool = True,
-        compile: bool = False,
-        seed: int | None = None,
-    ) -> None:
+class ModelRunner:
+    def __init__(self, model, pad_id: int, *, slots: int, length: int, cuda_graphs: bool = True,
+                 compile: bool = False) -> None:
         import torch
 
         if slots < 1 or length < 2:
             raise ValueError("the slot engine needs at least one slot and two positions")
         self.model = model
-        self.tokenizer = tokenizer
-        self.settings = settings
+        self.pad_id = pad_id
         self.device = next(p for p in model.parameters()).device
         self._torch = torch
         model.eval()
@@ -110,7 +64,7 @@ class SlotEngine:
         self._scratch = slots
         self.vocab = vocab
         self.batch_buckets = _buckets(1, slots)
-        self.prefill_buckets = _buckets(1, min(slots, _MAX_PREFILL_ROWS))
+        self.prefill_buckets = _buckets(1, min(slots, MAX_PREFILL_ROWS))
         self.length_buckets = _buckets(min(_MIN_LENGTH_BUCKET, length), length)
         # Prefill is compute-bound: padding a 200-token prompt to 256 would cost 28% more, so its
         # lengths come in even steps (at most 16 of them) rather than powers of two.
@@ -125,8 +79,7 @@ class SlotEngine:
         # numpy views of the pinned buffers: setting an element costs ~0.1 us there, ~3 us on a tensor.
         self._ids_np, self._pos_np = self._ids_host.numpy(), self._pos_host.numpy()
         self._positions = torch.arange(length, device=dev)
-        self._row_index = torch.arange(slots, device=dev).view(slots, 1)
-        self._seen = torch.zeros((slots, vocab), dtype=torch.bool, device=dev)
+        self.row_index = torch.arange(slots, device=dev).view(slots, 1)
         prefill_rows = self.prefill_buckets[-1]
         self._p_ids = torch.zeros((prefill_rows, length), dtype=torch.long, device=dev)
         self._p_rows = torch.zeros((prefill_rows,), dtype=torch.long, device=dev)
@@ -139,20 +92,6 @@ class SlotEngine:
         self._e_ids = torch.zeros((prefill_rows, longest_extension), dtype=torch.long, device=dev)
         self._e_pos = torch.zeros((prefill_rows, longest_extension), dtype=torch.long, device=dev)
         self._e_host = torch.zeros((3, prefill_rows, longest_extension), dtype=torch.long, pin_memory=pin)
-        # Per slot, the tokens whose keys and values its cache row holds from position 0 (what a finished
-        # reply leaves behind for the chat's next message), and how much prompt work reuse has saved.
-        self._cached: list[list[int]] = [[] for _ in range(slots)]
-        self.prefilled_tokens = 0
-        self.reused_tokens = 0
-        self._generator = torch.Generator(device=dev)
-        if seed is not None:
-            self._generator.manual_seed(seed)
-        else:
-            self._generator.seed()
-        self._colon = _colon_tokens(tokenizer, vocab)
-        self._rows: dict[int, _Row] = {}  # slot -> row being decoded
-        self._pending: list[_Row] = []  # admitted, prefilled at a coming step
-        self._pending_waited = 0  # decode steps the oldest pending prompt has waited
         self._graphs: dict[tuple[int, int], tuple] = {}  # (rows, cache length) -> decode graph, its logits
         self._prefill_graphs: dict[tuple[int, int], tuple] = {}  # (rows, prompt length) -> graph, logits
         self._extend_graphs: dict[tuple[int, int, int], tuple] = {}  # (rows, new tokens, cache read) -> graph, logits
@@ -175,8 +114,6 @@ class SlotEngine:
             else:
                 log.info("slot engine: captured %d CUDA graphs in %.1fs", self.graph_count, time.monotonic() - started)
 
-    # -- what the worker uses ---------------------------------------------------------------
-
     @property
     def slots(self) -> int:
         return self._scratch  # the cache's rows past the scratch row
@@ -184,6 +121,11 @@ class SlotEngine:
     @property
     def length(self) -> int:
         return self.cache.length
+
+    @property
+    def max_extension(self) -> int:
+        """The most new tokens an extension computes; a prompt needing more is prefilled afresh."""
+        return self.extend_buckets[-1]
 
     @property
     def graph_count(self) -> int:
@@ -197,123 +139,34 @@ class SlotEngine:
             text += ", fewer chats than asked for fit)" if r["limited_by"] == "memory" else ")"
         return text
 
-    @property
-    def busy(self) -> int:
-        return len(self._rows) + len(self._pending)
-
-    @property
-    def free(self) -> int:
-        return self.slots - self.busy
-
-    def add(self, key, prompt: list[int], speakers=()) -> None:
-        """Admit a prompt; it is prefilled at the next step. The prompt must leave room for one token."""
-        if self.free < 1:
-            raise RuntimeError("no free slot: check `free` before adding")
-        if not prompt or len(prompt) >= self.length:
-            raise ValueError(f"a prompt of {len(prompt)} tokens does not fit a cache of {self.length}")
-        room = self.length - len(prompt)
-        self._pending.append(_Row(key, list(prompt), tuple(speakers), min(self.settings.max_new_tokens, room)))
-
-    def step(self) -> list[Finished]:
-        """Prefill what was added, else decode one token for every row; returns the rows that ended.
-
-        While rows are decoding, new prompts wait a few steps to be prefilled together: a prefill step
-        reads every weight once whether it carries one prompt or eight, and all decoding rows wait for it.
-        With 32 chats going on, one prefill per arriving message took half the GPU's time on an H200."""
-        with self._torch.inference_mode():
-            if self._pending and (not self._rows or len(self._pending) >= min(PREFILL_GROUP, self.free + len(self._pending))
-                                  or self._pending_waited >= PREFILL_WAIT_STEPS):
-                self._pending_waited = 0
-                return self._prefill()
-            if self._rows:
-                self._pending_waited += bool(self._pending)
-                return self._decode()
-        return []
-
     def detach(self) -> None:
         """Give the model back its own attention (when plain generate() takes over from this engine)."""
-        self.abort()
         if self._previous_attention:
             self.model.set_attn_implementation(self._previous_attention)
         self._graphs.clear()
         self._prefill_graphs.clear()
         self._extend_graphs.clear()
 
-    def abort(self) -> list:
-        """Drop every row (after a failed step: the cache rows may be half-written); returns their keys."""
-        keys = list({id(r): r.key for r in (*self._pending, *self._rows.values())}.values())  # each row once
-        self._pending.clear()
-        self._rows.clear()
-        self._cached = [[] for _ in self._cached]  # nothing half-written may be reused
-        return keys
+    # -- forward passes ----------------------------------------------------------------------
 
-    # -- prefill and decode -----------------------------------------------------------------
-
-    def _prefill(self) -> list[Finished]:
-        limit = self.prefill_buckets[-1]
-        rows, self._pending = self._pending[:limit], self._pending[limit:]
-        try:
-            return self._prefill_rows(rows)
-        except BaseException:
-            # Back where abort() finds them: the worker fails exactly the requests it gets from abort(),
-            # and rows that were in neither list would wait for a reply forever.
-            self._pending = rows + self._pending
-            raise
-
-    def _prefill_rows(self, rows: list[_Row]) -> list[Finished]:
-        torch = self._torch
-        free = [s for s in range(self.slots) if s not in self._rows]
-        placements = place([r.prompt for r in rows], free, self._cached, max_new=self.extend_buckets[-1])
-        slots = [p.slot for p in placements]
-        fresh = [i for i, p in enumerate(placements) if p.reused == 0]
-        extended = [i for i, p in enumerate(placements) if p.reused > 0]
-        parts, order = [], []
-        if fresh:
-            parts.append(self._prefill_logits([rows[i] for i in fresh], [slots[i] for i in fresh]))
-            order += fresh
-        if extended:
-            parts.append(self._extend_logits([rows[i] for i in extended], [placements[i] for i in extended]))
-            order += extended
-        logits = parts[0] if len(parts) == 1 else torch.cat(parts)
-        if order != list(range(len(rows))):
-            logits = logits[torch.tensor([order.index(i) for i in range(len(rows))], device=logits.device)]
-        for row, placement in zip(rows, placements, strict=True):
-            self.reused_tokens += placement.reused
-            self.prefilled_tokens += len(row.prompt) - placement.reused
-        dev = self.device
-        # Every prompt token counts as seen (repetition penalty); padding repeats the first token.
-        longest = max(len(r.prompt) for r in rows)
-        ids = torch.tensor([r.prompt + [r.prompt[0]] * (longest - len(r.prompt)) for r in rows], device=dev)
-        seen = torch.zeros((len(rows), self.vocab), dtype=torch.bool, device=dev).scatter_(1, ids, True)
-        chosen = next_tokens(logits, seen, self.settings, self._generator)
-        seen[self._row_index[: len(rows), 0], chosen] = True
-        self._seen[torch.tensor(slots, device=dev)] = seen
-        finished = []
-        for slot, row, token in zip(slots, rows, chosen.tolist(), strict=True):
-            row.position = len(row.prompt)
-            self._rows[slot] = row
-            if self._take(row, token):
-                finished.append(self._finish(slot))
-        return finished
-
-    def _prefill_logits(self, rows: list[_Row], slots: list[int]):
+    def prefill(self, prompts: list[list[int]], slots: list[int]):
         """Write the prompts into their slots' cache rows; the float32 logits after each prompt."""
         graphed = bool(self._prefill_graphs)
-        longest = max(len(r.prompt) for r in rows)
+        longest = max(len(p) for p in prompts)
         # With graphs, the batch and the length are padded up to a captured bucket; padding rows
         # write into the scratch row, padding tokens beyond each prompt (decoding overwrites them
         # before the mask ever lets a query see them).
-        count = _bucket(len(rows), self.prefill_buckets) if graphed else len(rows)
+        count = _bucket(len(prompts), self.prefill_buckets) if graphed else len(prompts)
         length = _bucket(longest, self.prompt_buckets) if graphed else longest
         host = self._p_host[:, :count]
         ids_np, rows_np, last_np = host[0].numpy(), host[1, :, 0].numpy(), host[2, :, 0].numpy()
-        ids_np[:, :length] = self.tokenizer.pad_id
+        ids_np[:, :length] = self.pad_id
         rows_np[:] = self._scratch
         last_np[:] = 0
-        for i, (row, slot) in enumerate(zip(rows, slots, strict=True)):
-            ids_np[i, : len(row.prompt)] = row.prompt
+        for i, (prompt, slot) in enumerate(zip(prompts, slots, strict=True)):
+            ids_np[i, : len(prompt)] = prompt
             rows_np[i] = slot
-            last_np[i] = len(row.prompt) - 1
+            last_np[i] = len(prompt) - 1
         self._p_ids[:count, :length].copy_(host[0, :, :length], non_blocking=True)
         self._p_rows[:count].copy_(host[1, :, 0], non_blocking=True)
         self._p_last[:count].copy_(host[2, :, 0], non_blocking=True)
@@ -323,26 +176,26 @@ class SlotEngine:
             logits = graph[1]
         else:
             logits = self._forward_prefill(count, length)
-        return logits[: len(rows)].float()
+        return logits[: len(prompts)].float()
 
-    def _extend_logits(self, rows: list[_Row], placements: list):
+    def extend(self, prompts: list[list[int]], placements: list):
         """Write the prompts' tokens past each slot's cached prefix into their slots, attending to that
         prefix; the float32 logits after each prompt. The follow-up message of a chat costs its new tokens."""
-        new = [len(r.prompt) - p.reused for r, p in zip(rows, placements, strict=True)]
+        new = [len(prompt) - p.reused for prompt, p in zip(prompts, placements, strict=True)]
         graphed = bool(self._extend_graphs) and max(new) <= self.extend_buckets[-1]
-        count = _bucket(len(rows), self.prefill_buckets) if graphed else len(rows)
+        count = _bucket(len(prompts), self.prefill_buckets) if graphed else len(prompts)
         width = _bucket(max(new), self.extend_buckets) if graphed else max(new)
-        longest = max(len(r.prompt) for r in rows)
+        longest = max(len(p) for p in prompts)
         kv_length = _bucket(longest, self.extend_read_buckets if graphed else self.length_buckets)
         host = self._e_host[:, :count, :width] if graphed else self._torch.zeros((3, count, width), dtype=self._torch.long)
         ids_np, pos_np, rows_np = host[0].numpy(), host[1].numpy(), host[2, :, 0].numpy()
-        ids_np[:] = self.tokenizer.pad_id
+        ids_np[:] = self.pad_id
         pos_np[:] = range(width)  # padding rows write into the scratch row
         rows_np[:] = self._scratch
         last = [0] * count
-        for i, (row, placement) in enumerate(zip(rows, placements, strict=True)):
-            start, end = placement.reused, len(row.prompt)
-            ids_np[i, : end - start] = row.prompt[start:end]
+        for i, (prompt, placement) in enumerate(zip(prompts, placements, strict=True)):
+            start, end = placement.reused, len(prompt)
+            ids_np[i, : end - start] = prompt[start:end]
             pos_np[i] += start
             rows_np[i] = placement.slot
             last[i] = end - start - 1
@@ -355,11 +208,11 @@ class SlotEngine:
             self._p_last[:count].copy_(self._torch.tensor(last), non_blocking=True)
             graph = self._extend_graphs[(count, width, kv_length)]
             graph[0].replay()
-            return graph[1][: len(rows)].float()
+            return graph[1][: len(prompts)].float()
         dev = self.device
         out = self._forward_extend_from(host[0].to(dev), host[1].to(dev), host[2, :, 0].to(dev),
                                         self._torch.tensor(last, device=dev), kv_length)
-        return out[: len(rows)].float()
+        return out[: len(prompts)].float()
 
     def _forward_extend(self, count: int, width: int, kv_length: int):
         """The body of each extension graph: `width` new tokens for `count` rows from the static buffers."""
@@ -373,7 +226,7 @@ class SlotEngine:
         step = SlotStep(self.cache, slots.view(count, 1), positions, kv_length, mask, gather=True)
         out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False, slot_step=step,
                          logits_to_keep=last)
-        arange = self._row_index[:count, 0]
+        arange = self.row_index[:count, 0]
         return out.logits[arange, arange]
 
     def _forward_prefill(self, count: int, length: int):
@@ -386,35 +239,21 @@ class SlotEngine:
         # logits_to_keep as indices: only each row's last prompt position reaches the LM head.
         out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False,
                          logits_to_keep=last, slot_step=step)
-        arange = self._row_index[:count, 0]
+        arange = self.row_index[:count, 0]
         return out.logits[arange, arange]  # row i's logits at its own last prompt token
 
-    def _decode(self) -> list[Finished]:
-        batch, logits = self._decode_logits()
-        seen = self._seen[:batch]
-        chosen = next_tokens(logits, seen, self.settings, self._generator)
-        seen[self._row_index[:batch, 0], chosen] = True
-        finished = []
-        for slot, token in zip(range(batch), chosen.tolist(), strict=True):
-            row = self._rows.get(slot)
-            if row is None:
-                continue
-            row.position += 1
-            if self._take(row, token):
-                finished.append(self._finish(slot))
-        return finished
-
-    def _decode_logits(self):
-        """Feed every row its latest token: (batch rows computed, their float32 logits)."""
-        batch = _bucket(max(self._rows) + 1, self.batch_buckets)
-        kv_length = _bucket(max(r.position for r in self._rows.values()) + 1, self.length_buckets)
+    def decode(self, feed: dict[int, tuple[int, int]]):
+        """Feed each slot its token at its position (`feed`: slot -> (token, position)); (batch rows computed:
+        0..batch-1, their float32 logits)."""
+        batch = _bucket(max(feed) + 1, self.batch_buckets)
+        kv_length = _bucket(max(position for _, position in feed.values()) + 1, self.length_buckets)
         ids_np, pos_np = self._ids_np, self._pos_np
-        ids_np[:batch] = self.tokenizer.pad_id
+        ids_np[:batch] = self.pad_id
         # Free slots in the batch write garbage at their row's last position, which no kept prefix covers.
         pos_np[:batch] = self.length - 1
-        for slot, row in self._rows.items():
-            ids_np[slot, 0] = row.tokens[-1]
-            pos_np[slot] = row.position
+        for slot, (token, position) in feed.items():
+            ids_np[slot, 0] = token
+            pos_np[slot] = position
         self._ids[:batch].copy_(self._ids_host[:batch], non_blocking=True)
         self._pos[:batch].copy_(self._pos_host[:batch], non_blocking=True)
         graph = self._graphs.get((batch, kv_length))
@@ -425,7 +264,7 @@ class SlotEngine:
 
     def _forward_decode(self, batch: int, kv_length: int):
         """One token for rows 0..batch-1 from the static buffers: the body of each CUDA graph."""
-        return self._decode_fn(self._ids[:batch], self._pos[:batch], self._row_index[:batch], self._positions[:kv_length])
+        return self._decode_fn(self._ids[:batch], self._pos[:batch], self.row_index[:batch], self._positions[:kv_length])
 
     def _decode_forward(self, ids, pos, row_index, key_positions):
         """Sizes come from the tensors' shapes, so that one torch.compile (dynamic shapes) serves
@@ -437,35 +276,13 @@ class SlotEngine:
                          slot_step=step)
         return out.logits[:, -1, :]
 
-    def _take(self, row: _Row, token: int) -> bool:
-        """Add a chosen token to its row; True when the reply has ended."""
-        if token == self.tokenizer.eos_id:
-            return True
-        row.tokens.append(token)
-        if len(row.tokens) >= row.max_new_tokens:
-            return True
-        # A new turn is `\nname: `: only worth decoding the reply when a colon has just appeared.
-        colon = self._colon[token]
-        check, row.colon_seen = row.colon_seen or colon, colon
-        if check:
-            text = self.tokenizer.from_model_text(self.tokenizer.decode(row.tokens))
-            return turn_end(text, row.speakers) is not None
-        return False
-
-    def _finish(self, slot: int) -> Finished:
-        row = self._rows.pop(slot)
-        # What the row's cache holds now: the prompt and every generated token fed back so far (the last
-        # token chosen was never fed). The chat's next message starts with most of it.
-        self._cached[slot] = (row.prompt + row.tokens[: row.position - len(row.prompt)])[: self.length - 1]
-        return Finished(row.key, reply_text(self.tokenizer, row.tokens, row.speakers), row.tokens)
-
     # -- start-up ---------------------------------------------------------------------------
 
     def _probe(self):
         """Each attention layer's key shape, and the vocabulary size, from a one-token forward."""
         torch = self._torch
         probe = ProbeStep({})
-        ids = torch.tensor([[self.tokenizer.pad_id]], device=self.device)
+        ids = torch.tensor([[self.pad_id]], device=self.device)
         with torch.inference_mode(), active_step(probe):
             out = self.model(input_ids=ids, use_cache=False)
         if not probe.shapes:
@@ -502,28 +319,20 @@ class SlotEngine:
         return graph, output
 
     def self_check(self, prompt: list[int], steps: int = 3) -> float:
-        """Largest relative logit difference between this engine and a plain forward pass of the
-        whole sequence, after the prompt and after each of `steps` greedy tokens. Uses slot 0."""
+        """Largest relative logit difference between these forward passes and a plain forward pass of the
+        whole sequence, after the prompt and after each of `steps` greedy tokens. Uses slot 0, which must be idle."""
         torch = self._torch
-        if self.busy:
-            raise RuntimeError("self_check needs an idle engine")
-        row = _Row("self-check", list(prompt), (), steps + 1)
+        tokens: list[int] = []
         worst = 0.0
-        try:
-            with torch.inference_mode():
-                logits = self._prefill_logits([row], [0])[0]
-                row.position = len(prompt)
-                self._rows[0] = row
-                for _ in range(steps + 1):
-                    sequence = torch.tensor([prompt + row.tokens], device=self.device)
-                    reference = self.model(input_ids=sequence, use_cache=False).logits[0, -1].float()
-                    worst = max(worst, _relative_difference(logits, reference))
-                    row.tokens.append(int(reference.argmax()))
-                    _, logits = self._decode_logits()
-                    logits = logits[0]
-                    row.position += 1
-        finally:
-            self.abort()
+        with torch.inference_mode():
+            logits = self.prefill([list(prompt)], [0])[0]
+            for _ in range(steps + 1):
+                sequence = torch.tensor([list(prompt) + tokens], device=self.device)
+                reference = self.model(input_ids=sequence, use_cache=False).logits[0, -1].float()
+                worst = max(worst, _relative_difference(logits, reference))
+                tokens.append(int(reference.argmax()))
+                _, logits = self.decode({0: (tokens[-1], len(prompt) + len(tokens) - 1)})
+                logits = logits[0]
         return worst
 
 
@@ -576,15 +385,3 @@ def _bucket(n: int, sizes: list[int]) -> int:
         if size >= n:
             return size
     raise ValueError(f"{n} exceeds the largest bucket {sizes[-1]}")
-
-
-def _colon_tokens(tokenizer, vocab: int) -> list[bool]:
-    """For each token id, whether its text has a ':' (where a new `name: ` turn may begin)."""
-    flags = []
-    for token in range(vocab):
-        try:
-            piece = tokenizer.decode([token])
-        except Exception:  # ids past the tokenizer's vocabulary (padded embedding rows)
-            piece = ""
-        flags.append(":" in piece)
-    return flags

@@ -1,0 +1,320 @@
+"""Continuous batching: every reply has a row ("slot") in a static KV cache and joins at the next step.
+
+Plain `generate()` runs a batch until its longest reply is done, so a message that arrives meanwhile waits for the
+whole batch, and each decoded token pays Python and kernel-launch overhead that leaves the GPU mostly idle. This
+engine instead takes `EngineRequest`s at any time and, each `step()`:
+
+1. lets the scheduler (scheduler.py) choose: prefill waiting prompts into free slots, or decode one token for every
+   running reply;
+2. has the model runner (model_runner.py) run that forward pass: through CUDA graphs, reusing the cached prefix a
+   slot kept from the chat's previous message (slot_reuse.py);
+3. chooses each row's token with its own sampling parameters in one batched pass (sampler.py);
+4. turns each row's tokens into text as they come, ending the reply at an end token, a stop token, a stop string
+   or the caller's stop rule, without a partial stop ever reaching the text (detokenizer.py);
+
+and returns `EngineOutput`s: the new text of streamed requests, and every finished reply with its finish reason
+and token counts. `step()` is synchronous and single-threaded: the bot's worker calls it in a loop in its own thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .detokenizer import Detokenizer
+from .model_runner import ModelRunner
+from .request import EngineOutput, EngineRequest, FinishReason
+from .sampler import BatchParams, choose, row_generator
+from .scheduler import Scheduler
+from .slot_reuse import place
+
+
+class TextCodec(Protocol):
+    """What the engine needs of a tokenizer: the padding and end ids, and a reply's text from its ids."""
+
+    pad_id: int
+    eos_id: int | None
+
+    def text(self, ids: list[int]) -> str: ...
+
+
+@dataclass(eq=False)
+class _Row:
+    request: EngineRequest
+    detokenizer: Detokenizer
+    max_tokens: int  # the request's, or fewer where the cache row has less room
+    generator: object = None  # the row's own, when its request has a seed
+    tokens: list[int] = field(default_factory=list)  # generated, an end or stop token excluded
+    generated: int = 0  # tokens of the reply (an end or stop token is not counted: bunshin's usage and metrics)
+    reported: int = 0  # of `tokens`, how many an output carried already
+    position: int = 0  # cache position the next fed token is written to
+    trigger_seen: bool = False  # the latest token's text held a stop-rule trigger (':'): check the rule
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.request.prompt_ids
+
+
+class SlotEngine:
+    def __init__(self, model, codec: TextCodec, *, slots: int, length: int, cuda_graphs: bool = True,
+                 compile: bool = False, seed: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        import torch
+
+        self._torch = torch
+        self.codec = codec
+        self.runner = ModelRunner(model, codec.pad_id, slots=slots, length=length, cuda_graphs=cuda_graphs,
+                                  compile=compile)
+        self.scheduler = Scheduler(self.runner.prefill_buckets[-1])
+        self.clock = clock
+        self.device = self.runner.device
+        slots = self.runner.slots
+        self._seen = torch.zeros((slots, self.runner.vocab), dtype=torch.bool, device=self.device)
+        # Per slot, the tokens whose keys and values its cache row holds from position 0 (what a finished
+        # reply leaves behind for the chat's next message), and how much prompt work reuse has saved.
+        self._cached: list[list[int]] = [[] for _ in range(slots)]
+        self.prefilled_tokens = 0
+        self.reused_tokens = 0
+        self._generator = torch.Generator(device=self.device)  # the draws of rows without a seed of their own
+        if seed is not None:
+            self._generator.manual_seed(seed)
+        else:
+            self._generator.seed()
+        self._triggers: dict[str, list[bool]] = {}
+        self._triggers_for(":")  # the bot's stop rule's, built now rather than at the first request
+        self._rows: dict[int, _Row] = {}  # slot -> row being decoded
+        self._pending: list[_Row] = []  # admitted, prefilled at a coming step
+        self._decode_params: BatchParams | None = None  # the decode batch's parameters while its rows stay the same
+
+    # -- what the worker uses ---------------------------------------------------------------
+
+    @property
+    def slots(self) -> int:
+        return self.runner.slots
+
+    @property
+    def length(self) -> int:
+        return self.runner.length
+
+    @property
+    def cache(self):
+        return self.runner.cache
+
+    @property
+    def graph_count(self) -> int:
+        return self.runner.graph_count
+
+    def describe_cache(self) -> str:
+        return self.runner.describe_cache()
+
+    @property
+    def busy(self) -> int:
+        return len(self._rows) + len(self._pending)
+
+    @property
+    def free(self) -> int:
+        return self.slots - self.busy
+
+    def add(self, request: EngineRequest) -> None:
+        """Admit a request; it is prefilled at a coming step. Its prompt must leave room for one token."""
+        if self.free < 1:
+            raise RuntimeError("no free slot: check `free` before adding")
+        prompt = request.prompt_ids
+        if not prompt or len(prompt) >= self.length:
+            raise ValueError(f"a prompt of {len(prompt)} tokens does not fit a cache of {self.length}")
+        if request.adapter is not None:
+            raise ValueError(f"this engine holds one adapter; request for {request.adapter!r} refused")
+        room = self.length - len(prompt)
+        self._triggers_for(request.stop_rule_triggers if request.stop_rule else "")
+        self._pending.append(_Row(request, Detokenizer(request, self.codec.text), min(request.sampling.max_tokens, room),
+                                  row_generator(request.sampling, self.device)))
+
+    def step(self) -> list[EngineOutput]:
+        """Prefill what was added, or decode one token for every running reply (the scheduler chooses); the outputs
+        of this step: new text of streamed requests, finished replies, and requests aborted past their deadline."""
+        outputs = self._expire()
+        with self._torch.inference_mode():
+            decision = self.scheduler.next_step([len(r.prompt) for r in self._pending], len(self._rows), self.free)
+            if decision.prefill:
+                outputs += self._prefill(decision.prefill)
+            elif self._rows:
+                outputs += self._decode()
+        return outputs
+
+    def cancel(self, key) -> bool:
+        """Stop a request (its client went away): its slot is free at once. False if it is not here."""
+        for row in self._pending:
+            if row.request.key is key:
+                self._pending.remove(row)
+                return True
+        for slot, row in self._rows.items():
+            if row.request.key is key:
+                self._finish(slot, "abort")
+                return True
+        return False
+
+    def detach(self) -> None:
+        """Give the model back its own attention (when plain generate() takes over from this engine)."""
+        self.abort()
+        self.runner.detach()
+
+    def abort(self) -> list:
+        """Drop every row (after a failed step: the cache rows may be half-written); returns their keys."""
+        keys = list({id(r): r.request.key for r in (*self._pending, *self._rows.values())}.values())  # each row once
+        self._pending.clear()
+        self._rows.clear()
+        self._decode_params = None
+        self._cached = [[] for _ in self._cached]  # nothing half-written may be reused
+        return keys
+
+    def self_check(self, prompt: list[int], steps: int = 3) -> float:
+        """Largest relative logit difference between this engine's forward passes and plain ones (model_runner)."""
+        if self.busy:
+            raise RuntimeError("self_check needs an idle engine")
+        try:
+            return self.runner.self_check(prompt, steps)
+        finally:
+            self._cached[0] = []
+
+    # -- prefill and decode -----------------------------------------------------------------
+
+    def _expire(self) -> list[EngineOutput]:
+        """Requests whose reply had not started by their deadline: aborted, never prefilled."""
+        now = None
+        expired = []
+        for row in self._pending:
+            if row.request.deadline is not None:
+                now = self.clock() if now is None else now
+                if row.request.deadline <= now:
+                    expired.append(row)
+        for row in expired:
+            self._pending.remove(row)
+        return [EngineOutput(r.request.key, finished=True, finish_reason="abort", prompt_tokens=r.request.prompt_tokens,
+                             full_text="", error="the reply was not started before its deadline") for r in expired]
+
+    def _prefill(self, count: int) -> list[EngineOutput]:
+        rows, self._pending = self._pending[:count], self._pending[count:]
+        try:
+            return self._prefill_rows(rows)
+        except BaseException:
+            # Back where abort() finds them: the worker fails exactly the requests it gets from abort(),
+            # and rows that were in neither list would wait for a reply forever.
+            self._pending = rows + self._pending
+            raise
+
+    def _prefill_rows(self, rows: list[_Row]) -> list[EngineOutput]:
+        torch = self._torch
+        runner = self.runner
+        free = [s for s in range(self.slots) if s not in self._rows]
+        placements = place([r.prompt for r in rows], free, self._cached, max_new=runner.max_extension)
+        slots = [p.slot for p in placements]
+        fresh = [i for i, p in enumerate(placements) if p.reused == 0]
+        extended = [i for i, p in enumerate(placements) if p.reused > 0]
+        parts, order = [], []
+        if fresh:
+            parts.append(runner.prefill([rows[i].prompt for i in fresh], [slots[i] for i in fresh]))
+            order += fresh
+        if extended:
+            parts.append(runner.extend([rows[i].prompt for i in extended], [placements[i] for i in extended]))
+            order += extended
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if order != list(range(len(rows))):
+            logits = logits[torch.tensor([order.index(i) for i in range(len(rows))], device=logits.device)]
+        for row, placement in zip(rows, placements, strict=True):
+            self.reused_tokens += placement.reused
+            self.prefilled_tokens += len(row.prompt) - placement.reused
+        dev = self.device
+        # Every prompt token counts as seen (repetition penalty); padding repeats the first token.
+        longest = max(len(r.prompt) for r in rows)
+        ids = torch.tensor([r.prompt + [r.prompt[0]] * (longest - len(r.prompt)) for r in rows], device=dev)
+        seen = torch.zeros((len(rows), runner.vocab), dtype=torch.bool, device=dev).scatter_(1, ids, True)
+        params = BatchParams.of([r.request.sampling for r in rows], dev,
+                                {i: r.generator for i, r in enumerate(rows) if r.generator is not None})
+        chosen = choose(logits, seen, params, self._generator)
+        seen[runner.row_index[: len(rows), 0], chosen] = True
+        self._seen[torch.tensor(slots, device=dev)] = seen
+        self._decode_params = None
+        outputs = []
+        for slot, row, token in zip(slots, rows, chosen.tolist(), strict=True):
+            row.position = len(row.prompt)
+            self._rows[slot] = row
+            output = self._take(slot, row, token)
+            if output is not None:
+                outputs.append(output)
+        return outputs
+
+    def _decode(self) -> list[EngineOutput]:
+        rows = self._rows
+        batch, logits = self.runner.decode({slot: (row.tokens[-1], row.position) for slot, row in rows.items()})
+        params = self._decode_params
+        if params is None or params.temperature.shape[0] != batch:
+            params = self._decode_params = BatchParams.of(
+                [rows[s].request.sampling if s in rows else None for s in range(batch)], self.device,
+                {s: rows[s].generator for s in range(batch) if s in rows and rows[s].generator is not None})
+        seen = self._seen[:batch]
+        chosen = choose(logits, seen, params, self._generator)
+        seen[self.runner.row_index[:batch, 0], chosen] = True
+        outputs = []
+        for slot, token in zip(range(batch), chosen.tolist(), strict=True):
+            row = rows.get(slot)
+            if row is None:
+                continue
+            row.position += 1
+            output = self._take(slot, row, token)
+            if output is not None:
+                outputs.append(output)
+        return outputs
+
+    def _take(self, slot: int, row: _Row, token: int) -> EngineOutput | None:
+        """Add a chosen token to its row: an output when the row finished, or has new text to stream."""
+        sampling = row.request.sampling
+        if token == self.codec.eos_id or token in sampling.stop_token_ids:
+            return self._finish(slot, "stop")
+        row.generated += 1
+        row.tokens.append(token)
+        triggers = self._triggers.get(row.request.stop_rule_triggers if row.request.stop_rule else "")
+        trigger = bool(triggers and triggers[token])
+        # A turn is `\nname: `: the rule can only end the reply at a trigger (':') or the token after one.
+        check, row.trigger_seen = row.trigger_seen or trigger, trigger
+        text, stopped = row.detokenizer.add(token, check)
+        if stopped:
+            return self._finish(slot, "stop", text)
+        if len(row.tokens) >= row.max_tokens:
+            return self._finish(slot, "length", text)
+        if text:
+            new, row.reported = row.tokens[row.reported:], len(row.tokens)
+            return EngineOutput(row.request.key, new, text, prompt_tokens=len(row.prompt),
+                                completion_tokens=row.generated)
+        return None
+
+    def _finish(self, slot: int, reason: FinishReason, text: str = "") -> EngineOutput:
+        row = self._rows.pop(slot)
+        self._decode_params = None
+        # What the row's cache holds now: the prompt and every generated token fed back so far (the last
+        # token chosen was never fed). The chat's next message starts with most of it.
+        self._cached[slot] = (row.prompt + row.tokens[: row.position - len(row.prompt)])[: self.length - 1]
+        rest, whole = row.detokenizer.finish()
+        # A request that did not stream gets every token here; a streamed one those since its last output.
+        return EngineOutput(row.request.key, row.tokens[row.reported:], text + rest, True, reason, len(row.prompt),
+                            row.generated, whole)
+
+    def _triggers_for(self, characters: str) -> list[bool] | None:
+        """For each token id, whether its text holds one of `characters` (built once per set of characters)."""
+        if not characters:
+            return None
+        table = self._triggers.get(characters)
+        if table is None:
+            table = self._triggers[characters] = _token_flags(self.codec, self.runner.vocab, characters)
+        return table
+
+
+def _token_flags(codec: TextCodec, vocab: int, characters: str) -> list[bool]:
+    flags = []
+    for token in range(vocab):
+        try:
+            piece = codec.text([token])
+        except Exception:  # ids past the tokenizer's vocabulary (padded embedding rows)
+            piece = ""
+        flags.append(any(c in piece for c in characters))
+    return flags
