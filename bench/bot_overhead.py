@@ -46,7 +46,7 @@ async def run(chats: int, rounds: int, max_batch: int, work: Path, person=None, 
     over `history` earlier turns per chat, 3 notes a reply from each."""
     from memory_recall import make_texts
 
-    from bot.backend import ModelBackend
+    from finetune.model_backend import ModelBackend
     from bot.memory import ConversationMemory
     from bot.messages import IncomingMessage
     from bot.metrics import BotMetrics

@@ -24,7 +24,7 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from bot.slot_engine import SlotEngine
+    from engine_driver import slot_engine
     from finetune.generation import GenerationSettings
     from finetune.model_loading import load_persona_model
 
@@ -34,7 +34,7 @@ def main() -> None:
     args = p.parse_args()
     loaded = load_persona_model(Path(args.work) / "adapter", merge=True)
     settings = GenerationSettings(max_new_tokens=64, temperature=0.0, repetition_penalty=1.0)
-    engine = SlotEngine(loaded.model, loaded.tokenizer, settings, slots=32, length=512)
+    engine = slot_engine(loaded.model, loaded.tokenizer, settings, slots=32, length=512)
     result: dict = {"replay_ms": {}, "step_ms": {}}
 
     def timed(fn, n=50):
@@ -47,7 +47,7 @@ def main() -> None:
         torch.cuda.synchronize()
         return round((time.perf_counter() - t) / n * 1000, 3)
 
-    for (batch, kv), (graph, _) in engine._graphs.items():
+    for (batch, kv), (graph, _) in engine.runner._graphs.items():
         if kv in (256, 512):
             result["replay_ms"][f"{batch}x{kv}"] = timed(graph.replay)
 
@@ -74,10 +74,10 @@ def main() -> None:
     engine.add(0, prompt)
     engine.step()
     with torch.inference_mode():
-        engine._ids[:1] = 5
-        engine._pos[:1] = 250
+        engine.runner._ids[:1] = 5
+        engine.runner._pos[:1] = 250
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            engine._forward_decode(1, 256)
+            engine.runner._forward_decode(1, 256)
             torch.cuda.synchronize()
     # (kernel, calls, GPU microseconds) for every kernel that ran on the GPU
     kernels = [(e.key, e.count, getattr(e, "self_device_time_total", 0)) for e in prof.key_averages()]

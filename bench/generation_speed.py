@@ -237,6 +237,7 @@ async def chats_over_time(backend, chats: int, seconds: float, seed: int, memory
     worker_start_s = time.monotonic() - started
     engine = _engine_of(worker.stepper)
     prefilled_before, reused_before = _reuse_counters(engine)
+    timing_before = dict(getattr(engine, "timing", None) or {})
     rng = random.Random(seed)
     conversations = [conversation(rng, backend.loaded.tokenizer, CONTEXT_TOKENS) for _ in range(chats)]
     submitted: list[tuple[int, list]] = []  # (chat, turns) of every message sent: prompts are measured after the run
@@ -267,6 +268,7 @@ async def chats_over_time(backend, chats: int, seconds: float, seed: int, memory
     await asyncio.gather(*(chat(i) for i in range(chats)))
     wall = time.monotonic() - start
     prefilled_after, reused_after = _reuse_counters(engine)
+    timing = {k: v - timing_before.get(k, 0) for k, v in (getattr(engine, "timing", None) or {}).items()}
     await worker.stop(30)
 
     # The prompts as the stepper built them (worker.submit -> backend.prompt_ids), measured now so
@@ -310,6 +312,20 @@ async def chats_over_time(backend, chats: int, seconds: float, seed: int, memory
         "mean_new_prompt_tokens_per_followup": round(statistics.mean(new_tokens), 1) if new_tokens else None,
         "followups_with_oldest_turns_dropped": cut,
     }
+    if timing:
+        # Where the run's wall time went: the engine's prefill and decode steps (device work up to the tokens on
+        # the host), its host work after each step (tokens, text, stops), and the rest (the worker between steps,
+        # the event loop, idle moments with no chat waiting).
+        busy = timing["prefill_s"] + timing["decode_s"] + timing["host_s"]
+        figures["breakdown"] = {
+            "prefill_s": round(timing["prefill_s"], 2), "prefill_steps": timing["prefill_steps"],
+            "prefill_ms_per_step": round(1000 * timing["prefill_s"] / max(1, timing["prefill_steps"]), 2),
+            "decode_s": round(timing["decode_s"], 2), "decode_steps": timing["decode_steps"],
+            "decode_ms_per_step": round(1000 * timing["decode_s"] / max(1, timing["decode_steps"]), 2),
+            "engine_host_s": round(timing["host_s"], 2),
+            "outside_engine_s": round(wall - busy, 2),
+            "wall_s": round(wall, 2),
+        }
     if engine is not None and prefilled_after is not None:
         figures["engine_prefilled_prompt_tokens"] = prefilled_after - prefilled_before
     if engine is not None and reused_after is not None:
@@ -323,7 +339,7 @@ def _has_first_token(engine, key) -> bool:
     rows = getattr(engine, "_rows", None)
     if not isinstance(rows, dict):
         return True
-    return any(getattr(r, "key", None) == key and getattr(r, "tokens", None) for r in rows.values())
+    return any(getattr(getattr(r, "request", r), "key", None) == key and getattr(r, "tokens", None) for r in rows.values())
 
 
 def _first_token_then_finish(engine, key, prompt: list[int], speakers) -> tuple[float, object, dict]:
@@ -467,7 +483,7 @@ def copy_bandwidth_gbs() -> float | None:
 
 def run_configuration(name: str, adapter: Path, args) -> dict:
     """One way of loading the model: its single-stream, first-token and concurrent-chat figures."""
-    from bot.backend import ModelBackend
+    from finetune.model_backend import ModelBackend
     from finetune.model_loading import load_persona_model
     from finetune.prompt import encode_prompt
 
@@ -514,6 +530,9 @@ def run_configuration(name: str, adapter: Path, args) -> dict:
     if engine is None:
         result["engine"] = "fell back to plain generate(): see the log"
         return result
+    from engine_driver import OneSetting
+
+    engine = OneSetting(engine, backend.settings)
     result["engine"] = {"slots": engine.slots, "cache_tokens": engine.length, "cache_gb": round(engine.cache.nbytes / 1e9, 2),
                         "cuda_graphs": engine.graph_count}
     report = getattr(engine, "cache_report", None)
@@ -525,9 +544,9 @@ def run_configuration(name: str, adapter: Path, args) -> dict:
     if name == "bf16":
         prompts = [encode_prompt(loaded.tokenizer, context_turns(random.Random(s), loaded.tokenizer, CONTEXT_TOKENS),
                                  PERSONA, "transcript") for s in range(1, 5)]
-        engine.tokenizer = loaded.tokenizer  # EOS counts again: compared with generate()'s stop
+        engine.codec.eos_id = loaded.tokenizer.eos_id  # EOS counts again: compared with generate()'s stop
         result["greedy_equality"] = greedy_agreement(loaded.model, loaded.tokenizer, engine, prompts, 64)
-        engine.tokenizer = no_eos.tokenizer
+        engine.codec.eos_id = no_eos.tokenizer.eos_id
     # The slot attention without an active step is plain SDPA: generate() runs as it did before the engine.
     result["plain_generate_first_token"] = plain_first_token(loaded.model, loaded.tokenizer, pairs)
     del stepper, engine

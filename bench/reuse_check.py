@@ -18,8 +18,9 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
-from bot.slot_engine import SlotEngine  # noqa: E402
+from engine_driver import slot_engine  # noqa: E402
 from finetune.generation import GenerationSettings  # noqa: E402
 from finetune.model_loading import load_base_model  # noqa: E402
 from finetune.tiny_model import build_tiny_model  # noqa: E402
@@ -32,7 +33,7 @@ def main() -> int:
     loaded = load_base_model(str(build_tiny_model(folder / "tiny")), device="cuda", dtype="fp32")
     tokenizer, model = loaded.tokenizer, loaded.model
     settings = GenerationSettings(max_new_tokens=16, temperature=0.0, repetition_penalty=1.3)
-    engine = SlotEngine(model, tokenizer, settings, slots=4, length=384)
+    engine = slot_engine(model, tokenizer, settings, slots=4, length=384)
 
     def encode(text: str) -> list[int]:
         return tokenizer.encode(tokenizer.to_model_text(text))

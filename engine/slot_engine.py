@@ -86,6 +86,10 @@ class SlotEngine:
         self._rows: dict[int, _Row] = {}  # slot -> row being decoded
         self._pending: list[_Row] = []  # admitted, prefilled at a coming step
         self._decode_params: BatchParams | None = None  # the decode batch's parameters while its rows stay the same
+        # Where a step's time goes, for benchmarks (bench/generation_speed.py): seconds and steps of prefill and decode
+        # (the forward pass and the choice of tokens, up to the point the tokens reach the host), and the host work
+        # after it (each row's tokens, text and stops). The caller's time between steps is the rest of its wall time.
+        self.timing = {"prefill_s": 0.0, "prefill_steps": 0, "decode_s": 0.0, "decode_steps": 0, "host_s": 0.0}
 
     # -- what the worker uses ---------------------------------------------------------------
 
@@ -204,6 +208,7 @@ class SlotEngine:
             raise
 
     def _prefill_rows(self, rows: list[_Row]) -> list[EngineOutput]:
+        started = time.perf_counter()
         torch = self._torch
         runner = self.runner
         free = [s for s in range(self.slots) if s not in self._rows]
@@ -236,15 +241,24 @@ class SlotEngine:
         self._seen[torch.tensor(slots, device=dev)] = seen
         self._decode_params = None
         outputs = []
-        for slot, row, token in zip(slots, rows, chosen.tolist(), strict=True):
+        tokens = chosen.tolist()  # waits for the GPU: the step's device work ends here
+        self._timed("prefill", started)
+        host_started = time.perf_counter()
+        for slot, row, token in zip(slots, rows, tokens, strict=True):
             row.position = len(row.prompt)
             self._rows[slot] = row
             output = self._take(slot, row, token)
             if output is not None:
                 outputs.append(output)
+        self.timing["host_s"] += time.perf_counter() - host_started
         return outputs
 
+    def _timed(self, kind: str, started: float) -> None:
+        self.timing[f"{kind}_s"] += time.perf_counter() - started
+        self.timing[f"{kind}_steps"] += 1
+
     def _decode(self) -> list[EngineOutput]:
+        started = time.perf_counter()
         rows = self._rows
         batch, logits = self.runner.decode({slot: (row.tokens[-1], row.position) for slot, row in rows.items()})
         params = self._decode_params
@@ -255,8 +269,11 @@ class SlotEngine:
         seen = self._seen[:batch]
         chosen = choose(logits, seen, params, self._generator)
         seen[self.runner.row_index[:batch, 0], chosen] = True
+        tokens = chosen.tolist()  # waits for the GPU: the step's device work ends here
+        self._timed("decode", started)
+        host_started = time.perf_counter()
         outputs = []
-        for slot, token in zip(range(batch), chosen.tolist(), strict=True):
+        for slot, token in zip(range(batch), tokens, strict=True):
             row = rows.get(slot)
             if row is None:
                 continue
@@ -264,6 +281,7 @@ class SlotEngine:
             output = self._take(slot, row, token)
             if output is not None:
                 outputs.append(output)
+        self.timing["host_s"] += time.perf_counter() - host_started
         return outputs
 
     def _take(self, slot: int, row: _Row, token: int) -> EngineOutput | None:
