@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import sys
 
-from bot.messages import Accept, InboxEntry, IncomingMessage, RecordAttempt
+from bot.messages import Accept, Delivery, InboxEntry, IncomingMessage, RecordAttempt
 
 
 class ConsoleAdapter:
@@ -60,12 +60,12 @@ class ConsoleAdapter:
     def working(self, entry: InboxEntry) -> contextlib.AbstractAsyncContextManager:
         return contextlib.nullcontext()
 
-    async def deliver(self, entry: InboxEntry, reply: str, record_attempt: RecordAttempt) -> str:
+    async def deliver(self, entry: InboxEntry, reply: str, record_attempt: RecordAttempt) -> Delivery:
         if entry.attempted("print") is not None:
-            return "maybe_delivered"  # printed before a crash, most likely: not printed twice
+            return Delivery.MAYBE_DELIVERED  # printed before a crash, most likely: not printed twice
         await record_attempt("print")
         self._print(f"{self.persona}: {reply}")
-        return "replied"
+        return Delivery.REPLIED
 
     async def close(self) -> None:
         pass

@@ -35,7 +35,7 @@ from collections import defaultdict, deque
 import aiohttp
 import discord
 
-from bot.messages import Accept, InboxEntry, IncomingMessage, RecordAttempt
+from bot.messages import Accept, Delivery, InboxEntry, IncomingMessage, RecordAttempt
 from bot.names import apart_from_persona
 
 log = logging.getLogger("bunshin.discord")
@@ -196,7 +196,7 @@ class DiscordAdapter:
         message = self._live.get(entry.message.event_id)
         return _typing(message.channel) if message is not None else contextlib.nullcontext()
 
-    async def deliver(self, entry: InboxEntry, reply: str, record_attempt: RecordAttempt) -> str:
+    async def deliver(self, entry: InboxEntry, reply: str, record_attempt: RecordAttempt) -> Delivery:
         """The reply as an answer to the message, in as many messages as it takes."""
         incoming = entry.message
         message = self._live.pop(incoming.event_id, None)
@@ -207,14 +207,14 @@ class DiscordAdapter:
             guild_id = int(incoming.delivery["guild_id"]) if incoming.delivery.get("guild_id") else None
             channel = await self._channel(int(incoming.delivery["channel_id"]), guild_id)
             if channel is None:
-                return "failed"
+                return Delivery.FAILED
             reference = discord.MessageReference(message_id=int(incoming.event_id), channel_id=channel.id,
                                                  guild_id=guild_id, fail_if_not_exists=False)
         sent_before = entry.attempted("send")
         if sent_before is not None and time.time() - sent_before > NONCE_WINDOW_S:
             log.warning("reply to message %s in channel %s may have been sent before the restart: not sent again",
                         incoming.event_id, incoming.chat_id)
-            return "maybe_delivered"
+            return Delivery.MAYBE_DELIVERED
         await record_attempt("send")
         return await self._send(channel, incoming, reference, reply)
 
@@ -295,9 +295,9 @@ class DiscordAdapter:
                 part = f"part {i + 1} of {len(chunks)} of " if len(chunks) > 1 else ""
                 log.error("could not send %sa reply in channel %s (to message %s): %s: %s", part, channel.id,
                           incoming.event_id, type(exc).__name__, exc)
-                return "failed"
+                return Delivery.FAILED
             recent.append(sent.id)
-        return "replied"
+        return Delivery.REPLIED
 
 
 @contextlib.asynccontextmanager

@@ -52,7 +52,7 @@ from aiohttp import web
 
 from bot.http_input import BadBody, header_bytes, is_utf8, parse_json, read_capped
 from bot.inbox import InboxError
-from bot.messages import Accept, InboxEntry, IncomingMessage, RecordAttempt
+from bot.messages import Accept, Delivery, InboxEntry, IncomingMessage, RecordAttempt
 from bot.names import NameCache, apart_from_persona
 
 from .line_api import LINE_ID, PROFILE, LineApi, RetryPolicy, loggable
@@ -371,11 +371,11 @@ class LineAdapter:
                     loading.cancel()  # the reply was ready before the animation was asked for
                 await asyncio.wait({loading})  # once asked for, it must start before the reply, or it shows after it
 
-    async def deliver(self, entry: InboxEntry, reply: str, record_attempt: RecordAttempt) -> str:
+    async def deliver(self, entry: InboxEntry, reply: str, record_attempt: RecordAttempt) -> Delivery:
         """Only ever to the chat the event came from: the reply token is that chat's, and so is the chat id."""
         messages = [{"type": "text", "text": piece} for piece in split_reply(reply)]
         if not messages:
-            return "quiet"
+            return Delivery.QUIET
         message = entry.message
         pushed_at = entry.attempted("push")
         if pushed_at is not None:
@@ -397,13 +397,13 @@ class LineAdapter:
         else:
             outcome = "stale"
         if outcome == "sent":
-            return "replied"
+            return Delivery.REPLIED
         if outcome == "refused":
-            return "failed"
+            return Delivery.FAILED
         if outcome == "spent":
             log.warning("reply to %s may have been delivered: not pushed, so it cannot arrive twice (its token was "
                         "refused as spent after a try that may have got through)", _which(entry))
-            return "maybe_delivered"
+            return Delivery.MAYBE_DELIVERED
         if outcome == "unknown":
             return await self._unknown(entry, messages, record_attempt,
                                        "its reply may have got through, and its token ran out before a try could tell")
@@ -412,19 +412,19 @@ class LineAdapter:
         if self.line.push_fallback:
             return await self._push(entry, messages, record_attempt)
         log.warning("%s for %s: reply dropped ([line] push_fallback is off)", reason, _which(entry))
-        return "dropped"
+        return Delivery.DROPPED
 
-    async def _unknown(self, entry: InboxEntry, messages: list[dict], record_attempt: RecordAttempt, why: str) -> str:
+    async def _unknown(self, entry: InboxEntry, messages: list[dict], record_attempt: RecordAttempt, why: str) -> Delivery:
         """An earlier try may have delivered the reply and nothing can tell any more: [line] unknown_outcome decides
         whether to risk a duplicate. The warning names the event (never the text); the outcome stays in the inbox."""
         if self.line.unknown_outcome == "push":
             log.warning('reply to %s: outcome unknown (%s): pushed ([line] unknown_outcome = "push"), so it may arrive '
                         "twice", _which(entry), why)
             outcome = await self._push(entry, messages, record_attempt)
-            return "unknown_pushed" if outcome == "replied" else outcome
+            return Delivery.UNKNOWN_PUSHED if outcome == Delivery.REPLIED else outcome
         log.warning('reply to %s: outcome unknown (%s): not sent again ([line] unknown_outcome = "drop"), so it may '
                     "never have arrived", _which(entry), why)
-        return "unknown_dropped"
+        return Delivery.UNKNOWN_DROPPED
 
     def _token_fresh(self, message: IncomingMessage) -> bool:
         """The event has a reply token young enough to use ([line] reply_token_margin_s)."""
@@ -479,7 +479,7 @@ class LineAdapter:
             await asyncio.sleep(wait)
         return "unknown" if maybe_sent else "unsent"
 
-    async def _push(self, entry: InboxEntry, messages: list[dict], record_attempt: RecordAttempt) -> str:
+    async def _push(self, entry: InboxEntry, messages: list[dict], record_attempt: RecordAttempt) -> Delivery:
         """Tries with one X-Line-Retry-Key, derived from the event so that a restart reuses it: LINE sends a key's
         message once and answers 409 to later tries. "replied", or "failed" after the last try."""
         chat_id = entry.message.chat_id
@@ -490,15 +490,15 @@ class LineAdapter:
             result = await self._api.push(chat_id, messages, key, f"push (try {attempt}/{policy.attempts})")
             if result.outcome in ("sent", "conflict"):
                 log.info("pushed to %s (%d message(s))", _which(entry), len(messages))
-                return "replied"
+                return Delivery.REPLIED
             if not result.retriable or attempt == policy.attempts:
                 break
             if result.retry_after is not None and result.retry_after > policy.max_retry_after_s:
                 log.error("push to %s: LINE asks to wait %.0fs: given up", _which(entry), result.retry_after)
-                return "failed"
+                return Delivery.FAILED
             await asyncio.sleep(policy.wait_before_retry(attempt, result.retry_after))
         log.error("push to %s failed for good after %d tries", _which(entry), attempt)
-        return "failed"
+        return Delivery.FAILED
 
     # --- lifecycle ---
 

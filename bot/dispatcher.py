@@ -30,7 +30,7 @@ from collections import deque
 from dataclasses import replace
 
 from .inbox import InboxError
-from .messages import InboxEntry, IncomingMessage
+from .messages import Delivery, InboxEntry, IncomingMessage
 
 log = logging.getLogger("bunshin.dispatcher")
 
@@ -140,12 +140,12 @@ class Dispatcher:
                     message = await _named(adapter, message)
                     reply = await self.router.answer(message, entry.key, again=entry.recovered)
             if not reply:
-                return self._finish(entry, "quiet")
+                return self._finish(entry, Delivery.QUIET)
 
             async def record_attempt(method: str) -> None:
                 await self.inbox.attempt(entry, method, reply)
 
-            self._finish(entry, await adapter.deliver(entry, reply, record_attempt))
+            self._finish(entry, Delivery(await adapter.deliver(entry, reply, record_attempt)))
         except InboxError as exc:  # the disk failed: the entry stays unfinished and is tried again at the next start
             log.error("message %s from %s: %s", entry.id, message.chat_key, exc)
         except asyncio.CancelledError:
@@ -153,11 +153,11 @@ class Dispatcher:
         except Exception:  # noqa: BLE001 - a bug must cost one message, not the chat
             log.exception("message %s from %s failed", entry.id, message.chat_key)
             try:
-                self._finish(entry, "failed")
+                self._finish(entry, Delivery.FAILED)
             except InboxError as exc:
                 log.error("message %s from %s: %s", entry.id, message.chat_key, exc)
 
-    def _finish(self, entry: InboxEntry, outcome: str) -> None:
+    def _finish(self, entry: InboxEntry, outcome: Delivery) -> None:
         self.inbox.finish(entry, outcome)
         self.metrics.deliveries.labels(outcome=outcome).inc()
 

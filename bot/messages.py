@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -72,6 +73,20 @@ Accept = Callable[[list[IncomingMessage]], Awaitable[list[InboxEntry | None]]]
 RecordAttempt = Callable[[str], Awaitable[None]]
 
 
+class Delivery(StrEnum):
+    """How an accepted message was finished: what `PlatformAdapter.deliver` returns (and the dispatcher for a message
+    with no reply or a bug), stored in the inbox and counted in `bunshin_deliveries{outcome}`. A string too, so the
+    inbox and the metrics take it as they always did."""
+
+    REPLIED = "replied"  # the platform took the reply
+    QUIET = "quiet"  # no reply was due (the router chose silence)
+    MAYBE_DELIVERED = "maybe_delivered"  # tried before a crash or an ambiguous failure: not sent again
+    DROPPED = "dropped"  # could not be sent any more (LINE: the reply token ran out, no push fallback)
+    FAILED = "failed"  # the platform refused it, or a bug
+    UNKNOWN_PUSHED = "unknown_pushed"  # LINE: no try settled it; [line] unknown_outcome pushed it (maybe twice)
+    UNKNOWN_DROPPED = "unknown_dropped"  # LINE: no try settled it; [line] unknown_outcome did not push (maybe never)
+
+
 class PlatformAdapter(Protocol):
     """A platform (console, Discord, LINE): turns its events into IncomingMessages and delivers replies.
 
@@ -93,6 +108,6 @@ class PlatformAdapter(Protocol):
 
     def working(self, entry: InboxEntry) -> AbstractAsyncContextManager: ...  # typing indicator while replying
 
-    async def deliver(self, entry: InboxEntry, reply: str, record_attempt: RecordAttempt) -> str: ...  # outcome
+    async def deliver(self, entry: InboxEntry, reply: str, record_attempt: RecordAttempt) -> Delivery: ...
 
     async def close(self) -> None: ...  # after the last delivery: disconnect
