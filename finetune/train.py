@@ -62,6 +62,21 @@ class TrainError(Exception):
     pass
 
 
+# A large export needs fewer passes: 16,000 samples make ~900 optimizer steps an epoch at 4,096 tokens a step, more
+# updates than three epochs of a 3,000-sample export, and three epochs of them took 10.5 minutes on an H100, the
+# whole of a user's wait (issue 23: an export of 100,000 messages to a judged clone in under 5 minutes).
+DEFAULT_EPOCHS = 3.0
+SAMPLE_PASSES = 9000
+
+
+def default_epochs(train_samples: int) -> float:
+    """Epochs when --epochs is not given: DEFAULT_EPOCHS up to SAMPLE_PASSES / DEFAULT_EPOCHS samples, then fewer,
+    so that about SAMPLE_PASSES sample passes are trained, and never less than one whole epoch."""
+    if train_samples * DEFAULT_EPOCHS <= SAMPLE_PASSES:
+        return DEFAULT_EPOCHS
+    return round(max(1.0, SAMPLE_PASSES / train_samples), 2)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", type=Path, metavar="HOME|DATA",
                    help="a persona home (personas/NAME: trains on its dataset/, writes its adapter/), or a folder "
@@ -81,7 +96,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--lora-targets", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], default=None,
                    metavar="A,B", help="module names to adapt (default: detected per architecture)")
-    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--epochs", type=float, default=None,
+                   help=f"passes over the training samples (default: {DEFAULT_EPOCHS:g}, fewer for a large dataset: about "
+                        f"{SAMPLE_PASSES:,} sample passes in all, at least one epoch)")
     p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (overrides --epochs)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (cosine schedule after warm-up)")
     p.add_argument("--warmup", type=float, default=0.03, help="share of steps spent warming up (default 0.03)")
@@ -303,6 +320,8 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
         raise TrainError(f"{args.data}/train.jsonl mixes personas {sorted(personas)}: one adapter is one person")
     persona = personas.pop()
     fingerprint = dataset_stats.get("fingerprint", "")
+    if args.epochs is None:
+        args.epochs = default_epochs(len(train_samples))
 
     # As it reads back from RUN_FILE (lists, not tuples), so the two compare equal.
     identity = json.loads(json.dumps(_run_identity(args, base, fingerprint)))

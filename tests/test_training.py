@@ -721,3 +721,13 @@ def test_two_processes_report_the_whole_run_and_stop_together(tmp_path, tiny, da
     assert diverged.returncode != 0
     assert "training stopped at step 2 of 20: the loss was nan" in error_line(diverged.stderr)  # rank 0 alone says it
     assert not (tmp_path / "ddp-nan").exists()
+
+
+def test_the_default_epochs_shrink_for_a_large_dataset_and_never_below_one():
+    from finetune.train import DEFAULT_EPOCHS, SAMPLE_PASSES, default_epochs
+
+    assert default_epochs(300) == DEFAULT_EPOCHS == 3.0
+    assert default_epochs(SAMPLE_PASSES // 3) == 3.0  # the edge: still three
+    assert default_epochs(SAMPLE_PASSES // 3 + 100) == 2.9
+    assert default_epochs(4500) == 2.0 and default_epochs(6000) == 1.5
+    assert default_epochs(16_461) == 1.0 and default_epochs(1_000_000) == 1.0
