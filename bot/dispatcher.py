@@ -119,18 +119,18 @@ class Dispatcher:
             if adapter is None:
                 log.warning("message %s (event %s) from %s dropped: the %s platform is not enabled now", entry.id,
                             entry.key, message.chat_key, message.platform)
-                return self._finish(entry, "dropped")
+                return self._finish(entry, Delivery.DROPPED)
             if entry.recoveries > MAX_RECOVERIES:
                 log.error("message %s (event %s) from %s dropped: %d starts did not get it answered", entry.id, entry.key,
                           message.chat_key, entry.recoveries)
-                return self._finish(entry, "dropped")
+                return self._finish(entry, Delivery.DROPPED)
             if message.addressed and not adapter.can_deliver(entry):
                 # Too late to answer (the platform adapter said why): remembered as part of the conversation,
                 # and no reply is made for nobody.
                 if entry.reply is None:
                     message = await _named(adapter, message)
                     await self.router.answer(replace(message, addressed=False), entry.key)
-                return self._finish(entry, "dropped")
+                return self._finish(entry, Delivery.DROPPED)
             reply = entry.reply
             if reply is None:
                 # A message that waited for the model to load (or for a restart) gets its full deadline from now.
@@ -158,8 +158,8 @@ class Dispatcher:
                 log.error("message %s from %s: %s", entry.id, message.chat_key, exc)
 
     def _finish(self, entry: InboxEntry, outcome: Delivery) -> None:
-        self.inbox.finish(entry, outcome)
-        self.metrics.deliveries.labels(outcome=outcome).inc()
+        self.inbox.finish(entry, outcome.value)
+        self.metrics.deliveries.labels(outcome=outcome.value).inc()
 
     # --- stopping ---
 

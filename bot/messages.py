@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from enum import StrEnum
+from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -73,10 +73,13 @@ Accept = Callable[[list[IncomingMessage]], Awaitable[list[InboxEntry | None]]]
 RecordAttempt = Callable[[str], Awaitable[None]]
 
 
-class Delivery(StrEnum):
+class Delivery(str, Enum):
     """How an accepted message was finished: what `PlatformAdapter.deliver` returns (and the dispatcher for a message
     with no reply or a bug), stored in the inbox and counted in `bunshin_deliveries{outcome}`. A string too, so the
-    inbox and the metrics take it as they always did."""
+    inbox and the metrics take it as they always did (enum.StrEnum would need Python 3.11; this is the same)."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
 
     REPLIED = "replied"  # the platform took the reply
     QUIET = "quiet"  # no reply was due (the router chose silence)

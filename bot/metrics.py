@@ -18,7 +18,7 @@ OUTCOMES = ("replied", "busy", "error", "expired", "ignored", "rate_limited", "r
 # delivered (a stale LINE token without push, too old, the platform gone), or a delivery or a bug failed it.
 # unknown_pushed / unknown_dropped: LINE could no longer tell whether an earlier try got through, and
 # [line] unknown_outcome pushed it (perhaps a second time) or did not (perhaps never delivered).
-DELIVERY_OUTCOMES = tuple(Delivery)
+DELIVERY_OUTCOMES = tuple(d.value for d in Delivery)
 # Error kinds known up front (so their series show 0 before the first error); others may be added.
 # engine: [model] engine = "openai" failed a request; recall: recalling a reply's notes failed (it went without them)
 ERROR_KINDS = ("oom", "generation", "deadline", "engine", "recall")
