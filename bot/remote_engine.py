@@ -15,10 +15,17 @@ What travels, and why:
   bunshin's tokenizer and `reply_text`, so it is the text the local engines would make of the same
   tokens. An engine that returns only text (SGLang, llama.cpp) gets the same cleanup on its text.
 - Stop: EOS (`stop_token_ids`) and `\\n{name}: ` of the known speakers, in the model's spelling
-  (`<NL>` for rinna), ask the engine to stop where `turn_end` cuts. A turn the model starts in an
-  invented name (no stop string can list those) is caught here: the reply is streamed, checked with
-  `turn_end` as it arrives, and the stream is closed at the turn's start, which ends the engine's
+  (`<NL>` for rinna), ask the engine to stop where `turn_end` cuts: at most MAX_STOP_STRINGS of them
+  (vLLM refuses more, as OpenAI does), those who spoke last first. A turn the model starts in any other
+  name (an invented one, or a speaker past that limit) is caught here: the reply is streamed, checked
+  with `turn_end` as it arrives, and the stream is closed at the turn's start, which ends the engine's
   work on it (vLLM aborts a request whose client went away), as the slot engine stops decoding.
+
+The context: bunshin fits a prompt to the model's context less the reply's max_new_tokens, so a reply always
+has its whole room. vLLM refuses only a prompt longer than its `--max-model-len` and silently cuts a reply
+whose prompt + max_tokens pass it. So where the engine says (GET /models, at start) that it serves less than
+prompt + reply take here, prompts are fitted to its `max_model_len` less max_new_tokens instead: a long chat
+keeps fewer turns, and no reply is refused or cut short by the engine.
 
 Streaming also gives the timeout its meaning: `timeout_s` bounds connecting and each wait for the
 next piece (the first includes the engine's queue), never a long reply that keeps coming. An engine
@@ -54,7 +61,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from engine.request import EngineOutput, SamplingParams
-from finetune.generation import reply_from_model_text, reply_text
+from finetune.generation import MIN_PROMPT_TOKENS, reply_from_model_text, reply_text
 from finetune.model_backend import ModelBackend
 from finetune.model_loading import LoadedModel, ModelLoadError
 from finetune.prompt import ChatTurn, turn_end
@@ -69,6 +76,8 @@ KIND = "engine"  # GenerationFailed's kind, and the errors counter's label, for 
 POLL_S = 0.01  # step() returns at least this often, so the worker admits what arrived meanwhile
 PROBE_TIMEOUT_S = 5.0  # the start-up look at GET /models
 _ERROR_CHARS = 200  # of an engine's error message kept for the log
+# Stop strings in one request: vLLM refuses more (HTTP 400; its VLLM_MAX_STOP_STRINGS, default 4), as OpenAI's API does.
+MAX_STOP_STRINGS = 4
 
 
 @dataclass(frozen=True)
@@ -185,7 +194,19 @@ class RemoteBackend:
         and holds the cache; what is in flight at once is [model] max_concurrency."""
         stepper = RemoteStepper(self, seed)
         stepper.probe()
+        if stepper.client.served_limit is not None:
+            self.fit_to(stepper.client.served_limit)
         return stepper
+
+    def fit_to(self, limit: int) -> None:
+        """Prompts fitted to an engine that serves `limit` tokens (prompt + reply), less than the model's context."""
+        budget = limit - self.settings.max_new_tokens
+        if budget < MIN_PROMPT_TOKENS:
+            log.error("remote engine serves %r with max_model_len %d: no room for a prompt beside max_new_tokens %d; "
+                      "replies will fail until it serves more", self.endpoint.model, limit, self.settings.max_new_tokens)
+            return
+        with self.tokenizer_lock:
+            self.prompting.max_prompt_tokens = min(self.prompting.max_prompt_tokens, budget)
 
 
 class RemoteClient:
@@ -203,6 +224,7 @@ class RemoteClient:
             self._headers["Authorization"] = f"Bearer {endpoint.api_key}"
         self._proxy = _proxy_for(endpoint.base_url)  # read once, as adapters/line_api.py does
         self._session: aiohttp.ClientSession | None = None
+        self.served_limit: int | None = None  # the engine's max_model_len, where smaller than prompt + reply here
 
     def open(self) -> None:
         """Creates the session (in the running event loop)."""
@@ -227,9 +249,9 @@ class RemoteClient:
             "temperature": s.temperature,  # 0: greedy, as the local engines
             "top_p": s.top_p,
             "repetition_penalty": s.repetition_penalty,  # vLLM and SGLang: transformers' definition
-            # The request's own stop strings are sent as given: the engine ends there, and the reply is cut there
-            # again here (_Reply.result), since the text comes from the ids and the ids run through the stop.
-            "stop": self.stop_strings(speakers) + list(s.stop),
+            # vLLM takes at most MAX_STOP_STRINGS: the request's own first (its reply is cut at them here again, in
+            # _Reply.result, since the text comes from the ids), then the speakers'; the rest are cut here (_read_stream).
+            "stop": (list(s.stop) + self.stop_strings(speakers))[:MAX_STOP_STRINGS],
             # bunshin's EOS, whatever the engine's tokenizer thinks, and the request's own
             "stop_token_ids": [self.tokenizer.eos_id, *s.stop_token_ids],
             "stream": True,
@@ -272,9 +294,12 @@ class RemoteClient:
         needed = self.prompting.max_prompt_tokens + self.prompting.settings.max_new_tokens
         limit = served.get("max_model_len")
         if isinstance(limit, int) and limit < needed:
-            log.warning("remote engine serves %r with max_model_len %d, but prompt + reply take up to %d tokens: "
-                        "long chats will be refused (start it with --max-model-len %d)", self.endpoint.model, limit,
-                        needed, needed)
+            # vLLM would refuse a longer prompt and cut a reply short: prompts are fitted to its limit (fit_to).
+            self.served_limit = limit
+            log.warning("remote engine serves %r with max_model_len %d, but prompt + reply take up to %d tokens here: "
+                        "prompts are fitted to %d tokens, so long chats keep fewer turns (start it with "
+                        "--max-model-len %d to keep them)", self.endpoint.model, limit, needed,
+                        limit - self.prompting.settings.max_new_tokens, needed)
         log.info("remote engine at %s serves %r", self.endpoint.where, self.endpoint.model)
 
     async def complete(self, ids: list[int], speakers: list[str], sampling: SamplingParams | None = None
@@ -395,6 +420,14 @@ class _Reply:
         text = self.client.decoded(ids) if ids is not None else self.client.tokenizer.from_model_text("".join(self.texts))
         return turn_end(text, self.speakers) is not None
 
+    def generated(self, ids: list[int]) -> int:
+        """The tokens the local engines generate of `ids`: up to the one that starts another speaker's turn. A stream
+        cut here may have brought more: an engine sends several tokens a chunk when its client falls behind (vLLM)."""
+        if turn_end(self.client.decoded(ids), self.speakers) is None:
+            return len(ids)
+        return next(n for n in range(1, len(ids) + 1)
+                    if turn_end(self.client.decoded(ids[:n]), self.speakers) is not None)
+
     def model_text(self) -> str:
         """The engine's text; where it stopped at one of our stop strings, that string put back in full, so turn_end
         cuts there as it would on the tokens. (The engine's text leaves the stop string out, and one that streams
@@ -413,8 +446,15 @@ class _Reply:
         if cuts:
             text, self.finish_reason = text[: min(cuts)].strip(), "stop"
         if ids is not None:
-            return text, len(ids), self.finish_reason
+            return text, self.generated(ids), self.finish_reason
         return text, self.usage_tokens if self.usage_tokens is not None else self.pieces, self.finish_reason
+
+
+def latest_first(speakers: list[str], turns: Sequence[ChatTurn]) -> list[str]:
+    """`speakers` with those of `turns` first, who spoke last first: the turns the model most likely starts, for the
+    engine's few stop strings."""
+    recent = list(dict.fromkeys(t.speaker for t in reversed(turns) if t.speaker in speakers))
+    return recent + [name for name in speakers if name not in recent]
 
 
 def _proxy_for(url: str) -> str | None:
@@ -478,7 +518,7 @@ class RemoteStepper:
         """`sampling`: the request's own values; `stream` is taken, and the reply comes whole when it is done (the
         engine's stream is read here to stop at an invented speaker's turn, not passed on piece by piece)."""
         ids = self.backend.prompt_ids(turns, memory)
-        speakers = self.backend.speakers_in(turns)
+        speakers = latest_first(self.backend.speakers_in(turns), turns)
         params = self.backend.sampling(sampling)
         self._in_flight[key] = asyncio.run_coroutine_threadsafe(self._reply(key, ids, speakers, params), self._loop)
 

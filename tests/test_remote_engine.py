@@ -15,6 +15,7 @@ over the same folder (weights loaded) is the reference for prompts and for where
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -102,6 +103,7 @@ class Answer:
     # vLLM (v1) holds back streamed text that may be the start of a stop string; an engine that does not sends
     # `<NL>健太:` before the space that completes the stop string ends the reply.
     hold_back: bool = True
+    tokens_per_chunk: int = 1  # vLLM sends several when its client falls behind
 
 
 @dataclass
@@ -116,6 +118,7 @@ class FakeEngine:
     max_in_flight: int = 0
     left_early: int = 0  # streams whose client closed the connection before the end
     finished: int = 0
+    max_model_len: int = 512  # what GET /models says it serves
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -125,12 +128,15 @@ class FakeEngine:
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
-            {"id": SERVED, "object": "model", "owned_by": "vllm", "max_model_len": 512}]})
+            {"id": SERVED, "object": "model", "owned_by": "vllm", "max_model_len": self.max_model_len}]})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.bodies.append(body)
         self.headers.append(dict(request.headers))
+        if len(body.get("stop", [])) > 4:  # vLLM's VLLM_MAX_STOP_STRINGS, OpenAI's limit too
+            return web.json_response({"error": {"message": "1 validation error: stop: List should have at most 4 items",
+                                                "type": "BadRequestError", "param": None, "code": 400}}, status=400)
         answer = self.script.pop(0) if self.script else self.default
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -195,8 +201,9 @@ class FakeEngine:
             await response.write(f"data: {data}\n\n".encode())
 
         head = {"id": "cmpl-fake", "object": "text_completion", "created": int(time.time()), "model": body["model"]}
+        k = answer.tokens_per_chunk
         try:
-            for n, token in enumerate(tokens):
+            for n, group in enumerate(tokens[i : i + k] for i in range(0, len(tokens), k)):
                 if n == answer.cut_off_after:
                     return response
                 if answer.error_in_stream and n == 1:
@@ -204,7 +211,7 @@ class FakeEngine:
                                           "code": 500}})
                     await send("[DONE]")
                     return response
-                choice = self.choice(answer, [token], token[1], token[2], token[3])
+                choice = self.choice(answer, group, "".join(delta for _, delta, *_ in group), group[-1][2], group[-1][3])
                 if n == 0 and answer.with_ids:
                     choice["prompt_token_ids"] = body["prompt"]
                 await send({**head, "choices": [choice], "usage": None})
@@ -359,6 +366,60 @@ async def test_a_reply_is_cut_where_the_local_engine_cuts_it(engine, weightless,
             break
         await asyncio.sleep(0.02)
     assert engine.left_early == 2 and engine.finished == 7
+
+
+async def test_a_turn_cut_here_counts_the_tokens_the_local_engine_generates_however_they_are_chunked(
+        engine, weightless, tokenizer):
+    invented = "うん、いいよ\n太郎: 僕も行く\nそれな"  # no stop string lists 太郎: cut here, from chunks of 3 tokens
+    engine.script = [Answer(invented, eos=False, tokens_per_chunk=3, piece_delay_s=0.05)]
+    backend = RemoteBackend.from_config(remote_config(weightless, engine.url + "/v1"))
+    async with running(backend) as worker:
+        reply = await asyncio.wait_for(submit(worker, chat("行く？")), 20)
+    ids = tokenizer.encode(tokenizer.to_model_text(invented))
+    n = local_cut(tokenizer, ids, sorted({PERSONA, FRIEND}))
+    assert n % 3 != 0  # the turn starts inside a chunk: the chunk brought tokens past it
+    assert (reply.text, reply.tokens) == ("うん、いいよ", n)
+
+
+async def test_four_stop_strings_at_most_go_to_the_engine_and_a_turn_of_another_speaker_is_cut_here(
+        engine, weightless, tokenizer):
+    """A group chat has more speakers than an engine takes stop strings (vLLM and OpenAI: 4). Those who spoke last
+    go to the engine; a turn the model starts for one of the others is cut here, where the local engine cuts it."""
+    others = ["一郎", "二郎", "三郎", "四郎"]
+    turns = [ChatTurn(name, f"{name}です") for name in others] + chat("みんなで行こう")
+    engine.script = [Answer(f"うん、いいよ\n{others[0]}: 僕も", piece_delay_s=0.05, eos=False)]
+    backend = RemoteBackend.from_config(remote_config(weightless, engine.url + "/v1"))
+    async with running(backend) as worker:
+        reply = await asyncio.wait_for(submit(worker, turns), 20)
+    [body] = engine.bodies
+    # Latest first: 健太 (the last message), 美咲, then 四郎 and 三郎; 一郎 and 二郎 spoke earlier.
+    assert body["stop"] == [f"<NL>{name}: " for name in (FRIEND, PERSONA, others[3], others[2])]
+    assert reply.text == "うん、いいよ"
+    ids = tokenizer.encode(tokenizer.to_model_text(f"うん、いいよ\n{others[0]}: 僕も"))
+    assert reply.tokens == local_cut(tokenizer, ids, sorted({*others, FRIEND, PERSONA}))
+    for _ in range(100):  # the fake notices at its next write
+        if engine.in_flight == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert engine.left_early == 1  # closed at 一郎's turn, not read to the end
+
+
+async def test_prompts_are_fitted_to_an_engine_that_serves_less_than_the_models_context(
+        engine, weightless, local, caplog):
+    """vLLM refuses a prompt over its --max-model-len and silently shortens a reply whose prompt + max_tokens pass
+    it: told a smaller max_model_len, the stepper fits prompts to it less max_new_tokens (the reply's whole room)."""
+    engine.max_model_len = 200
+    backend = RemoteBackend.from_config(remote_config(weightless, engine.url + "/v1"))
+    long = chat("明日の予定って空いてる？", earlier=40)
+    assert len(backend.prompt_ids(long)) > 200
+    async with running(backend) as worker:
+        await asyncio.wait_for(submit(worker, long), 20)
+    assert backend.prompting.max_prompt_tokens == 200 - 40
+    [body] = engine.bodies
+    assert len(body["prompt"]) <= 160 and body["max_tokens"] == 40
+    local_prompt = dataclasses.replace(local, max_prompt_tokens=160).prompt_ids(long)
+    assert body["prompt"] == local_prompt  # the local rule, on the engine's context
+    assert "prompts are fitted to 160 tokens" in caplog.text and "--max-model-len 512" in caplog.text
 
 
 async def test_requests_in_flight_never_exceed_max_concurrency(engine, weightless):

@@ -548,6 +548,25 @@ def test_merged_model_chats_and_computes_what_base_plus_adapter_does(merged, ada
     assert (untuned - expected).abs().max() > 1e-3  # the adapter changed the model: the comparison means something
 
 
+def test_the_merged_folder_has_a_tokenizer_transformers_loads_with_bunshins_ids(merged, tiny):
+    """An engine (vLLM) loads the folder's tokenizer through transformers: merge writes a tokenizer.json that gives
+    bunshin's ids and text, while bunshin itself still runs the base's spiece.model (its fingerprint unchanged)."""
+    from transformers import AutoTokenizer
+
+    base, ours = load_tokenizer(str(tiny)), load_tokenizer(str(merged))
+    assert (ours.backend, ours.fingerprint, ours.add_bos, ours.newline) == (
+        "sentencepiece", base.fingerprint, base.add_bos, "<NL>")
+    theirs = AutoTokenizer.from_pretrained(str(merged))
+    lines = [line.split("\t")[-1] for line in (EXAMPLES / "line_demo.txt").read_text(encoding="utf-8").splitlines()]
+    texts = ["健太: 映画いかない？\n土曜とか\n美咲: いくいく！", "改行\n\nふたつ", "  空白  も  ", *lines]
+    for text in texts:
+        model_text = ours.to_model_text(text)
+        ids = ours.encode(model_text)
+        assert theirs.encode(model_text, add_special_tokens=False) == ids, text
+        assert theirs.decode(ids) == ours.decode(ids) == model_text
+    assert theirs.eos_token_id == ours.eos_id and theirs("a")["input_ids"] == ours.encode("a")  # no BOS, as rinna
+
+
 def test_merge_never_overwrites_an_existing_folder_without_force(tmp_path, merged, adapter):
     before = snapshot(merged)
     proc = run_cli("merge", adapter, "--out", merged)
