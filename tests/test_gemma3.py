@@ -26,7 +26,7 @@ from conftest import EXAMPLES, REPO, run_cli
 from finetune.model_backend import ModelBackend
 from engine.slot_engine import SlotEngine
 from finetune.steppers import EngineStepper
-from finetune.generation import GenerationSettings
+from finetune.generation import GenerationSettings, ReplyCodec, persona_request
 from finetune.model_loading import load_base_model
 from finetune.packaged_base import GEMMA_3_270M, BaseInstallError, assemble_gguf, installed_module
 from finetune.prompt import ChatTurn, encode_prompt, encode_reply, turn_end
@@ -113,13 +113,14 @@ def test_the_slot_engine_serves_gemma_with_generates_greedy_tokens(gemma):
                              pad_token_id=tokenizer.pad_id)
         row = out[0, len(prompt):].tolist()
         expected.append(row[: row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row)
-    engine = SlotEngine(model, tokenizer, settings, slots=2, length=1024)
+    engine = SlotEngine(model, ReplyCodec(tokenizer), slots=2, length=1024)
     got, waiting, steps = {}, list(enumerate(prompts)), 0
     while waiting or engine.busy:
         if waiting and engine.free and steps % 3 == 0:  # each prompt joins a batch already decoding
-            engine.add(*waiting.pop(0))
+            key, prompt = waiting.pop(0)
+            engine.add(persona_request(key, prompt, settings.sampling()))
         for finished in engine.step():
-            got[finished.key] = finished.ids
+            got[finished.key] = finished.token_ids
         steps += 1
     assert sorted(got) == list(range(len(prompts)))
     for i, ids in got.items():
