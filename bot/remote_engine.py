@@ -181,12 +181,8 @@ class RemoteBackend:
         return self.prompting.speakers_in(turns)
 
     def sampling(self, overrides=None) -> SamplingParams:
-        """The adapter's settings with a request's own values; max_tokens no more than the settings' (the prompt
-        budget leaves room for that many, and no more, within the engine's context)."""
-        overrides = dict(overrides or {})
-        if overrides.get("max_tokens") is not None:
-            overrides["max_tokens"] = min(int(overrides["max_tokens"]), self.settings.max_new_tokens)
-        return self.settings.sampling(**overrides)
+        """The adapter's settings with a request's own values, as the local engines take them (ModelBackend.sampling)."""
+        return self.prompting.sampling(overrides)
 
     def make_stepper(self, capacity: int | None = None, seed: int | None = None, length: int | None = None
                      ) -> RemoteStepper:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from collections.abc import Mapping
 
-from engine.request import EngineOutput, EngineRequest
+from engine.request import EngineOutput, EngineRequest, SamplingParams
 
 from .generation import (
     GenerationSettings,
@@ -153,11 +153,16 @@ class ModelBackend:
         values (`sampling`, as GenerationSettings.sampling takes them), ending where another speaker's turn begins.
         A reply may not run past the context: max_tokens above the settings' max_new_tokens is cut to it (the prompt
         budget leaves room for that many)."""
-        overrides = dict(sampling or {})
+        return persona_request(key, self.prompt_ids(turns, memory), self.sampling(sampling), self.speakers_in(turns),
+                               stream)
+
+    def sampling(self, overrides: Mapping[str, object] | None = None) -> SamplingParams:
+        """The adapter's settings with a request's own values; max_tokens no more than the settings' max_new_tokens
+        (the prompt budget leaves room for that many, and no more)."""
+        overrides = dict(overrides or {})
         if overrides.get("max_tokens") is not None:
             overrides["max_tokens"] = min(int(overrides["max_tokens"]), self.settings.max_new_tokens)
-        return persona_request(key, self.prompt_ids(turns, memory), self.settings.sampling(**overrides),
-                               self.speakers_in(turns), stream)
+        return self.settings.sampling(**overrides)
 
     def generate_requests(self, requests: Sequence[EngineRequest]) -> list[EngineOutput]:
         """Each request's finished output, by plain batched `generate()` (texts not yet stripped)."""
