@@ -751,3 +751,15 @@ def test_the_default_epochs_shrink_for_a_large_dataset_and_never_below_one():
     assert default_epochs(SAMPLE_PASSES // 3 + 100) == 2.9
     assert default_epochs(4500) == 2.0 and default_epochs(6000) == 1.5
     assert default_epochs(16_461) == 1.0 and default_epochs(1_000_000) == 1.0
+
+
+def test_the_default_eval_interval_gives_a_few_evals_a_run_and_never_more_often_than_every_100_steps():
+    from finetune.train import default_eval_every
+
+    assert default_eval_every(12) == 100 and default_eval_every(400) == 100  # the floor, and its edge
+    assert default_eval_every(401) == 101  # past it: four evals, the last at the end
+    assert default_eval_every(972) == 243  # a 100,000-message export's run: 4 evals, not 10
+    parser = __import__("argparse").ArgumentParser()
+    __import__("finetune.train", fromlist=["add_arguments"]).add_arguments(parser)
+    assert parser.parse_args(["data"]).eval_every is None  # the default is the rule above
+    assert parser.parse_args(["data", "--eval-every", "0"]).eval_every == 0
