@@ -316,12 +316,15 @@ async def chats_over_time(backend, chats: int, seconds: float, seed: int, memory
         # Where the run's wall time went: the engine's prefill and decode steps (device work up to the tokens on
         # the host), its host work after each step (tokens, text, stops), and the rest (the worker between steps,
         # the event loop, idle moments with no chat waiting).
-        busy = timing["prefill_s"] + timing["decode_s"] + timing["host_s"]
+        busy = timing["prefill_s"] + timing["decode_s"] + timing.get("mixed_s", 0.0) + timing["host_s"]
         figures["breakdown"] = {
             "prefill_s": round(timing["prefill_s"], 2), "prefill_steps": timing["prefill_steps"],
             "prefill_ms_per_step": round(1000 * timing["prefill_s"] / max(1, timing["prefill_steps"]), 2),
             "decode_s": round(timing["decode_s"], 2), "decode_steps": timing["decode_steps"],
             "decode_ms_per_step": round(1000 * timing["decode_s"] / max(1, timing["decode_steps"]), 2),
+            # Mixed steps: every decoding row's token and chunks of the prompts that arrived meanwhile.
+            "mixed_s": round(timing.get("mixed_s", 0.0), 2), "mixed_steps": timing.get("mixed_steps", 0),
+            "mixed_ms_per_step": round(1000 * timing.get("mixed_s", 0.0) / max(1, timing.get("mixed_steps", 0)), 2),
             "engine_host_s": round(timing["host_s"], 2),
             "outside_engine_s": round(wall - busy, 2),
             "wall_s": round(wall, 2),
@@ -487,9 +490,11 @@ def run_configuration(name: str, adapter: Path, args) -> dict:
     from finetune.model_loading import load_persona_model
     from finetune.prompt import encode_prompt
 
-    quantize = {"bf16": "none", "bf16-compiled": "none", "8bit": "8bit", "4bit": "4bit"}[name]
+    quantize = {"bf16": "none", "bf16-compiled": "none", "bf16-separate": "none", "8bit": "8bit", "4bit": "4bit"}[name]
     compiled = name.endswith("-compiled")
-    result: dict = {"quantize": quantize, "compile": compiled}
+    # -separate: prompts that arrive while replies decode get prefill steps of their own (no mixed steps)
+    mixed = not name.endswith("-separate")
+    result: dict = {"quantize": quantize, "compile": compiled, "mixed_steps": mixed}
     _free()
     rng = random.Random(0)
     if name == "bf16":
@@ -522,7 +527,8 @@ def run_configuration(name: str, adapter: Path, args) -> dict:
             print(name, "plain", chats, figures, flush=True)
 
     overrides = {"max_new_tokens": SINGLE_NEW_TOKENS, "temperature": 0.0, "repetition_penalty": 1.0}
-    backend = ModelBackend.from_loaded(no_eos, generation_overrides=overrides, compile=compiled)
+    backend = dataclasses.replace(ModelBackend.from_loaded(no_eos, generation_overrides=overrides, compile=compiled),
+                                  mixed_steps=mixed)
     started = time.monotonic()
     stepper = backend.make_stepper(32)
     result["engine_warmup_s"] = round(time.monotonic() - started, 1)
@@ -553,7 +559,8 @@ def run_configuration(name: str, adapter: Path, args) -> dict:
     _free()
 
     for chats in (8, 32):
-        backend = ModelBackend.from_loaded(no_eos, generation_overrides=chat_overrides, compile=compiled)
+        backend = dataclasses.replace(ModelBackend.from_loaded(no_eos, generation_overrides=chat_overrides,
+                                                               compile=compiled), mixed_steps=mixed)
         _free()
         figures = asyncio.run(chats_over_time(backend, chats, args.seconds, seed=chats, memory_turns=args.memory_turns))
         figures["peak_gpu_gb"] = _peak_gb()
@@ -615,7 +622,8 @@ class _WithoutEos:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--runs", default="bf16", help="comma-separated: bf16, bf16-compiled, 8bit, 4bit")
+    p.add_argument("--runs", default="bf16", help="comma-separated: bf16, bf16-compiled, bf16-separate (no mixed steps), "
+                   "8bit, 4bit")
     p.add_argument("--shape", default="rinna", help=f"comma-separated: {', '.join(SHAPES)}")
     p.add_argument("--seconds", type=float, default=15.0, help="length of each concurrent-chat run")
     p.add_argument("--memory-turns", type=int, default=0,
@@ -627,7 +635,7 @@ def main() -> None:
     args = p.parse_args()
     shapes = [s.strip() for s in args.shape.split(",") if s.strip()]
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    unknown = [s for s in shapes if s not in SHAPES] + [r for r in runs if r not in ("bf16", "bf16-compiled", "8bit", "4bit")]
+    unknown = [s for s in shapes if s not in SHAPES] + [r for r in runs if r not in ("bf16", "bf16-compiled", "bf16-separate", "8bit", "4bit")]
     if unknown or not shapes or not runs:
         p.error(f"unknown or missing shape/run: {', '.join(unknown) or '(none given)'}")
     if args.no_cudnn_attention:

@@ -21,7 +21,7 @@ import time
 from functools import partial
 
 from . import slot_attention
-from .slot_attention import ProbeStep, SlotStep, UnsupportedModel, active_step, allocate_cache
+from .slot_attention import MixedStep, ProbeStep, SlotStep, UnsupportedModel, active_step, allocate_cache
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +261,47 @@ class ModelRunner:
             graph[0].replay()
             return batch, graph[1].float()
         return batch, self._forward_decode(batch, kv_length).float()
+
+    def mixed(self, feed: dict[int, tuple[int, int]], chunks: list[tuple[int, list[int], int]]):
+        """One forward pass that decodes and prefills: a token for every slot in rows 0..batch-1 as `decode` feeds
+        them, and each chunk's tokens (slot, ids, the position of its first) written after what its slot holds.
+        Returns (batch, the decode rows' float32 logits, each chunk's float32 logits after its last token).
+
+        Eager, not a graph: its shape (rows, chunk widths, cache lengths) varies too much to capture, and a chunk's
+        matrix products keep the GPU busy while the next kernels are queued."""
+        torch = self._torch
+        batch = _bucket(max(feed) + 1, self.batch_buckets) if feed else 0
+        ids, rows, positions = [self.pad_id] * batch, list(range(batch)), [self.length - 1] * batch
+        for slot, (token, position) in feed.items():
+            ids[slot], positions[slot] = token, position
+        keep = list(range(batch))
+        for slot, chunk_ids, start in chunks:
+            ids += chunk_ids
+            rows += [slot] * len(chunk_ids)
+            positions += range(start, start + len(chunk_ids))
+            keep.append(len(ids) - 1)
+        dev = self.device
+        host = torch.tensor([ids, rows, positions], dtype=torch.long, pin_memory=dev.type == "cuda")
+        on_device = host.to(dev, non_blocking=True)
+        ids_t, rows_t, positions_t = on_device[0], on_device[1], on_device[2]
+        decode_kv = max(position for _, position in feed.values()) + 1 if feed else 0
+        decode_mask = None
+        if batch:
+            decode_mask = self._positions[:decode_kv].view(1, 1, 1, decode_kv) <= positions_t[:batch].view(batch, 1, 1, 1)
+        described, offset = [], batch
+        for slot, chunk_ids, start in chunks:
+            width, kv_length = len(chunk_ids), start + len(chunk_ids)
+            query_positions = positions_t[offset: offset + width].view(1, 1, width, 1)
+            mask = self._positions[:kv_length].view(1, 1, 1, kv_length) <= query_positions
+            described.append((slot, width, kv_length, mask))
+            offset += width
+        step = MixedStep(self.cache, rows_t, positions_t, batch, decode_kv, decode_mask, described)
+        # A 4D mask is taken as given (transformers builds none); the attention reads the step's masks instead.
+        out = self.model(input_ids=ids_t.view(1, -1), position_ids=positions_t.view(1, -1), use_cache=False,
+                         attention_mask=self._causal[:, :, :1, :1], slot_step=step,
+                         logits_to_keep=torch.tensor(keep, device=dev))
+        logits = out.logits[0].float()
+        return batch, logits[:batch], logits[batch:]
 
     def _forward_decode(self, batch: int, kv_length: int):
         """One token for rows 0..batch-1 from the static buffers: the body of each CUDA graph."""

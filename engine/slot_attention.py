@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from .attention_registry import register_attention
 
 NAME = "bunshin_slots"
-_active: SlotStep | ProbeStep | None = None
+_active: SlotStep | MixedStep | ProbeStep | None = None
 
 
 @dataclass
@@ -97,6 +97,52 @@ class SlotStep:
 
 
 @dataclass
+class MixedStep:
+    """One forward pass that decodes and prefills together: a flat run of tokens in a batch of one, the first
+    `decode` of them one token for each of slots 0..decode-1, then prompt chunks, each a slot's next tokens.
+
+    The weights are read once for all of them (a step's cost at decode batch sizes); attention is computed per
+    kind: the decode tokens batched over their rows' caches as in a decode step, each chunk over its own row up to
+    its last token. That needs no varlen kernel: a chunk's hundreds of queries read one cache row, not one each.
+
+    write_rows, write_positions: (tokens,) the cache row and position of each token's keys and values.
+    decode_mask: (decode, 1, 1, decode_kv_length) bool, True where a decode token may attend.
+    chunks: (slot, width, kv_length, mask (1, 1, width, kv_length)) of each chunk, in the order of the tokens.
+    """
+
+    cache: SlotCache
+    write_rows: object
+    write_positions: object
+    decode: int
+    decode_kv_length: int
+    decode_mask: object | None
+    chunks: list
+    window_masks: dict = field(default_factory=dict)
+
+    def masks_within(self, window: int | None) -> list:
+        """The decode mask (or None), then each chunk's, narrowed to keys less than `window` positions before each
+        query when the layer has a sliding window."""
+        if not window:
+            return [self.decode_mask, *(chunk[3] for chunk in self.chunks)]
+        masks = self.window_masks.get(window)
+        if masks is None:
+            masks = [None if self.decode_mask is None else _narrowed(self.decode_mask, window)]
+            masks += [_narrowed(chunk[3], window) for chunk in self.chunks]
+            self.window_masks[window] = masks
+        return masks
+
+
+def _narrowed(mask, window: int):
+    """A (rows, 1, queries, keys) mask whose True run per query ends at the query's own position: keep the last
+    `window` keys of each run (transformers' `kv_idx > q_idx - sliding_window`)."""
+    import torch
+
+    position = mask.sum(-1, keepdim=True) - 1  # each query's own position: its last visible key
+    keys = torch.arange(mask.shape[-1], device=mask.device).view(1, 1, 1, -1)
+    return mask & (keys > position - window)
+
+
+@dataclass
 class ProbeStep:
     """Records each layer's key shape and dtype, so the cache can be sized for any architecture."""
 
@@ -104,7 +150,7 @@ class ProbeStep:
 
 
 @contextmanager
-def active_step(step: SlotStep | ProbeStep):
+def active_step(step: SlotStep | MixedStep | ProbeStep):
     global _active
     previous, _active = _active, step
     try:
@@ -132,6 +178,8 @@ def _slot_attention():
         layer = module.layer_idx
         window = kwargs.get("sliding_window")
         cache_k, cache_v = step.cache.keys[layer], step.cache.values[layer]
+        if isinstance(step, MixedStep):
+            return _mixed_attention(torch, step, query, key, value, cache_k, cache_v, scaling, window)
         # (batch, heads, tokens, dim) -> (batch, tokens, heads, dim): the layout of cache[row, :, position].
         cache_k[step.row_index, :, step.write_positions] = key.transpose(1, 2).to(cache_k.dtype)
         cache_v[step.row_index, :, step.write_positions] = value.transpose(1, 2).to(cache_v.dtype)
@@ -156,6 +204,32 @@ def _slot_attention():
         return out.transpose(1, 2).contiguous(), None
 
     return attention
+
+
+def _mixed_attention(torch, step: MixedStep, query, key, value, cache_k, cache_v, scaling, window):
+    """A MixedStep's attention: query, key, value are (1, heads, tokens, dim); returns (1, tokens, heads, dim)."""
+    # (1, heads, tokens, dim) -> (tokens, heads, dim): the layout of cache[row, :, position].
+    cache_k[step.write_rows, :, step.write_positions] = key[0].transpose(0, 1).to(cache_k.dtype)
+    cache_v[step.write_rows, :, step.write_positions] = value[0].transpose(0, 1).to(cache_v.dtype)
+    gqa = {"enable_gqa": True} if key.shape[1] != query.shape[1] else {}
+    masks = step.masks_within(window)
+    parts = []
+    count = step.decode
+    if count:
+        queries = query[0, :, :count].transpose(0, 1).unsqueeze(2)  # (rows, heads, 1, dim)
+        k = cache_k[:count, :, : step.decode_kv_length].to(query.dtype)
+        v = cache_v[:count, :, : step.decode_kv_length].to(query.dtype)
+        out = torch.nn.functional.scaled_dot_product_attention(queries, k, v, attn_mask=masks[0], scale=scaling, **gqa)
+        parts.append(out[:, :, 0])  # (rows, heads, dim)
+    start = count
+    for (slot, width, kv_length, _), mask in zip(step.chunks, masks[1:], strict=True):
+        queries = query[:, :, start: start + width]  # (1, heads, width, dim)
+        k = cache_k[slot: slot + 1, :, :kv_length].to(query.dtype)
+        v = cache_v[slot: slot + 1, :, :kv_length].to(query.dtype)
+        out = torch.nn.functional.scaled_dot_product_attention(queries, k, v, attn_mask=mask, scale=scaling, **gqa)
+        parts.append(out[0].transpose(0, 1))  # (width, heads, dim)
+        start += width
+    return torch.cat(parts).unsqueeze(0), None
 
 
 class UnsupportedModel(Exception):

@@ -27,7 +27,7 @@ from .detokenizer import Detokenizer
 from .model_runner import ModelRunner
 from .request import EngineOutput, EngineRequest, FinishReason
 from .sampler import BatchParams, choose, row_generator
-from .scheduler import Scheduler
+from .scheduler import CHUNK_TOKENS, Scheduler
 from .slot_reuse import place
 
 
@@ -51,6 +51,10 @@ class _Row:
     reported: int = 0  # of `tokens`, how many an output carried already
     position: int = 0  # cache position the next fed token is written to
     trigger_seen: bool = False  # the latest token's text held a stop-rule trigger (':'): check the rule
+    # A prompt computed in chunks by mixed steps: its slot from its first chunk on, and how many of its tokens the
+    # slot's cache holds (a reused prefix counts).
+    slot: int | None = None
+    filled: int = 0
 
     @property
     def prompt(self) -> list[int]:
@@ -59,14 +63,15 @@ class _Row:
 
 class SlotEngine:
     def __init__(self, model, codec: TextCodec, *, slots: int, length: int, cuda_graphs: bool = True,
-                 compile: bool = False, seed: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 compile: bool = False, seed: int | None = None, clock: Callable[[], float] = time.monotonic,
+                 mixed: bool = True, chunk_tokens: int = CHUNK_TOKENS) -> None:
         import torch
 
         self._torch = torch
         self.codec = codec
         self.runner = ModelRunner(model, codec.pad_id, slots=slots, length=length, cuda_graphs=cuda_graphs,
                                   compile=compile)
-        self.scheduler = Scheduler(self.runner.prefill_buckets[-1])
+        self.scheduler = Scheduler(self.runner.prefill_buckets[-1], mixed=mixed, chunk_tokens=chunk_tokens)
         self.clock = clock
         self.device = self.runner.device
         slots = self.runner.slots
@@ -89,7 +94,8 @@ class SlotEngine:
         # Where a step's time goes, for benchmarks (bench/generation_speed.py): seconds and steps of prefill and decode
         # (the forward pass and the choice of tokens, up to the point the tokens reach the host), and the host work
         # after it (each row's tokens, text and stops). The caller's time between steps is the rest of its wall time.
-        self.timing = {"prefill_s": 0.0, "prefill_steps": 0, "decode_s": 0.0, "decode_steps": 0, "host_s": 0.0}
+        self.timing = {"prefill_s": 0.0, "prefill_steps": 0, "decode_s": 0.0, "decode_steps": 0, "mixed_s": 0.0,
+                       "mixed_steps": 0, "host_s": 0.0}
 
     # -- what the worker uses ---------------------------------------------------------------
 
@@ -139,8 +145,11 @@ class SlotEngine:
         of this step: new text of streamed requests, finished replies, and requests aborted past their deadline."""
         outputs = self._expire()
         with self._torch.inference_mode():
-            decision = self.scheduler.next_step([len(r.prompt) for r in self._pending], len(self._rows), self.free)
-            if decision.prefill:
+            decision = self.scheduler.next_step([len(r.prompt) - r.filled for r in self._pending], len(self._rows),
+                                                self.free, sum(r.slot is not None for r in self._pending))
+            if decision.chunks:
+                outputs += self._mixed(decision.chunks)
+            elif decision.prefill:
                 outputs += self._prefill(decision.prefill)
             elif self._rows:
                 outputs += self._decode()
@@ -150,7 +159,7 @@ class SlotEngine:
         """Stop a request (its client went away): its slot is free at once. False if it is not here."""
         for row in self._pending:
             if row.request.key is key:
-                self._pending.remove(row)
+                self._drop_pending(row)
                 return True
         for slot, row in self._rows.items():
             if row.request.key is key:
@@ -193,7 +202,7 @@ class SlotEngine:
                 if row.request.deadline <= now:
                     expired.append(row)
         for row in expired:
-            self._pending.remove(row)
+            self._drop_pending(row)
         return [EngineOutput(r.request.key, finished=True, finish_reason="abort", prompt_tokens=r.request.prompt_tokens,
                              full_text="", error="the reply was not started before its deadline") for r in expired]
 
@@ -207,12 +216,20 @@ class SlotEngine:
             self._pending = rows + self._pending
             raise
 
+    def _drop_pending(self, row: _Row) -> None:
+        self._pending.remove(row)
+        if row.slot is not None:  # begun in chunks: its slot holds the prompt's first tokens, and is free again
+            self._cached[row.slot] = row.prompt[: row.filled]
+
+    def _free_slots(self) -> list[int]:
+        taken = set(self._rows) | {r.slot for r in self._pending if r.slot is not None}
+        return [s for s in range(self.slots) if s not in taken]
+
     def _prefill_rows(self, rows: list[_Row]) -> list[EngineOutput]:
         started = time.perf_counter()
         torch = self._torch
         runner = self.runner
-        free = [s for s in range(self.slots) if s not in self._rows]
-        placements = place([r.prompt for r in rows], free, self._cached, max_new=runner.max_extension)
+        placements = place([r.prompt for r in rows], self._free_slots(), self._cached, max_new=runner.max_extension)
         slots = [p.slot for p in placements]
         fresh = [i for i, p in enumerate(placements) if p.reused == 0]
         extended = [i for i, p in enumerate(placements) if p.reused > 0]
@@ -229,23 +246,34 @@ class SlotEngine:
         for row, placement in zip(rows, placements, strict=True):
             self.reused_tokens += placement.reused
             self.prefilled_tokens += len(row.prompt) - placement.reused
+        chosen = self._choose_first(rows, slots, logits)
+        tokens = chosen.tolist()  # waits for the GPU: the step's device work ends here
+        self._timed("prefill", started)
+        return self._started(rows, slots, tokens)
+
+    def _choose_first(self, rows: list[_Row], slots: list[int], logits):
+        """The first reply token of each prompt just computed (on the device); its slot's seen tokens set."""
+        torch = self._torch
         dev = self.device
         # Every prompt token counts as seen (repetition penalty); padding repeats the first token.
         longest = max(len(r.prompt) for r in rows)
         ids = torch.tensor([r.prompt + [r.prompt[0]] * (longest - len(r.prompt)) for r in rows], device=dev)
-        seen = torch.zeros((len(rows), runner.vocab), dtype=torch.bool, device=dev).scatter_(1, ids, True)
+        seen = torch.zeros((len(rows), self.runner.vocab), dtype=torch.bool, device=dev).scatter_(1, ids, True)
         params = BatchParams.of([r.request.sampling for r in rows], dev,
                                 {i: r.generator for i, r in enumerate(rows) if r.generator is not None})
         chosen = choose(logits, seen, params, self._generator)
-        seen[runner.row_index[: len(rows), 0], chosen] = True
+        seen[self.runner.row_index[: len(rows), 0], chosen] = True
         self._seen[torch.tensor(slots, device=dev)] = seen
         self._decode_params = None
-        outputs = []
-        tokens = chosen.tolist()  # waits for the GPU: the step's device work ends here
-        self._timed("prefill", started)
+        return chosen
+
+    def _started(self, rows: list[_Row], slots: list[int], tokens: list[int]) -> list[EngineOutput]:
+        """Rows whose prompt is computed join the decoding rows with their first token."""
         host_started = time.perf_counter()
+        outputs = []
         for slot, row, token in zip(slots, rows, tokens, strict=True):
             row.position = len(row.prompt)
+            row.slot = None  # a running row's slot is its key in _rows
             self._rows[slot] = row
             output = self._take(slot, row, token)
             if output is not None:
@@ -257,10 +285,19 @@ class SlotEngine:
         self.timing[f"{kind}_s"] += time.perf_counter() - started
         self.timing[f"{kind}_steps"] += 1
 
+    def _feed(self) -> dict[int, tuple[int, int]]:
+        return {slot: (row.tokens[-1], row.position) for slot, row in self._rows.items()}
+
     def _decode(self) -> list[EngineOutput]:
         started = time.perf_counter()
+        batch, logits = self.runner.decode(self._feed())
+        tokens = self._choose_next(batch, logits).tolist()  # waits for the GPU: the step's device work ends here
+        self._timed("decode", started)
+        return self._decoded(batch, tokens)
+
+    def _choose_next(self, batch: int, logits):
+        """Each decoding row's next token (on the device), from the logits of batch rows 0..batch-1."""
         rows = self._rows
-        batch, logits = self.runner.decode({slot: (row.tokens[-1], row.position) for slot, row in rows.items()})
         params = self._decode_params
         if params is None or params.temperature.shape[0] != batch:
             params = self._decode_params = BatchParams.of(
@@ -269,9 +306,11 @@ class SlotEngine:
         seen = self._seen[:batch]
         chosen = choose(logits, seen, params, self._generator)
         seen[self.runner.row_index[:batch, 0], chosen] = True
-        tokens = chosen.tolist()  # waits for the GPU: the step's device work ends here
-        self._timed("decode", started)
+        return chosen
+
+    def _decoded(self, batch: int, tokens: list[int]) -> list[EngineOutput]:
         host_started = time.perf_counter()
+        rows = self._rows
         outputs = []
         for slot, token in zip(range(batch), tokens, strict=True):
             row = rows.get(slot)
@@ -283,6 +322,39 @@ class SlotEngine:
                 outputs.append(output)
         self.timing["host_s"] += time.perf_counter() - host_started
         return outputs
+
+    def _mixed(self, takes: list[int]) -> list[EngineOutput]:
+        """One token for every decoding row and the next chunk of each of the first len(takes) waiting prompts, in
+        one forward pass; prompts whose last chunk this was start their replies."""
+        started = time.perf_counter()
+        rows = self._pending[: len(takes)]
+        beginning = [r for r in rows if r.slot is None]
+        if beginning:
+            for row, placement in zip(beginning, place([r.prompt for r in beginning], self._free_slots(), self._cached),
+                                      strict=True):
+                row.slot, row.filled = placement.slot, placement.reused
+                self.reused_tokens += placement.reused
+                self._cached[placement.slot] = []  # being overwritten: nothing there may be reused until it is done
+        chunks = []
+        for row, take in zip(rows, takes, strict=True):
+            take = min(take, len(row.prompt) - row.filled)
+            chunks.append((row.slot, row.prompt[row.filled: row.filled + take], row.filled))
+        batch, decode_logits, chunk_logits = self.runner.mixed(self._feed(), chunks)
+        for row, (_, ids, _) in zip(rows, chunks, strict=True):
+            row.filled += len(ids)
+            self.prefilled_tokens += len(ids)
+        done = [i for i, row in enumerate(rows) if row.filled == len(row.prompt)]
+        decoded = self._choose_next(batch, decode_logits) if batch and self._rows else None
+        done_rows, done_slots = [rows[i] for i in done], [rows[i].slot for i in done]
+        first = self._choose_first(done_rows, done_slots, chunk_logits[done]) if done else None
+        # Both reads wait for the GPU: the step's device work ends with the first.
+        tokens = decoded.tolist() if decoded is not None else []
+        first_tokens = first.tolist() if first is not None else []
+        self._timed("mixed", started)
+        outputs = self._decoded(batch, tokens) if decoded is not None else []
+        for row in done_rows:
+            self._pending.remove(row)
+        return outputs + self._started(done_rows, done_slots, first_tokens)
 
     def _take(self, slot: int, row: _Row, token: int) -> EngineOutput | None:
         """Add a chosen token to its row: an output when the row finished, or has new text to stream."""

@@ -53,6 +53,9 @@ class ModelBackend:
     cuda_graphs: bool = True
     compile: bool = False  # torch.compile the decode step (GPU): faster steps after a longer warm-up
     profile: tuple[str, ...] = ()  # the persona's profile lines, at the top of every prompt ([memory] profile)
+    # Prompts that arrive while replies decode are computed in the same forward passes (engine/scheduler.py);
+    # off: in separate prefill steps, as before mixed steps (benchmarks compare the two).
+    mixed_steps: bool = True
 
     @classmethod
     def from_loaded(
@@ -119,7 +122,7 @@ class ModelBackend:
             engine = SlotEngine(model, ReplyCodec(tokenizer), slots=capacity,
                                 length=length or self.max_prompt_tokens + self.settings.max_new_tokens,
                                 cuda_graphs=self.cuda_graphs,
-                                compile=self.compile, seed=seed)
+                                compile=self.compile, seed=seed, mixed=self.mixed_steps)
             # Shaped like a served prompt: the BOS a Llama-style model always sees first, then text.
             probe = (prefix_ids(tokenizer) + tokenizer.encode(tokenizer.to_model_text("おはよう。今日は何する?\n")))[:32]
             difference = engine.self_check(probe)

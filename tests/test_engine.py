@@ -137,7 +137,7 @@ def run(engine: SlotEngine, requests: list[EngineRequest]) -> dict:
     steps = 0
     while engine.busy:
         for output in engine.step():
-            outputs[output.key].append(output)
+            outputs.setdefault(output.key, []).append(output)  # a row added before may finish meanwhile
         steps += 1
         assert steps < 1000
     return outputs
@@ -218,3 +218,48 @@ def test_a_persona_request_carries_the_settings_and_the_requests_own_values():
     assert request.sampling == SamplingParams(max_tokens=40, temperature=0.0, top_p=0.9, top_k=50,
                                               repetition_penalty=1.1, seed=3, stop=("。",))
     assert request.stop_rule("ひま\n健太: うん") == 2
+
+
+def test_the_scheduler_mixes_prompt_chunks_into_decode_steps_within_its_token_budget():
+    from engine.scheduler import Scheduler
+
+    mixed = Scheduler(8, chunk_tokens=100)
+    assert mixed.next_step([300], running=0, free=3).prefill == 1  # nobody decodes: whole prompts, graphed
+    assert mixed.next_step([], running=2, free=3).chunks == [] and mixed.next_step([], running=2, free=3).prefill == 0
+    assert mixed.next_step([30, 50, 40], running=2, free=1).chunks == [30, 50, 20]  # oldest first, 100 tokens in all
+    assert mixed.next_step([250, 10], running=1, free=1).chunks == [100]  # a long prompt in chunks
+    # A prompt begun in chunks goes on in chunks when the replies it rode with have all finished.
+    assert mixed.next_step([150], running=0, free=1, begun=1).chunks == [100]
+    separate = Scheduler(8, mixed=False)
+    decision = separate.next_step([30], running=2, free=3)
+    assert (decision.prefill, decision.chunks) == (0, [])  # waits a few steps for company
+    with pytest.raises(ValueError):
+        Scheduler(8, chunk_tokens=0)
+
+
+def test_a_prompt_cancelled_or_expired_halfway_through_its_chunks_frees_its_slot_and_keeps_what_it_wrote(loaded):
+    now = [100.0]
+    codec = ReplyCodec(loaded.tokenizer)
+    engine = SlotEngine(loaded.model, codec, slots=3, length=96, clock=lambda: now[0], chunk_tokens=9)
+    running = EngineRequest("running", prompt(loaded, "おはよう"), SamplingParams(max_tokens=40))
+    engine.add(running)
+    engine.step()  # prefilled alone: it decodes from now on
+    long_prompt = prompt(loaded, "ねえねえ、昨日のテレビ見た?めっちゃ面白かった")
+    assert len(long_prompt) > 18
+    engine.add(EngineRequest("cancelled", long_prompt, SamplingParams(max_tokens=8)))
+    engine.add(EngineRequest("expiring", long_prompt[:-1], SamplingParams(max_tokens=8), deadline=101.0))
+    engine.step()
+    engine.step()  # two mixed steps: the oldest prompt's first 18 tokens (9 a step); the other has not begun
+    assert engine.timing["mixed_steps"] == 2 and engine.busy == 3
+    assert engine.cancel("cancelled") and engine.busy == 2
+    now[0] = 102.0
+    [expired] = [o for o in engine.step() if o.key == "expiring"]
+    assert expired.finish_reason == "abort" and engine.busy == 1
+    # Both slots are free again; the cancelled prompt's holds the 18 tokens its chunks wrote (MIN_REUSE is 16), which
+    # a later prompt reuses.
+    assert sorted(engine._cached[1:]) == [[], long_prompt[:18]]
+    reused = engine.reused_tokens
+    expected = {o.key: o for o in generate_outputs(loaded.model, loaded.tokenizer, [
+        EngineRequest("again", long_prompt, SamplingParams(max_tokens=8))])}["again"]
+    outputs = run(engine, [EngineRequest("again", long_prompt, SamplingParams(max_tokens=8))])["again"]
+    assert outputs[-1].token_ids == expected.token_ids and engine.reused_tokens == reused + 18

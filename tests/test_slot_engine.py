@@ -98,13 +98,19 @@ def run_staggered(engine: OneSetting, prompts: list[list[int]], join_every: int 
     return tokens
 
 
+# How a prompt that arrives while others decode is computed: in a separate prefill step, in one mixed step with
+# the decoding rows' tokens, or in chunks of 3 tokens over several mixed steps.
+STEP_KINDS = {"separate": {"mixed": False}, "mixed": {}, "chunks-of-3": {"chunk_tokens": 3}}
+
+
+@pytest.mark.parametrize("steps", sorted(STEP_KINDS))
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
-def test_greedy_tokens_equal_plain_generate_with_prompts_joining_mid_batch(family, penalty):
+def test_greedy_tokens_equal_plain_generate_with_prompts_joining_mid_batch(family, penalty, steps):
     tokenizer, model = family.tokenizer, family.model
     settings = GenerationSettings(max_new_tokens=24, temperature=0.0, repetition_penalty=penalty)
     prompts = [served_ids(tokenizer, p) for p in PROMPTS]
     expected = [plain_greedy(model, tokenizer, p, settings) for p in prompts]
-    engine = slot_engine(model, tokenizer, settings, slots=4, length=96)
+    engine = slot_engine(model, tokenizer, settings, slots=4, length=96, **STEP_KINDS[steps])
     # The cache holds the model's key/value heads (2 for the 4 query heads of the GQA families), not its query heads.
     config = model.config
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -113,6 +119,12 @@ def test_greedy_tokens_equal_plain_generate_with_prompts_joining_mid_batch(famil
     got = run_staggered(engine, prompts)
     assert [got[i] for i in range(len(prompts))] == expected
     assert sum(map(len, expected)) > 4 * len(prompts)  # replies long enough to overlap in the batch
+    mixed = engine.timing["mixed_steps"]
+    if steps == "separate":
+        assert mixed == 0 and engine.timing["prefill_steps"] >= 2
+    else:  # every prompt after the first joined running rows: computed in mixed steps, the first one alone
+        assert engine.timing["prefill_steps"] == 1
+        assert mixed >= (sum(map(len, prompts[1:])) / 3 if steps == "chunks-of-3" else len(prompts) - 1)
 
 
 @pytest.fixture(scope="module")
@@ -219,10 +231,12 @@ def tiny_mistral(vocab: int, window: int = 8):
     return MistralForCausalLM(config).eval()
 
 
+@pytest.mark.parametrize("steps", sorted(STEP_KINDS))
 @pytest.mark.parametrize("make_model", [tiny_gemma3, tiny_mistral], ids=["gemma3", "mistral"])
-def test_sliding_window_models_give_generates_tokens_past_the_window(loaded, make_model):
-    """Every prompt is longer than the 8-token window and every reply goes on past it: prefill, decode and a
-    follow-up's extension all attend to the window only, as generate() does."""
+def test_sliding_window_models_give_generates_tokens_past_the_window(loaded, make_model, steps):
+    """Every prompt is longer than the 8-token window and every reply goes on past it: prefill, decode, mixed steps
+    (a chunk's queries each with its own window) and a follow-up's extension all attend to the window only, as
+    generate() does."""
     tokenizer = loaded.tokenizer
     model = make_model(loaded.model.config.vocab_size, tokenizer) if make_model is tiny_gemma3 else make_model(
         loaded.model.config.vocab_size)
@@ -230,7 +244,7 @@ def test_sliding_window_models_give_generates_tokens_past_the_window(loaded, mak
     encode = lambda text: tokenizer.encode(tokenizer.to_model_text(text))  # noqa: E731
     firsts = [encode(f"翔太: {p}\n美咲: ") for p in PROMPTS[:4]]
     assert min(map(len, firsts)) > 8
-    engine = slot_engine(model, tokenizer, settings, slots=2, length=128)
+    engine = slot_engine(model, tokenizer, settings, slots=2, length=128, **STEP_KINDS[steps])
     replies = run_staggered(engine, firsts)
     assert [replies[i] for i in range(4)] == [plain_greedy(model, tokenizer, p, settings) for p in firsts]
     # The two chats whose caches the two slots still hold come back with another message.
@@ -238,6 +252,7 @@ def test_sliding_window_models_give_generates_tokens_past_the_window(loaded, mak
     got = run_staggered(engine, follow_ups, join_every=1)
     assert [got[i] for i in range(2)] == [plain_greedy(model, tokenizer, p, settings) for p in follow_ups]
     assert engine.reused_tokens > 0  # the follow-ups went through the extension path
+    assert (engine.timing["mixed_steps"] > 0) == (steps != "separate")
     # Without the window the logits differ: the test would see a slot engine that ignored it.
     prompt = firsts[0] + replies[0]
     with torch.no_grad():
@@ -361,6 +376,7 @@ def test_a_follow_up_message_reuses_its_chats_cache_and_still_gives_generates_to
     # Each follow-up computed its new turn and the one reply token that was never fed back, nothing more.
     assert engine.prefilled_tokens - prefilled_before <= new_tokens + 3
     assert engine.reused_tokens >= sum(len(f) for f in firsts)
+    assert engine.timing["mixed_steps"] > 0  # follow-ups joined running rows: their reuse went through mixed steps
 
 
 def test_a_prompt_that_changed_at_the_start_is_computed_whole(loaded):
