@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from functools import partial
 
 from . import slot_attention
@@ -284,24 +285,35 @@ class ModelRunner:
         host = torch.tensor([ids, rows, positions], dtype=torch.long, pin_memory=dev.type == "cuda")
         on_device = host.to(dev, non_blocking=True)
         ids_t, rows_t, positions_t = on_device[0], on_device[1], on_device[2]
-        decode_kv = max(position for _, position in feed.values()) + 1 if feed else 0
+        # Cache lengths in buckets, as decode's: fewer distinct attention shapes (the masks cut at each position).
+        decode_kv = _bucket(max(position for _, position in feed.values()) + 1, self.length_buckets) if feed else 0
         decode_mask = None
         if batch:
             decode_mask = self._positions[:decode_kv].view(1, 1, 1, decode_kv) <= positions_t[:batch].view(batch, 1, 1, 1)
         described, offset = [], batch
         for slot, chunk_ids, start in chunks:
-            width, kv_length = len(chunk_ids), start + len(chunk_ids)
+            width, kv_length = len(chunk_ids), _bucket(start + len(chunk_ids), self.length_buckets)
             query_positions = positions_t[offset: offset + width].view(1, 1, width, 1)
             mask = self._positions[:kv_length].view(1, 1, 1, kv_length) <= query_positions
             described.append((slot, width, kv_length, mask))
             offset += width
         step = MixedStep(self.cache, rows_t, positions_t, batch, decode_kv, decode_mask, described)
         # A 4D mask is taken as given (transformers builds none); the attention reads the step's masks instead.
-        out = self.model(input_ids=ids_t.view(1, -1), position_ids=positions_t.view(1, -1), use_cache=False,
-                         attention_mask=self._causal[:, :, :1, :1], slot_step=step,
-                         logits_to_keep=torch.tensor(keep, device=dev))
+        with self._mixed_attention_kernels():
+            out = self.model(input_ids=ids_t.view(1, -1), position_ids=positions_t.view(1, -1), use_cache=False,
+                             attention_mask=self._causal[:, :, :1, :1], slot_step=step,
+                             logits_to_keep=torch.tensor(keep, device=dev))
         logits = out.logits[0].float()
         return batch, logits[:batch], logits[batch:]
+
+    def _mixed_attention_kernels(self):
+        """On CUDA, SDPA without its cuDNN backend: cuDNN builds a plan for each new shape, and a mixed step's chunk
+        widths change from step to step (the memory-efficient kernel takes the masks without planning)."""
+        if self.device.type != "cuda":
+            return nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
     def _forward_decode(self, batch: int, kv_length: int):
         """One token for rows 0..batch-1 from the static buffers: the body of each CUDA graph."""
