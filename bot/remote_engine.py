@@ -60,8 +60,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from engine.detokenizer import Detokenizer
 from engine.request import EngineOutput, SamplingParams
-from finetune.generation import MIN_PROMPT_TOKENS, reply_from_model_text, reply_text
+from finetune.generation import MIN_PROMPT_TOKENS, ReplyCodec, persona_request, reply_from_model_text, reply_text
 from finetune.model_backend import ModelBackend
 from finetune.model_loading import LoadedModel, ModelLoadError
 from finetune.prompt import ChatTurn, turn_end
@@ -298,11 +299,12 @@ class RemoteClient:
                         limit - self.prompting.settings.max_new_tokens, needed)
         log.info("remote engine at %s serves %r", self.endpoint.where, self.endpoint.model)
 
-    async def complete(self, ids: list[int], speakers: list[str], sampling: SamplingParams | None = None
-                       ) -> tuple[str, int, str]:
+    async def complete(self, ids: list[int], speakers: list[str], sampling: SamplingParams | None = None,
+                       on_piece=None) -> tuple[str, int, str]:
         """(reply text, tokens generated, finish reason) for prompt `ids`; GenerationFailed(KIND, why) when the engine
-        fails it."""
-        stops = sampling.stop if sampling is not None else ()
+        fails it. `on_piece(text, ids)`: the reply's text as it comes, as the local engine streams it (never a part of
+        a stop string or of another speaker's turn); the text returned is then what the pieces add up to."""
+        sampling = sampling or self.prompting.settings.sampling()
         try:
             async with self._session.post(f"{self.endpoint.base_url}/completions",
                                           json=self.request_body(ids, speakers, sampling),
@@ -310,9 +312,11 @@ class RemoteClient:
                 if r.status != 200:
                     raise GenerationFailed(KIND, f"the engine at {self.endpoint.where} answered HTTP {r.status}: "
                                                  f"{_error_text(await r.content.read(2048))}")
+                reply = _Reply(self, ids, speakers, sampling, on_piece)
                 if r.content_type == "text/event-stream":
-                    return await self._read_stream(r, speakers, stops)
-                return self._read_whole(await r.json(content_type=None), speakers, stops)
+                    return await self._read_stream(r, reply)
+                reply.add(await r.json(content_type=None))
+                return reply.result()
         except GenerationFailed:
             raise
         except asyncio.TimeoutError:  # aiohttp's ServerTimeoutError included
@@ -325,8 +329,7 @@ class RemoteClient:
             raise GenerationFailed(KIND, f"the engine at {self.endpoint.where} failed: {type(exc).__name__}: "
                                          f"{str(exc)[:_ERROR_CHARS]}") from None
 
-    async def _read_stream(self, r: aiohttp.ClientResponse, speakers: list[str], stops=()) -> tuple[str, int, str]:
-        reply = _Reply(self, speakers, stops)
+    async def _read_stream(self, r: aiohttp.ClientResponse, reply: _Reply) -> tuple[str, int, str]:
         async for raw in r.content:  # server-sent events: `data: {...}` lines, blank lines between them
             line = raw.strip()
             if not line.startswith(b"data:"):  # blank lines, `: keep-alive` comments
@@ -347,11 +350,6 @@ class RemoteClient:
             raise GenerationFailed(KIND, f"the engine at {self.endpoint.where} ended the stream before the reply")
         return reply.result()
 
-    def _read_whole(self, answer, speakers: list[str], stops=()) -> tuple[str, int, str]:
-        reply = _Reply(self, speakers, stops)
-        reply.add(answer)
-        return reply.result()
-
     def reply_text(self, ids: list[int] | None, text: str, speakers: list[str]) -> str:
         """What the local engines make of the same reply: reply_text on ids; its cleanup on an engine's text."""
         with self._lock:
@@ -363,14 +361,31 @@ class RemoteClient:
         with self._lock:
             return self.tokenizer.from_model_text(self.tokenizer.decode(ids))
 
+    def reply_codec_text(self, ids: list[int]) -> str:
+        """A reply's text from its ids as the local engine's detokenizer sees it (ReplyCodec)."""
+        with self._lock:
+            return ReplyCodec(self.tokenizer).text(ids)
+
+    def reply_codec_clean(self, model_text: str) -> str:
+        """The same from an engine's text (one that sends no ids)."""
+        return ReplyCodec(self.tokenizer).clean(model_text)
+
 
 class _Reply:
-    """One reply as its chunks (or its whole answer) arrive: token ids where the engine sends them, else text."""
+    """One reply as its chunks (or its whole answer) arrive: token ids where the engine sends them, else text.
 
-    def __init__(self, client: RemoteClient, speakers: list[str], own_stops=()) -> None:
+    Streamed (`on_piece`), the reply goes through the local engine's detokenizer (engine/detokenizer.py) as it
+    arrives, over the token ids (or, from an engine that sends text only, over the text chunks): the pieces are the
+    local engine's, the reply stops where it would (another speaker's turn, a stop string of the request), and the
+    text at the end is what the pieces add up to."""
+
+    def __init__(self, client: RemoteClient, prompt: list[int], speakers: list[str], sampling: SamplingParams,
+                 on_piece=None) -> None:
         self.client = client
         self.speakers = speakers
-        self.own_stops = tuple(own_stops)  # the request's own stop strings, in the reply's text
+        self.own_stops = tuple(sampling.stop)  # the request's own stop strings, in the reply's text
+        # Where the ids end: bunshin's EOS and the request's own stop ids (the engine's ids may go on past either).
+        self.end_ids = {client.tokenizer.eos_id, *sampling.stop_token_ids}
         self.stops = client.stop_strings(speakers)
         self.finish_reason = "stop"
         self.stop_reason = None  # the stop string the engine matched (vLLM: stop_reason, SGLang: matched_stop)
@@ -379,6 +394,22 @@ class _Reply:
         self.pieces = 0  # chunks that carried text: the token count when the engine gives nothing better
         self.usage_tokens: int | None = None
         self.finished = False
+        self.on_piece = on_piece
+        self.detokenizer: Detokenizer | None = None
+        if on_piece is not None:
+            self.detokenizer = Detokenizer(persona_request(None, prompt, sampling, speakers, stream=True), self._text_of)
+        self.fed = 0  # ids (or text chunks) the detokenizer has had
+        self.ended = False  # the ids reached an end id, or the detokenizer found a stop: nothing more is wanted
+
+    def _text_of(self, units: list[int]) -> str:
+        if self.ids is not None:
+            return self.client.reply_codec_text(units)
+        # Text only: the units are the text chunks' indices, in order. A line break spelled in several characters
+        # (rinna's `<NL>`) may come split over chunks: its start waits, or `<` would be sent as text.
+        text = "".join(self.texts[: len(units)])
+        newline = self.client.tokenizer.newline
+        held = next((n for n in range(len(newline) - 1, 0, -1) if text.endswith(newline[:n])), 0)
+        return self.client.reply_codec_clean(text[: len(text) - held])
 
     def add(self, event) -> None:
         if not isinstance(event, dict):
@@ -404,14 +435,35 @@ class _Reply:
                 self.finished = True
                 self.finish_reason = "length" if choice["finish_reason"] == "length" else "stop"
                 self.stop_reason = choice.get("stop_reason", choice.get("matched_stop"))
+        if self.detokenizer is not None:
+            self._stream()
+
+    def _stream(self) -> None:
+        """Feed the detokenizer what came since it was last fed; hand on the new text."""
+        units = self.ids if self.ids is not None else range(len(self.texts))
+        new_ids, text = [], ""
+        while self.fed < len(units) and not self.ended:
+            unit = units[self.fed]
+            self.fed += 1
+            if self.ids is not None and unit in self.end_ids:
+                self.ended = True
+                break
+            piece, stopped = self.detokenizer.add(unit, True)
+            new_ids.append(unit)
+            text += piece
+            self.ended = stopped
+        if text:
+            self.on_piece(text, new_ids if self.ids is not None else [])
 
     def _trimmed_ids(self) -> list[int] | None:
         if self.ids is None:
             return None
-        eos = self.client.tokenizer.eos_id
-        return self.ids[: self.ids.index(eos)] if eos in self.ids else self.ids
+        end = next((n for n, token in enumerate(self.ids) if token in self.end_ids), len(self.ids))
+        return self.ids[:end]
 
     def turn_ended(self) -> bool:
+        if self.detokenizer is not None:
+            return self.ended and self.detokenizer.stopped_at is not None
         ids = self._trimmed_ids()
         text = self.client.decoded(ids) if ids is not None else self.client.tokenizer.from_model_text("".join(self.texts))
         return turn_end(text, self.speakers) is not None
@@ -436,6 +488,10 @@ class _Reply:
         return text
 
     def result(self) -> tuple[str, int, str]:
+        """(text, tokens, finish reason). Streamed: the last piece goes to on_piece first, and the text is the
+        detokenizer's whole, as the local engine's."""
+        if self.detokenizer is not None:
+            return self._streamed_result()
         ids = self._trimmed_ids()
         text = self.client.reply_text(ids, self.model_text() if ids is None else "", self.speakers)
         cuts = [at for at in (text.find(stop) for stop in self.own_stops) if at != -1]
@@ -444,6 +500,20 @@ class _Reply:
         if ids is not None:
             return text, self.generated(ids), self.finish_reason
         return text, self.usage_tokens if self.usage_tokens is not None else self.pieces, self.finish_reason
+
+    def _streamed_result(self) -> tuple[str, int, str]:
+        detokenizer = self.detokenizer
+        stopped = detokenizer.stopped_at is not None
+        rest, whole = detokenizer.finish()
+        if rest:
+            self.on_piece(rest, [])
+        if stopped or detokenizer.stopped_at < len(detokenizer.text):  # a stop the detokenizer found
+            self.finish_reason = "stop"
+        if self.ids is not None:
+            tokens = len(detokenizer.ids)  # up to and with the one that stopped it, as the local engine counts
+        else:
+            tokens = self.usage_tokens if self.usage_tokens is not None else self.pieces
+        return whole.strip(), tokens, self.finish_reason
 
 
 def latest_first(speakers: list[str], turns: Sequence[ChatTurn]) -> list[str]:
@@ -511,17 +581,24 @@ class RemoteStepper:
         return len(self._in_flight)
 
     def admit(self, key, turns: list[ChatTurn], memory=(), sampling=None, stream: bool = False) -> None:
-        """`sampling`: the request's own values; `stream` is taken, and the reply comes whole when it is done (the
-        engine's stream is read here to stop at an invented speaker's turn, not passed on piece by piece)."""
+        """`sampling`: the request's own values; `stream`: `step` returns the reply's text as it comes, piece by
+        piece, as the local engine does (the last piece with the finished output)."""
         ids = self.backend.prompt_ids(turns, memory)
         speakers = latest_first(self.backend.speakers_in(turns), turns)
         params = self.backend.sampling(sampling)
-        self._in_flight[key] = asyncio.run_coroutine_threadsafe(self._reply(key, ids, speakers, params), self._loop)
+        self._in_flight[key] = asyncio.run_coroutine_threadsafe(self._reply(key, ids, speakers, params, stream),
+                                                                self._loop)
 
-    async def _reply(self, key, ids: list[int], speakers: list[str], sampling: SamplingParams | None = None) -> None:
+    async def _reply(self, key, ids: list[int], speakers: list[str], sampling: SamplingParams | None = None,
+                     stream: bool = False) -> None:
+        def on_piece(text: str, new_ids: list[int]) -> None:  # in order before the finished output, on one queue
+            self._done.put((key, EngineOutput(key, new_ids, text)))
+
         try:
-            text, tokens, reason = await self.client.complete(ids, speakers, sampling)
+            text, tokens, reason = await self.client.complete(ids, speakers, sampling, on_piece if stream else None)
             result = finished_output(key, text, tokens, len(ids), reason)
+            if stream:
+                result.text = ""  # every piece went ahead of it
         except GenerationFailed as failure:
             result = failure
         except Exception as exc:  # noqa: BLE001 - a bug here must fail this reply, not leave it waiting forever
@@ -530,7 +607,9 @@ class RemoteStepper:
         self._done.put((key, result))
 
     def step(self) -> list[EngineOutput]:
-        finished = []
+        """The outputs that came since the last step: streamed pieces and finished replies, waiting up to POLL_S
+        for one."""
+        outputs = []
         try:
             item = self._done.get(timeout=POLL_S) if not self._failed else self._done.get_nowait()
             while True:
@@ -539,13 +618,14 @@ class RemoteStepper:
                     if isinstance(result, GenerationFailed):
                         self._failed.append((key, result))
                     else:
-                        del self._in_flight[key]
-                        finished.append(result)
+                        if result.finished:
+                            del self._in_flight[key]
+                        outputs.append(result)
                 item = self._done.get_nowait()
         except queue.Empty:
             pass
-        if finished or not self._failed:
-            return finished
+        if outputs or not self._failed:
+            return outputs
         key, failure = self._failed.pop(0)
         del self._in_flight[key]
         self._aborting = key

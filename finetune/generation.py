@@ -115,7 +115,11 @@ class ReplyCodec:
         self.eos_id = tokenizer.eos_id
 
     def text(self, ids: list[int]) -> str:
-        return _CONTROL.sub("", self.tokenizer.from_model_text(self.tokenizer.decode(ids)))
+        return self.clean(self.tokenizer.decode(ids))
+
+    def clean(self, model_text: str) -> str:
+        """Text in the model's spelling as a reply's text (an engine elsewhere that sends text, not ids)."""
+        return _CONTROL.sub("", self.tokenizer.from_model_text(model_text))
 
 
 def turn_rule(speakers: Sequence[str]):

@@ -584,3 +584,30 @@ def test_the_engine_is_sent_the_profile_and_each_replys_recalled_notes(weightles
     # Past the 2-turn window by now, the cat's name is a note: after the older turn, right before the latest message.
     assert "こむぎ" in last[last.index("［記憶］"):] and last.endswith(f"［ここまで］\n{FRIEND}: {said[-1]}\n{PERSONA}: ")
     assert "こむぎ" not in last[: last.index("［記憶］")]
+
+
+@pytest.mark.parametrize("with_ids", [True, False], ids=["token-ids", "text-only"])
+async def test_a_streamed_reply_comes_piece_by_piece_and_never_shows_a_part_of_another_speakers_turn(
+        engine, weightless, tokenizer, with_ids):
+    """`stream: true` through the remote engine: the pieces come while the engine still generates, add up to the
+    reply, and hold back a line that may still become someone's turn (太郎 is no known speaker: no stop string)."""
+    invented = "うん、いいよ。駅の前で待ってるね\n太郎: 僕も行く\nそれな"
+    engine.script = [Answer(invented, eos=False, piece_delay_s=0.05, with_ids=with_ids)]
+    backend = RemoteBackend.from_config(remote_config(weightless, engine.url + "/v1"))
+    pieces: list[tuple[float, str]] = []
+    async with running(backend) as worker:
+        now = time.monotonic()
+        future = worker.submit(chat("行く？"), deadline=now + 30, received=now,
+                               on_text=lambda text: pieces.append((time.monotonic(), text)))
+        reply = await asyncio.wait_for(future, 20)
+        done = time.monotonic()
+    speakers = sorted({PERSONA, FRIEND})
+    ids = tokenizer.encode(tokenizer.to_model_text(invented))
+    expected = reply_text(tokenizer, ids[: local_cut(tokenizer, ids, speakers)], speakers)
+    assert reply.text == expected == "うん、いいよ。駅の前で待ってるね"
+    assert "".join(text for _, text in pieces).strip() == reply.text
+    assert len(pieces) >= 3 and pieces[0][0] < done - 0.2  # the first piece well before the reply's end
+    assert not any("太郎" in text or text.endswith("\n") for _, text in pieces)
+    assert reply.finish_reason == "stop"
+    if with_ids:
+        assert reply.tokens == local_cut(tokenizer, ids, speakers)

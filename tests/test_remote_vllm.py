@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from contextlib import redirect_stderr, redirect_stdout
@@ -288,6 +289,25 @@ async def test_the_worker_answers_through_remote_stepper_as_the_local_engine(ser
         continuation = local.loaded.tokenizer.decode(greedy_ids(local, local.prompt_ids(CHATS[name])))
         assert f"<NL>{TURN_TAKER}: " in continuation, name
         assert TURN_TAKER not in replies[list(CHATS).index(name)].text
+
+
+async def test_a_streamed_reply_through_vllm_comes_in_pieces_that_add_up_to_the_local_engines_reply(
+        server, merged, local, tmp_path):
+    """`stream: true` with the remote engine: the pieces of each reply (two of them cut at another speaker's turn,
+    by vLLM's stop string or here) add up to the local engine's reply, with its token count."""
+    backend = remote(bot_side(merged, tmp_path), server)
+    pieces: dict[str, list[str]] = {name: [] for name in CHATS}
+    async with running(backend) as worker:
+        now = time.monotonic()
+        replies = await asyncio.wait_for(asyncio.gather(*(
+            worker.submit(turns, deadline=now + 120, received=now, on_text=pieces[name].append)
+            for name, turns in CHATS.items())), 120)
+    expected = [local.generate([turns])[0] for turns in CHATS.values()]
+    assert [(r.text, r.tokens) for r in replies] == expected
+    for name, reply in zip(CHATS, replies, strict=True):
+        assert "".join(pieces[name]).strip() == reply.text, name
+        assert TURN_TAKER not in "".join(pieces[name]), name
+    assert sum(len(p) > 1 for p in pieces.values()) >= 3  # most came in several pieces
 
 
 async def test_a_long_chat_is_fitted_to_what_the_engine_serves(server, merged, local, tmp_path):
