@@ -258,3 +258,21 @@ def test_the_window_of_a_long_conversation_is_a_platform_chats(max_turns):
         assert [t.text for t in turns] == [f"発言{i}" for i in range(start, n)]
     if max_turns == 1:
         assert len(turns) == 1
+
+
+def test_stop_at_its_limits_is_taken_and_a_temperature_given_as_an_integer_is_a_float():
+    """Four stop strings and one of 256 characters are allowed (OpenAI's limits: refused one past them, above);
+    JSON's `1` reaches the sampler as the float 1.0."""
+    four = ["a", "b", "c", "x" * 256]
+    chat = parse_chat_request(body([{"role": "user", "content": "やあ"}], stop=four, temperature=1), PERSONA, CONFIG,
+                              PERSONA)
+    assert chat.sampling["stop"] == tuple(four)
+    assert type(chat.sampling["temperature"]) is float
+
+
+def test_a_stop_string_with_an_unpaired_surrogate_is_refused_naming_its_place():
+    # As JSON carries it: a \ud800 escape (ASCII), which json.loads turns into a lone surrogate.
+    escaped = json.dumps({"model": PERSONA, "messages": [{"role": "user", "content": "やあ"}], "stop": ["。", "a\ud800"]})
+    error = refusal(lambda: parse_chat_request(escaped.encode(), PERSONA, CONFIG, PERSONA))
+    assert (error.status, error.param) == (400, "stop[1]")
+    assert error.message.startswith("stop[1]: is not valid Unicode text")
