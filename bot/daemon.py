@@ -86,6 +86,7 @@ def load_backend(config, profile=()):
         cuda_graphs=config.model.cuda_graphs,
         compile=config.model.compile,
         profile=profile,
+        mixed_steps=config.model.mixed_steps,
     )
 
 

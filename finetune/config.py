@@ -123,6 +123,9 @@ class ModelConfig(_Section):
     merge_adapter: bool = True  # fold the LoRA weights into the base at load (not with quantize)
     cuda_graphs: bool = True
     compile: bool = False  # torch.compile the slot engine's decode step (GPU only)
+    # a message that arrives while replies decode joins their forward passes (engine/scheduler.py); false: it waits
+    # for a prefill step of its own, as before mixed steps
+    mixed_steps: bool = True
     # engine = "openai": the engine's completions endpoint; no weights are loaded here, only tokenizer and manifest.
     base_url: Annotated[str, AfterValidator(_base_url)] = ""  # e.g. "http://127.0.0.1:8000/v1"
     api_key_env: Annotated[str, AfterValidator(lambda v: v and _env_name(v))] = ""  # "" = the engine needs no key

@@ -68,6 +68,7 @@ class ModelBackend:
         cuda_graphs: bool = True,
         compile: bool = False,
         profile: Sequence[str] = (),
+        mixed_steps: bool = True,
     ) -> ModelBackend:
         """An adapter (or merged model) brings persona, template and generation defaults in its manifest;
         a bare base model needs them given (persona at least)."""
@@ -100,7 +101,8 @@ class ModelBackend:
         budget = prompt_budget(loaded.model, settings.max_new_tokens, trained_length)
         if engine not in ("slots", "plain"):
             raise ValueError(f"unknown engine {engine!r}; choose slots or plain")
-        return cls(loaded, persona, template, settings, speakers, budget, engine, cuda_graphs, compile, tuple(profile))
+        return cls(loaded, persona, template, settings, speakers, budget, engine, cuda_graphs, compile, tuple(profile),
+                   mixed_steps)
 
     def make_stepper(self, capacity: int, seed: int | None = None, length: int | None = None):
         """The slot engine with `capacity` slots, warmed up (CUDA graphs captured) and checked against

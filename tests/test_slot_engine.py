@@ -417,3 +417,17 @@ async def test_a_failed_step_of_the_real_engine_fails_its_requests_and_the_next_
     finally:
         hook.remove()
         await worker.stop(5)
+
+
+@pytest.mark.parametrize("mixed", [True, False])
+def test_the_configs_mixed_steps_reach_the_engines_scheduler(tmp_path, mixed):
+    """`[model] mixed_steps` (config.toml) is how a deployment turns mixed steps off; the daemon builds the engine."""
+    from bot.daemon import load_backend
+    from finetune.config import BotConfig
+
+    base = build_tiny_model(tmp_path / "model")
+    config = BotConfig.from_dict({"model": {"base": str(base), "device": "cpu", "mixed_steps": mixed},
+                                  "persona": {"name": "美咲"}}, source="test.toml")
+    stepper = load_backend(config).make_stepper(2, length=64)
+    assert isinstance(stepper, EngineStepper) and stepper.engine.scheduler.mixed is mixed
+    stepper.release()
