@@ -490,9 +490,11 @@ def run_configuration(name: str, adapter: Path, args) -> dict:
     from finetune.model_loading import load_persona_model
     from finetune.prompt import encode_prompt
 
-    quantize = {"bf16": "none", "bf16-compiled": "none", "bf16-separate": "none", "8bit": "8bit", "4bit": "4bit"}[name]
+    quantize = {"bf16": "none", "bf16-compiled": "none", "bf16-separate": "none", "bf16-mixed": "none", "8bit": "8bit",
+                "4bit": "4bit"}[name]
     compiled = name.endswith("-compiled")
-    # -separate: prompts that arrive while replies decode get prefill steps of their own (no mixed steps)
+    # -separate: prompts that arrive while replies decode get prefill steps of their own (no mixed steps); -mixed: the
+    # engine as bf16 runs it, without bf16's plain generate() figures (the two side by side in less device time)
     mixed = not name.endswith("-separate")
     result: dict = {"quantize": quantize, "compile": compiled, "mixed_steps": mixed}
     _free()
@@ -623,7 +625,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--runs", default="bf16", help="comma-separated: bf16, bf16-compiled, bf16-separate (no mixed steps), "
-                   "8bit, 4bit")
+                   "bf16-mixed (bf16's engine figures alone), 8bit, 4bit")
     p.add_argument("--shape", default="rinna", help=f"comma-separated: {', '.join(SHAPES)}")
     p.add_argument("--seconds", type=float, default=15.0, help="length of each concurrent-chat run")
     p.add_argument("--memory-turns", type=int, default=0,
@@ -635,7 +637,7 @@ def main() -> None:
     args = p.parse_args()
     shapes = [s.strip() for s in args.shape.split(",") if s.strip()]
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    unknown = [s for s in shapes if s not in SHAPES] + [r for r in runs if r not in ("bf16", "bf16-compiled", "bf16-separate", "8bit", "4bit")]
+    unknown = [s for s in shapes if s not in SHAPES] + [r for r in runs if r not in ("bf16", "bf16-compiled", "bf16-separate", "bf16-mixed", "8bit", "4bit")]
     if unknown or not shapes or not runs:
         p.error(f"unknown or missing shape/run: {', '.join(unknown) or '(none given)'}")
     if args.no_cudnn_attention:
