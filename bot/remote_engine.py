@@ -215,6 +215,7 @@ class RemoteClient:
         self.endpoint = endpoint
         self.seed = seed
         self.tokenizer = prompting.loaded.tokenizer
+        self._codec = ReplyCodec(self.tokenizer)  # a streamed reply's text, as the local engine's detokenizer reads it
         self._lock = tokenizer_lock or threading.Lock()
         self._headers = {"Content-Type": "application/json"}
         if endpoint.api_key:
@@ -364,11 +365,11 @@ class RemoteClient:
     def reply_codec_text(self, ids: list[int]) -> str:
         """A reply's text from its ids as the local engine's detokenizer sees it (ReplyCodec)."""
         with self._lock:
-            return ReplyCodec(self.tokenizer).text(ids)
+            return self._codec.text(ids)
 
     def reply_codec_clean(self, model_text: str) -> str:
         """The same from an engine's text (one that sends no ids)."""
-        return ReplyCodec(self.tokenizer).clean(model_text)
+        return self._codec.clean(model_text)
 
 
 class _Reply:

@@ -121,25 +121,27 @@ class MixedStep:
 
     def masks_within(self, window: int | None) -> list:
         """The decode mask (or None), then each chunk's, narrowed to keys less than `window` positions before each
-        query when the layer has a sliding window."""
+        query when the layer has a sliding window (transformers' `kv_idx > q_idx - sliding_window`, as
+        SlotStep.mask_within)."""
         if not window:
             return [self.decode_mask, *(chunk[3] for chunk in self.chunks)]
         masks = self.window_masks.get(window)
         if masks is None:
-            masks = [None if self.decode_mask is None else _narrowed(self.decode_mask, window)]
-            masks += [_narrowed(chunk[3], window) for chunk in self.chunks]
+            import torch
+
+            def narrowed(mask, queries):  # queries: each query's position, shaped to broadcast over mask's keys
+                keys = torch.arange(mask.shape[-1], device=mask.device).view(1, 1, 1, -1)
+                return mask & (keys > queries - window)
+
+            count = self.decode
+            masks = [None if self.decode_mask is None else
+                     narrowed(self.decode_mask, self.write_positions[:count].view(count, 1, 1, 1))]
+            start = count
+            for _, width, _, mask in self.chunks:
+                masks.append(narrowed(mask, self.write_positions[start: start + width].view(1, 1, width, 1)))
+                start += width
             self.window_masks[window] = masks
         return masks
-
-
-def _narrowed(mask, window: int):
-    """A (rows, 1, queries, keys) mask whose True run per query ends at the query's own position: keep the last
-    `window` keys of each run (transformers' `kv_idx > q_idx - sliding_window`)."""
-    import torch
-
-    position = mask.sum(-1, keepdim=True) - 1  # each query's own position: its last visible key
-    keys = torch.arange(mask.shape[-1], device=mask.device).view(1, 1, 1, -1)
-    return mask & (keys > position - window)
 
 
 @dataclass
