@@ -2,7 +2,8 @@
 
 The hybrid system (LoRA + memory) answers a probe from the notes recalled for it (person_memory.reply_notes, as
 `finetune eval` gives them). This counts the probes whose recalled notes contain an accepted answer: the most the
-hybrid could get right by reading them. Beside bench/memory_facts.py's figures (what the model made of them) it
+hybrid could get right by reading them; beside it the notes shown, those holding neither the answer nor its old
+value (unrelated: noise a small model copies from), and the probes shown a changed fact's old value. Beside bench/memory_facts.py's figures (what the model made of them) it
 tells retrieval's misses from the model's.
 
     python bench/probe_recall.py --out bench/results/probe_recall.json [--seeds 0,1,2] [--k 3,6,12]
@@ -46,13 +47,19 @@ def main() -> None:
         probes = [p for p in read_probes(work / "synth" / "probes.jsonl") if not p.never_stated]
         by_k = {}
         for k in [int(k) for k in args.k.split(",")]:
-            missed = []
+            missed, shown, unrelated, old_value = [], 0, 0, 0
             for probe in probes:
                 notes = reply_notes(memory, list(probe.turns), k)
-                said = fold(" ".join(t.text for n in notes for t in n.turns))
-                if not any(fold(answer) in said for answer in probe.right):
+                said = [fold(" ".join(t.text for t in n.turns)) for n in notes]
+                right = [any(fold(a) in text for a in probe.right) for text in said]
+                stale = [any(fold(a) in text for a in probe.stale) for text in said]
+                if not any(right):
                     missed.append(probe.id)
-            by_k[str(k)] = {"answer_in_notes": len(probes) - len(missed), "probes": len(probes), "missed": missed}
+                shown += len(notes)
+                unrelated += sum(not r and not s for r, s in zip(right, stale))
+                old_value += any(stale)
+            by_k[str(k)] = {"answer_in_notes": len(probes) - len(missed), "probes": len(probes), "missed": missed,
+                            "notes_shown": shown, "unrelated_notes": unrelated, "old_value_shown": old_value}
         result["seeds"][str(seed)] = by_k
         print(seed, {k: f"{v['answer_in_notes']}/{v['probes']}" for k, v in by_k.items()}, flush=True)
     Path(args.out).write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")

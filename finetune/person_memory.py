@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+import unicodedata
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -39,6 +40,12 @@ INDEX_FILE = "memory.index.npz"
 ANSWERED_TURNS = 2  # the turns before a persona turn that it answered, kept with it
 NOTE_CHARS = 200  # a note's text in a prompt, at most; its start (the answer) matters most
 DISTINCT_POOL = 4  # recall looks at k times this many notes to find k that say different things
+# A persona's note must score this share of the best one to be shown (a chat's own older turns keep
+# recall_index.RELATIVE_FLOOR). Unrelated notes cost: Gemma 3 270M shown the one note that holds the answer repeats
+# it, shown it between unrelated ones it mostly does not (the synthetic persona's probes: right for 6 of 7 probes
+# given one note, 2 of 14 given more). At 0.6 the notes of the three synthetic personas' 66 probes hold the answer
+# for 62 (63 at 0.3) beside 11 unrelated notes instead of 53 (bench/probe_recall.py).
+NOTE_FLOOR = 0.6
 REBUILD = "python -m finetune memory rebuild {folder}"
 DRAWN_SHARE = 0.3  # a reply shares this much of its character pairs with a note: it draws on the note
 STOCK_TIMES = 3  # a reply said this many times is a stock phrase, not something it drew from a note
@@ -78,6 +85,15 @@ class MemoryEntry:
             date=self.time.date().isoformat(),
             turns=(*(_clip_turn(t) for t in self.answered[-1:]), _clip_turn(ChatTurn(self.speaker, self.text))),
         )
+
+
+def answered_question(entry: MemoryEntry) -> str:
+    """The question a note answered, folded (NFKC, one line), where the turn right before it asks one: "" otherwise.
+    Only a question marks two answers as one fact's old and new value; "おっけー" answered twice says nothing."""
+    if not entry.answered:
+        return ""
+    asked = _one_line(unicodedata.normalize("NFKC", entry.answered[-1].text))
+    return asked if asked.endswith("?") else ""
 
 
 def _one_line(text: str) -> str:
@@ -228,25 +244,33 @@ class PersonMemory:
         scores = conversation_scores(self.index, [t.text for t in context], limit=limit)
         # Room for the same words said again (the persona's stock phrases, a fact told twice): they would take the
         # k places of notes that say something else.
-        candidates = relevant(scores, DISTINCT_POOL * k + len(skip))
+        candidates = relevant(scores, DISTINCT_POOL * k + len(skip), NOTE_FLOOR)
         return sorted(self._distinct(candidates, skip, k), key=lambda e: e.time)
 
     def _distinct(self, docs: list[int], skip: set[str], k: int) -> list[MemoryEntry]:
-        """The first `k` of `docs` (best first) whose texts differ, leaving out `skip`; of two notes alike, the
-        later one (what was said last of it), as the bot's own recall keeps it (bot/reply_memory.merge_notes)."""
-        by_text: dict[str, MemoryEntry] = {}
+        """The first `k` of `docs` (best first) that say different things, leaving out `skip`. Two notes say the
+        same thing when their texts are alike (a stock phrase, a fact told twice) or when they answer the same
+        question ("スマホなに使ってる？" asked in May and again in October): of those only the later one is kept,
+        so a fact that changed comes out new and its old value is not shown beside it. The texts are compared
+        as the bot's own recall compares them (bot/reply_memory.merge_notes)."""
+        kept: dict[str, MemoryEntry] = {}  # by what it says: its question, else its text
+        key_of_text: dict[str, str] = {}
         for doc in docs:
             entry = self.entries[doc]
             text = _one_line(entry.text)
             if text in skip:
                 continue
-            if text in by_text:
-                if entry.time > by_text[text].time:
-                    by_text[text] = entry
-            elif len(by_text) < k:
-                by_text[text] = entry
-        return list(by_text.values())
-
+            question = answered_question(entry)
+            key = key_of_text.get(text) or ("?" + question if question else "=" + text)
+            if key in kept:
+                if entry.time <= kept[key].time:
+                    continue
+                key_of_text.pop(_one_line(kept[key].text), None)
+            elif len(kept) >= k:
+                continue
+            kept[key] = entry
+            key_of_text[text] = key
+        return list(kept.values())
 
 
 

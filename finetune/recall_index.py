@@ -310,11 +310,14 @@ def conversation_scores(index: RecallIndex, texts: Sequence[str], *, limit: int 
     return index.weighted_scores(queries, limit=limit)
 
 
-def relevant(scores: np.ndarray, k: int) -> list[int]:
-    """The documents of the `k` best scores that are within reach of the best one, best first."""
+def relevant(scores: np.ndarray, k: int, floor: float = RELATIVE_FLOOR) -> list[int]:
+    """The documents of the `k` best scores that score at least `floor` times the best one, best first. A document
+    after the best one (said later: documents are in time order) needs only RELATIVE_FLOOR: it may be what changed
+    since, in other words ("仕事どう？" -> "転職して物流の会社にいる！" after "仕事なにしてるの？" -> "銀行の窓口だよ"
+    matched the question best)."""
     found = top(scores, k)
     if not found:
         return []
-    floor = found[0][1] * RELATIVE_FLOOR
-    return [doc for doc, score in found if score >= floor]
+    best_doc, best = found[0]
+    return [doc for doc, score in found if score >= best * floor or (doc > best_doc and score >= best * RELATIVE_FLOOR)]
 

@@ -337,3 +337,30 @@ def test_memory_drill_repeats_exactly_the_replies_drawn_from_their_notes(tmp_pat
     ids, _ = encode_sample(setup.loaded.tokenizer, as_turns(again["context"]), "彩花", again["target"], "transcript",
                            256, memory=sample_notes(memory, again, 3, with_reply=True))
     assert drilled.useful_tokens - once.useful_tokens == 3 * len(ids)
+
+
+def _memory(notes: list[tuple[str, str]]) -> PersonMemory:
+    """A memory of (question asked, persona's answer) notes, a day apart, in the order given."""
+    start = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    entries = []
+    for i, (asked, said) in enumerate(notes):
+        when = start.replace(day=1 + i)
+        answered = (ChatTurn("ゆうと", asked),) if asked else ()
+        entries.append(MemoryEntry(i, when, when, "line", answered, said, "彩花"))
+    return PersonMemory(entries, RecallIndex.build([e.search_text() for e in entries]))
+
+
+def test_the_same_question_answered_twice_gives_only_the_later_answer():
+    memory = _memory([("スマホなに使ってる？", "iPhoneだよ〜"), ("猫の名前なに？", "こむぎだよ"),
+                      ("スマホなに使ってる?", "Pixelに変えた！カメラいい")])  # half-width "?" the second time
+    got = memory.recall([ChatTurn("さくら", "ねえ、スマホなに使ってる？")], 3)
+    assert [e.text for e in got] == ["Pixelに変えた！カメラいい"]  # the old value is not shown beside it
+    # not a question: two answers to "おっけー" are two different things said, both kept, oldest first
+    memory = _memory([("おっけー", "スマホ買い替えたい"), ("おっけー", "スマホ割れた笑")])
+    assert [e.text for e in memory.recall([ChatTurn("さくら", "スマホどう？")], 3)] == ["スマホ買い替えたい", "スマホ割れた笑"]
+
+
+def test_an_answer_said_again_to_another_question_is_one_note_at_its_latest_time():
+    memory = _memory([("猫の名前なに？", "こむぎだよ"), ("誰の写真？", "こむぎだよ"), ("今日なにしてた？", "ねてた")])
+    got = memory.recall([ChatTurn("さくら", "こむぎ元気？")], 3)
+    assert [(e.id, e.text) for e in got] == [(1, "こむぎだよ")]

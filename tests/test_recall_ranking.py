@@ -24,9 +24,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from finetune.person_memory import DISTINCT_POOL, MemoryEntry, PersonMemory
+from finetune.person_memory import DISTINCT_POOL, NOTE_FLOOR, MemoryEntry, PersonMemory
 from finetune.prompt import ChatTurn
-from finetune.recall_index import RecallIndex, conversation_scores, relevant, top
+from finetune.recall_index import RELATIVE_FLOOR, RecallIndex, conversation_scores, relevant, top
 
 K1, B, QUERY_TERMS = 1.2, 0.75, 32
 
@@ -202,7 +202,9 @@ def test_conversations_rank_as_the_reference(indexed):
         for k in (1, 3, 25):
             _assert_same(top(got, k), reference_top(want, k), f"{turns!r} k={k} limit={limit}")
         found = reference_top(want, 3)
-        assert relevant(got, 3) == [d for d, s in found if s >= found[0][1] * 0.3]
+        assert relevant(got, 3) == [d for d, s in found if s >= found[0][1] * RELATIVE_FLOOR]
+        best_doc, best = found[0] if found else (0, 0.0)
+        assert relevant(got, 3, 0.7) == [d for d, s in found if s >= best * 0.7 or (d > best_doc and s >= best * RELATIVE_FLOOR)]
 
 
 def test_allowed_mask_keeps_only_those_documents(indexed):
@@ -223,11 +225,13 @@ def test_recall_before_a_time_is_the_reference_over_the_past(indexed):
     for turns in talks:
         before = start + timedelta(hours=rng.randrange(len(docs)), minutes=30)
         limit = bisect_left([e.time for e in entries], before)
-        # The best 12 within 30% of the best; of those, the first 3 that say different things, each at its latest.
+        # The best 12 within NOTE_FLOOR of the best (RELATIVE_FLOOR for those said after the best); of those, the
+        # first 3 that say different things, each at its latest.
         found = reference_top(reference.conversation(turns, limit), 3 * DISTINCT_POOL)
         latest: dict[str, int] = {}
+        best_doc, best = found[0] if found else (0, 0.0)
         for d, s in found:
-            if s >= found[0][1] * 0.3:
+            if s >= best * NOTE_FLOOR or (d > best_doc and s >= best * RELATIVE_FLOOR):
                 text = " ".join(docs[d].split())
                 if text in latest or len(latest) < 3:
                     latest[text] = max(latest.get(text, d), d)
