@@ -60,7 +60,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from engine.detokenizer import Detokenizer
+from engine.detokenizer import Detokenizer, first_stop
 from engine.request import EngineOutput, SamplingParams
 from finetune.generation import MIN_PROMPT_TOKENS, ReplyCodec, persona_request, reply_from_model_text, reply_text
 from finetune.model_backend import ModelBackend
@@ -495,9 +495,9 @@ class _Reply:
             return self._streamed_result()
         ids = self._trimmed_ids()
         text = self.client.reply_text(ids, self.model_text() if ids is None else "", self.speakers)
-        cuts = [at for at in (text.find(stop) for stop in self.own_stops) if at != -1]
-        if cuts:
-            text, self.finish_reason = text[: min(cuts)].strip(), "stop"
+        cut = first_stop(text, self.own_stops)
+        if cut is not None:
+            text, self.finish_reason = text[:cut].strip(), "stop"
         if ids is not None:
             return text, self.generated(ids), self.finish_reason
         return text, self.usage_tokens if self.usage_tokens is not None else self.pieces, self.finish_reason

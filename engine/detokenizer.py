@@ -14,13 +14,26 @@ may still turn out to be the start of a stop is held:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from .request import EngineRequest
 
 # The stop rule's turns start with a name of at most this many characters after a newline (finetune.prompt's
 # _TURN_START: 1 to 40 characters, then ": "): a new line is held until it has grown past that.
 RULE_HOLD_CHARS = 42
+
+
+def first_stop(text: str, stops: Sequence[str], stop_rule: Callable[[str], int | None] | None = None,
+               start: int = 0) -> int | None:
+    """Where a reply's text ends: the first of its stop strings found from `start`, or the stop rule's cut (a turn
+    begun in someone's name), whichever comes first; None where neither is in it. The one rule for the slot engine
+    (as tokens come), plain `generate()` (finetune/generation.py) and the remote engine's finished replies."""
+    cuts = [at for at in (text.find(stop, start) for stop in stops) if at != -1]
+    if stop_rule is not None:
+        at = stop_rule(text)
+        if at is not None:
+            cuts.append(at)
+    return min(cuts) if cuts else None
 
 
 class Detokenizer:
@@ -66,18 +79,9 @@ class Detokenizer:
     # -- where the text stops, and what is safe to send ----------------------------------------
 
     def _stop_in(self, text: str, check_rule: bool) -> int | None:
-        cut = None
-        if self.stops:
-            # A stop string may span the text sent and the new: look back as far as the longest one reaches.
-            start = max(0, self.sent - max(len(s) for s in self.stops) + 1)
-            for stop in self.stops:
-                at = text.find(stop, start)
-                if at != -1 and (cut is None or at < cut):
-                    cut = at
-        if check_rule and self.request.stop_rule is not None:
-            at = self.request.stop_rule(text)
-            if at is not None and (cut is None or at < cut):
-                cut = at
+        # A stop string may span the text sent and the new: look back as far as the longest one reaches.
+        start = max(0, self.sent - max(map(len, self.stops)) + 1) if self.stops else 0
+        cut = first_stop(text, self.stops, self.request.stop_rule if check_rule else None, start)
         return None if cut is None else max(cut, self.sent)  # what was sent stays sent
 
     def _safe_end(self, text: str) -> int:

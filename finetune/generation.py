@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 
+from engine.detokenizer import first_stop
 from engine.request import EngineOutput, EngineRequest, SamplingParams
 
 from .manifest import DEFAULT_GENERATION
@@ -215,12 +216,7 @@ def _generate_batch(model, tokenizer, requests: Sequence[EngineRequest]) -> list
 
 def _first_stop(text: str, request: EngineRequest) -> int | None:
     """Where a finished reply's text ends: its first stop string, or the stop rule's cut."""
-    cuts = [at for at in (text.find(s) for s in request.sampling.stop) if at != -1]
-    if request.stop_rule is not None:
-        at = request.stop_rule(text)
-        if at is not None:
-            cuts.append(at)
-    return min(cuts) if cuts else None
+    return first_stop(text, request.sampling.stop, request.stop_rule)
 
 
 def _Stopped(codec: ReplyCodec, prompt_length: int, requests: Sequence[EngineRequest]):  # noqa: N802 - it makes the criterion
