@@ -43,8 +43,9 @@ DISTINCT_POOL = 4  # recall looks at k times this many notes to find k that say 
 # A persona's note must score this share of the best one to be shown (a chat's own older turns keep
 # recall_index.RELATIVE_FLOOR). Unrelated notes cost: Gemma 3 270M shown the one note that holds the answer repeats
 # it, shown it between unrelated ones it mostly does not (the synthetic persona's probes: right for 6 of 7 probes
-# given one note, 2 of 14 given more). At 0.6 the notes of the three synthetic personas' 66 probes hold the answer
-# for 62 (63 at 0.3) beside 11 unrelated notes instead of 53 (bench/probe_recall.py).
+# given one note, 2 of 15 given more; seed 0, H100). With this floor (and a later note's 30%, recall_index.relevant)
+# the notes of the three synthetic personas' 66 probes still hold the answer for 63, beside 37 unrelated notes
+# instead of 53 (bench/probe_recall.py).
 NOTE_FLOOR = 0.6
 REBUILD = "python -m finetune memory rebuild {folder}"
 DRAWN_SHARE = 0.3  # a reply shares this much of its character pairs with a note: it draws on the note
