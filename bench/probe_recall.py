@@ -3,8 +3,8 @@
 The hybrid system (LoRA + memory) answers a probe from the notes recalled for it (person_memory.reply_notes, as
 `finetune eval` gives them). This counts the probes whose recalled notes contain an accepted answer: the most the
 hybrid could get right by reading them; beside it the notes shown, those holding neither the answer nor its old
-value (unrelated: noise a small model copies from), and the probes shown a changed fact's old value. Beside bench/memory_facts.py's figures (what the model made of them) it
-tells retrieval's misses from the model's.
+value (unrelated: noise a small model copies from), and the probes shown a changed fact's old value. Beside
+bench/memory_facts.py's figures (what the model made of them) it tells retrieval's misses from the model's.
 
     python bench/probe_recall.py --out bench/results/probe_recall.json [--seeds 0,1,2] [--k 3,6,12]
 """
@@ -56,7 +56,7 @@ def main() -> None:
                 if not any(right):
                     missed.append(probe.id)
                 shown += len(notes)
-                unrelated += sum(not r and not s for r, s in zip(right, stale))
+                unrelated += sum(not r and not s for r, s in zip(right, stale, strict=True))
                 old_value += any(stale)
             by_k[str(k)] = {"answer_in_notes": len(probes) - len(missed), "probes": len(probes), "missed": missed,
                             "notes_shown": shown, "unrelated_notes": unrelated, "old_value_shown": old_value}

@@ -252,8 +252,8 @@ class PersonMemory:
         """The first `k` of `docs` (best first) that say different things, leaving out `skip`. Two notes say the
         same thing when their texts are alike (a stock phrase, a fact told twice) or when they answer the same
         question ("スマホなに使ってる？" asked in May and again in October): of those only the later one is kept,
-        so a fact that changed comes out new and its old value is not shown beside it. The texts are compared
-        as the bot's own recall compares them (bot/reply_memory.merge_notes)."""
+        so a fact that changed comes out new and its old value is not shown beside it (of two notes alike the later
+        stays, as in the bot's own merge of its notes, bot/reply_memory.merge_notes)."""
         kept: dict[str, MemoryEntry] = {}  # by what it says: its question, else its text
         key_of_text: dict[str, str] = {}
         for doc in docs:
