@@ -46,7 +46,6 @@ async def run(chats: int, rounds: int, max_batch: int, work: Path, person=None, 
     over `history` earlier turns per chat, 3 notes a reply from each."""
     from memory_recall import make_texts
 
-    from finetune.model_backend import ModelBackend
     from bot.memory import ConversationMemory
     from bot.messages import IncomingMessage
     from bot.metrics import BotMetrics
@@ -54,6 +53,7 @@ async def run(chats: int, rounds: int, max_batch: int, work: Path, person=None, 
     from bot.router import BUSY_REPLY, ERROR_REPLY, TIMEOUT_REPLY, Router
     from bot.worker import Worker
     from finetune.config import BotConfig
+    from finetune.model_backend import ModelBackend
     from finetune.model_loading import load_base_model
     from finetune.tiny_model import build_tiny_model
 

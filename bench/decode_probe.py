@@ -22,9 +22,9 @@ sys.path.insert(0, str(REPO / "bench"))
 
 def main() -> None:
     import torch
+    from engine_driver import slot_engine
     from torch.profiler import ProfilerActivity, profile
 
-    from engine_driver import slot_engine
     from finetune.generation import GenerationSettings
     from finetune.model_loading import load_persona_model
 

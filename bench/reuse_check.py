@@ -21,6 +21,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from engine_driver import slot_engine  # noqa: E402
+
 from finetune.generation import GenerationSettings  # noqa: E402
 from finetune.model_loading import load_base_model  # noqa: E402
 from finetune.tiny_model import build_tiny_model  # noqa: E402

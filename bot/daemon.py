@@ -36,10 +36,10 @@ from pathlib import Path
 
 from adapters.registry import enabled_platforms
 from finetune.config import ConfigError
+from finetune.model_backend import ModelBackend
 from finetune.model_loading import ModelLoadError, load_base_model, load_persona_model
 from finetune.persona_home import PersonaHomeError
 
-from finetune.model_backend import ModelBackend
 from .dispatcher import Dispatcher
 from .inbox import Inbox, InboxError
 from .loading import in_thread

@@ -6,9 +6,9 @@ several workers in one process never collide on metric names.
 
 from __future__ import annotations
 
-from .messages import Delivery
-
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .messages import Delivery
 
 # What became of an incoming message: the router records these (it sees every message; the worker
 # only those that reach it). The worker records errors by kind, batches, tokens and latency.

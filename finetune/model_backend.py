@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
-from collections.abc import Mapping
 
 from engine.request import EngineOutput, EngineRequest, SamplingParams
 

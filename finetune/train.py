@@ -126,8 +126,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model: fewer kernel launches per step, after minutes of compiling (GPU)")
     p.add_argument("--eval-every", type=int, default=None,
-                   help="evaluate on eval.jsonl every N steps (default: about %d times a run, at most every %d steps; "
-                   "0: only at the end)" % (EVALS_PER_RUN, MIN_EVAL_EVERY))
+                   help=f"evaluate on eval.jsonl every N steps (default: about {EVALS_PER_RUN} times a run, at most "
+                   f"every {MIN_EVAL_EVERY} steps; 0: only at the end)")
     p.add_argument("--save-every", type=int, default=100, help="write a checkpoint every N steps")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--memory-notes", type=int, default=3, metavar="K",

@@ -28,8 +28,8 @@ from bot.messages import IncomingMessage
 from bot.metrics import BotMetrics
 from bot.reply_memory import ReplyMemory, merge_notes
 from bot.router import RESET_REPLY, Router
-from engine.slot_reuse import common_prefix
 from bot.worker import Worker
+from engine.slot_reuse import common_prefix
 from finetune.config import BotConfig, ConfigError
 from finetune.person_memory import INDEX_FILE, MEMORY_FILE
 from finetune.prompt import BLOCK_CLOSE, MEMORY_OPEN, ChatTurn, MemoryNote

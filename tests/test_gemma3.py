@@ -23,13 +23,13 @@ import pytest
 import torch
 from conftest import EXAMPLES, REPO, run_cli
 
-from finetune.model_backend import ModelBackend
 from engine.slot_engine import SlotEngine
-from finetune.steppers import EngineStepper
 from finetune.generation import GenerationSettings, ReplyCodec, persona_request
+from finetune.model_backend import ModelBackend
 from finetune.model_loading import load_base_model
 from finetune.packaged_base import GEMMA_3_270M, BaseInstallError, assemble_gguf, installed_module
 from finetune.prompt import ChatTurn, encode_prompt, encode_reply, turn_end
+from finetune.steppers import EngineStepper
 from finetune.tokenization import load_tokenizer
 
 pytestmark = pytest.mark.real_base

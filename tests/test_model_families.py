@@ -28,9 +28,9 @@ import pytest
 import torch
 from conftest import EXAMPLES, FAMILIES, REPO, write_toml
 
-from finetune.model_backend import ModelBackend
 from finetune.cli import main as finetune_main
 from finetune.config import BotConfig, ConfigError, load_config
+from finetune.model_backend import ModelBackend
 from finetune.model_loading import load_persona_model
 from finetune.prompt import ChatTurn, encode_prompt, encode_sample
 from finetune.tokenization import load_tokenizer

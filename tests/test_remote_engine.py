@@ -30,7 +30,6 @@ import pytest
 from aiohttp import web
 from conftest import REPO, write_toml
 
-from finetune.model_backend import ModelBackend
 from bot.metrics import BotMetrics
 from bot.remote_engine import RemoteBackend
 from bot.router import ERROR_REPLY
@@ -38,6 +37,7 @@ from bot.worker import GeneratedReply, GenerationFailed, Worker
 from finetune.config import BotConfig, ConfigError
 from finetune.generation import reply_text
 from finetune.manifest import AdapterManifest
+from finetune.model_backend import ModelBackend
 from finetune.model_loading import load_persona_model
 from finetune.prompt import ChatTurn, turn_end
 from finetune.tiny_model import build_tiny_model

@@ -33,11 +33,11 @@ import torch
 from conftest import EXAMPLES, REPO, write_toml
 from test_remote_engine import DAEMON, chat, running, submit
 
-from finetune.model_backend import ModelBackend
 from bot.remote_engine import RemoteBackend
 from bot.worker import GeneratedReply
 from finetune.cli import main as finetune_main
 from finetune.config import BotConfig
+from finetune.model_backend import ModelBackend
 from finetune.model_loading import load_persona_model
 from finetune.prompt import ChatTurn
 from finetune.tokenization import load_tokenizer

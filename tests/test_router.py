@@ -8,13 +8,13 @@ import threading
 
 import pytest
 
-from finetune.model_backend import ModelBackend
 from bot.memory import ConversationMemory
 from bot.messages import IncomingMessage
 from bot.metrics import BotMetrics
 from bot.router import BUSY_REPLY, ERROR_REPLY, RATE_LIMIT_REPLY, RESET_REPLY, RateLimiter, Router
 from bot.worker import Worker
 from finetune.config import BotConfig
+from finetune.model_backend import ModelBackend
 from finetune.model_loading import load_base_model
 from finetune.tiny_model import build_tiny_model
 

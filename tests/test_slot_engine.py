@@ -18,15 +18,15 @@ import pytest
 import torch
 from conftest import FAMILIES
 
-from finetune.model_backend import ModelBackend
 from bot.metrics import BotMetrics
+from bot.worker import Worker
 from engine.detokenizer import Detokenizer
 from engine.slot_engine import SlotEngine
-from finetune.steppers import BatchStepper, EngineStepper
-from bot.worker import Worker
 from finetune.generation import GenerationSettings, ReplyCodec, generate_replies, persona_request
+from finetune.model_backend import ModelBackend
 from finetune.model_loading import LoadedModel, load_base_model, load_persona_model
 from finetune.prompt import ChatTurn, prefix_ids, turn_end
+from finetune.steppers import BatchStepper, EngineStepper
 from finetune.tiny_model import build_tiny_model
 from tests.support.turn_taking_model import EXCHANGES, FRIEND, PERSONA, build_turn_taking_model, prompt_ids
 
@@ -349,7 +349,7 @@ def test_a_row_ends_as_soon_as_the_model_starts_another_speakers_turn(loaded):
     row.tokens.clear()
     row.detokenizer = Detokenizer(row.request, engine.codec.text)
     reply = tokenizer.encode(tokenizer.to_model_text("ひまだよ!\n翔太: じゃあ"))
-    for ended_at, token in enumerate(reply):
+    for ended_at, token in enumerate(reply):  # noqa: B007 - read after the loop: where the reply stopped
         output = engine._take(slot, row, token)
         if output is not None:
             break

@@ -16,7 +16,6 @@ import io
 import pytest
 
 from adapters.console import ConsoleAdapter
-from finetune.model_backend import ModelBackend
 from bot.dispatcher import MAX_RECOVERIES, Dispatcher
 from bot.inbox import Inbox
 from bot.memory import ConversationMemory
@@ -25,6 +24,7 @@ from bot.metrics import BotMetrics
 from bot.router import Router
 from bot.worker import Worker
 from finetune.config import BotConfig
+from finetune.model_backend import ModelBackend
 from finetune.model_loading import load_base_model
 from finetune.tiny_model import build_tiny_model
 

@@ -17,7 +17,6 @@ import time
 import pytest
 import torch
 
-from finetune.model_backend import ModelBackend
 from bot.metrics import BotMetrics
 from bot.worker import (
     DeadlineExceeded,
@@ -28,6 +27,7 @@ from bot.worker import (
     WorkerStopped,
 )
 from finetune.manifest import AdapterManifest
+from finetune.model_backend import ModelBackend
 from finetune.model_loading import load_base_model
 from finetune.prompt import ChatTurn
 from finetune.tiny_model import build_tiny_model

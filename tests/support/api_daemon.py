@@ -17,9 +17,9 @@ from pathlib import Path
 
 import openai
 
-from finetune.model_backend import ModelBackend
 from bot.daemon import run_daemon
 from finetune.config import BotConfig
+from finetune.model_backend import ModelBackend
 from finetune.model_loading import load_base_model
 from finetune.prompt import ChatTurn
 from finetune.tiny_model import build_tiny_model
